@@ -43,6 +43,10 @@ class Completion:
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
 
 
+class ModelLoadError(RuntimeError):
+    """``MODEL_ID`` names nothing that can be loaded here."""
+
+
 class PromptTooLongError(ValueError):
     """The prompt plus the tokens asked for do not fit the model's context."""
 
@@ -103,7 +107,14 @@ class Engine:
         self.model_id = model_id
         self.device, self.dtype = pick_device(want_gpu)
         source, extra = resolve_model_source(model_id, cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        except (OSError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ModelLoadError(
+                f"MODEL_ID={model_id!r} cannot be loaded: {first_line} (a hub id must be "
+                "in the Hugging Face cache when the hub is unreachable)"
+            ) from err
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -52,11 +52,16 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 def validation_error_to_api_error(err: ValidationError, default_param: str) -> ApiError:
     """Report the first problem pydantic found, naming its field by dotted path."""
     first = err.errors(include_input=False, include_url=False)[0]
-    param = ".".join(str(part) for part in first["loc"]) or default_param
+    param = _shorten(".".join(str(part) for part in first["loc"]) or default_param)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "is not an accepted field"
     return ApiError(400, f"{param}: {message}", param)
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """Cap a client-chosen name (an unknown key can be megabytes long)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 async def _on_api_error(_: Request, err: Exception) -> JSONResponse:
@@ -72,11 +77,18 @@ async def _on_http_error(_: Request, err: Exception) -> JSONResponse:
 async def _on_request_validation(_: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestValidationError)
     first = err.errors()[0]
-    param = ".".join(str(part) for part in first["loc"])
+    param = _shorten(".".join(str(part) for part in first["loc"]))
     return error_response(400, f"{param}: {first['msg']}", param)
 
 
+async def _on_unexpected(_: Request, err: Exception) -> JSONResponse:
+    # The traceback goes to the replica's log (Serve logs it); the client
+    # learns only that the fault was ours.
+    return error_response(500, "internal error: the server could not complete the request")
+
+
 EXCEPTION_HANDLERS = {
+    Exception: _on_unexpected,
     ApiError: _on_api_error,
     StarletteHTTPException: _on_http_error,
     RequestValidationError: _on_request_validation,

@@ -31,7 +31,9 @@ def _read_replica_states() -> dict[str, int]:
     application = serve.status().applications.get(app_name)
     deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
     states = deployment.replica_states if deployment else {}
-    return {"running": 0, **{str(state.value).lower(): n for state, n in states.items()}}
+    # Keys are ReplicaState members or plain strings, depending on the path.
+    by_state = {str(getattr(state, "value", state)).lower(): n for state, n in states.items()}
+    return {"running": 0, **by_state}
 
 
 async def _json_body(request: Request) -> Any:
@@ -95,7 +97,9 @@ class Ingress:
         try:
             completions = await self.llm.generate.remote(prompts, **used.model_dump())
         except PromptTooLongError as err:
-            raise ApiError(400, f"prompt: {err}", "prompt") from None
+            # Ray re-raises the replica's exception wrapped with its remote
+            # traceback; only the original message belongs in the response.
+            raise ApiError(400, f"prompt: {getattr(err, 'cause', err)}", "prompt") from None
         return GenerateResponse(
             model=self.config.model_id,
             prompts=prompts,

@@ -1,0 +1,62 @@
+"""A real local Ray cluster, on loopback, shared by the integration tests."""
+
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import ray
+import requests
+from ray import serve
+
+from helpers.config import APP_NAME, ServeConfig
+from helpers.serve_app import build_app
+
+BASE_URL = "http://127.0.0.1:8000"
+IDLE_TIMEOUT_S = 4
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def model_replicas_running() -> int:
+    return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["model_replicas"]["running"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    # address="local" always starts a new cluster rather than joining one that
+    # happens to run on this machine; it ends with this process.
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", namespace="serve")
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def test_config() -> ServeConfig:
+    """The default configuration with a short idle timeout and one replica at most,
+    so scale-to-zero happens within a test and batching stays on one replica."""
+    return ServeConfig.from_env(
+        {
+            **os.environ,
+            "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+            "MAX_REPLICAS": "1",
+            "MAX_NEW_TOKENS": "64",
+            "MAX_PROMPTS": "8",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def deployed_app(ray_cluster: None, test_config: ServeConfig) -> Iterator[ServeConfig]:
+    serve.run(build_app(test_config), name=APP_NAME, route_prefix="/")
+    yield test_config
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)

@@ -1,0 +1,179 @@
+"""The deployed app on a real local Ray cluster, through real HTTP.
+
+Tests run in file order: the last ones watch the model scale to zero, wake it
+again, and delete the app with the walkthrough's command.
+"""
+
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import requests
+from ray import serve
+
+from helpers.config import APP_NAME, ServeConfig
+
+from .conftest import BASE_URL, IDLE_TIMEOUT_S, model_replicas_running, wait_until
+
+pytestmark = pytest.mark.integration
+
+HAIKU = {
+    "prompt": "Write a haiku about Ray Serve.",
+    "generation_kwargs": {"max_new_tokens": 24, "temperature": 0.6, "top_p": 0.95},
+}
+
+
+def post_generate(body: Any, **kwargs: Any) -> requests.Response:
+    return requests.post(f"{BASE_URL}/generate", json=body, timeout=120, **kwargs)
+
+
+def test_healthz_answers_without_waking_the_model(deployed_app: ServeConfig) -> None:
+    health = requests.get(f"{BASE_URL}/healthz", timeout=10).json()
+    assert health["status"] == "ok"
+    assert health["model"] == deployed_app.model_id
+    assert health["model_replicas"]["running"] == 0
+
+
+def test_the_walkthrough_request_gets_the_walkthrough_response(deployed_app: ServeConfig) -> None:
+    response = post_generate(HAIKU)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"model", "prompts", "completions", "generation_kwargs"}
+    assert body["model"] == deployed_app.model_id
+    assert body["prompts"] == [HAIKU["prompt"]]
+    assert len(body["completions"]) == 1 and body["completions"][0].strip()
+    assert body["generation_kwargs"] == HAIKU["generation_kwargs"]
+
+
+def test_defaults_fill_the_generation_kwargs_actually_used(deployed_app: ServeConfig) -> None:
+    body = post_generate({"prompt": "Hi"}).json()
+    assert body["generation_kwargs"] == {
+        "max_new_tokens": deployed_app.max_new_tokens,
+        "temperature": deployed_app.temperature,
+        "top_p": deployed_app.top_p,
+    }
+
+
+def test_a_batch_of_prompts_matches_each_prompt_alone(deployed_app: ServeConfig) -> None:
+    greedy = {"max_new_tokens": 12, "temperature": 0}
+    prompts = ["The capital of France is", "Name a colour.", "Count to three."]
+    together = post_generate({"prompts": prompts, "generation_kwargs": greedy}).json()
+    alone = [
+        post_generate({"prompt": p, "generation_kwargs": greedy}).json()["completions"][0]
+        for p in prompts
+    ]
+    assert together["prompts"] == prompts
+    assert together["completions"] == alone
+
+
+def gen(**kwargs: Any) -> dict[str, Any]:
+    """A one-prompt body with the given generation_kwargs."""
+    return {"prompt": "a", "generation_kwargs": kwargs}
+
+
+BAD_BODIES = [
+    pytest.param({"generation_kwargs": {}}, "prompt", id="missing prompt"),
+    pytest.param({"prompt": "a", "prompts": ["b"]}, "prompt", id="both prompt and prompts"),
+    pytest.param({"prompt": 42}, "prompt", id="non-string prompt"),
+    pytest.param({"prompts": ["a", 3]}, "prompts.1", id="non-string item"),
+    pytest.param({"prompt": ""}, "prompt", id="empty prompt"),
+    pytest.param({"prompts": []}, "prompts", id="empty prompts"),
+    pytest.param({"prompts": ["a"] * 9}, "prompts", id="too many prompts"),
+    pytest.param(gen(max_new_tokens=0), "generation_kwargs.max_new_tokens", id="zero tokens"),
+    pytest.param(gen(max_new_tokens=65), "generation_kwargs.max_new_tokens", id="over limit"),
+    pytest.param(gen(max_new_tokens="10"), "generation_kwargs.max_new_tokens", id="str tokens"),
+    pytest.param(gen(temperature=2.5), "generation_kwargs.temperature", id="hot temperature"),
+    pytest.param(gen(top_p=0), "generation_kwargs.top_p", id="zero top_p"),
+    pytest.param(
+        gen(trust_remote_code=True), "generation_kwargs.trust_remote_code", id="trust_remote_code"
+    ),
+    pytest.param(
+        gen(custom_generate="x/y"), "generation_kwargs.custom_generate", id="custom_generate"
+    ),
+    pytest.param({"prompt": "a", "stream": True}, "stream", id="unknown top-level key"),
+    pytest.param(["a"], "prompt", id="a list body"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_BODIES)
+def test_bad_input_gets_a_4xx_that_names_the_field(
+    deployed_app: ServeConfig, body: Any, param: str
+) -> None:
+    response = post_generate(body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert param.split(".")[-1] in error["message"]
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"{not json", 400),
+        (b"", 400),
+        (b'{"prompt": "a", "generation_kwargs": {"temperature": NaN}}', 400),
+    ],
+    ids=["non-JSON", "empty body", "NaN literal"],
+)
+def test_unparseable_bodies_get_a_400(deployed_app: ServeConfig, raw: bytes, status: int) -> None:
+    response = requests.post(f"{BASE_URL}/generate", data=raw, timeout=30)
+    assert response.status_code == status
+    assert "error" in response.json()
+
+
+def test_a_prompt_longer_than_the_context_gets_a_400(deployed_app: ServeConfig) -> None:
+    response = post_generate({"prompt": "word " * 9000, "generation_kwargs": {"max_new_tokens": 4}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
+    assert len(response.text) < 1000
+
+
+def test_wrong_methods_get_a_405(deployed_app: ServeConfig) -> None:
+    assert requests.get(f"{BASE_URL}/generate", timeout=10).status_code == 405
+    assert requests.post(f"{BASE_URL}/healthz", timeout=10).status_code == 405
+
+
+def test_eight_concurrent_requests_share_batches(deployed_app: ServeConfig) -> None:
+    model = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    before = model.batch_stats.remote().result()
+    body = {"prompt": "Tell me a fact.", "generation_kwargs": {"max_new_tokens": 8}}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: post_generate(body), range(8)))
+    after = model.batch_stats.remote().result()
+    assert all(r.status_code == 200 for r in responses)
+    assert after["sequences"] - before["sequences"] == 8
+    assert after["batches"] - before["batches"] < 8
+
+
+def test_the_model_scales_to_zero_while_healthz_is_polled(deployed_app: ServeConfig) -> None:
+    assert post_generate({"prompt": "Hi", "generation_kwargs": {"max_new_tokens": 2}}).ok
+    last_request = time.monotonic()
+    seen = []
+    # Poll every second, as a load balancer would; the bound is a safety net,
+    # the promise (idle timeout + 15 s) is measured and printed, not asserted.
+    for _ in range(IDLE_TIMEOUT_S + 60):
+        seen.append(model_replicas_running())
+        if seen[-1] == 0:
+            break
+        time.sleep(1)
+    assert seen[-1] == 0, f"model replicas while polling: {seen}"
+    print(f"model replica gone {time.monotonic() - last_request:.1f} s after the last request")
+
+
+def test_a_request_at_zero_replicas_is_answered(deployed_app: ServeConfig) -> None:
+    wait_until(lambda: model_replicas_running() == 0, IDLE_TIMEOUT_S + 60, "zero replicas")
+    response = post_generate(HAIKU)
+    assert response.status_code == 200
+    assert response.json()["completions"][0].strip()
+    assert model_replicas_running() == 1
+
+
+def test_serve_delete_removes_the_app(deployed_app: ServeConfig) -> None:
+    result = subprocess.run(
+        ["serve", "delete", APP_NAME], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert APP_NAME not in serve.status().applications
