@@ -175,14 +175,6 @@ VARIABLES: tuple[Variable, ...] = (
         "max_batch_size",
     ),
     Variable(
-        "BATCH_WAIT_TIMEOUT_S",
-        "0.02",
-        "Seconds a replica waits for more requests before starting a batch.",
-        "number in [0, 5]",
-        _number(float, 0.0, 5.0),
-        "batch_wait_timeout_s",
-    ),
-    Variable(
         "MAX_PROMPTS",
         "16",
         "Most prompts accepted in one /generate request.",
@@ -226,7 +218,6 @@ class ServeConfig:
     target_ongoing_requests: float
     idle_timeout_s: float
     max_batch_size: int
-    batch_wait_timeout_s: float
     max_prompts: int
     prompt_format: str
     model_cache_dir: Path

@@ -15,8 +15,14 @@ from helpers.ingress import MODEL_DEPLOYMENT, Ingress
 from helpers.llm_server import LLMServer
 
 
-def build_app(config: ServeConfig) -> Application:
-    """Bind both deployments with the parsed configuration."""
-    model = serve.deployment(LLMServer, name=MODEL_DEPLOYMENT, **model_deployment_options(config))
+def build_app(config: ServeConfig, model_server: type = LLMServer) -> Application:
+    """Bind both deployments with the parsed configuration.
+
+    ``model_server`` lets the benchmark put its walkthrough-style baseline
+    behind the very same ingress and replica settings.
+    """
+    model = serve.deployment(
+        model_server, name=MODEL_DEPLOYMENT, **model_deployment_options(config)
+    )
     ingress = serve.deployment(Ingress, name="Ingress", **INGRESS_OPTIONS)
     return ingress.bind(model.bind(config), config)

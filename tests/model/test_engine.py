@@ -1,5 +1,7 @@
 """The engine on the real embedded model: no Ray involved."""
 
+import time
+
 import pytest
 
 from helpers.engine import Engine, GenerationRequest, PromptTooLongError
@@ -81,8 +83,29 @@ def test_a_prompt_longer_than_the_context_is_refused(engine: Engine) -> None:
     engine.check_fits(greedy("short prompt", 16))
 
 
-def test_batch_counters_record_one_call_per_batch(engine: Engine) -> None:
-    before = engine.stats.batches, engine.stats.sequences
-    engine.generate([greedy(p, 2) for p in PROMPTS])
-    assert (engine.stats.batches, engine.stats.sequences) == (before[0] + 1, before[1] + 4)
-    assert engine.stats.largest_batch >= 4
+def test_concurrent_requests_share_forward_passes(engine: Engine) -> None:
+    before = engine.stats.forward_passes, engine.stats.generated_tokens
+    completions = engine.generate([greedy(p, 6) for p in PROMPTS])
+    passes = engine.stats.forward_passes - before[0]
+    tokens = engine.stats.generated_tokens - before[1]
+    assert tokens == sum(c.completion_tokens for c in completions)
+    # Decoded one by one, every token would cost a forward pass of its own.
+    assert passes < tokens
+    assert engine.stats.largest_batch > 1
+
+
+def test_a_request_joining_a_running_batch_decodes_as_if_alone(engine: Engine) -> None:
+    alone = [engine.generate([greedy(p, 16)])[0] for p in PROMPTS[:2]]
+    first = engine.submit(greedy(PROMPTS[0], 16))
+    while engine.stats.forward_passes == 0:
+        time.sleep(0.01)
+    time.sleep(0.2)  # let the first request decode a few tokens before the second joins
+    second = engine.submit(greedy(PROMPTS[1], 16))
+    assert [first.result(), second.result()] == alone
+
+
+def test_a_cancelled_request_leaves_the_others_running(engine: Engine) -> None:
+    doomed = engine.submit(greedy(PROMPTS[1], 200))
+    survivor = engine.submit(greedy(PROMPTS[0], 8))
+    assert doomed.cancel()
+    assert survivor.result(timeout=120).completion_tokens > 0

@@ -40,7 +40,6 @@ BAD_VALUES: dict[str, list[str]] = {
     "TARGET_ONGOING_REQUESTS": ["lots", "0", "0.05", "1001", "nan", "inf"],
     "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": ["soon", "0", "0.5", "86401", "nan", "inf"],
     "MAX_BATCH_SIZE": ["big", "0", "257", "2.5", "nan", "inf"],
-    "BATCH_WAIT_TIMEOUT_S": ["short", "-0.01", "5.1", "nan", "inf"],
     "MAX_PROMPTS": ["few", "0", "257", "3.5", "nan", "inf"],
     "PROMPT_FORMAT": ["", "json", "chatml"],
     "MODEL_CACHE_DIR": ["", "   "],
@@ -82,7 +81,6 @@ def test_default_model_id_variable_is_embedded_model() -> None:
 def test_other_defaults() -> None:
     config = ServeConfig.from_env({})
     assert config.max_batch_size == 16
-    assert config.batch_wait_timeout_s == pytest.approx(0.02)
     assert config.max_prompts == 16
     assert config.prompt_format == "auto"
 
@@ -129,7 +127,6 @@ OVERRIDES = [
     ("RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S", "1", "idle_timeout_s", 1.0),
     ("RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S", "2.5", "idle_timeout_s", 2.5),
     ("MAX_BATCH_SIZE", "256", "max_batch_size", 256),
-    ("BATCH_WAIT_TIMEOUT_S", "0", "batch_wait_timeout_s", 0.0),
     ("MAX_PROMPTS", "1", "max_prompts", 1),
     ("PROMPT_FORMAT", "CHAT", "prompt_format", "chat"),
     ("PROMPT_FORMAT", " raw ", "prompt_format", "raw"),
@@ -221,7 +218,6 @@ NON_DEFAULT_ENV = {
     "TARGET_ONGOING_REQUESTS": "3.5",
     "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "120",
     "MAX_BATCH_SIZE": "8",
-    "BATCH_WAIT_TIMEOUT_S": "0.1",
     "MAX_PROMPTS": "4",
     "PROMPT_FORMAT": "raw",
     "MODEL_CACHE_DIR": "/tmp/ray-serve-llm-test-cache",

@@ -1,0 +1,59 @@
+"""A walkthrough-style server, kept only as the benchmark's baseline.
+
+Like the walkthrough's app: each HTTP request runs its own ``model.generate``
+call, with no batching across requests. It shares the ingress, validation and
+replica settings with the real app, so the benchmark isolates batching.
+"""
+
+import asyncio
+
+from helpers.config import ServeConfig
+from helpers.engine import Completion, Engine
+
+
+class OneByOneServer:
+    """Same interface as LLMServer; one generate() per prompt, one at a time."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.engine = Engine(
+            config.model_id, config.model_cache_dir, cpu_threads=config.torch_threads
+        )
+        self._lock = asyncio.Lock()
+
+    async def generate(
+        self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float
+    ) -> list[Completion]:
+        completions = []
+        for prompt in prompts:
+            async with self._lock:
+                completions.append(
+                    await asyncio.to_thread(
+                        self._generate_one, prompt, max_new_tokens, temperature, top_p
+                    )
+                )
+        return completions
+
+    def _generate_one(
+        self, prompt: str, max_new_tokens: int, temperature: float, top_p: float
+    ) -> Completion:
+        import torch
+
+        tokenizer, model = self.engine.tokenizer, self.engine.model
+        text = self.engine.format_prompt(prompt, self.config.prompt_format)
+        inputs = tokenizer(text, return_tensors="pt")
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **(sampling if temperature > 0 else {"do_sample": False}),
+            )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        return Completion(
+            text=tokenizer.decode(new_tokens, skip_special_tokens=True),
+            prompt_tokens=int(inputs["input_ids"].shape[1]),
+            completion_tokens=int(new_tokens.shape[0]),
+            finish_reason="length",
+        )

@@ -1,0 +1,264 @@
+"""Continuous batching: sequences join and leave the running batch at every step.
+
+With static batching (gather requests, decode them all, return them all) a
+request that arrives while a batch runs waits for the whole batch to finish,
+and a batch keeps computing rows that already ended. On this project's 2-core
+machine that left replicas decoding two or three sequences at a time under a
+load of sixteen. Here one thread owns the model and loops: admit waiting
+sequences (one prefill for all of them, their KV cache merged into the running
+batch), sample one token for every row, drop the rows that ended, and run one
+decode step for the rest.
+
+Rows are left-padded to a common length; each row's attention mask hides its
+padding and its position ids count its real tokens only, so a sequence decodes
+the same whichever rows it shares the batch with.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from helpers.sampling import Sampler
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt and the sampling parameters it asked for."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+
+
+@dataclass
+class BatchStats:
+    """Counters a test or a metric can read to see batching at work."""
+
+    sequences: int = 0
+    prefills: int = 0
+    forward_passes: int = 0
+    generated_tokens: int = 0
+    largest_batch: int = 0
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    future: Future[Completion]
+    sampler: Sampler
+    prompt_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+class _RunningBatch:
+    """The KV cache, attention mask, next positions and last logits of the rows."""
+
+    def __init__(
+        self,
+        sequences: list[_Sequence],
+        cache: Any,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:
+        self.sequences = sequences
+        self.cache = cache
+        self.mask = mask
+        self.positions = positions
+        self.logits = logits
+
+    def merge(self, other: _RunningBatch) -> None:
+        """Append ``other``'s rows, left-padding whichever side is shorter."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        mine, theirs = length - self.mask.shape[1], length - other.mask.shape[1]
+        for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
+            layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
+            layer.values = torch.cat([_pad_kv(layer.values, mine), _pad_kv(new.values, theirs)])
+        self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(other.mask, (theirs, 0))])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.sequences += other.sequences
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``, then drop padding columns no remaining row needs."""
+        index = torch.tensor(rows, device=self.mask.device)
+        self.sequences = [self.sequences[i] for i in rows]
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """Left-pad a [batch, heads, length, dim] cache tensor along its length."""
+    return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
+
+
+class ContinuousBatcher:
+    """Owns the model on one thread; other threads submit and await futures."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, eos_token_ids: set[int], max_batch_size: int
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_batch_size = max_batch_size
+        self.stats = BatchStats()
+        # torch's CPU thread count is per thread: carry the caller's setting over.
+        self._threads = torch.get_num_threads()
+        self._waiting: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def submit(self, request: GenerationRequest) -> Future[Completion]:
+        """Queue a request; cancelling the future drops it at the next step."""
+        future: Future[Completion] = Future()
+        self._waiting.put(_Sequence(request, future, Sampler(request, self.device)))
+        return future
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        running: _RunningBatch | None = None
+        while True:
+            arrivals = self._take_arrivals(running)
+            try:
+                with torch.inference_mode():
+                    running = self._advance(running, arrivals)
+            except Exception as err:  # never let one bad batch kill the loop
+                failed = (running.sequences if running else []) + arrivals
+                for sequence in failed:
+                    _settle(sequence.future, exception=err)
+                running = None
+
+    def _take_arrivals(self, running: _RunningBatch | None) -> list[_Sequence]:
+        """Waiting sequences that fit; blocks only when nothing is running."""
+        room = self.max_batch_size - (len(running.sequences) if running else 0)
+        arrivals = [self._waiting.get()] if running is None else []
+        while len(arrivals) < room:
+            try:
+                arrivals.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        return [s for s in arrivals if not s.future.cancelled()]
+
+    def _advance(
+        self, running: _RunningBatch | None, arrivals: list[_Sequence]
+    ) -> _RunningBatch | None:
+        """One iteration: admit, sample a token per row, retire ended rows, decode."""
+        if arrivals:
+            admitted = self._prefill(arrivals)
+            if running is None:
+                running = admitted
+            else:
+                running.merge(admitted)
+        if running is None:
+            return None
+        self.stats.largest_batch = max(self.stats.largest_batch, len(running.sequences))
+        next_tokens, keep = [], []
+        for row, sequence in enumerate(running.sequences):
+            if sequence.future.cancelled():
+                continue
+            token = sequence.sampler.pick(running.logits[row])
+            ended = token in self.eos_token_ids
+            if not ended:
+                sequence.tokens.append(token)
+                self.stats.generated_tokens += 1
+            if ended or len(sequence.tokens) >= sequence.request.max_new_tokens:
+                self._finish(sequence, "stop" if ended else "length")
+            else:
+                keep.append(row)
+                next_tokens.append(token)
+        if not keep:
+            return None
+        if len(keep) < len(running.sequences):
+            running.keep(keep)
+        self._decode_step(running, next_tokens)
+        return running
+
+    def _prefill(self, sequences: list[_Sequence]) -> _RunningBatch:
+        batch = self.tokenizer(
+            [s.request.prompt for s in sequences], return_tensors="pt", padding=True
+        ).to(self.device)
+        mask = batch["attention_mask"]
+        for sequence, length in zip(sequences, mask.sum(-1).tolist(), strict=True):
+            sequence.prompt_tokens = length
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.stats.prefills += 1
+        self.stats.forward_passes += 1
+        self.stats.sequences += len(sequences)
+        return _RunningBatch(
+            sequences, cache, mask, positions[:, -1:] + 1, output.logits[:, -1, :].float()
+        )
+
+    def _decode_step(self, running: _RunningBatch, tokens: list[int]) -> None:
+        running.mask = F.pad(running.mask, (0, 1), value=1)
+        output = self.model(
+            input_ids=torch.tensor(tokens, device=self.device)[:, None],
+            attention_mask=running.mask,
+            position_ids=running.positions,
+            cache=running.cache,
+            use_cache=True,
+        )
+        running.positions = running.positions + 1
+        running.logits = output.logits[:, -1, :].float()
+        self.stats.forward_passes += 1
+
+    def _finish(self, sequence: _Sequence, reason: str) -> None:
+        completion = Completion(
+            text=self.tokenizer.decode(sequence.tokens, skip_special_tokens=True),
+            prompt_tokens=sequence.prompt_tokens,
+            completion_tokens=len(sequence.tokens),
+            finish_reason=reason,
+        )
+        _settle(sequence.future, result=completion)
+
+
+def _settle(
+    future: Future[Completion],
+    result: Completion | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Resolve a future unless its caller cancelled it (which may race with us)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass

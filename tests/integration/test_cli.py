@@ -1,0 +1,122 @@
+"""The walkthrough's commands, run as a user runs them, in subprocesses.
+
+These tests run before the in-process cluster of ``test_serving.py`` starts
+(file order), because each brings up and tears down a cluster of its own.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers.config import APP_NAME
+
+from .conftest import BASE_URL, wait_until
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 240
+
+
+def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def http_up() -> bool:
+    try:
+        return requests.get(f"{BASE_URL}/healthz", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def cluster_up() -> bool:
+    return run("ray", "status", timeout=60).returncode == 0
+
+
+@pytest.fixture
+def background() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; interrupted like Ctrl-C, then killed if need be."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    if cluster_up():
+        run("ray", "stop")
+
+
+def start(background: list[subprocess.Popen[str]], *command: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        start_new_session=True,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    background.append(process)
+    return process
+
+
+def interrupt(process: subprocess.Popen[str]) -> int:
+    os.killpg(process.pid, signal.SIGINT)
+    return process.wait(timeout=120)
+
+
+def ask_for_a_haiku() -> str:
+    body = {
+        "prompt": "Write a haiku about Ray Serve.",
+        "generation_kwargs": {"max_new_tokens": 16, "temperature": 0.6, "top_p": 0.95},
+    }
+    response = requests.post(f"{BASE_URL}/generate", json=body, timeout=180)
+    assert response.status_code == 200, response.text
+    return response.json()["completions"][0]
+
+
+def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: list) -> None:
+    assert not cluster_up(), "a Ray cluster is already running on this machine"
+    server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
+    wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
+    assert APP_NAME in run("serve", "status").stdout
+    assert ask_for_a_haiku().strip()
+    interrupt(server)
+    assert not http_up()
+
+
+def test_serve_run_on_a_running_cluster_then_serve_delete(background: list) -> None:
+    started = run(
+        "ray", "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"
+    )
+    assert started.returncode == 0, started.stderr
+    server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
+    wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
+    assert ask_for_a_haiku().strip()
+    deleted = run("serve", "delete", APP_NAME)
+    assert deleted.returncode == 0, deleted.stderr
+    assert APP_NAME not in run("serve", "status").stdout
+    interrupt(server)
+    assert cluster_up(), "serve run must leave a cluster it did not start running"
+    assert run("ray", "stop").returncode == 0
+
+
+def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
+    assert not cluster_up()
+    server = start(background, "scripts/serve.sh")
+    wait_until(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
+    assert ask_for_a_haiku().strip()
+    interrupt(server)
+    assert not http_up()
+    time.sleep(2)
+    assert not cluster_up(), "Ctrl-C on make serve must stop the cluster it started"
