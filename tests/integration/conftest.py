@@ -33,7 +33,13 @@ def model_replicas_running() -> int:
 def ray_cluster() -> Iterator[None]:
     # address="local" always starts a new cluster rather than joining one that
     # happens to run on this machine; it ends with this process.
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", namespace="serve")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        namespace="serve",
+        log_to_driver=False,
+    )
     yield
     serve.shutdown()
     ray.shutdown()
