@@ -16,6 +16,7 @@ the same whichever rows it shares the batch with.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from concurrent.futures import Future, InvalidStateError
@@ -127,9 +128,19 @@ class ContinuousBatcher:
         self.stats = BatchStats()
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
-        self._waiting: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
+        self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
+        # A daemon thread killed inside torch at exit aborts the interpreter
+        # noisily; stopping it first lets the process end cleanly.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the loop after the batch in flight; later submissions never resolve."""
+        self._stopping.set()
+        self._waiting.put(None)
+        self._thread.join(timeout=30)
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +155,7 @@ class ContinuousBatcher:
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
         running: _RunningBatch | None = None
-        while True:
+        while not (self._stopping.is_set() and running is None):
             arrivals = self._take_arrivals(running)
             try:
                 with torch.inference_mode():
@@ -158,13 +169,13 @@ class ContinuousBatcher:
     def _take_arrivals(self, running: _RunningBatch | None) -> list[_Sequence]:
         """Waiting sequences that fit; blocks only when nothing is running."""
         room = self.max_batch_size - (len(running.sequences) if running else 0)
-        arrivals = [self._waiting.get()] if running is None else []
+        arrivals: list[_Sequence | None] = [self._waiting.get()] if running is None else []
         while len(arrivals) < room:
             try:
                 arrivals.append(self._waiting.get_nowait())
             except queue.Empty:
                 break
-        return [s for s in arrivals if not s.future.cancelled()]
+        return [s for s in arrivals if s is not None and not s.future.cancelled()]
 
     def _advance(
         self, running: _RunningBatch | None, arrivals: list[_Sequence]
