@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup serve test test-unit test-integration lint bench model-path clean
+.PHONY: setup serve test test-unit test-notebooks lint lab bench model-path clean
 
 setup: $(STAMP)
 	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
@@ -26,11 +26,18 @@ serve: setup
 	scripts/serve.sh
 
 test: setup
-	source scripts/ray_env.sh && $(PY) -m ruff check .
+	$(PY) -m ruff check .
 	source scripts/ray_env.sh && $(PY) -m pytest
+	source scripts/ray_env.sh && $(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
+
+test-notebooks: setup
+	source scripts/ray_env.sh && $(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
 
 test-unit: setup
 	$(PY) -m pytest -m "not integration"
+
+lab: setup
+	source scripts/ray_env.sh && $(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser notebooks
 
 lint: setup
 	$(PY) -m ruff check .

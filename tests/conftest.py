@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from helpers.cluster import apply_ray_env
+
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+apply_ray_env()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

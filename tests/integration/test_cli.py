@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_command
 from helpers.config import APP_NAME
 
 from .conftest import BASE_URL, wait_until
@@ -24,21 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240
 
 
-def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
 def http_up() -> bool:
     try:
         return requests.get(f"{BASE_URL}/healthz", timeout=2).ok
     except requests.RequestException:
         return False
-
-
-def cluster_up() -> bool:
-    return run("ray", "status", timeout=60).returncode == 0
 
 
 @pytest.fixture
@@ -53,8 +44,8 @@ def background() -> Iterator[list[subprocess.Popen[str]]]:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    if cluster_up():
-        run("ray", "stop")
+    if cluster_running():
+        ray_command("stop")
 
 
 def start(background: list[subprocess.Popen[str]], *command: str) -> subprocess.Popen[str]:
@@ -86,37 +77,35 @@ def ask_for_a_haiku() -> str:
 
 
 def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: list) -> None:
-    assert not cluster_up(), "a Ray cluster is already running on this machine"
+    assert not cluster_running(), "a Ray cluster is already running on this machine"
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
     wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
-    assert APP_NAME in run("serve", "status").stdout
+    assert APP_NAME in serve_command("status").stdout
     assert ask_for_a_haiku().strip()
     interrupt(server)
     assert not http_up()
 
 
 def test_serve_run_on_a_running_cluster_then_serve_delete(background: list) -> None:
-    started = run(
-        "ray", "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"
-    )
+    started = ray_command("start", *HEAD_ARGS)
     assert started.returncode == 0, started.stderr
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
     wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
     assert ask_for_a_haiku().strip()
-    deleted = run("serve", "delete", APP_NAME)
+    deleted = serve_command("delete", APP_NAME)
     assert deleted.returncode == 0, deleted.stderr
-    assert APP_NAME not in run("serve", "status").stdout
+    assert APP_NAME not in serve_command("status").stdout
     interrupt(server)
-    assert cluster_up(), "serve run must leave a cluster it did not start running"
-    assert run("ray", "stop").returncode == 0
+    assert cluster_running(), "serve run must leave a cluster it did not start running"
+    assert ray_command("stop").returncode == 0
 
 
 def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
-    assert not cluster_up()
+    assert not cluster_running()
     server = start(background, "scripts/serve.sh")
     wait_until(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
     assert ask_for_a_haiku().strip()
     interrupt(server)
     assert not http_up()
     time.sleep(2)
-    assert not cluster_up(), "Ctrl-C on make serve must stop the cluster it started"
+    assert not cluster_running(), "Ctrl-C on make serve must stop the cluster it started"

@@ -1,0 +1,104 @@
+"""Start, join and stop a local Ray cluster the way the walkthrough does.
+
+The notebooks share one cluster: the first starts it with ``ray start --head``
+(a separate process, so it outlives any one notebook's kernel), later ones
+connect to it, and the last stops it with ``ray stop``. Each notebook can also
+run alone, because :func:`connect` starts the cluster when none is running.
+
+Every command runs with :data:`RAY_ENV`, the same settings as
+``scripts/ray_env.sh``: token authentication on, every port on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+RAY_ENV = {
+    # The ray/serve CLIs send the cluster's token only when this is set.
+    "RAY_AUTH_MODE": "token",
+    # Despite its name: bind every port of a local cluster to 127.0.0.1.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+DASHBOARD_URL = "http://127.0.0.1:8265"
+HEAD_ARGS = ("--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1")
+
+
+def apply_ray_env() -> None:
+    """Put :data:`RAY_ENV` into this process, before Ray is first imported."""
+    os.environ.update(RAY_ENV)
+
+
+def ray_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``ray`` CLI of this Python environment with :data:`RAY_ENV`."""
+    return subprocess.run(
+        [_cli("ray"), *args],
+        env={**os.environ, **RAY_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def serve_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``serve`` CLI (Ray's, plus ``delete``) with :data:`RAY_ENV`."""
+    return subprocess.run(
+        [_cli("serve"), *args],
+        env={**os.environ, **RAY_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def _cli(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else (shutil.which(name) or name)
+
+
+def cluster_running() -> bool:
+    return ray_command("status", timeout_s=60).returncode == 0
+
+
+def ensure_auth_token() -> None:
+    """Create ``~/.ray/auth_token`` if missing (Ray 2.60 needs one to start)."""
+    ray_command("get-auth-token", "--generate")
+
+
+def start_cluster() -> bool:
+    """``ray start --head`` on loopback unless a cluster runs; True if started here."""
+    if cluster_running():
+        return False
+    ensure_auth_token()
+    result = ray_command("start", *HEAD_ARGS, timeout_s=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{result.stderr[-2000:]}")
+    return True
+
+
+def connect() -> None:
+    """Join the local cluster from this process, starting it first if needed."""
+    apply_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    start_cluster()
+    ray.init(address="auto", namespace="serve", log_to_driver=False)
+
+
+def stop_cluster() -> None:
+    """``ray stop``: ends every Ray process of this machine's local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    result = ray_command("stop", timeout_s=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"ray stop failed:\n{result.stderr[-2000:]}")

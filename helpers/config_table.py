@@ -1,0 +1,55 @@
+"""Show the configuration as a table, and check for a GPU, in a notebook."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+from helpers.config import VARIABLES, ServeConfig
+
+
+def config_rows(
+    config: ServeConfig, environ: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """One row per variable: name, value in use, default, accepted range, meaning.
+
+    ``set`` says whether the value came from the environment or the default.
+    """
+    env = os.environ if environ is None else environ
+    values = config.as_env()
+    return [
+        {
+            "variable": var.name,
+            "value": values[var.name],
+            "set": "environment" if var.name in env else "default",
+            "default": var.default,
+            "accepted": var.accepted,
+            "meaning": var.meaning,
+        }
+        for var in VARIABLES
+    ]
+
+
+def config_markdown(config: ServeConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The rows as a Markdown table (``IPython.display.Markdown`` renders it)."""
+    rows = config_rows(config, environ)
+    header = "| Variable | Value | From | Default | Accepted | Meaning |\n|---|---|---|---|---|---|"
+    lines = [
+        f"| `{r['variable']}` | `{r['value']}` | {r['set']} | `{r['default']}` "
+        f"| {r['accepted']} | {r['meaning']} |"
+        for r in rows
+    ]
+    return "\n".join([header, *lines])
+
+
+def gpu_advice() -> str:
+    """Suggest ``NUM_GPUS_PER_REPLICA=1`` on a GPU; warn, never fail, without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return f"GPU found ({name}): set NUM_GPUS_PER_REPLICA=1 to serve on it."
+    message = "No GPU found: the model runs on the CPU (fine for the embedded 135M model)."
+    warnings.warn(message, stacklevel=2)
+    return message

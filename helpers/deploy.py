@@ -1,0 +1,80 @@
+"""Deploy, inspect and delete the app from Python, as the notebooks do.
+
+:func:`deploy` is the Python twin of ``serve run ray_serve_app:deployment_graph``:
+it reads the configuration the same way (from the environment, plus any
+overrides), builds the same application and names it ``RayServeLLM``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from helpers.cluster import connect
+from helpers.config import APP_NAME, ServeConfig
+from helpers.ingress import MODEL_DEPLOYMENT
+from helpers.serve_app import build_app
+
+
+def deploy(overrides: Mapping[str, str] | None = None) -> ServeConfig:
+    """Deploy (or redeploy) the app and wait until Serve reports it RUNNING.
+
+    ``overrides`` are environment variables (``{"MAX_REPLICAS": "2"}``); they
+    are also written into this process's environment so later cells see them.
+    """
+    from ray import serve
+
+    connect()
+    os.environ.update(overrides or {})
+    config = ServeConfig.from_env()
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    return config
+
+
+def is_deployed() -> bool:
+    from ray import serve
+
+    connect()
+    return APP_NAME in serve.status().applications
+
+
+def ensure_deployed(overrides: Mapping[str, str] | None = None) -> ServeConfig:
+    """Deploy unless the app already runs; either way return the configuration."""
+    if is_deployed() and not overrides:
+        return ServeConfig.from_env()
+    return deploy(overrides)
+
+
+def app_status() -> dict[str, Any]:
+    """The app's status and each deployment's replicas by state."""
+    from ray import serve
+
+    connect()
+    application = serve.status().applications[APP_NAME]
+    return {
+        "status": str(application.status),
+        "deployments": {
+            name: {str(getattr(s, "value", s)): n for s, n in d.replica_states.items()}
+            for name, d in application.deployments.items()
+        },
+    }
+
+
+def model_replicas() -> int:
+    """Running replicas of the model deployment, read from the controller."""
+    return app_status()["deployments"].get(MODEL_DEPLOYMENT, {}).get("RUNNING", 0)
+
+
+def delete_app(timeout_s: float = 120) -> None:
+    """Delete the app and wait until Serve no longer lists it."""
+    from ray import serve
+
+    connect()
+    serve.delete(APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    while APP_NAME in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{APP_NAME} still listed {timeout_s:.0f} s after delete")
+        time.sleep(1)
