@@ -35,20 +35,19 @@ def apply_ray_env() -> None:
 
 def ray_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the ``ray`` CLI of this Python environment with :data:`RAY_ENV`."""
-    return subprocess.run(
-        [_cli("ray"), *args],
-        env={**os.environ, **RAY_ENV},
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    return _run_cli("ray", args, timeout_s)
 
 
 def serve_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the ``serve`` CLI (Ray's, plus ``delete``) with :data:`RAY_ENV`."""
+    return _run_cli("serve", args, timeout_s)
+
+
+def _run_cli(
+    name: str, args: tuple[str, ...], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_cli("serve"), *args],
+        [_cli(name), *args],
         env={**os.environ, **RAY_ENV},
         capture_output=True,
         text=True,

@@ -23,14 +23,24 @@ def deploy(overrides: Mapping[str, str] | None = None) -> ServeConfig:
 
     ``overrides`` are environment variables (``{"MAX_REPLICAS": "2"}``); they
     are also written into this process's environment so later cells see them.
+    On a machine with a GPU (Colab's GPU runtime), replicas ask for one unless
+    ``NUM_GPUS_PER_REPLICA`` says otherwise.
     """
     from ray import serve
 
     connect()
     os.environ.update(overrides or {})
+    if "NUM_GPUS_PER_REPLICA" not in os.environ and _gpu_present():
+        os.environ["NUM_GPUS_PER_REPLICA"] = "1"
     config = ServeConfig.from_env()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     return config
+
+
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def is_deployed() -> bool:
@@ -54,12 +64,17 @@ def app_status() -> dict[str, Any]:
     connect()
     application = serve.status().applications[APP_NAME]
     return {
-        "status": str(application.status),
+        "status": _name(application.status),
         "deployments": {
-            name: {str(getattr(s, "value", s)): n for s, n in d.replica_states.items()}
+            name: {_name(state): n for state, n in d.replica_states.items()}
             for name, d in application.deployments.items()
         },
     }
+
+
+def _name(state: Any) -> str:
+    """Serve's status enums, or plain strings on some paths, as plain strings."""
+    return str(getattr(state, "value", state))
 
 
 def model_replicas() -> int:
