@@ -13,7 +13,7 @@ if ! ray status >/dev/null 2>&1; then
 fi
 
 cleanup() {
-  serve delete RayServeLLM -y >/dev/null 2>&1 || true
+  serve delete RayServeLLM >/dev/null 2>&1 || true
   if [ "$started_cluster" = 1 ]; then ray stop >/dev/null 2>&1 || true; fi
   echo "Stopped: app RayServeLLM deleted$([ "$started_cluster" = 1 ] && echo ', Ray cluster stopped')."
 }
