@@ -14,7 +14,7 @@ from typing import Any
 
 from helpers.cluster import connect
 from helpers.config import APP_NAME, ServeConfig
-from helpers.ingress import MODEL_DEPLOYMENT
+from helpers.ingress import MODEL_DEPLOYMENT, state_name
 from helpers.serve_app import build_app
 
 
@@ -64,17 +64,12 @@ def app_status() -> dict[str, Any]:
     connect()
     application = serve.status().applications[APP_NAME]
     return {
-        "status": _name(application.status),
+        "status": state_name(application.status),
         "deployments": {
-            name: {_name(state): n for state, n in d.replica_states.items()}
+            name: {state_name(state): n for state, n in d.replica_states.items()}
             for name, d in application.deployments.items()
         },
     }
-
-
-def _name(state: Any) -> str:
-    """Serve's status enums, or plain strings on some paths, as plain strings."""
-    return str(getattr(state, "value", state))
 
 
 def model_replicas() -> int:

@@ -59,9 +59,12 @@ def resolve_model_source(model_id: str, cache_dir: Path) -> tuple[str, dict[str,
 
 def load_tokenizer(model_id: str, cache_dir: Path) -> Any:
     """The model's tokenizer, padding on the left as batched decoding needs."""
+    return _tokenizer_from(model_id, *resolve_model_source(model_id, cache_dir))
+
+
+def _tokenizer_from(model_id: str, source: str, extra: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
-    source, extra = resolve_model_source(model_id, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError) as err:
@@ -105,8 +108,8 @@ class Engine:
             torch.set_num_threads(cpu_threads)
         self.model_id = model_id
         self.device, self.dtype = pick_device(want_gpu)
-        self.tokenizer = load_tokenizer(model_id, cache_dir)
         source, extra = resolve_model_source(model_id, cache_dir)
+        self.tokenizer = _tokenizer_from(model_id, source, extra)
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype, **extra)
         self.model.to(self.device).eval()
         self.context_length = _context_length(self.model.config)

@@ -31,9 +31,12 @@ def _read_replica_states() -> dict[str, int]:
     application = serve.status().applications.get(app_name)
     deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
     states = deployment.replica_states if deployment else {}
-    # Keys are ReplicaState members or plain strings, depending on the path.
-    by_state = {str(getattr(state, "value", state)).lower(): n for state, n in states.items()}
-    return {"running": 0, **by_state}
+    return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+
+
+def state_name(state: Any) -> str:
+    """Serve's status enums, or plain strings on some paths, as plain strings."""
+    return str(getattr(state, "value", state))
 
 
 async def _json_body(request: Request) -> Any:
