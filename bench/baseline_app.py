@@ -9,6 +9,7 @@ import asyncio
 
 from helpers.config import ServeConfig
 from helpers.engine import Completion, Engine
+from helpers.llm_server import Prompt, Sampling
 
 
 class OneByOneServer:
@@ -21,15 +22,17 @@ class OneByOneServer:
         )
         self._lock = asyncio.Lock()
 
-    async def generate(
-        self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float
-    ) -> list[Completion]:
+    async def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
         completions = []
         for prompt in prompts:
             async with self._lock:
                 completions.append(
                     await asyncio.to_thread(
-                        self._generate_one, prompt, max_new_tokens, temperature, top_p
+                        self._generate_one,
+                        prompt.text,
+                        sampling.max_new_tokens,
+                        sampling.temperature,
+                        sampling.top_p,
                     )
                 )
         return completions

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -32,6 +33,16 @@ Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
+def limit_from_context(
+    value: int | None, info: ValidationInfo, key: str, variable: str, unit: str = ""
+) -> int | None:
+    """Refuse ``value`` above the deployment's limit ``info.context[key]``."""
+    limit = (info.context or {}).get(key)
+    if value is not None and limit is not None and value > limit:
+        raise ValueError(f"must be at most {limit}{unit} ({variable})")
+    return value
+
+
 class GenerationKwargs(BaseModel):
     """The sampling knobs a client may set; anything else is refused."""
 
@@ -44,27 +55,28 @@ class GenerationKwargs(BaseModel):
     @field_validator("max_new_tokens")
     @classmethod
     def _within_server_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limit = (info.context or {}).get("max_new_tokens")
-        if value is not None and limit is not None and value > limit:
-            raise ValueError(f"must be at most {limit} (MAX_NEW_TOKENS)")
-        return value
+        return limit_from_context(value, info, "max_new_tokens", "MAX_NEW_TOKENS")
 
 
 class GenerateRequest(BaseModel):
-    """``prompt`` (one string) or ``prompts`` (a list), never both."""
+    """``prompt`` (one string) or ``prompts`` (a list), never both.
+
+    ``stream`` is this kit's addition: ``true`` answers with server-sent
+    events instead of the walkthrough's JSON body.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt | None = None
     prompts: Annotated[list[Prompt], Field(min_length=1)] | None = None
     generation_kwargs: GenerationKwargs = Field(default_factory=GenerationKwargs)
+    stream: StrictBool = False
 
     @field_validator("prompts")
     @classmethod
     def _within_prompt_limit(cls, value: list[str] | None, info: ValidationInfo) -> Any:
-        limit = (info.context or {}).get("max_prompts")
-        if value is not None and limit is not None and len(value) > limit:
-            raise ValueError(f"must hold at most {limit} prompts (MAX_PROMPTS)")
+        if value is not None:
+            limit_from_context(len(value), info, "max_prompts", "MAX_PROMPTS", unit=" prompts")
         return value
 
     @model_validator(mode="after")

@@ -2,6 +2,8 @@
 
 The notebooks talk to the server only through HTTP, like any real client, so
 what they show (latencies, cold starts, error bodies) is what users get.
+Streamed replies arrive as server-sent events (``data: {json}`` lines, then
+``data: [DONE]``), read here line by line as the server sends them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,8 @@ class Reply:
     text: str
     latency_s: float
     generation_kwargs: dict[str, Any]
+    first_text_s: float | None = None
+    """Seconds until the first piece of text arrived, for a streamed reply."""
 
 
 class ApiError(RuntimeError):
@@ -52,10 +57,21 @@ def generate_body(
     }
 
 
+TextCallback = Callable[[str], None]
+
+
 class LLMClient:
     def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 300) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self._model: str | None = None
+
+    @property
+    def model(self) -> str:
+        """The served model's id, as the OpenAI endpoints want it named."""
+        if self._model is None:
+            self._model = str(self.healthz()["model"])
+        return self._model
 
     def healthz(self) -> dict[str, Any]:
         response = requests.get(f"{self.base_url}/healthz", timeout=10)
@@ -75,6 +91,55 @@ class LLMClient:
             raise ApiError(response.status_code, _json_or_text(response))
         payload = response.json()
         return Reply(prompt, payload["completions"][0], latency, payload["generation_kwargs"])
+
+    def stream_generate(self, prompt: str, on_text: TextCallback, **knobs: Any) -> Reply:
+        """POST /generate with ``"stream": true``; ``on_text`` gets each piece as it arrives."""
+        body = {**generate_body(prompt, **knobs), "stream": True}
+        used = body["generation_kwargs"]
+        return self._stream("/generate", body, prompt, used, on_text, lambda e: e.get("text"))
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        on_text: TextCallback,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+    ) -> Reply:
+        """POST /v1/chat/completions, streamed; the reply is the assistant's next turn."""
+        knobs = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        knobs = {k: v for k, v in knobs.items() if v is not None}
+        body = {"model": self.model, "messages": messages, "stream": True, **knobs}
+        prompt = messages[-1]["content"] if messages else ""
+        return self._stream("/v1/chat/completions", body, prompt, knobs, on_text, _chat_text)
+
+    def _stream(
+        self,
+        path: str,
+        body: dict[str, Any],
+        prompt: str,
+        knobs: dict[str, Any],
+        on_text: TextCallback,
+        text_of: Callable[[dict[str, Any]], str | None],
+    ) -> Reply:
+        started = time.perf_counter()
+        first_text_s, pieces = None, []
+        with requests.post(
+            f"{self.base_url}{path}", json=body, stream=True, timeout=self.timeout_s
+        ) as response:
+            if not response.ok:
+                raise ApiError(response.status_code, _json_or_text(response))
+            for event in sse_events(response.iter_lines(decode_unicode=True)):
+                if "error" in event:  # the server failed after the stream began
+                    raise ApiError(500, event)
+                text = text_of(event)
+                if text:
+                    if first_text_s is None:
+                        first_text_s = time.perf_counter() - started
+                    pieces.append(text)
+                    on_text(text)
+        latency = time.perf_counter() - started
+        return Reply(prompt, "".join(pieces), latency, knobs, first_text_s)
 
     def wait_until_up(self, timeout_s: float = 300) -> None:
         """Block until /healthz answers (the app deployed and the proxy routing)."""
@@ -96,6 +161,27 @@ class LLMClient:
             f"  -H 'Content-Type: application/json' \\\n"
             f"  -d {shlex.quote(body)}"
         )
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream, up to ``data: [DONE]``.
+
+    A stream cut off before ``[DONE]`` raises rather than passing for a
+    complete reply.
+    """
+    for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, other fields
+        data = line.removeprefix("data:").strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+    raise requests.ConnectionError("the stream ended before its [DONE] event")
+
+
+def _chat_text(chunk: dict[str, Any]) -> str | None:
+    choices = chunk.get("choices") or [{}]
+    return choices[0].get("delta", {}).get("content")
 
 
 def _json_or_text(response: requests.Response) -> dict[str, Any]:

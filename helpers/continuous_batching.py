@@ -19,14 +19,19 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from helpers.sampling import Sampler
+from helpers.text_stream import TextStream
+
+TextCallback = Callable[[str], None]
+"""Receives each piece of new text, on the decode thread; it must not block."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class GenerationRequest:
     temperature: float
     top_p: float
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
 
 
 @dataclass
@@ -57,6 +63,7 @@ class BatchStats:
     forward_passes: int = 0
     generated_tokens: int = 0
     largest_batch: int = 0
+    cancelled: int = 0
 
 
 @dataclass
@@ -64,8 +71,13 @@ class _Sequence:
     request: GenerationRequest
     future: Future[Completion]
     sampler: Sampler
+    text: TextStream
+    on_text: TextCallback | None
     prompt_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)
+
+    def emit(self, delta: str) -> None:
+        if delta and self.on_text is not None:
+            self.on_text(delta)
 
 
 class _RunningBatch:
@@ -146,10 +158,18 @@ class ContinuousBatcher:
     def device(self) -> torch.device:
         return self.model.device
 
-    def submit(self, request: GenerationRequest) -> Future[Completion]:
-        """Queue a request; cancelling the future drops it at the next step."""
+    def submit(
+        self, request: GenerationRequest, on_text: TextCallback | None = None
+    ) -> Future[Completion]:
+        """Queue a request; cancelling the future drops it at the next step.
+
+        ``on_text`` streams the completion: it gets each piece of text as soon
+        as it is final, and all of them before the future resolves.
+        """
         future: Future[Completion] = Future()
-        self._waiting.put(_Sequence(request, future, Sampler(request, self.device)))
+        sampler = Sampler(request, self.device)
+        text = TextStream(self.tokenizer, request.stop)
+        self._waiting.put(_Sequence(request, future, sampler, text, on_text))
         return future
 
     def _run(self) -> None:
@@ -175,7 +195,9 @@ class ContinuousBatcher:
                 arrivals.append(self._waiting.get_nowait())
             except queue.Empty:
                 break
-        return [s for s in arrivals if s is not None and not s.future.cancelled()]
+        live = [s for s in arrivals if s is not None and not s.future.cancelled()]
+        self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
+        return live
 
     def _advance(
         self, running: _RunningBatch | None, arrivals: list[_Sequence]
@@ -193,13 +215,15 @@ class ContinuousBatcher:
         next_tokens, keep = [], []
         for row, sequence in enumerate(running.sequences):
             if sequence.future.cancelled():
+                self.stats.cancelled += 1
                 continue
             token = sequence.sampler.pick(running.logits[row])
             ended = token in self.eos_token_ids
             if not ended:
-                sequence.tokens.append(token)
+                sequence.emit(sequence.text.append(token))
                 self.stats.generated_tokens += 1
-            if ended or len(sequence.tokens) >= sequence.request.max_new_tokens:
+                ended = sequence.text.stopped
+            if ended or len(sequence.text.tokens) >= sequence.request.max_new_tokens:
                 self._finish(sequence, "stop" if ended else "length")
             else:
                 keep.append(row)
@@ -251,10 +275,11 @@ class ContinuousBatcher:
         self.stats.forward_passes += 1
 
     def _finish(self, sequence: _Sequence, reason: str) -> None:
+        sequence.emit(sequence.text.finish())
         completion = Completion(
-            text=self.tokenizer.decode(sequence.tokens, skip_special_tokens=True),
+            text=sequence.text.text,
             prompt_tokens=sequence.prompt_tokens,
-            completion_tokens=len(sequence.tokens),
+            completion_tokens=len(sequence.text.tokens),
             finish_reason=reason,
         )
         _settle(sequence.future, result=completion)

@@ -13,7 +13,7 @@ together. Each request keeps its own ``max_new_tokens``, ``temperature``,
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,18 @@ from helpers.continuous_batching import (
     Completion,
     ContinuousBatcher,
     GenerationRequest,
+    TextCallback,
 )
 from helpers.embedded_model import ensure_converted, is_embedded
 
-__all__ = ["Completion", "Engine", "GenerationRequest", "ModelLoadError", "PromptTooLongError"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "GenerationRequest",
+    "ModelLoadError",
+    "PromptTooLongError",
+    "TextCallback",
+]
 
 
 class ModelLoadError(RuntimeError):
@@ -131,8 +139,20 @@ class Engine:
         )
         if not use_chat:
             return text
+        return self.render_chat([{"role": "user", "content": text}])
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """A conversation as the model was trained to read it, ending where the
+        assistant's next turn begins.
+
+        A model without a chat template (a base model such as opt-125m) gets
+        plain ``role: content`` lines, which base models continue sensibly.
+        """
+        if self.tokenizer.chat_template is None:
+            lines = [f"{m['role']}: {m['content']}" for m in messages]
+            return "\n".join([*lines, "assistant:"])
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
         )
 
     def count_tokens(self, text: str) -> int:
@@ -147,9 +167,14 @@ class Engine:
                 f"context length ({self.context_length})"
             )
 
-    def submit(self, request: GenerationRequest) -> Future[Completion]:
-        """Queue one request into the running batch; resolves to its completion."""
-        return self._batcher.submit(request)
+    def submit(
+        self, request: GenerationRequest, on_text: TextCallback | None = None
+    ) -> Future[Completion]:
+        """Queue one request into the running batch; resolves to its completion.
+
+        ``on_text``, if given, receives the completion's text piece by piece.
+        """
+        return self._batcher.submit(request, on_text)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Complete ``requests`` (blocking); completions hold only the new text."""

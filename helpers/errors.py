@@ -8,6 +8,8 @@ be megabytes) nor carry a stack trace.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -37,8 +39,8 @@ class ApiError(Exception):
         self.param = param
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    body = {
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {
         "error": {
             "message": message,
             "type": _TYPES.get(status, "invalid_request_error"),
@@ -46,7 +48,10 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
             "code": None,
         }
     }
-    return JSONResponse(body, status_code=status)
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 def validation_error_to_api_error(err: ValidationError, default_param: str) -> ApiError:

@@ -92,7 +92,7 @@ BAD_BODIES = [
     pytest.param(
         gen(custom_generate="x/y"), "generation_kwargs.custom_generate", id="custom_generate"
     ),
-    pytest.param({"prompt": "a", "stream": True}, "stream", id="unknown top-level key"),
+    pytest.param({"prompt": "a", "num_beams": 4}, "num_beams", id="unknown top-level key"),
     pytest.param(["a"], "prompt", id="a list body"),
 ]
 

@@ -104,8 +104,44 @@ def test_a_request_joining_a_running_batch_decodes_as_if_alone(engine: Engine) -
     assert [first.result(), second.result()] == alone
 
 
-def test_a_cancelled_request_leaves_the_others_running(engine: Engine) -> None:
-    doomed = engine.submit(greedy(PROMPTS[1], 200))
-    survivor = engine.submit(greedy(PROMPTS[0], 8))
+def test_streamed_text_equals_the_completion_even_inside_a_batch(engine: Engine) -> None:
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    futures = [
+        engine.submit(greedy(prompt, 16), on_text=pieces[i].append)
+        for i, prompt in enumerate(PROMPTS[:2])
+    ]
+    completions = [f.result() for f in futures]
+    for i, completion in enumerate(completions):
+        assert len(pieces[i]) > 1
+        assert "".join(pieces[i]) == completion.text
+    assert [c.text for c in completions] == [
+        engine.generate([greedy(p, 16)])[0].text for p in PROMPTS[:2]
+    ]
+
+
+def test_a_stop_string_ends_the_completion_before_it(engine: Engine) -> None:
+    full = engine.generate([greedy(PROMPTS[2], 16)])[0].text
+    stop = full.strip()[3:6]
+    stopped = engine.generate([GenerationRequest(PROMPTS[2], 16, 0.0, 1.0, stop=(stop,))])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop)]
+    assert stopped.completion_tokens < 16
+
+
+def test_a_cancelled_request_is_dropped_mid_flight_and_the_others_go_on(engine: Engine) -> None:
+    cancelled_before = engine.stats.cancelled
+    started: list[str] = []
+    doomed = engine.submit(greedy(PROMPTS[1], 200), on_text=started.append)
+    survivor = engine.submit(greedy(PROMPTS[0], 12))
+    wait_for(lambda: bool(started))
     assert doomed.cancel()
     assert survivor.result(timeout=120).completion_tokens > 0
+    wait_for(lambda: engine.stats.cancelled > cancelled_before)
+    assert engine.stats.cancelled == cancelled_before + 1
+
+
+def wait_for(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

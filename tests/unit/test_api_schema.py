@@ -55,6 +55,11 @@ def test_prompt_list_is_a_copy() -> None:
     assert request.prompt_list() == ["one", "two"]
 
 
+def test_stream_is_opt_in() -> None:
+    assert validate({"prompt": "hi"}).stream is False
+    assert validate({"prompt": "hi", "stream": True}).stream is True
+
+
 def test_generation_kwargs_default_to_unset() -> None:
     kwargs = validate({"prompt": "hi"}).generation_kwargs
     assert (kwargs.max_new_tokens, kwargs.temperature, kwargs.top_p) == (None, None, None)
@@ -138,7 +143,8 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ),
     ("unknown-max_length", gen(max_length=10), "generation_kwargs.max_length"),
     ("generation_kwargs-not-object", {"prompt": "hi", "generation_kwargs": 3}, "generation_kwargs"),
-    ("unknown-top-level-stream", {"prompt": "hi", "stream": True}, "stream"),
+    ("stream-not-bool", {"prompt": "hi", "stream": "yes"}, "stream"),
+    ("unknown-top-level-num_beams", {"prompt": "hi", "num_beams": 2}, "num_beams"),
     ("unknown-top-level-model", {"prompt": "hi", "model": "gpt"}, "model"),
     ("unknown-top-level-only", {"max_new_tokens": 10}, "max_new_tokens"),
     ("body-is-list", ["hi"], "prompt"),

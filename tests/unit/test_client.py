@@ -1,9 +1,17 @@
 """Unit tests for helpers.client against a tiny real HTTP server on 127.0.0.1.
 
-The server stands in for the app's ingress: GET /healthz reports running model
-replicas, POST /generate echoes a completion and the generation_kwargs it got,
-a prompt of "bad" gets a 400 with an OpenAI-style JSON error, and a prompt of
-"crash" gets a 500 whose body is plain text, not JSON.
+The server stands in for the app's ingress: GET /healthz reports the model and
+its running replicas, POST /generate echoes a completion and the
+generation_kwargs it got, a prompt of "bad" gets a 400 with an OpenAI-style
+JSON error, and a prompt of "crash" gets a 500 whose body is plain text, not
+JSON.
+
+With ``"stream": true``, POST /generate answers server-sent events the way the
+app does (chunked, each event written in two pieces split mid-line), and so
+does POST /v1/chat/completions with chat.completion.chunk events. A prompt (or
+last chat message) of "bad" or "crash" is refused before the stream starts,
+one of "fail-midway" sends one piece of text and then an error event, and one
+of "empty" streams no text at all.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any
 import pytest
 import requests
 
-from helpers.client import ApiError, LLMClient, Reply, generate_body
+from helpers.client import ApiError, LLMClient, Reply, generate_body, sse_events
 
 PROXY_VARIABLES = (
     "HTTP_PROXY",
@@ -32,19 +40,41 @@ PROXY_VARIABLES = (
     "https_proxy",
     "all_proxy",
 )
+MODEL_ID = "fake-org/tiny-model"
 RUNNING_REPLICAS = 2
 CRASH_TEXT = "Internal Server Error: the replica fell over"
+BAD_BODY = {"error": {"message": "prompt is bad", "param": "prompt"}}
+STREAM_PIECES = ["Once", " upon", " a time,", " naïve ☃", "\nthe end."]
+MIDWAY_ERROR = {
+    "error": {
+        "message": "internal error: the stream ended early",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+}
 
 
 @dataclass
 class FakeServer:
     url: str
     received: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     healthz_calls: int = 0
+    handshake: threading.Semaphore | None = None
+    """When set, the server waits after each streamed piece until the client takes it."""
+    acknowledged: list[bool] = field(default_factory=list)
+
+
+def _pieces_for(prompt: str) -> list[str]:
+    """What the fake model streams: one piece before failing midway, or nothing."""
+    return {"fail-midway": STREAM_PIECES[:1], "empty": []}.get(prompt, STREAM_PIECES)
 
 
 def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # chunked streams, as uvicorn sends them
+
         def log_message(self, *args: Any) -> None:  # keep test output quiet
             pass
 
@@ -58,6 +88,33 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
         def _send_json(self, status: int, payload: Any) -> None:
             self._send(status, json.dumps(payload).encode(), "application/json")
 
+        def _write_chunk(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _start_stream(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+
+        def _event(self, data: str) -> None:
+            """One event, written as two chunks split mid-line."""
+            raw = f"data: {data}\n\n".encode()
+            middle = len(raw) // 2
+            self._write_chunk(raw[:middle])
+            self._write_chunk(raw[middle:])
+
+        def _text_event(self, payload: dict[str, Any]) -> None:
+            self._event(json.dumps(payload))
+            if state.handshake is not None:
+                state.acknowledged.append(state.handshake.acquire(timeout=2))
+
+        def _end_stream(self) -> None:
+            self._write_chunk(b"")
+
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 state.healthz_calls += 1
@@ -65,6 +122,7 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                     200,
                     {
                         "status": "ok",
+                        "model": MODEL_ID,
                         "model_replicas": {"running": RUNNING_REPLICAS, "starting": 1},
                     },
                 )
@@ -72,17 +130,25 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(404, {"error": {"message": "not found", "param": None}})
 
         def do_POST(self) -> None:
-            if self.path != "/generate":
+            if self.path not in ("/generate", "/v1/chat/completions"):
                 self._send_json(404, {"error": {"message": "not found", "param": None}})
                 return
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length))
+            state.paths.append(self.path)
             state.received.append(body)
-            prompt = body.get("prompt")
+            if self.path == "/generate":
+                prompt = body.get("prompt")
+            else:
+                prompt = body["messages"][-1]["content"] if body.get("messages") else ""
             if prompt == "bad":
-                self._send_json(400, {"error": {"message": "prompt is bad", "param": "prompt"}})
+                self._send_json(400, BAD_BODY)
             elif prompt == "crash":
                 self._send(500, CRASH_TEXT.encode(), "text/plain")
+            elif self.path == "/v1/chat/completions":
+                self._stream_chat(prompt)
+            elif body.get("stream"):
+                self._stream_generate(prompt)
             else:
                 self._send_json(
                     200,
@@ -91,6 +157,50 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                         "generation_kwargs": body.get("generation_kwargs", {}),
                     },
                 )
+
+        def _stream_generate(self, prompt: str) -> None:
+            self._start_stream()
+            pieces = _pieces_for(prompt)
+            for piece in pieces:
+                self._text_event({"index": 0, "text": piece})
+            if prompt == "fail-midway":
+                self._event(json.dumps(MIDWAY_ERROR))
+            else:
+                final = {
+                    "index": 0,
+                    "text": "",
+                    "finish_reason": "length",
+                    "completion_tokens": len(pieces),
+                }
+                self._event(json.dumps(final))
+                self._event("[DONE]")
+            self._end_stream()
+
+        def _stream_chat(self, prompt: str) -> None:
+            header = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": MODEL_ID,
+            }
+
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                return {**header, "choices": [choice]}
+
+            self._start_stream()
+            self._event(json.dumps(chunk({"role": "assistant", "content": ""})))
+            pieces = _pieces_for(prompt)
+            for piece in pieces:
+                self._text_event(chunk({"content": piece}))
+            if prompt == "fail-midway":
+                self._event(json.dumps(MIDWAY_ERROR))
+            else:
+                self._event(json.dumps(chunk({}, "length")))
+                usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+                self._event(json.dumps({**header, "choices": [], "usage": usage}))
+                self._event("[DONE]")
+            self._end_stream()
 
     return Handler
 
@@ -153,6 +263,7 @@ def test_healthz_returns_the_json(server: FakeServer) -> None:
     health = LLMClient(server.url).healthz()
     assert health == {
         "status": "ok",
+        "model": MODEL_ID,
         "model_replicas": {"running": RUNNING_REPLICAS, "starting": 1},
     }
     assert server.healthz_calls == 1
@@ -201,7 +312,7 @@ def test_generate_raises_api_error_with_the_json_body_on_400(server: FakeServer)
         LLMClient(server.url).generate("bad", max_new_tokens=3)
     err = caught.value
     assert err.status == 400
-    assert err.body == {"error": {"message": "prompt is bad", "param": "prompt"}}
+    assert err.body == BAD_BODY
     assert str(err) == "HTTP 400: prompt is bad"
     assert isinstance(err, RuntimeError)
 
@@ -266,3 +377,207 @@ def test_curl_command_gets_the_same_json_as_the_client(server: FakeServer) -> No
     assert from_curl["completions"] == [f"echo: {prompt}"]
     assert server.received[0] == server.received[1]
     assert server.received[0] == generate_body(prompt, max_new_tokens=7, top_p=0.5)
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+class Collector:
+    """An on_text callback that keeps the pieces and when each arrived."""
+
+    def __init__(self, handshake: threading.Semaphore | None = None) -> None:
+        self.pieces: list[str] = []
+        self.handshake = handshake
+
+    def __call__(self, text: str) -> None:
+        self.pieces.append(text)
+        if self.handshake is not None:
+            self.handshake.release()
+
+
+def test_model_is_read_from_healthz_once(server: FakeServer) -> None:
+    client = LLMClient(server.url)
+    assert server.healthz_calls == 0  # not read until asked for
+    assert client.model == MODEL_ID
+    assert client.model == MODEL_ID
+    assert server.healthz_calls == 1
+
+
+def test_stream_generate_passes_each_piece_in_order(server: FakeServer) -> None:
+    on_text = Collector()
+    started = time.perf_counter()
+    reply = LLMClient(server.url).stream_generate("tell", on_text, max_new_tokens=5)
+    elapsed = time.perf_counter() - started
+    assert on_text.pieces == STREAM_PIECES  # the empty final event is not a piece
+    assert isinstance(reply, Reply)
+    assert reply.prompt == "tell"
+    assert reply.text == "".join(STREAM_PIECES)
+    assert reply.generation_kwargs == {"max_new_tokens": 5}
+    assert reply.first_text_s is not None
+    assert 0 < reply.first_text_s <= reply.latency_s <= elapsed
+
+
+def test_stream_generate_sends_stream_true(server: FakeServer) -> None:
+    LLMClient(server.url).stream_generate("tell", Collector(), temperature=0.0, top_p=0.5)
+    assert server.paths == ["/generate"]
+    assert server.received == [
+        {
+            "prompt": "tell",
+            "generation_kwargs": {"temperature": 0.0, "top_p": 0.5},
+            "stream": True,
+        }
+    ]
+
+
+def test_stream_of_no_text_gives_an_empty_reply(server: FakeServer) -> None:
+    on_text = Collector()
+    reply = LLMClient(server.url).stream_generate("empty", on_text)
+    assert on_text.pieces == []
+    assert reply.text == ""
+    assert reply.first_text_s is None
+    assert reply.latency_s > 0
+
+
+@pytest.mark.parametrize("method", ["stream_generate", "stream_chat"])
+def test_pieces_reach_on_text_while_the_stream_is_still_open(
+    server: FakeServer, method: str
+) -> None:
+    # The server sends the next piece only once the client has passed the last
+    # one to on_text: a client that read the whole body first would stall it.
+    server.handshake = threading.Semaphore(0)
+    on_text = Collector(server.handshake)
+    client = LLMClient(server.url)
+    if method == "stream_generate":
+        reply = client.stream_generate("tell", on_text)
+    else:
+        reply = client.stream_chat([{"role": "user", "content": "tell"}], on_text)
+    assert server.acknowledged == [True] * len(STREAM_PIECES)
+    assert on_text.pieces == STREAM_PIECES
+    assert reply.first_text_s is not None
+    assert reply.first_text_s < reply.latency_s
+
+
+def test_stream_generate_raises_api_error_on_400_before_the_stream(server: FakeServer) -> None:
+    on_text = Collector()
+    with pytest.raises(ApiError) as caught:
+        LLMClient(server.url).stream_generate("bad", on_text, max_new_tokens=3)
+    err = caught.value
+    assert err.status == 400
+    assert err.body == BAD_BODY
+    assert str(err) == "HTTP 400: prompt is bad"
+    assert on_text.pieces == []
+
+
+def test_stream_generate_wraps_a_non_json_500_body(server: FakeServer) -> None:
+    with pytest.raises(ApiError) as caught:
+        LLMClient(server.url).stream_generate("crash", Collector())
+    assert caught.value.status == 500
+    assert caught.value.body == {"error": {"message": CRASH_TEXT}}
+
+
+def test_stream_generate_raises_on_an_error_event_mid_stream(server: FakeServer) -> None:
+    on_text = Collector()
+    with pytest.raises(ApiError) as caught:
+        LLMClient(server.url).stream_generate("fail-midway", on_text)
+    assert caught.value.body == MIDWAY_ERROR
+    assert str(caught.value).endswith(": internal error: the stream ended early")
+    assert on_text.pieces == STREAM_PIECES[:1]  # what came before the error was shown
+
+
+def test_stream_chat_sends_model_messages_and_only_the_set_knobs(server: FakeServer) -> None:
+    client = LLMClient(server.url)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "tell"},
+    ]
+    reply = client.stream_chat(messages, Collector(), max_tokens=7, temperature=0.0)
+    client.stream_chat(messages[:1], Collector())
+    assert server.paths == ["/v1/chat/completions"] * 2
+    assert (
+        server.received
+        == [
+            {
+                "model": MODEL_ID,
+                "messages": messages,
+                "stream": True,
+                "max_tokens": 7,
+                "temperature": 0.0,  # 0 is a value, not "unset"
+            },
+            {"model": MODEL_ID, "messages": messages[:1], "stream": True},
+        ]
+    )
+    assert reply.generation_kwargs == {"max_tokens": 7, "temperature": 0.0}
+    assert server.healthz_calls == 1  # the model id is asked for once
+
+
+def test_stream_chat_returns_the_assistant_text(server: FakeServer) -> None:
+    on_text = Collector()
+    messages = [{"role": "user", "content": "tell"}]
+    reply = LLMClient(server.url).stream_chat(messages, on_text, top_p=0.5)
+    # The opening role chunk, the finish chunk and the usage chunk carry no text.
+    assert on_text.pieces == STREAM_PIECES
+    assert reply.text == "".join(STREAM_PIECES)
+    assert reply.prompt == "tell"
+    assert reply.generation_kwargs == {"top_p": 0.5}
+    assert reply.first_text_s is not None
+    assert 0 < reply.first_text_s <= reply.latency_s
+
+
+def test_stream_chat_raises_api_error_on_400_before_the_stream(server: FakeServer) -> None:
+    on_text = Collector()
+    with pytest.raises(ApiError) as caught:
+        LLMClient(server.url).stream_chat([{"role": "user", "content": "bad"}], on_text)
+    assert caught.value.status == 400
+    assert caught.value.body == BAD_BODY
+    assert str(caught.value) == "HTTP 400: prompt is bad"
+    assert on_text.pieces == []
+
+
+def test_stream_chat_raises_on_an_error_event_mid_stream(server: FakeServer) -> None:
+    on_text = Collector()
+    with pytest.raises(ApiError) as caught:
+        LLMClient(server.url).stream_chat([{"role": "user", "content": "fail-midway"}], on_text)
+    assert caught.value.body == MIDWAY_ERROR
+    assert str(caught.value).endswith(": internal error: the stream ended early")
+    assert on_text.pieces == STREAM_PIECES[:1]
+
+
+def test_stream_raises_connection_error_when_nothing_listens(closed_port_url: str) -> None:
+    on_text = Collector()
+    with pytest.raises(requests.ConnectionError):
+        LLMClient(closed_port_url).stream_generate("tell", on_text)
+    assert on_text.pieces == []
+
+
+# -- sse_events ------------------------------------------------------------------------------
+
+
+def test_sse_events_skips_blank_lines_and_comments_and_stops_at_done() -> None:
+    lines = iter(
+        [
+            ": keep-alive comment",
+            "",
+            'data: {"index": 0, "text": "a"}',
+            "",
+            "event: message",
+            'data: {"index": 0, "text": "b"}',
+            "",
+            "data: [DONE]",
+            'data: {"index": 0, "text": "after done"}',
+            "not even read",
+        ]
+    )
+    events = sse_events(lines)
+    assert next(events) == {"index": 0, "text": "a"}  # lazy: one event at a time
+    assert list(events) == [{"index": 0, "text": "b"}]
+    assert next(lines) == 'data: {"index": 0, "text": "after done"}'  # left unread
+
+
+def test_sse_events_of_a_stream_cut_before_done_raises_after_the_events() -> None:
+    received: list[dict[str, Any]] = []
+    with pytest.raises(requests.ConnectionError, match=r"\[DONE\]"):
+        received.extend(sse_events(["data: {}", "", 'data: {"x": [1]}']))
+    assert received == [{}, {"x": [1]}]
+    with pytest.raises(requests.ConnectionError):
+        list(sse_events([]))

@@ -1,0 +1,89 @@
+"""Token ids to text, one token at a time, with stop strings.
+
+Streaming cannot send each token's text on its own: one character can span
+several byte-level tokens (a partial character decodes to U+FFFD), a
+tokenizer's spacing depends on the tokens before, and a stop string can span
+several tokens, so text that may still turn out to start a stop string must be
+held back until it is known not to. :class:`TextStream` does all three.
+
+Decoding the whole sequence after every token would cost O(length) per token
+and, on a GPU decoding 64 sequences, rival the forward pass; like vLLM's
+incremental detokenizer, it decodes only a short window of recent tokens and
+keeps the text before it. Concatenating its deltas gives exactly
+:attr:`TextStream.text`, the completion a non-streamed request returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT_CHARACTER = "\ufffd"
+
+
+class TextStream:
+    """The text of one sequence as it grows, cut before the first stop string."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.tokens: list[int] = []
+        self.stopped = False
+        self._text = ""
+        self._released = 0
+        # tokens[_window:_read] were decoded already; tokens[_read:] not yet.
+        self._window = 0
+        self._read = 0
+
+    @property
+    def text(self) -> str:
+        """The text decoded so far, never past a stop string."""
+        return self._text
+
+    def append(self, token: int) -> str:
+        """Add one token; return the new text that is safe to send."""
+        self.tokens.append(token)
+        self._text += self._decode_new(final=False)
+        cut = self._first_stop()
+        if cut is not None:
+            self._text, self.stopped = self._text[:cut], True
+            return self._release(len(self._text))
+        return self._release(len(self._text) - self._stop_prefix_length())
+
+    def finish(self) -> str:
+        """The sequence ended: decode what was pending and release the rest."""
+        if not self.stopped:
+            self._text += self._decode_new(final=True)
+        return self._release(len(self._text))
+
+    def _decode_new(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._window : self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._window :], skip_special_tokens=True)
+        if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT_CHARACTER)):
+            return ""  # a partial character, or nothing new yet
+        self._window, self._read = self._read, len(self.tokens)
+        return after[len(before) :]
+
+    def _release(self, upto: int) -> str:
+        if upto <= self._released:
+            return ""
+        delta, self._released = self._text[self._released : upto], upto
+        return delta
+
+    def _first_stop(self) -> int | None:
+        # Only unreleased text can hold a new match, and a stop string can
+        # begin at most its own length before it.
+        start = max(0, self._released - max((len(s) for s in self.stop), default=0))
+        found = [i for i in (self._text.find(s, start) for s in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        longest = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

@@ -1,0 +1,287 @@
+"""The OpenAI-compatible API through the official ``openai`` client, on a real
+local Ray cluster with the embedded model, plus raw HTTP for the SSE framing.
+
+Tests run in file order; the first one meets the model at zero replicas.
+"""
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from helpers.config import APP_NAME, ServeConfig
+from helpers.engine import load_tokenizer
+
+from .conftest import BASE_URL, model_replicas_running, wait_until
+
+pytestmark = pytest.mark.integration
+
+COLOURS = [{"role": "user", "content": "Name three colours."}]
+COUNTING = "Count from one to twenty: one, two, three,"
+
+
+@pytest.fixture(scope="module")
+def test_config() -> ServeConfig:
+    """One replica at most, so batching is observable, and a long idle timeout
+    so the model stays up between tests once the first one woke it."""
+    return ServeConfig.from_env(
+        {
+            **os.environ,
+            "MAX_REPLICAS": "1",
+            "MAX_NEW_TOKENS": "64",
+            "MAX_PROMPTS": "4",
+            "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "120",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def model(deployed_app: ServeConfig) -> str:
+    return deployed_app.model_id
+
+
+@pytest.fixture(scope="module")
+def client(deployed_app: ServeConfig) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tokenizer(deployed_app: ServeConfig):
+    return load_tokenizer(deployed_app.model_id, deployed_app.model_cache_dir)
+
+
+def batch_stats() -> dict[str, int]:
+    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME).batch_stats.remote().result()
+
+
+def streamed_chat(client: openai.OpenAI, model: str, **kwargs) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(model=model, stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def test_a_stream_at_zero_replicas_waits_for_the_cold_start(
+    client: openai.OpenAI, model: str
+) -> None:
+    assert model_replicas_running() == 0
+    text, chunks = streamed_chat(client, model, messages=COLOURS, max_tokens=8, temperature=0)
+    assert text.strip()
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    assert model_replicas_running() == 1
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, model: str) -> None:
+    assert [m.id for m in client.models.list()] == [model]
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_streamed_text_equals_the_whole_text_at_temperature_0(
+    client: openai.OpenAI, model: str, kind: str
+) -> None:
+    if kind == "chat":
+        whole = (
+            client.chat.completions.create(
+                model=model, messages=COLOURS, max_tokens=24, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
+        streamed, _ = streamed_chat(client, model, messages=COLOURS, max_tokens=24, temperature=0)
+    else:
+        args = {"model": model, "prompt": COUNTING, "max_tokens": 24, "temperature": 0}
+        whole = client.completions.create(**args).choices[0].text
+        streamed = "".join(
+            c.choices[0].text for c in client.completions.create(stream=True, **args)
+        )
+    assert whole and streamed == whole
+
+
+def test_max_tokens_ends_with_length_and_usage_counts_tokens(
+    client: openai.OpenAI, model: str, tokenizer
+) -> None:
+    reply = client.completions.create(model=model, prompt=COUNTING, max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+    assert reply.usage.prompt_tokens == len(tokenizer(COUNTING)["input_ids"])
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 5
+    assert len(tokenizer(reply.choices[0].text, add_special_tokens=False)["input_ids"]) <= 6
+
+
+def test_max_completion_tokens_limits_a_chat(client: openai.OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, messages=COLOURS, max_completion_tokens=3, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 3
+
+
+def test_a_stop_string_ends_the_text_before_it(client: openai.OpenAI, model: str) -> None:
+    args = {"model": model, "prompt": COUNTING, "max_tokens": 24, "temperature": 0}
+    free = client.completions.create(**args).choices[0].text
+    stop = free.split(",")[2] + ","  # e.g. " six,"
+    stopped = client.completions.create(stop=[stop, "never appears"], **args).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free[: free.index(stop)]
+    streamed = client.completions.create(stop=stop, stream=True, **args)
+    assert "".join(c.choices[0].text for c in streamed) == stopped.text
+
+
+def test_the_same_seed_gives_the_same_text(client: openai.OpenAI, model: str) -> None:
+    def sample(seed: int) -> str:
+        return (
+            client.chat.completions.create(
+                model=model, messages=COLOURS, max_tokens=16, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert sample(11) == sample(11)
+    assert len({sample(seed) for seed in (1, 2, 3)}) > 1
+
+
+def test_include_usage_adds_a_last_chunk_with_the_usage(client: openai.OpenAI, model: str) -> None:
+    _, chunks = streamed_chat(
+        client,
+        model,
+        messages=COLOURS,
+        max_tokens=6,
+        temperature=0,
+        stream_options={"include_usage": True},
+    )
+    whole = client.chat.completions.create(
+        model=model, messages=COLOURS, max_tokens=6, temperature=0
+    )
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_a_list_of_prompts_gets_one_choice_each(client: openai.OpenAI, model: str) -> None:
+    prompts = ["The capital of France is", COUNTING]
+    reply = client.completions.create(model=model, prompt=prompts, max_tokens=6, temperature=0)
+    alone = [
+        client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    ]
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.text for c in reply.choices] == alone
+
+
+BAD_CALLS = [
+    pytest.param({"model": "gpt-4o"}, openai.NotFoundError, "model", id="unknown model"),
+    pytest.param({"n": 2}, openai.BadRequestError, "n", id="n above 1"),
+    pytest.param({"temperature": 3}, openai.BadRequestError, "temperature", id="hot"),
+    pytest.param({"top_p": 1.5}, openai.BadRequestError, "top_p", id="top_p"),
+    pytest.param(
+        {"max_tokens": 65}, openai.BadRequestError, "max_tokens", id="over MAX_NEW_TOKENS"
+    ),
+    pytest.param({"stop": list("abcde")}, openai.BadRequestError, "stop", id="five stops"),
+    pytest.param({"prompt": "word " * 9000}, openai.BadRequestError, "prompt", id="too long"),
+    pytest.param({"extra_body": {"best_of": 3}}, openai.BadRequestError, "best_of", id="unknown"),
+    pytest.param(
+        {"prompt": "word " * 9000, "stream": True},
+        openai.BadRequestError,
+        "prompt",
+        id="too long, streamed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "error", "param"), BAD_CALLS)
+def test_bad_parameters_raise_the_clients_own_errors(
+    client: openai.OpenAI, model: str, override: dict, error: type, param: str
+) -> None:
+    args = {"model": model, "prompt": "Hi", "max_tokens": 4, **override}
+    with pytest.raises(error) as caught:
+        client.completions.create(**args)
+    assert caught.value.body["param"] == param
+    assert "Traceback" not in caught.value.message
+
+
+def test_sse_framing_on_the_wire(model: str) -> None:
+    body = {"model": model, "messages": COLOURS, "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{BASE_URL}/v1/chat/completions", json=body, timeout=120) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        raw = reply.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert payloads[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+def test_generate_streams_when_asked(deployed_app: ServeConfig) -> None:
+    body = {
+        "prompt": "Name a colour.",
+        "generation_kwargs": {"max_new_tokens": 12, "temperature": 0},
+    }
+    whole = httpx.post(f"{BASE_URL}/generate", json=body, timeout=120).json()["completions"][0]
+    with httpx.stream(
+        "POST", f"{BASE_URL}/generate", json={**body, "stream": True}, timeout=120
+    ) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(e["text"] for e in events) == whole
+    assert events[-1]["finish_reason"] in {"stop", "length"} and events[-1]["completion_tokens"] > 0
+
+
+def test_concurrent_async_streams_share_batches(model: str) -> None:
+    async def one_stream(client: openai.AsyncOpenAI, index: int) -> str:
+        stream = await client.completions.create(
+            model=model, prompt=f"{COUNTING} ({index})", max_tokens=12, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def four_streams() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused") as client:
+            return await asyncio.gather(*(one_stream(client, i) for i in range(4)))
+
+    before = batch_stats()
+    texts = asyncio.run(four_streams())
+    after = batch_stats()
+    assert all(texts)
+    assert after["sequences"] - before["sequences"] == 4
+    assert after["forward_passes"] - before["forward_passes"] < (
+        after["generated_tokens"] - before["generated_tokens"]
+    )
+
+
+def test_a_client_that_disconnects_stops_only_its_own_generation(model: str) -> None:
+    before = batch_stats()
+    body = {"model": model, "prompt": COUNTING, "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", f"{BASE_URL}/v1/completions", json=body) as leaver:
+            stayer = http.build_request(
+                "POST", f"{BASE_URL}/v1/completions", json={**body, "max_tokens": 32}
+            )
+            stayer_reply = http.send(stayer, stream=True)
+            lines = leaver.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+        # The leaver's connection is closed; the other stream goes on to its end.
+        rest = [line for line in stayer_reply.iter_lines() if line]
+        stayer_reply.close()
+    assert rest[-1] == "data: [DONE]"
+    finish = json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+    assert finish in {"stop", "length"}
+    wait_until(lambda: batch_stats()["cancelled"] > before["cancelled"], 30, "the cancellation")
+    after = batch_stats()
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["sequences"] - before["sequences"] == 2
+    # The leaver stopped early: fewer than its 64 tokens were generated for it.
+    assert after["generated_tokens"] - before["generated_tokens"] < 32 + 64
