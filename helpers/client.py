@@ -9,6 +9,7 @@ Streamed replies arrive as server-sent events (``data: {json}`` lines, then
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -61,10 +62,19 @@ TextCallback = Callable[[str], None]
 
 
 class LLMClient:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 300) -> None:
+    def __init__(
+        self, base_url: str = DEFAULT_URL, timeout_s: float = 300, api_key: str | None = None
+    ) -> None:
+        """``api_key`` defaults to the ``API_KEY`` environment variable, the one
+        the server reads: a notebook that set it for the deploy is let in."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.api_key = os.environ.get("API_KEY", "") if api_key is None else api_key
         self._model: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def model(self) -> str:
@@ -85,7 +95,9 @@ class LLMClient:
         """POST /generate; raises :class:`ApiError` with the server's JSON on a 4xx/5xx."""
         body = generate_body(prompt, **knobs)
         started = time.perf_counter()
-        response = requests.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
+        response = requests.post(
+            f"{self.base_url}/generate", json=body, headers=self.headers, timeout=self.timeout_s
+        )
         latency = time.perf_counter() - started
         if not response.ok:
             raise ApiError(response.status_code, _json_or_text(response))
@@ -125,7 +137,11 @@ class LLMClient:
         started = time.perf_counter()
         first_text_s, pieces = None, []
         with requests.post(
-            f"{self.base_url}{path}", json=body, stream=True, timeout=self.timeout_s
+            f"{self.base_url}{path}",
+            json=body,
+            headers=self.headers,
+            stream=True,
+            timeout=self.timeout_s,
         ) as response:
             if not response.ok:
                 raise ApiError(response.status_code, _json_or_text(response))
@@ -154,11 +170,17 @@ class LLMClient:
                 time.sleep(1)
 
     def curl_command(self, prompt: str, **knobs: Any) -> str:
-        """The same request as the walkthrough's curl command line."""
+        """The same request as the walkthrough's curl command line.
+
+        With an API key, the command reads it from ``$API_KEY`` rather than
+        spelling it out, so printing the command never shows the key.
+        """
         body = json.dumps(generate_body(prompt, **knobs))
+        auth = '  -H "Authorization: Bearer $API_KEY" \\\n' if self.api_key else ""
         return (
             f"curl {self.base_url}/generate \\\n"
             f"  -H 'Content-Type: application/json' \\\n"
+            f"{auth}"
             f"  -d {shlex.quote(body)}"
         )
 

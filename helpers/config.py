@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class Variable:
     accepted: str
     parse: Callable[[str], Any]
     field: str
+    secret: bool = False
+    """Never shown: error messages and tables say only whether it is set."""
 
 
 def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
@@ -75,6 +77,27 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _api_key(raw: str) -> str:
+    value = raw.strip()
+    printable = value.isascii() and value.isprintable() and not any(c.isspace() for c in value)
+    if value and not (16 <= len(value) <= 512 and printable):
+        raise ValueError("wrong length, or not printable ASCII without spaces")
+    return value
+
+
+def _ongoing_limit(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None
+    return _number(int, 1, 10_000)(raw)
+
+
+def _queue_limit(raw: str) -> int:
+    value = _number(int, -1, 100_000)(raw)
+    if value == 0:
+        raise ValueError("0 would refuse every request")
+    return value
 
 
 def _directory(raw: str) -> Path:
@@ -200,6 +223,51 @@ VARIABLES: tuple[Variable, ...] = (
         _directory,
         "model_cache_dir",
     ),
+    Variable(
+        "API_KEY",
+        "",
+        "When set, /generate and /v1/* require the header 'Authorization: Bearer <API_KEY>' "
+        "(else 401); /healthz stays open. Empty: no key is asked for.",
+        "empty, or 16 to 512 printable ASCII characters without spaces",
+        _api_key,
+        "api_key",
+        secret=True,
+    ),
+    Variable(
+        "MAX_BODY_BYTES",
+        "1048576",
+        "Largest request body accepted, in bytes; a larger one gets 413.",
+        "integer in [1024, 67108864]",
+        _number(int, 1024, 64 * 1024 * 1024),
+        "max_body_bytes",
+    ),
+    Variable(
+        "MAX_ONGOING_REQUESTS",
+        "auto",
+        "Requests one model replica works on at once (Serve's max_ongoing_requests); "
+        "below MAX_BATCH_SIZE, batches never fill. auto: twice MAX_BATCH_SIZE.",
+        "auto, or an integer in [1, 10000]",
+        _ongoing_limit,
+        "max_ongoing_requests",
+    ),
+    Variable(
+        "MAX_QUEUED_REQUESTS",
+        "64",
+        "Requests that may wait for a model replica (Serve's max_queued_requests); "
+        "past that a request gets 503 with Retry-After at once. -1: no limit.",
+        "-1, or an integer in [1, 100000]",
+        _queue_limit,
+        "max_queued_requests",
+    ),
+    Variable(
+        "REQUEST_TIMEOUT_S",
+        "300",
+        "Seconds a request may take, a cold start included; past that it gets 408 "
+        "(a stream ends with an error event) and its generation stops.",
+        "number in [1, 86400]",
+        _number(float, 1.0, 86400.0),
+        "request_timeout_s",
+    ),
 )
 
 
@@ -221,6 +289,11 @@ class ServeConfig:
     max_prompts: int
     prompt_format: str
     model_cache_dir: Path
+    api_key: str = field(repr=False)
+    max_body_bytes: int
+    max_ongoing_requests: int | None
+    max_queued_requests: int
+    request_timeout_s: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
@@ -237,7 +310,8 @@ class ServeConfig:
             try:
                 values[var.field] = var.parse(raw)
             except ValueError as err:
-                problems.append(f"{var.name}={raw!r} is invalid ({err}): expected {var.accepted}")
+                shown = "<hidden>" if var.secret else repr(raw)
+                problems.append(f"{var.name}={shown} is invalid ({err}): expected {var.accepted}")
         if not problems and values["max_replicas"] < values["min_replicas"]:
             problems.append(
                 f"MAX_REPLICAS={values['max_replicas']} is below MIN_REPLICAS="
@@ -248,6 +322,16 @@ class ServeConfig:
         return cls(**values)
 
     @property
+    def ongoing_limit(self) -> int:
+        """Serve's ``max_ongoing_requests`` per model replica.
+
+        Twice the batch size by default: a replica then holds a full batch
+        decoding and the next one waiting, and Serve's default of 5 would
+        never let a batch fill.
+        """
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
     def torch_threads(self) -> int:
         """Threads for torch on CPU: the replica's CPU share, at least one."""
         return max(1, math.floor(self.num_cpus_per_replica))
@@ -255,4 +339,9 @@ class ServeConfig:
     def as_env(self) -> dict[str, str]:
         """The configuration as environment variables, for display and runtime envs."""
         by_field = {var.field: var.name for var in VARIABLES}
-        return {by_field[f.name]: str(getattr(self, f.name)) for f in fields(self)}
+        return {by_field[f.name]: _as_text(getattr(self, f.name)) for f in fields(self)}
+
+
+def _as_text(value: Any) -> str:
+    """A parsed value as its variable would spell it (None is "auto")."""
+    return "auto" if value is None else str(value)

@@ -21,7 +21,7 @@ def config_rows(
     return [
         {
             "variable": var.name,
-            "value": values[var.name],
+            "value": _shown(values[var.name], var.secret),
             "set": "environment" if var.name in env else "default",
             "default": var.default,
             "accepted": var.accepted,
@@ -29,6 +29,12 @@ def config_rows(
         }
         for var in VARIABLES
     ]
+
+
+def _shown(value: str, secret: bool) -> str:
+    if not secret:
+        return value
+    return "(set, hidden)" if value else "(not set)"
 
 
 def config_markdown(config: ServeConfig, environ: Mapping[str, str] | None = None) -> str:

@@ -158,6 +158,11 @@ class ContinuousBatcher:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def alive(self) -> bool:
+        """False once the decode loop has ended: nothing submitted would resolve."""
+        return self._thread.is_alive() and not self._stopping.is_set()
+
     def submit(
         self, request: GenerationRequest, on_text: TextCallback | None = None
     ) -> Future[Completion]:

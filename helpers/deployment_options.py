@@ -57,15 +57,34 @@ def _metric_push_env() -> dict[str, Any]:
     }
 
 
-def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
-    """Options for the LLMServer deployment: resources, autoscaling, concurrency.
+HEALTH_CHECK_PERIOD_S = 5.0
+"""How often Serve calls ``LLMServer.check_health`` (a one-token forward pass)."""
 
-    ``max_ongoing_requests`` must exceed the batch size, or Serve would never
-    hand one replica enough requests to fill a batch (its default is 5).
+HEALTH_CHECK_TIMEOUT_S = 30.0
+"""A probe that waits this long for a CPU busy decoding a full batch is still fine."""
+
+CONSTRUCTOR_RETRIES = 2
+"""Attempts to start a replica before Serve marks the deployment failed. A model
+that cannot load fails the same way every time; Ray's default of 20 attempts
+would keep a deploy (and any request waiting on it) retrying for minutes."""
+
+
+def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
+    """Options for the LLMServer deployment: resources, autoscaling, limits, health.
+
+    Past ``max_ongoing_requests`` per replica, requests queue in the ingress's
+    handle; past ``max_queued_requests`` there, Serve refuses them at once and
+    the ingress answers 503. A stopping replica (scale-down, redeploy) waits up
+    to ``REQUEST_TIMEOUT_S`` for the requests it holds, so none is cut short.
     """
     return {
         "autoscaling_config": autoscaling_config(config),
-        "max_ongoing_requests": 2 * config.max_batch_size,
+        "max_ongoing_requests": config.ongoing_limit,
+        "max_queued_requests": config.max_queued_requests,
+        "graceful_shutdown_timeout_s": config.request_timeout_s,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         "ray_actor_options": {
             "num_cpus": config.num_cpus_per_replica,
             "num_gpus": config.num_gpus_per_replica,

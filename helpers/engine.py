@@ -176,6 +176,21 @@ class Engine:
         """
         return self._batcher.submit(request, on_text)
 
+    def probe(self) -> None:
+        """Raise unless this engine can still serve: the decode loop runs and a
+        one-token forward pass gives finite logits.
+
+        The pass runs on the caller's thread, outside the batch, so a health
+        check neither waits for nor shows up in the batching counters.
+        """
+        if not self._batcher.alive:
+            raise RuntimeError("the decode loop has stopped")
+        token = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=token).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the model's logits are not finite")
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Complete ``requests`` (blocking); completions hold only the new text."""
         futures = [self.submit(request) for request in requests]

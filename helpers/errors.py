@@ -21,7 +21,9 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -32,11 +34,18 @@ _TYPES = {
 class ApiError(Exception):
     """Raised by endpoint code to refuse a request with a given status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -50,8 +59,10 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     }
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def validation_error_to_api_error(err: ValidationError, default_param: str) -> ApiError:
@@ -71,12 +82,12 @@ def _shorten(text: str, limit: int = 80) -> str:
 
 async def _on_api_error(_: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, ApiError)
-    return error_response(err.status, err.message, err.param)
+    return error_response(err.status, err.message, err.param, err.headers)
 
 
 async def _on_http_error(_: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, StarletteHTTPException)
-    return error_response(err.status_code, str(err.detail))
+    return error_response(err.status_code, str(err.detail), headers=err.headers)
 
 
 async def _on_request_validation(_: Request, err: Exception) -> JSONResponse:

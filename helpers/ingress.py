@@ -1,4 +1,5 @@
-"""The HTTP ingress: validates requests, answers health probes, forwards work.
+"""The HTTP ingress: checks and validates requests, answers health probes,
+forwards work, and turns every failure into a JSON answer.
 
 It runs one small replica that never scales to zero. That matters for
 scale-to-zero: ``/healthz`` is answered here from Serve's own bookkeeping, so
@@ -9,7 +10,6 @@ through ``LLMServer.stream``.
 """
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -22,11 +22,14 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from helpers.api_schema import GenerateRequest, GenerateResponse, UsedGenerationKwargs
 from helpers.config import ServeConfig
-from helpers.engine import Completion, PromptTooLongError
+from helpers.engine import Completion
 from helpers.errors import EXCEPTION_HANDLERS, ApiError, validation_error_to_api_error
 from helpers.llm_server import Prompt, Sampling, TextDelta
+from helpers.model_errors import model_error
 from helpers.openai_responses import OpenAIFormat, model_card
 from helpers.openai_schema import ChatCompletionRequest, CompletionRequest
+from helpers.openapi_docs import ERROR_RESPONSES, STREAMED, json_body, with_request_models
+from helpers.request_checks import check_api_key, read_json
 from helpers.streaming import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
 
 MODEL_DEPLOYMENT = "LLMServer"
@@ -49,38 +52,36 @@ def state_name(state: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if not raw.strip():
-        raise ApiError(400, "the request body is empty: send a JSON object", None)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON", None) from None
-
-
-async def _cancel_when_closed(
-    deltas: DeploymentResponseGenerator,
+async def _until_deadline(
+    deltas: DeploymentResponseGenerator, deadline: float, param: str, timeout_s: float
 ) -> AsyncIterator[list[TextDelta]]:
-    """Pass the replica's stream on; when the client goes away (Starlette then
-    stops iterating), cancel it so the replica stops decoding those prompts."""
+    """Pass the replica's stream on until it ends or the deadline passes.
+
+    However it stops (the end, the deadline, or the client going away, when
+    Starlette stops iterating), the replica's stream is cancelled, so the
+    replica stops decoding these prompts.
+    """
+    loop = asyncio.get_running_loop()
     try:
-        async for batch in deltas:
-            yield batch
+        while True:
+            try:
+                yield await asyncio.wait_for(deltas.__anext__(), deadline - loop.time())
+            except StopAsyncIteration:
+                return
+            except Exception as err:
+                raise model_error(err, param, timeout_s) or err from None
     finally:
         deltas.cancel()
-
-
-def _prompt_too_long(err: PromptTooLongError, param: str) -> ApiError:
-    # Ray re-raises the replica's exception wrapped with its remote traceback;
-    # only the original message belongs in the response.
-    return ApiError(400, f"{param}: {getattr(err, 'cause', err)}", param)
 
 
 app = FastAPI(
     title="Ray Serve LLM",
     description="Serverless LLM inference on Ray Serve, scaling to zero.",
     exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    responses=ERROR_RESPONSES,
+)
+app.openapi = with_request_models(  # type: ignore[method-assign]
+    app, [GenerateRequest, CompletionRequest, ChatCompletionRequest]
 )
 
 
@@ -106,7 +107,12 @@ class Ingress:
             "max_replicas": self.config.max_replicas,
         }
 
-    @app.post("/generate", response_model=GenerateResponse)
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses=STREAMED,
+        openapi_extra=json_body(GenerateRequest),
+    )
     async def generate(self, request: Request) -> Any:
         """The walkthrough's endpoint; ``"stream": true`` streams it as events."""
         parsed = await self._parse(request, GenerateRequest, default_param="prompt")
@@ -130,22 +136,26 @@ class Ingress:
         )
 
     @app.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        check_api_key(request, self.config.api_key)
         return {"object": "list", "data": [model_card(self.config.model_id, self.started)]}
 
     @app.get("/v1/models/{model:path}")
-    async def retrieve_model(self, model: str) -> dict[str, Any]:
+    async def retrieve_model(self, request: Request, model: str) -> dict[str, Any]:
+        check_api_key(request, self.config.api_key)
         self._check_model(model)
         return model_card(model, self.started)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMED, openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         """OpenAI's completions: the prompt is completed as raw text, no template."""
         parsed = await self._parse(request, CompletionRequest, default_param="prompt")
         prompts = [Prompt(text=text, raw=True) for text in parsed.prompt_list()]
         return await self._openai(parsed, parsed.max_tokens, prompts, chat=False, param="prompt")
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions", responses=STREAMED, openapi_extra=json_body(ChatCompletionRequest)
+    )
     async def chat_completions(self, request: Request) -> Any:
         """OpenAI's chat completions: the messages go through the chat template."""
         parsed = await self._parse(request, ChatCompletionRequest, default_param="messages")
@@ -179,12 +189,15 @@ class Ingress:
         return shape.response(await self._complete(prompts, sampling, param))
 
     async def _parse(self, request: Request, model: type[Body], default_param: str) -> Body:
+        """Key, content type, size, JSON, then fields: each refused with its own 4xx."""
+        check_api_key(request, self.config.api_key)
+        body = await read_json(request, self.config.max_body_bytes)
         limits = {
             "max_new_tokens": self.config.max_new_tokens,
             "max_prompts": self.config.max_prompts,
         }
         try:
-            return model.model_validate(await _json_body(request), context=limits)
+            return model.model_validate(body, context=limits)
         except ValidationError as err:
             raise validation_error_to_api_error(err, default_param) from None
 
@@ -200,10 +213,14 @@ class Ingress:
     async def _complete(
         self, prompts: list[Prompt], sampling: Sampling, param: str
     ) -> list[Completion]:
+        timeout_s = self.config.request_timeout_s
+        response = self.llm.generate.remote(prompts, sampling)
         try:
-            return await self.llm.generate.remote(prompts, sampling)
-        except PromptTooLongError as err:
-            raise _prompt_too_long(err, param) from None
+            return await asyncio.wait_for(response, timeout_s)
+        except Exception as err:
+            if isinstance(err, TimeoutError):
+                response.cancel()  # stop the generation, not just the wait
+            raise model_error(err, param, timeout_s) or err from None
 
     async def _stream(
         self, prompts: list[Prompt], sampling: Sampling, shape: StreamFormat, param: str
@@ -211,18 +228,22 @@ class Ingress:
         """Start streaming once the model replica accepted the prompts.
 
         Waiting for the acceptance (a replica may first have to start) keeps a
-        refusal such as a too-long prompt a proper 400 instead of an error
-        event inside a 200 stream.
+        refusal such as a too-long prompt a proper 4xx instead of an error
+        event inside a 200 stream. ``REQUEST_TIMEOUT_S`` covers the whole
+        stream, the wait included.
         """
+        timeout_s = self.config.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
         deltas: DeploymentResponseGenerator = self.llm.options(stream=True).stream.remote(
             prompts, sampling
         )
         try:
-            await deltas.__anext__()
-        except PromptTooLongError as err:
-            raise _prompt_too_long(err, param) from None
+            await asyncio.wait_for(deltas.__anext__(), timeout_s)
+        except Exception as err:
+            deltas.cancel()
+            raise model_error(err, param, timeout_s) or err from None
         return StreamingResponse(
-            sse_body(_cancel_when_closed(deltas), shape),
+            sse_body(_until_deadline(deltas, deadline, param, timeout_s), shape),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )

@@ -120,6 +120,12 @@ class LLMServer:
             for future in futures:
                 future.cancel()
 
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes Serve replace the
+        replica. It exercises the model itself, so a replica whose engine broke
+        is replaced rather than left failing every request."""
+        await asyncio.to_thread(self.engine.probe)
+
     def batch_stats(self) -> dict[str, int]:
         """Batching counters of this replica, for tests and curious users."""
         return asdict(self.engine.stats)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from helpers.errors import error_body
+from helpers.errors import ApiError, error_body
 from helpers.llm_server import TextDelta
 
 logger = logging.getLogger("ray.serve")
@@ -81,6 +81,8 @@ async def sse_body(
         for event in stream_format.closing():
             yield sse_event(event)
         yield SSE_DONE
+    except ApiError as err:  # a known failure: a timeout, a replica that died
+        yield sse_event(error_body(err.status, err.message, err.param))
     except Exception:
         logger.exception("a stream failed after its response started")
         yield sse_event(error_body(500, "internal error: the stream ended early"))

@@ -145,3 +145,24 @@ def wait_for(condition, timeout_s: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_the_probe_passes_on_a_working_engine_and_counts_nothing(engine: Engine) -> None:
+    before = engine.stats.forward_passes
+    engine.probe()
+    assert engine.stats.forward_passes == before
+
+
+def test_the_probe_fails_when_the_model_gives_non_finite_logits(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_forward = engine.model.forward
+
+    def poisoned(*args, **kwargs):
+        output = real_forward(*args, **kwargs)
+        output.logits = output.logits * float("nan")
+        return output
+
+    monkeypatch.setattr(engine.model, "forward", poisoned)
+    with pytest.raises(RuntimeError, match="not finite"):
+        engine.probe()

@@ -60,6 +60,7 @@ class FakeServer:
     url: str
     received: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
     healthz_calls: int = 0
     handshake: threading.Semaphore | None = None
     """When set, the server waits after each streamed piece until the client takes it."""
@@ -137,6 +138,7 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(length))
             state.paths.append(self.path)
             state.received.append(body)
+            state.authorizations.append(self.headers.get("Authorization"))
             if self.path == "/generate":
                 prompt = body.get("prompt")
             else:
@@ -581,3 +583,26 @@ def test_sse_events_of_a_stream_cut_before_done_raises_after_the_events() -> Non
     assert received == [{}, {"x": [1]}]
     with pytest.raises(requests.ConnectionError):
         list(sse_events([]))
+
+
+def test_the_api_key_goes_in_a_bearer_header_on_every_call(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("API_KEY", "from-the-environment-0123")
+    client = LLMClient(server.url)
+    client.generate("a")
+    client.stream_generate("b", lambda _: None)
+    client.stream_chat([{"role": "user", "content": "c"}], lambda _: None)
+    assert server.authorizations == ["Bearer from-the-environment-0123"] * 3
+    assert "from-the-environment" not in client.curl_command("a")
+    assert '"Authorization: Bearer $API_KEY"' in client.curl_command("a")
+
+
+def test_no_api_key_sends_no_authorization_header(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("API_KEY", raising=False)
+    client = LLMClient(server.url)
+    client.generate("a")
+    assert server.authorizations == [None]
+    assert "Authorization" not in client.curl_command("a")

@@ -43,6 +43,11 @@ BAD_VALUES: dict[str, list[str]] = {
     "MAX_PROMPTS": ["few", "0", "257", "3.5", "nan", "inf"],
     "PROMPT_FORMAT": ["", "json", "chatml"],
     "MODEL_CACHE_DIR": ["", "   "],
+    "API_KEY": ["short", "x" * 15, "sixteen chars with spaces", "\u00e9" * 20, "k" * 513],
+    "MAX_BODY_BYTES": ["big", "1023", "67108865", "1.5", "nan"],
+    "MAX_ONGOING_REQUESTS": ["many", "0", "10001", "2.5", "nan", ""],
+    "MAX_QUEUED_REQUESTS": ["lots", "0", "-2", "100001", "1.5", "nan"],
+    "REQUEST_TIMEOUT_S": ["soon", "0", "0.5", "86401", "nan", "inf"],
 }
 
 BAD_CASES = [
@@ -158,7 +163,22 @@ def test_bad_value_raises_config_error_naming_variable_and_range(name: str, raw:
     message = str(excinfo.value)
     assert name in message
     assert VARIABLES_BY_NAME[name].accepted in message
-    assert repr(raw) in message
+    if VARIABLES_BY_NAME[name].secret:
+        assert raw.strip() not in message and "<hidden>" in message
+    else:
+        assert repr(raw) in message
+
+
+def test_the_api_key_is_off_by_default_and_never_in_the_repr() -> None:
+    assert ServeConfig.from_env({}).api_key == ""
+    key = "s3cret-key-0123456789"
+    config = ServeConfig.from_env({"API_KEY": f" {key} "})
+    assert config.api_key == key
+    assert key not in repr(config)
+
+
+def test_the_queue_limit_may_be_unbounded() -> None:
+    assert ServeConfig.from_env({"MAX_QUEUED_REQUESTS": "-1"}).max_queued_requests == -1
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -221,6 +241,11 @@ NON_DEFAULT_ENV = {
     "MAX_PROMPTS": "4",
     "PROMPT_FORMAT": "raw",
     "MODEL_CACHE_DIR": "/tmp/ray-serve-llm-test-cache",
+    "API_KEY": "test-key-0123456789abcdef",
+    "MAX_BODY_BYTES": "4096",
+    "MAX_ONGOING_REQUESTS": "8",
+    "MAX_QUEUED_REQUESTS": "-1",
+    "REQUEST_TIMEOUT_S": "30",
 }
 
 

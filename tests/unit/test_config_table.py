@@ -28,7 +28,8 @@ def test_row_values_come_from_the_config(config: ServeConfig) -> None:
     values = config.as_env()
     rows = config_rows(config, ENVIRON)
     for row in rows:
-        assert row["value"] == values[row["variable"]]
+        if row["variable"] != "API_KEY":
+            assert row["value"] == values[row["variable"]]
     by_name = {row["variable"]: row for row in rows}
     assert by_name["MAX_REPLICAS"]["value"] == "5"
     assert by_name["TEMPERATURE"]["value"] == "0.2"
@@ -79,7 +80,7 @@ def test_markdown_has_a_header_and_a_line_per_variable(config: ServeConfig) -> N
     assert lines[0] == "| Variable | Value | From | Default | Accepted | Meaning |"
     assert lines[1] == "|---|---|---|---|---|---|"
     assert len(lines) == 2 + len(VARIABLES)
-    values = config.as_env()
+    values = {**config.as_env(), "API_KEY": "(not set)"}
     for line, var in zip(lines[2:], VARIABLES, strict=True):
         assert line.startswith(f"| `{var.name}` | `{values[var.name]}` | ")
         assert line.endswith(f" | {var.meaning} |")
@@ -123,3 +124,11 @@ def test_gpu_advice_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         message = gpu_advice()
     assert "NUM_GPUS_PER_REPLICA=1" in message
     assert "Fake GPU" in message
+
+
+def test_the_api_key_is_never_shown() -> None:
+    key = "do-not-show-0123456789"
+    config = ServeConfig.from_env({"API_KEY": key})
+    rows = {row["variable"]: row for row in config_rows(config, {"API_KEY": key})}
+    assert rows["API_KEY"]["value"] == "(set, hidden)"
+    assert key not in config_markdown(config, {"API_KEY": key})

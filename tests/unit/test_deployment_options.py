@@ -95,11 +95,34 @@ def test_ray_autoscaling_config_validates_and_keeps_values(environ: dict[str, st
 
 
 @pytest.mark.parametrize("batch_size", ["1", "16", "256"])
-def test_max_ongoing_requests_exceeds_batch_size(batch_size: str) -> None:
+def test_max_ongoing_requests_exceeds_batch_size_by_default(batch_size: str) -> None:
     config = ServeConfig.from_env({"MAX_BATCH_SIZE": batch_size})
     options = model_deployment_options(config)
     assert options["max_ongoing_requests"] > config.max_batch_size
     assert isinstance(options["max_ongoing_requests"], int)
+
+
+def test_limits_and_timeouts_come_from_the_config() -> None:
+    config = ServeConfig.from_env(
+        {"MAX_ONGOING_REQUESTS": "3", "MAX_QUEUED_REQUESTS": "7", "REQUEST_TIMEOUT_S": "42"}
+    )
+    options = model_deployment_options(config)
+    assert options["max_ongoing_requests"] == 3
+    assert options["max_queued_requests"] == 7
+    assert options["graceful_shutdown_timeout_s"] == 42.0
+
+
+@pytest.mark.parametrize("environ", CONFIGS)
+def test_ray_accepts_every_model_deployment_option(environ: dict[str, str]) -> None:
+    from ray import serve
+
+    class Probe:
+        pass
+
+    options = model_deployment_options(ServeConfig.from_env(environ))
+    deployment = serve.deployment(Probe, **options)
+    assert deployment.max_ongoing_requests == options["max_ongoing_requests"]
+    assert deployment.max_queued_requests == options["max_queued_requests"]
 
 
 @pytest.mark.parametrize("environ", CONFIGS)
