@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup serve test test-unit test-notebooks lint lab bench bench-ttft model-path clean
+.PHONY: setup serve test test-unit test-notebooks lint lab bench bench-ttft soak model-path clean
 
 setup: $(STAMP)
 	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
@@ -47,6 +47,9 @@ bench: setup
 
 bench-ttft: setup
 	source scripts/ray_env.sh && $(PY) -m bench.ttft
+
+soak: setup
+	source scripts/ray_env.sh && $(PY) -m bench.soak
 
 model-path: setup
 	@$(PY) -m helpers.embedded_model

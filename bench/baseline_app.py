@@ -6,14 +6,15 @@ replica settings with the real app, so the benchmark isolates batching.
 """
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from helpers.config import ServeConfig
-from helpers.engine import Completion, Engine
-from helpers.llm_server import Prompt, Sampling
+from helpers.engine import Completion, Engine, Sampling
+from helpers.llm_server import Prompt, TextDelta
 
 
 class OneByOneServer:
-    """Same interface as LLMServer; one generate() per prompt, one at a time."""
+    """Same interface as LLMServer; one ``generate()`` per prompt, one at a time."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -22,20 +23,22 @@ class OneByOneServer:
         )
         self._lock = asyncio.Lock()
 
-    async def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
-        completions = []
-        for prompt in prompts:
+    async def stream(
+        self, prompts: list[Prompt], sampling: Sampling, text: bool = True
+    ) -> AsyncIterator[list[TextDelta]]:
+        """LLMServer's interface: an acceptance, then each prompt's completion
+        in one piece once its ``generate`` call has finished."""
+        yield []
+        for index, prompt in enumerate(prompts):
             async with self._lock:
-                completions.append(
-                    await asyncio.to_thread(
-                        self._generate_one,
-                        prompt.text,
-                        sampling.max_new_tokens,
-                        sampling.temperature,
-                        sampling.top_p,
-                    )
+                completion = await asyncio.to_thread(
+                    self._generate_one,
+                    prompt.text,
+                    sampling.max_new_tokens,
+                    sampling.temperature,
+                    sampling.top_p,
                 )
-        return completions
+            yield [TextDelta(index, completion.text if text else "", completion)]
 
     def _generate_one(
         self, prompt: str, max_new_tokens: int, temperature: float, top_p: float

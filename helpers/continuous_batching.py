@@ -35,15 +35,22 @@ TextCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt and the sampling parameters it asked for."""
+class Sampling:
+    """How to pick tokens and when to stop: the only knobs that reach the engine."""
 
-    prompt: str
     max_new_tokens: int
     temperature: float
     top_p: float
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, formatted for the model, and how to sample its completion."""
+
+    prompt: str
+    sampling: Sampling
 
 
 @dataclass(frozen=True)
@@ -172,8 +179,8 @@ class ContinuousBatcher:
         as it is final, and all of them before the future resolves.
         """
         future: Future[Completion] = Future()
-        sampler = Sampler(request, self.device)
-        text = TextStream(self.tokenizer, request.stop)
+        sampler = Sampler(request.sampling, self.device)
+        text = TextStream(self.tokenizer, request.sampling.stop)
         self._waiting.put(_Sequence(request, future, sampler, text, on_text))
         return future
 
@@ -228,7 +235,7 @@ class ContinuousBatcher:
                 sequence.emit(sequence.text.append(token))
                 self.stats.generated_tokens += 1
                 ended = sequence.text.stopped
-            if ended or len(sequence.text.tokens) >= sequence.request.max_new_tokens:
+            if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
                 self._finish(sequence, "stop" if ended else "length")
             else:
                 keep.append(row)

@@ -15,6 +15,7 @@ from typing import Any
 from helpers.cluster import connect
 from helpers.config import APP_NAME, ServeConfig
 from helpers.ingress import MODEL_DEPLOYMENT, state_name
+from helpers.llm_server import LLMServer
 from helpers.serve_app import build_app
 
 
@@ -26,15 +27,41 @@ def deploy(overrides: Mapping[str, str] | None = None) -> ServeConfig:
     On a machine with a GPU (Colab's GPU runtime), replicas ask for one unless
     ``NUM_GPUS_PER_REPLICA`` says otherwise.
     """
-    from ray import serve
 
     connect()
     os.environ.update(overrides or {})
     if "NUM_GPUS_PER_REPLICA" not in os.environ and _gpu_present():
         os.environ["NUM_GPUS_PER_REPLICA"] = "1"
     config = ServeConfig.from_env()
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    run_app(config)
     return config
+
+
+def run_app(config: ServeConfig, model_server: type = LLMServer) -> None:
+    """``serve.run`` the app, and say why when a deployment fails.
+
+    Serve's own error names only the deployments that failed; the reason (a
+    model that cannot load, say) is in their status messages, added here.
+    """
+    from ray import serve
+
+    try:
+        serve.run(build_app(config, model_server), name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:
+        application = serve.status().applications.get(APP_NAME)
+        reasons = [
+            f"{name}: {_summary(deployment.message)}"
+            for name, deployment in (application.deployments.items() if application else [])
+            if deployment.message
+        ]
+        raise RuntimeError("\n".join([str(err), *reasons])) from None
+
+
+def _summary(message: str) -> str:
+    """Serve's first line (what failed) and the exception's last line (why),
+    without the remote traceback in between."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _gpu_present() -> bool:

@@ -93,10 +93,16 @@ def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
     }
 
 
-INGRESS_OPTIONS: dict[str, Any] = {
-    "num_replicas": 1,
-    # Zero logical CPUs: the ingress is light, and a fractional claim would
-    # keep the last model replica from fitting on a small machine.
-    "ray_actor_options": {"num_cpus": 0, "runtime_env": _metric_push_env()},
-    "max_ongoing_requests": 1000,
-}
+def ingress_options(config: ServeConfig) -> dict[str, Any]:
+    """Options for the Ingress deployment: one tiny replica that never scales.
+
+    Zero logical CPUs: the ingress is light, and a fractional claim would keep
+    the last model replica from fitting on a small machine. Like the model
+    replicas, a stopping ingress waits out the requests (streams) it holds.
+    """
+    return {
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": 0, "runtime_env": _metric_push_env()},
+        "max_ongoing_requests": 1000,
+        "graceful_shutdown_timeout_s": config.request_timeout_s,
+    }

@@ -25,6 +25,7 @@ from helpers.continuous_batching import (
     Completion,
     ContinuousBatcher,
     GenerationRequest,
+    Sampling,
     TextCallback,
 )
 from helpers.embedded_model import ensure_converted, is_embedded
@@ -35,6 +36,7 @@ __all__ = [
     "GenerationRequest",
     "ModelLoadError",
     "PromptTooLongError",
+    "Sampling",
     "TextCallback",
 ]
 
@@ -160,7 +162,7 @@ class Engine:
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse a request whose prompt plus new tokens exceed the context."""
-        needed = self.count_tokens(request.prompt) + request.max_new_tokens
+        needed = self.count_tokens(request.prompt) + request.sampling.max_new_tokens
         if needed > self.context_length:
             raise PromptTooLongError(
                 f"prompt tokens plus max_new_tokens ({needed}) exceed the model's "

@@ -65,14 +65,39 @@ def error_response(
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-def validation_error_to_api_error(err: ValidationError, default_param: str) -> ApiError:
+def validation_error_to_api_error(
+    err: ValidationError, default_param: str, body: Any = None
+) -> ApiError:
     """Report the first problem pydantic found, naming its field by dotted path."""
     first = err.errors(include_input=False, include_url=False)[0]
-    param = _shorten(".".join(str(part) for part in first["loc"]) or default_param)
+    path = _input_path(first["loc"], body) if body is not None else first["loc"]
+    param = _shorten(".".join(str(part) for part in path) or default_param)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "is not an accepted field"
     return ApiError(400, f"{param}: {message}", param)
+
+
+def _input_path(loc: tuple[int | str, ...], body: Any) -> list[int | str]:
+    """The part of pydantic's error location that is a path in the client's JSON.
+
+    For a field that accepts one of several types (``prompt``: a string or a
+    list), pydantic inserts the name of the type it tried (``prompt.
+    constrained-str``); a client knows only the path it sent.
+    """
+    path: list[int | str] = []
+    node = body
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str):
+            path.append(part)
+            if part not in node:  # a missing field: nothing below it to follow
+                break
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int):
+            path.append(part)
+            node = node[part] if part < len(node) else None
+        # anything else names a type pydantic tried, not a place in the body
+    return path
 
 
 def _shorten(text: str, limit: int = 80) -> str:

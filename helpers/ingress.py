@@ -5,11 +5,12 @@ It runs one small replica that never scales to zero. That matters for
 scale-to-zero: ``/healthz`` is answered here from Serve's own bookkeeping, so
 a load balancer probing every second neither keeps the model replica awake
 nor wakes it from zero. Only ``/generate`` and ``/v1/*completions`` reach the
-model deployment: answered whole through ``LLMServer.generate``, or streamed
-through ``LLMServer.stream``.
+model deployment, through ``LLMServer.stream``: sent on piece by piece, or
+gathered into one reply.
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -22,9 +23,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from helpers.api_schema import GenerateRequest, GenerateResponse, UsedGenerationKwargs
 from helpers.config import ServeConfig
-from helpers.engine import Completion
+from helpers.engine import Completion, Sampling
 from helpers.errors import EXCEPTION_HANDLERS, ApiError, validation_error_to_api_error
-from helpers.llm_server import Prompt, Sampling, TextDelta
+from helpers.llm_server import Prompt, TextDelta
 from helpers.model_errors import model_error
 from helpers.openai_responses import OpenAIFormat, model_card
 from helpers.openai_schema import ChatCompletionRequest, CompletionRequest
@@ -34,17 +35,36 @@ from helpers.streaming import SSE_HEADERS, GenerateStream, StreamFormat, sse_bod
 
 MODEL_DEPLOYMENT = "LLMServer"
 REPLICA_COUNT_TTL_S = 1.0
+FAILED_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+START_CHECK_INTERVAL_S = 2.0
+"""While a request waits for a replica, how often to ask whether Serve gave up
+starting one (a model that cannot load), so the request fails instead of
+waiting out REQUEST_TIMEOUT_S."""
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def _read_replica_states() -> dict[str, int]:
-    """Model replicas by lower-case state, always with a ``running`` count."""
+def _model_deployment_status() -> Any:
+    """The model deployment's entry in ``serve.status()``, or None."""
     app_name = serve.get_replica_context().app_name
     application = serve.status().applications.get(app_name)
-    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+    return application.deployments.get(MODEL_DEPLOYMENT) if application else None
+
+
+def _read_replica_states() -> dict[str, int]:
+    """Model replicas by lower-case state, always with a ``running`` count."""
+    deployment = _model_deployment_status()
     states = deployment.replica_states if deployment else {}
     return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+
+
+def _model_start_failure() -> str | None:
+    """Why the model deployment cannot start replicas, if Serve gave up on it."""
+    deployment = _model_deployment_status()
+    if deployment is None or state_name(deployment.status) not in FAILED_STATES:
+        return None
+    lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else state_name(deployment.status)
 
 
 def state_name(state: Any) -> str:
@@ -71,7 +91,35 @@ async def _until_deadline(
             except Exception as err:
                 raise model_error(err, param, timeout_s) or err from None
     finally:
+        _cancel(deltas)
+
+
+def _cancel(deltas: DeploymentResponseGenerator) -> None:
+    """Cancel a model call, best effort: a call that already failed re-raises
+    its error from ``cancel()``, and has nothing left to cancel anyway."""
+    with contextlib.suppress(Exception):
         deltas.cancel()
+
+
+async def _accepted(deltas: DeploymentResponseGenerator, deadline: float) -> None:
+    """Wait for the stream's first (empty) item: a replica took the request.
+
+    A cold start happens here. If Serve gives up starting replicas meanwhile,
+    fail with its reason rather than wait until the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(deltas.__anext__())
+    try:
+        while not first.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait({first}, timeout=min(START_CHECK_INTERVAL_S, remaining))
+            if not first.done() and (failure := await asyncio.to_thread(_model_start_failure)):
+                raise ApiError(503, f"the model deployment failed to start: {failure}")
+        first.result()
+    finally:
+        first.cancel()
 
 
 app = FastAPI(
@@ -199,7 +247,7 @@ class Ingress:
         try:
             return model.model_validate(body, context=limits)
         except ValidationError as err:
-            raise validation_error_to_api_error(err, default_param) from None
+            raise validation_error_to_api_error(err, default_param, body) from None
 
     def _check_model(self, model: str) -> None:
         if model != self.config.model_id:
@@ -213,40 +261,41 @@ class Ingress:
     async def _complete(
         self, prompts: list[Prompt], sampling: Sampling, param: str
     ) -> list[Completion]:
-        timeout_s = self.config.request_timeout_s
-        response = self.llm.generate.remote(prompts, sampling)
-        try:
-            return await asyncio.wait_for(response, timeout_s)
-        except Exception as err:
-            if isinstance(err, TimeoutError):
-                response.cancel()  # stop the generation, not just the wait
-            raise model_error(err, param, timeout_s) or err from None
+        """Whole replies, gathered from the model's stream of completions."""
+        completions: dict[int, Completion] = {}
+        async for batch in await self._open_stream(prompts, sampling, param, text=False):
+            completions.update((d.index, d.completion) for d in batch if d.completion)
+        return [completions[index] for index in range(len(prompts))]
 
     async def _stream(
         self, prompts: list[Prompt], sampling: Sampling, shape: StreamFormat, param: str
     ) -> StreamingResponse:
-        """Start streaming once the model replica accepted the prompts.
+        deltas = await self._open_stream(prompts, sampling, param, text=True)
+        return StreamingResponse(
+            sse_body(deltas, shape), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
+    async def _open_stream(
+        self, prompts: list[Prompt], sampling: Sampling, param: str, text: bool
+    ) -> AsyncIterator[list[TextDelta]]:
+        """Call the model deployment and wait until a replica accepted the prompts.
 
         Waiting for the acceptance (a replica may first have to start) keeps a
         refusal such as a too-long prompt a proper 4xx instead of an error
         event inside a 200 stream. ``REQUEST_TIMEOUT_S`` covers the whole
-        stream, the wait included.
+        call, the wait included.
         """
         timeout_s = self.config.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
         deltas: DeploymentResponseGenerator = self.llm.options(stream=True).stream.remote(
-            prompts, sampling
+            prompts, sampling, text
         )
         try:
-            await asyncio.wait_for(deltas.__anext__(), timeout_s)
+            await _accepted(deltas, deadline)
         except Exception as err:
-            deltas.cancel()
+            _cancel(deltas)
             raise model_error(err, param, timeout_s) or err from None
-        return StreamingResponse(
-            sse_body(_until_deadline(deltas, deadline, param, timeout_s), shape),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
+        return _until_deadline(deltas, deadline, param, timeout_s)
 
     async def _model_replica_states(self) -> dict[str, int]:
         """Replica counts by state, read from the Serve controller at most once a second."""

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 from helpers.config import ServeConfig
-from helpers.engine import Completion, Engine, GenerationRequest
+from helpers.engine import Completion, Engine, GenerationRequest, Sampling
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,6 @@ class Prompt:
     text: str = ""
     raw: bool = False
     messages: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The knobs that reach the engine; nothing else a client sends does."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,28 +60,23 @@ class LLMServer:
             max_batch_size=config.max_batch_size,
         )
 
-    async def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
-        """Complete every prompt; the prompts join the batch being decoded.
-
-        Raises PromptTooLongError before any work starts if one prompt does not
-        fit, so a bad prompt never fails a batch shared with other requests.
-        """
-        requests = self._requests(prompts, sampling)
-        # The engine decodes on its own thread; awaiting its futures keeps this
-        # replica's event loop free, and a cancelled request (client gone)
-        # cancels its futures, which drops those rows at the next token.
-        futures = [asyncio.wrap_future(self.engine.submit(r)) for r in requests]
-        return list(await asyncio.gather(*futures))
-
     async def stream(
-        self, prompts: list[Prompt], sampling: Sampling
+        self, prompts: list[Prompt], sampling: Sampling, text: bool = True
     ) -> AsyncIterator[list[TextDelta]]:
-        """Yield text as the batcher produces it, in lists of whatever arrived together.
+        """Complete every prompt, yielding what the batcher produces in lists of
+        whatever arrived together; each prompt's last delta holds its completion.
 
         The first list is empty: it tells the caller the prompts were accepted
-        (an error would have been raised instead), before any token exists.
-        Closing this generator early (the client went away) cancels every
-        prompt still decoding.
+        (PromptTooLongError would have been raised instead, before any work, so
+        a bad prompt never fails a batch shared with other requests). With
+        ``text=False`` only the completions come, for a reply sent whole.
+        Closing this generator early (the client went away, a timeout) cancels
+        every prompt still decoding.
+
+        Whole replies come through here too, not through a plain method: Serve
+        retries a plain call whose replica died on another replica, and a
+        request that crashes replicas would then crash them one after another.
+        A streaming call that has started fails instead, fast.
         """
         requests = self._requests(prompts, sampling)
         loop = asyncio.get_running_loop()
@@ -102,7 +86,7 @@ class LLMServer:
             with contextlib.suppress(RuntimeError):  # the replica's loop has closed
                 loop.call_soon_threadsafe(arrived.put_nowait, item)
 
-        futures = [self._submit_streaming(i, r, deliver) for i, r in enumerate(requests)]
+        futures = [self._submit(i, r, deliver, text) for i, r in enumerate(requests)]
         yield []
         try:
             remaining = len(futures)
@@ -130,11 +114,12 @@ class LLMServer:
         """Batching counters of this replica, for tests and curious users."""
         return asdict(self.engine.stats)
 
-    def _submit_streaming(
+    def _submit(
         self,
         index: int,
         request: GenerationRequest,
         deliver: Callable[[TextDelta | BaseException], None],
+        text: bool,
     ) -> Future[Completion]:
         def on_done(done: Future[Completion]) -> None:
             # Runs on the decode thread after the last piece of text was
@@ -143,14 +128,13 @@ class LLMServer:
                 error = done.exception()
                 deliver(error if error else TextDelta(index, "", done.result()))
 
-        future = self.engine.submit(request, lambda text: deliver(TextDelta(index, text)))
+        on_text = (lambda piece: deliver(TextDelta(index, piece))) if text else None
+        future = self.engine.submit(request, on_text)
         future.add_done_callback(on_done)
         return future
 
     def _requests(self, prompts: list[Prompt], sampling: Sampling) -> list[GenerationRequest]:
-        requests = [
-            GenerationRequest(self._render(prompt), **asdict(sampling)) for prompt in prompts
-        ]
+        requests = [GenerationRequest(self._render(prompt), sampling) for prompt in prompts]
         for request in requests:
             self.engine.check_fits(request)
         return requests

@@ -53,7 +53,16 @@ STREAMED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The reply; with `stream: true`, server-sent events ending in "
         "`data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {
+                # One server-sent event: a JSON document (or [DONE]) in `data`.
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        },
     }
 }
 """Extra ``responses`` of a route that can stream its answer."""

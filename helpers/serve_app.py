@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve import Application
 
 from helpers.config import ServeConfig
-from helpers.deployment_options import INGRESS_OPTIONS, model_deployment_options
+from helpers.deployment_options import ingress_options, model_deployment_options
 from helpers.ingress import MODEL_DEPLOYMENT, Ingress
 from helpers.llm_server import LLMServer
 
@@ -24,5 +24,5 @@ def build_app(config: ServeConfig, model_server: type = LLMServer) -> Applicatio
     model = serve.deployment(
         model_server, name=MODEL_DEPLOYMENT, **model_deployment_options(config)
     )
-    ingress = serve.deployment(Ingress, name="Ingress", **INGRESS_OPTIONS)
+    ingress = serve.deployment(Ingress, name="Ingress", **ingress_options(config))
     return ingress.bind(model.bind(config), config)

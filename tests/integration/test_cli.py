@@ -53,6 +53,9 @@ def start(background: list[subprocess.Popen[str]], *command: str) -> subprocess.
         command,
         cwd=REPO,
         start_new_session=True,
+        # A shell's background jobs inherit SIGINT ignored, and Python keeps it
+        # ignored; restore the default so the interrupt below acts like Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         text=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from helpers.engine import Engine, GenerationRequest, PromptTooLongError
+from helpers.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 
 PROMPTS = [
     "The capital of France is",
@@ -15,7 +15,7 @@ PROMPTS = [
 
 
 def greedy(prompt: str, max_new_tokens: int = 12) -> GenerationRequest:
-    return GenerationRequest(prompt, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
+    return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
 
 
 def test_greedy_decoding_is_deterministic(engine: Engine) -> None:
@@ -58,7 +58,9 @@ def test_an_end_of_sequence_token_stops_with_reason_stop(engine: Engine) -> None
 
 def test_sampling_with_a_seed_is_reproducible(engine: Engine) -> None:
     def sample(seed: int) -> str:
-        request = GenerationRequest(PROMPTS[1], 16, temperature=1.0, top_p=0.95, seed=seed)
+        request = GenerationRequest(
+            PROMPTS[1], Sampling(16, temperature=1.0, top_p=0.95, seed=seed)
+        )
         return engine.generate([request])[0].text
 
     assert sample(7) == sample(7)
@@ -66,7 +68,7 @@ def test_sampling_with_a_seed_is_reproducible(engine: Engine) -> None:
 
 
 def test_a_tiny_top_p_keeps_only_the_most_likely_token(engine: Engine) -> None:
-    nucleus = GenerationRequest(PROMPTS[0], 12, temperature=1.5, top_p=1e-6, seed=3)
+    nucleus = GenerationRequest(PROMPTS[0], Sampling(12, temperature=1.5, top_p=1e-6, seed=3))
     assert engine.generate([nucleus])[0].text == engine.generate([greedy(PROMPTS[0])])[0].text
 
 
@@ -122,7 +124,9 @@ def test_streamed_text_equals_the_completion_even_inside_a_batch(engine: Engine)
 def test_a_stop_string_ends_the_completion_before_it(engine: Engine) -> None:
     full = engine.generate([greedy(PROMPTS[2], 16)])[0].text
     stop = full.strip()[3:6]
-    stopped = engine.generate([GenerationRequest(PROMPTS[2], 16, 0.0, 1.0, stop=(stop,))])[0]
+    stopped = engine.generate(
+        [GenerationRequest(PROMPTS[2], Sampling(16, 0.0, 1.0, stop=(stop,)))]
+    )[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == full[: full.index(stop)]
     assert stopped.completion_tokens < 16

@@ -1,0 +1,125 @@
+"""A soak: steady mixed traffic for a long while, then memory and errors reported.
+
+    make soak             (or: python -m bench.soak --minutes 10)
+
+Deploys the app with its defaults on a local Ray cluster (model replicas held
+at MAX_REPLICAS, so the same processes are measured throughout) and keeps
+``--concurrency`` closed-loop clients busy for ``--minutes``: whole and
+streamed ``/generate``, ``/v1/completions`` and ``/v1/chat/completions``, and
+one bad request in ten. It prints the resident memory of every replica at the
+start and the end, and every unexpected answer. The baseline is the start:
+memory that keeps growing under steady load is a leak.
+"""
+
+import argparse
+import itertools
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import ray
+import requests
+from ray import serve
+from ray.util.state import list_actors
+
+from bench.throughput import PROMPTS
+from helpers.config import APP_NAME, ServeConfig
+from helpers.serve_app import build_app
+
+BASE = "http://127.0.0.1:8000"
+
+
+def replica_memory() -> dict[str, float]:
+    """Resident MiB of each live Serve replica, by its actor class name and pid."""
+    memory = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+        if actor.class_name.startswith("ServeReplica:") and actor.pid:
+            name = f"{actor.class_name.split(':')[-1]}[{actor.pid}]"
+            memory[name] = psutil.Process(actor.pid).memory_info().rss / 2**20
+    return memory
+
+
+def request_kinds(model: str, max_tokens: int) -> list[tuple[str, str, dict, int]]:
+    """(label, path, body, expected status) for each kind of request in the mix."""
+    prompt = PROMPTS[0]
+    generate = {"prompt": prompt, "generation_kwargs": {"max_new_tokens": max_tokens}}
+    v1 = {"model": model, "max_tokens": max_tokens}
+    chat = {**v1, "messages": [{"role": "user", "content": prompt}]}
+    return [
+        ("generate", "/generate", generate, 200),
+        ("generate streamed", "/generate", {**generate, "stream": True}, 200),
+        ("completions", "/v1/completions", {**v1, "prompt": prompt}, 200),
+        ("completions streamed", "/v1/completions", {**v1, "prompt": prompt, "stream": True}, 200),
+        ("chat", "/v1/chat/completions", chat, 200),
+        ("chat streamed", "/v1/chat/completions", {**chat, "stream": True}, 200),
+        ("generate", "/generate", generate, 200),
+        ("completions", "/v1/completions", {**v1, "prompt": prompt}, 200),
+        ("chat", "/v1/chat/completions", chat, 200),
+        (
+            "bad temperature",
+            "/generate",
+            {"prompt": "a", "generation_kwargs": {"temperature": 9}},
+            400,
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    replicas = os.environ.get("MAX_REPLICAS", "2")
+    config = ServeConfig.from_env(
+        {**os.environ, "MIN_REPLICAS": replicas, "MAX_REPLICAS": replicas}
+    )
+    ray.init(address="local", _node_ip_address="127.0.0.1", namespace="serve")
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    kinds = itertools.cycle(request_kinds(config.model_id, args.max_tokens))
+    outcomes: Counter[str] = Counter()
+    unexpected: list[str] = []
+    deadline = time.monotonic() + 60 * args.minutes
+
+    def client(_: int) -> None:
+        while time.monotonic() < deadline:
+            label, path, body, expected = next(kinds)
+            try:
+                reply = requests.post(f"{BASE}{path}", json=body, timeout=600)
+            except requests.RequestException as err:
+                unexpected.append(f"{label}: {err!r}")
+                continue
+            outcomes[f"{label}: {reply.status_code}"] += 1
+            # A stream that failed midway still has status 200: it must end in [DONE].
+            cut_short = body.get("stream") and not reply.text.rstrip().endswith("data: [DONE]")
+            if reply.status_code != expected or (expected == 200 and cut_short):
+                unexpected.append(f"{label}: HTTP {reply.status_code} {reply.text[-200:]!r}")
+
+    requests.post(f"{BASE}/generate", json={"prompt": "warm up"}, timeout=600)
+    start = replica_memory()
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        list(pool.map(client, range(args.concurrency)))
+    end = replica_memory()
+    print(
+        f"soak: {(time.monotonic() - started) / 60:.1f} min, concurrency {args.concurrency}, "
+        f"max_tokens {args.max_tokens}, replicas {replicas}"
+    )
+    for name in sorted(start):
+        after = end.get(name)
+        shown = f"{after:.0f} MiB ({after - start[name]:+.0f})" if after else "gone (restarted?)"
+        print(f"  {name}: resident {start[name]:.0f} MiB at start, {shown} at end")
+    for outcome, count in sorted(outcomes.items()):
+        print(f"  {outcome}: {count}")
+    print(f"  unexpected answers: {len(unexpected)}")
+    for line in unexpected[:50]:
+        print(f"    {line}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
