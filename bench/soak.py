@@ -13,7 +13,6 @@ memory that keeps growing under steady load is a leak.
 
 import argparse
 import itertools
-import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,9 @@ import requests
 from ray import serve
 from ray.util.state import list_actors
 
+from bench.local_cluster import pinned_config, start_ray
 from bench.throughput import PROMPTS
-from helpers.config import APP_NAME, ServeConfig
+from helpers.config import APP_NAME
 from helpers.serve_app import build_app
 
 BASE = "http://127.0.0.1:8000"
@@ -73,11 +73,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
-    replicas = os.environ.get("MAX_REPLICAS", "2")
-    config = ServeConfig.from_env(
-        {**os.environ, "MIN_REPLICAS": replicas, "MAX_REPLICAS": replicas}
-    )
-    ray.init(address="local", _node_ip_address="127.0.0.1", namespace="serve")
+    config = pinned_config()
+    start_ray()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     kinds = itertools.cycle(request_kinds(config.model_id, args.max_tokens))
     outcomes: Counter[str] = Counter()
@@ -106,7 +103,7 @@ def main() -> None:
     end = replica_memory()
     print(
         f"soak: {(time.monotonic() - started) / 60:.1f} min, concurrency {args.concurrency}, "
-        f"max_tokens {args.max_tokens}, replicas {replicas}"
+        f"max_tokens {args.max_tokens}, replicas {config.max_replicas}"
     )
     for name in sorted(start):
         after = end.get(name)

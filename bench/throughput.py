@@ -21,6 +21,7 @@ import requests
 from ray import serve
 
 from bench.baseline_app import OneByOneServer
+from bench.local_cluster import pinned_config, start_ray
 from helpers.config import APP_NAME, ServeConfig
 from helpers.engine import load_tokenizer
 from helpers.llm_server import LLMServer
@@ -112,15 +113,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    env = {**os.environ}
-    replicas = env.get("MAX_REPLICAS", "2")
-    config = ServeConfig.from_env({**env, "MIN_REPLICAS": replicas, "MAX_REPLICAS": replicas})
+    config = pinned_config()
     print(
-        f"model={config.model_id} replicas={replicas} cpus/replica={config.num_cpus_per_replica} "
+        f"model={config.model_id} replicas={config.max_replicas} "
+        f"cpus/replica={config.num_cpus_per_replica} "
         f"max_batch_size={config.max_batch_size} max_new_tokens={args.max_new_tokens} "
         f"host_cpus={os.cpu_count()}"
     )
-    ray.init(address="local", _node_ip_address="127.0.0.1", namespace="serve")
+    start_ray()
     print("| server    | concurrency | requests | output tok/s  | p50 (s) | p95 (s) |")
     print("|-----------|-------------|----------|---------------|---------|---------|")
     app = measure("app", LLMServer, config, args)

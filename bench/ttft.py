@@ -21,8 +21,9 @@ import ray
 import requests
 from ray import serve
 
+from bench.local_cluster import pinned_config, start_ray
 from bench.throughput import PROMPTS
-from helpers.config import APP_NAME, ServeConfig
+from helpers.config import APP_NAME
 from helpers.serve_app import build_app
 
 URL = "http://127.0.0.1:8000/v1/completions"
@@ -71,15 +72,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    replicas = os.environ.get("MAX_REPLICAS", "2")
-    config = ServeConfig.from_env(
-        {**os.environ, "MIN_REPLICAS": replicas, "MAX_REPLICAS": replicas}
-    )
+    config = pinned_config()
     print(
-        f"model={config.model_id} replicas={replicas} cpus/replica={config.num_cpus_per_replica} "
+        f"model={config.model_id} replicas={config.max_replicas} "
+        f"cpus/replica={config.num_cpus_per_replica} "
         f"max_tokens={args.max_tokens} host_cpus={os.cpu_count()}"
     )
-    ray.init(address="local", _node_ip_address="127.0.0.1", namespace="serve")
+    start_ray()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     measure(config.model_id, 2, 2, 4, stream=True)  # warm-up
     print("| measure                 | concurrency | requests | p50 (s) | p95 (s) |")
