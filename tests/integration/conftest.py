@@ -4,6 +4,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 import ray
 import requests
@@ -23,6 +24,28 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def ray_listeners_off_loopback() -> list[str]:
+    """Listening sockets of Ray's processes bound to anything but loopback.
+
+    Anyone who reaches Ray's dashboard, job API or GCS can run code on the
+    cluster, so on one machine every one of them must stay on 127.0.0.1.
+    """
+    found = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        if conn.laddr.ip in ("127.0.0.1", "::1"):
+            continue
+        try:
+            process = psutil.Process(conn.pid)
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if "ray" in process.name() or "/ray/" in command or "ray::" in command:
+            found.append(f"{process.name()}[{conn.pid}] on {conn.laddr.ip}:{conn.laddr.port}")
+    return found
 
 
 def model_replicas_running() -> int:

@@ -17,7 +17,7 @@ import requests
 from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_command
 from helpers.config import APP_NAME
 
-from .conftest import BASE_URL, wait_until
+from .conftest import BASE_URL, ray_listeners_off_loopback, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +108,7 @@ def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
     server = start(background, "scripts/serve.sh")
     wait_until(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
     assert ask_for_a_haiku().strip()
+    assert ray_listeners_off_loopback() == []  # the proxy, the dashboard, the GCS, ...
     interrupt(server)
     assert not http_up()
     time.sleep(2)

@@ -15,7 +15,13 @@ from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
 
-from .conftest import BASE_URL, IDLE_TIMEOUT_S, model_replicas_running, wait_until
+from .conftest import (
+    BASE_URL,
+    IDLE_TIMEOUT_S,
+    model_replicas_running,
+    ray_listeners_off_loopback,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +40,10 @@ def test_healthz_answers_without_waking_the_model(deployed_app: ServeConfig) -> 
     assert health["status"] == "ok"
     assert health["model"] == deployed_app.model_id
     assert health["model_replicas"]["running"] == 0
+
+
+def test_every_ray_port_listens_on_loopback_only(deployed_app: ServeConfig) -> None:
+    assert ray_listeners_off_loopback() == []
 
 
 def test_the_walkthrough_request_gets_the_walkthrough_response(deployed_app: ServeConfig) -> None:
