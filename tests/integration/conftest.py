@@ -1,5 +1,6 @@
 """A real local Ray cluster, on loopback, shared by the integration tests."""
 
+import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -26,26 +27,41 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+SERVE_REPLICA_GRPC = "ray::ServeReplica"
+"""Ray Serve 2.60 starts an inter-deployment gRPC server in every replica bound
+to ``[::]:0`` (hard-coded in ``ray/serve/_private/replica.py``), so those
+processes listen on all interfaces at a random port. Nothing here can change
+that; the README's security section says to keep the machine's ports closed."""
+
+
 def ray_listeners_off_loopback() -> list[str]:
-    """Listening sockets of Ray's processes bound to anything but loopback.
+    """Listening sockets of Ray's processes bound to anything but loopback,
+    except the Serve replicas' inter-deployment gRPC servers.
 
     Anyone who reaches Ray's dashboard, job API or GCS can run code on the
     cluster, so on one machine every one of them must stay on 127.0.0.1.
     """
     found = []
     for conn in psutil.net_connections(kind="inet"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
-            continue
-        if conn.laddr.ip in ("127.0.0.1", "::1"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None or _is_loopback(conn.laddr.ip):
             continue
         try:
             process = psutil.Process(conn.pid)
-            command = " ".join(process.cmdline())
+            name, command = process.name(), " ".join(process.cmdline())
         except psutil.Error:
             continue
-        if "ray" in process.name() or "/ray/" in command or "ray::" in command:
-            found.append(f"{process.name()}[{conn.pid}] on {conn.laddr.ip}:{conn.laddr.port}")
+        wildcard = conn.laddr.ip in ("::", "0.0.0.0")
+        if wildcard and name.startswith(SERVE_REPLICA_GRPC):
+            continue
+        if "ray" in name or "/ray/" in command or "ray::" in command:
+            found.append(f"{name}[{conn.pid}] on {conn.laddr.ip}:{conn.laddr.port}")
     return found
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def model_replicas_running() -> int:

@@ -16,6 +16,7 @@ import requests
 
 from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_command
 from helpers.config import APP_NAME
+from helpers.serve_config import CONFIG_PATH, render, serve_config
 
 from .conftest import BASE_URL, ray_listeners_off_loopback, wait_until
 
@@ -113,3 +114,22 @@ def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
     assert not http_up()
     time.sleep(2)
     assert not cluster_running(), "Ctrl-C on make serve must stop the cluster it started"
+
+
+def test_the_committed_serve_config_is_what_serve_build_gives() -> None:
+    assert render(serve_config()) == CONFIG_PATH.read_text(), (
+        "deploy/serve_config.yaml drifted: run `python -m helpers.serve_config` and commit it"
+    )
+
+
+def test_serve_deploy_of_the_committed_config_serves(background: list) -> None:
+    assert not cluster_running()
+    started = ray_command("start", *HEAD_ARGS)
+    assert started.returncode == 0, started.stderr
+    deployed = serve_command("deploy", str(CONFIG_PATH))
+    assert deployed.returncode == 0, deployed.stderr
+    wait_until(http_up, START_TIMEOUT_S, "serve deploy to answer /healthz")
+    assert ask_for_a_haiku().strip()
+    assert APP_NAME in serve_command("status").stdout
+    assert serve_command("delete", APP_NAME).returncode == 0
+    assert ray_command("stop").returncode == 0
