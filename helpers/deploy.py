@@ -14,8 +14,8 @@ from typing import Any
 
 from helpers.cluster import connect
 from helpers.config import APP_NAME, ServeConfig
-from helpers.ingress import MODEL_DEPLOYMENT, state_name
 from helpers.llm_server import LLMServer
+from helpers.model_calls import MODEL_DEPLOYMENT, state_name
 from helpers.serve_app import build_app
 
 

@@ -10,7 +10,6 @@ gathered into one reply.
 """
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -19,107 +18,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from helpers.api_schema import GenerateRequest, GenerateResponse, UsedGenerationKwargs
 from helpers.config import ServeConfig
 from helpers.engine import Completion, Sampling
 from helpers.errors import EXCEPTION_HANDLERS, ApiError, validation_error_to_api_error
 from helpers.llm_server import Prompt, TextDelta
-from helpers.model_errors import model_error
+from helpers.model_calls import open_stream, read_replica_states
 from helpers.openai_responses import OpenAIFormat, model_card
 from helpers.openai_schema import ChatCompletionRequest, CompletionRequest
 from helpers.openapi_docs import ERROR_RESPONSES, STREAMED, json_body, with_request_models
 from helpers.request_checks import check_api_key, read_json
 from helpers.streaming import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
 
-MODEL_DEPLOYMENT = "LLMServer"
 REPLICA_COUNT_TTL_S = 1.0
-FAILED_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
-START_CHECK_INTERVAL_S = 2.0
-"""While a request waits for a replica, how often to ask whether Serve gave up
-starting one (a model that cannot load), so the request fails instead of
-waiting out REQUEST_TIMEOUT_S."""
 
 Body = TypeVar("Body", bound=BaseModel)
-
-
-def _model_deployment_status() -> Any:
-    """The model deployment's entry in ``serve.status()``, or None."""
-    app_name = serve.get_replica_context().app_name
-    application = serve.status().applications.get(app_name)
-    return application.deployments.get(MODEL_DEPLOYMENT) if application else None
-
-
-def _read_replica_states() -> dict[str, int]:
-    """Model replicas by lower-case state, always with a ``running`` count."""
-    deployment = _model_deployment_status()
-    states = deployment.replica_states if deployment else {}
-    return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
-
-
-def _model_start_failure() -> str | None:
-    """Why the model deployment cannot start replicas, if Serve gave up on it."""
-    deployment = _model_deployment_status()
-    if deployment is None or state_name(deployment.status) not in FAILED_STATES:
-        return None
-    lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else state_name(deployment.status)
-
-
-def state_name(state: Any) -> str:
-    """Serve's status enums, or plain strings on some paths, as plain strings."""
-    return str(getattr(state, "value", state))
-
-
-async def _until_deadline(
-    deltas: DeploymentResponseGenerator, deadline: float, param: str, timeout_s: float
-) -> AsyncIterator[list[TextDelta]]:
-    """Pass the replica's stream on until it ends or the deadline passes.
-
-    However it stops (the end, the deadline, or the client going away, when
-    Starlette stops iterating), the replica's stream is cancelled, so the
-    replica stops decoding these prompts.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            try:
-                yield await asyncio.wait_for(deltas.__anext__(), deadline - loop.time())
-            except StopAsyncIteration:
-                return
-            except Exception as err:
-                raise model_error(err, param, timeout_s) or err from None
-    finally:
-        _cancel(deltas)
-
-
-def _cancel(deltas: DeploymentResponseGenerator) -> None:
-    """Cancel a model call, best effort: a call that already failed re-raises
-    its error from ``cancel()``, and has nothing left to cancel anyway."""
-    with contextlib.suppress(Exception):
-        deltas.cancel()
-
-
-async def _accepted(deltas: DeploymentResponseGenerator, deadline: float) -> None:
-    """Wait for the stream's first (empty) item: a replica took the request.
-
-    A cold start happens here. If Serve gives up starting replicas meanwhile,
-    fail with its reason rather than wait until the deadline.
-    """
-    loop = asyncio.get_running_loop()
-    first = asyncio.ensure_future(deltas.__anext__())
-    try:
-        while not first.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            await asyncio.wait({first}, timeout=min(START_CHECK_INTERVAL_S, remaining))
-            if not first.done() and (failure := await asyncio.to_thread(_model_start_failure)):
-                raise ApiError(503, f"the model deployment failed to start: {failure}")
-        first.result()
-    finally:
-        first.cancel()
 
 
 app = FastAPI(
@@ -278,29 +193,19 @@ class Ingress:
     async def _open_stream(
         self, prompts: list[Prompt], sampling: Sampling, param: str, text: bool
     ) -> AsyncIterator[list[TextDelta]]:
-        """Call the model deployment and wait until a replica accepted the prompts.
-
-        Waiting for the acceptance (a replica may first have to start) keeps a
-        refusal such as a too-long prompt a proper 4xx instead of an error
-        event inside a 200 stream. ``REQUEST_TIMEOUT_S`` covers the whole
-        call, the wait included.
-        """
-        timeout_s = self.config.request_timeout_s
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        deltas: DeploymentResponseGenerator = self.llm.options(stream=True).stream.remote(
-            prompts, sampling, text
+        return await open_stream(
+            self.llm,
+            prompts,
+            sampling,
+            text=text,
+            param=param,
+            timeout_s=self.config.request_timeout_s,
         )
-        try:
-            await _accepted(deltas, deadline)
-        except Exception as err:
-            _cancel(deltas)
-            raise model_error(err, param, timeout_s) or err from None
-        return _until_deadline(deltas, deadline, param, timeout_s)
 
     async def _model_replica_states(self) -> dict[str, int]:
         """Replica counts by state, read from the Serve controller at most once a second."""
         now = time.monotonic()
         if now - self._replicas_read_at >= REPLICA_COUNT_TTL_S:
-            self._replicas = await asyncio.to_thread(_read_replica_states)
+            self._replicas = await asyncio.to_thread(read_replica_states)
             self._replicas_read_at = now
         return self._replicas

@@ -11,8 +11,9 @@ from ray.serve import Application
 
 from helpers.config import ServeConfig
 from helpers.deployment_options import ingress_options, model_deployment_options
-from helpers.ingress import MODEL_DEPLOYMENT, Ingress
+from helpers.ingress import Ingress
 from helpers.llm_server import LLMServer
+from helpers.model_calls import MODEL_DEPLOYMENT
 
 
 def build_app(config: ServeConfig, model_server: type = LLMServer) -> Application:
