@@ -450,12 +450,10 @@ def test_a_killed_replica_fails_its_requests_fast_then_is_replaced(
     assert_clean_error(response, 503, None)
     assert response.headers["retry-after"] == "2"
     assert "error" in events[-1] and events[-1]["error"]["type"] == "service_unavailable"
-    wait_until(
-        lambda: running_replicas() == 1 and model_replica_names() not in (set(), {victim}),
-        120,
-        "a replacement replica",
-    )
-    assert answered_normally()
+    wait_until(lambda: model_replica_names() not in (set(), {victim}), 120, "a new replica")
+    # Until Serve's routers learn the old replica is gone, a request may still
+    # be sent there and fail fast; it must not take long to heal.
+    wait_until(answered_normally, 120, "requests to be answered again")
 
 
 def test_a_request_in_flight_finishes_while_its_replica_is_replaced(
