@@ -79,7 +79,6 @@ def main() -> None:
     kinds = itertools.cycle(request_kinds(config.model_id, args.max_tokens))
     outcomes: Counter[str] = Counter()
     unexpected: list[str] = []
-    deadline = time.monotonic() + 60 * args.minutes
 
     def client(_: int) -> None:
         while time.monotonic() < deadline:
@@ -98,6 +97,7 @@ def main() -> None:
     requests.post(f"{BASE}/generate", json={"prompt": "warm up"}, timeout=600)
     start = replica_memory()
     started = time.monotonic()
+    deadline = started + 60 * args.minutes  # the load itself lasts --minutes
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         list(pool.map(client, range(args.concurrency)))
     end = replica_memory()
