@@ -73,10 +73,11 @@ class LLMServer:
         Closing this generator early (the client went away, a timeout) cancels
         every prompt still decoding.
 
-        Whole replies come through here too, not through a plain method: Serve
-        retries a plain call whose replica died on another replica, and a
-        request that crashes replicas would then crash them one after another.
-        A streaming call that has started fails instead, fast.
+        Whole replies come through here too, not through a plain method, so
+        both share one path: the acceptance signal (a cold start and a refusal
+        both happen before the ingress answers), the deadline, cancellation,
+        and what a failure turns into. A replica that dies mid-call fails the
+        call at once; nothing is replayed on another replica.
         """
         requests = self._requests(prompts, sampling)
         loop = asyncio.get_running_loop()

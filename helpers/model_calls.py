@@ -1,7 +1,7 @@
 """Calls from the ingress to the model deployment: how they wait, end and fail.
 
-Every call goes through ``LLMServer.stream`` (see its docstring for why whole
-replies do too). The ingress waits for the stream's first, empty item, the
+Every call goes through ``LLMServer.stream``, whole replies too (its
+docstring says why). The ingress waits for the stream's first, empty item, the
 sign that a replica accepted the prompts: a cold start happens in that wait,
 and a refusal (a prompt too long, a full queue, a deployment that cannot
 start) is still a proper HTTP status. ``REQUEST_TIMEOUT_S`` bounds the whole
