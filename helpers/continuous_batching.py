@@ -180,7 +180,9 @@ class ContinuousBatcher:
         """
         future: Future[Completion] = Future()
         sampler = Sampler(request.sampling, self.device)
-        text = TextStream(self.tokenizer, request.sampling.stop)
+        # Decoding every token costs a little per row per step; only a stream
+        # or a stop string needs it.
+        text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
         self._waiting.put(_Sequence(request, future, sampler, text, on_text))
         return future
 

@@ -24,9 +24,12 @@ REPLACEMENT_CHARACTER = "\ufffd"
 class TextStream:
     """The text of one sequence as it grows, cut before the first stop string."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), incremental: bool = True) -> None:
+        """``incremental=False`` (nobody reads the pieces, no stop string to find)
+        skips the per-token decoding and decodes once, in :meth:`finish`."""
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.incremental = incremental or bool(self.stop)
         self.tokens: list[int] = []
         self.stopped = False
         self._text = ""
@@ -43,6 +46,8 @@ class TextStream:
     def append(self, token: int) -> str:
         """Add one token; return the new text that is safe to send."""
         self.tokens.append(token)
+        if not self.incremental:
+            return ""
         self._text += self._decode_new(final=False)
         cut = self._first_stop()
         if cut is not None:

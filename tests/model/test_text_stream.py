@@ -64,3 +64,12 @@ def test_an_empty_stop_string_is_ignored(tokenizer) -> None:
     tokens = tokenizer("hello", add_special_tokens=False)["input_ids"]
     stream = TextStream(tokenizer, stop=("",))
     assert "".join(feed(stream, tokens)) == "hello"
+
+
+def test_without_readers_or_stops_the_text_is_decoded_once_at_the_end(tokenizer) -> None:
+    tokens = tokenizer("Naïve café, 日本語 😀", add_special_tokens=False)["input_ids"]
+    lazy, eager = TextStream(tokenizer, incremental=False), TextStream(tokenizer)
+    assert [lazy.append(t) for t in tokens] == [""] * len(tokens)
+    assert lazy.text == ""
+    assert lazy.finish() == "".join(feed(eager, tokens)) == tokenizer.decode(tokens)
+    assert TextStream(tokenizer, stop=(".",), incremental=False).incremental  # stops need it
