@@ -47,7 +47,7 @@ def _run_cli(
     name: str, args: tuple[str, ...], timeout_s: float
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_cli(name), *args],
+        [cli_path(name), *args],
         env={**os.environ, **RAY_ENV},
         capture_output=True,
         text=True,
@@ -56,7 +56,8 @@ def _run_cli(
     )
 
 
-def _cli(name: str) -> str:
+def cli_path(name: str) -> str:
+    """The `ray` or `serve` CLI beside this Python, so a venv need not be on PATH."""
     beside_python = Path(sys.executable).parent / name
     return str(beside_python) if beside_python.exists() else (shutil.which(name) or name)
 

@@ -10,6 +10,7 @@ constructor argument, so they never read the environment themselves.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -98,6 +99,28 @@ def _queue_limit(raw: str) -> int:
     if value == 0:
         raise ValueError("0 would refuse every request")
     return value
+
+
+RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+"""Resources Ray accounts for itself; CPUs and GPUs have variables of their own."""
+
+
+def _custom_resources(raw: str) -> dict[str, float]:
+    """A JSON object of Ray custom resources, as ``ray start --resources`` takes."""
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    for name, amount in value.items():
+        if not name or name in RESERVED_RESOURCES:
+            raise ValueError(f"{name!r} is not a custom resource name")
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            raise ValueError(f"{name!r} is not given a number")
+        if not 0 < amount <= 10_000:
+            raise ValueError(f"{name!r} is out of range")
+    return {name: float(amount) for name, amount in sorted(value.items())}
 
 
 def _directory(raw: str) -> Path:
@@ -268,6 +291,16 @@ VARIABLES: tuple[Variable, ...] = (
         _number(float, 1.0, 86400.0),
         "request_timeout_s",
     ),
+    Variable(
+        "RESOURCES_PER_REPLICA",
+        "{}",
+        "Ray custom resources each model replica asks for, as a JSON object such as "
+        '{"llm_node": 1}: replicas then run only on nodes started with that resource '
+        "(ray start --resources=...).",
+        "a JSON object of names to numbers in (0, 10000], not CPU, GPU or memory",
+        _custom_resources,
+        "resources_per_replica",
+    ),
 )
 
 
@@ -294,6 +327,7 @@ class ServeConfig:
     max_ongoing_requests: int | None
     max_queued_requests: int
     request_timeout_s: float
+    resources_per_replica: dict[str, float]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
@@ -344,4 +378,6 @@ class ServeConfig:
 
 def _as_text(value: Any) -> str:
     """A parsed value as its variable would spell it (None is "auto")."""
+    if isinstance(value, dict):
+        return json.dumps(value)
     return "auto" if value is None else str(value)

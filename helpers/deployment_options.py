@@ -88,6 +88,7 @@ def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {
             "num_cpus": config.num_cpus_per_replica,
             "num_gpus": config.num_gpus_per_replica,
+            "resources": dict(config.resources_per_replica),
             "runtime_env": _metric_push_env(),
         },
     }

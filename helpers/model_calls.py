@@ -24,7 +24,10 @@ from helpers.llm_server import Prompt, TextDelta
 from helpers.model_errors import model_error
 
 MODEL_DEPLOYMENT = "LLMServer"
-FAILED_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+GAVE_UP = {"DEPLOY_FAILED", "REPLICA_STARTUP_FAILED"}
+"""Statuses and triggers that mean Serve stopped trying to start replicas. An
+UNHEALTHY deployment whose replica failed a health check or lost its node is
+still starting a replacement, so a request waits for that one."""
 START_CHECK_INTERVAL_S = 2.0
 """While a request waits for a replica, how often to ask whether Serve gave up
 starting one (a model that cannot load), so the request fails instead of
@@ -48,7 +51,9 @@ def read_replica_states() -> dict[str, int]:
 def model_start_failure() -> str | None:
     """Why the model deployment cannot start replicas, if Serve gave up on it."""
     deployment = model_deployment_status()
-    if deployment is None or state_name(deployment.status) not in FAILED_STATES:
+    if deployment is None:
+        return None
+    if not {state_name(deployment.status), state_name(deployment.status_trigger)} & GAVE_UP:
         return None
     lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else state_name(deployment.status)

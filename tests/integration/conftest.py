@@ -2,8 +2,11 @@
 
 import ipaddress
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,6 +17,7 @@ from ray import serve
 from helpers.config import APP_NAME, ServeConfig
 from helpers.serve_app import build_app
 
+REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://127.0.0.1:8000"
 IDLE_TIMEOUT_S = 4
 
@@ -25,6 +29,37 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def http_up() -> bool:
+    try:
+        return requests.get(f"{BASE_URL}/healthz", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def start(
+    started: list[subprocess.Popen[str]], *command: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=None if env is None else {**os.environ, **env},
+        start_new_session=True,
+        # A shell's background jobs inherit SIGINT ignored, and Python keeps it
+        # ignored; restore the default so the interrupt below acts like Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started.append(process)
+    return process
+
+
+def interrupt(process: subprocess.Popen[str]) -> int:
+    os.killpg(process.pid, signal.SIGINT)
+    return process.wait(timeout=120)
 
 
 SERVE_REPLICA_GRPC = "ray::ServeReplica"

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,19 +17,11 @@ from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_comma
 from helpers.config import APP_NAME
 from helpers.serve_config import CONFIG_PATH, render, serve_config
 
-from .conftest import BASE_URL, ray_listeners_off_loopback, wait_until
+from .conftest import BASE_URL, http_up, interrupt, ray_listeners_off_loopback, start, wait_until
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240
-
-
-def http_up() -> bool:
-    try:
-        return requests.get(f"{BASE_URL}/healthz", timeout=2).ok
-    except requests.RequestException:
-        return False
 
 
 @pytest.fixture
@@ -47,27 +38,6 @@ def background() -> Iterator[list[subprocess.Popen[str]]]:
                 os.killpg(process.pid, signal.SIGKILL)
     if cluster_running():
         ray_command("stop")
-
-
-def start(background: list[subprocess.Popen[str]], *command: str) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        start_new_session=True,
-        # A shell's background jobs inherit SIGINT ignored, and Python keeps it
-        # ignored; restore the default so the interrupt below acts like Ctrl-C.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        text=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    background.append(process)
-    return process
-
-
-def interrupt(process: subprocess.Popen[str]) -> int:
-    os.killpg(process.pid, signal.SIGINT)
-    return process.wait(timeout=120)
 
 
 def ask_for_a_haiku() -> str:

@@ -28,6 +28,7 @@ CUSTOM_ENV = {
     "NUM_CPUS_PER_REPLICA": "3",
     "NUM_GPUS_PER_REPLICA": "1",
     "MAX_BATCH_SIZE": "8",
+    "RESOURCES_PER_REPLICA": '{"llm_node": 1}',
 }
 
 CONFIGS = [
@@ -138,4 +139,5 @@ def test_model_deployment_options_resources_follow_the_environment() -> None:
     options = model_deployment_options(ServeConfig.from_env(CUSTOM_ENV))
     actor = options["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"]) == (3.0, 1.0)
+    assert actor["resources"] == {"llm_node": 1.0}
     assert options["max_ongoing_requests"] > 8
