@@ -32,7 +32,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.cluster import DASHBOARD_URL, RAY_ENV, cli_path
+from helpers.cluster import DASHBOARD_URL, RAY_ENV, apply_ray_env, cli_path
 
 HEAD_IP = "127.0.0.2"
 GCS_PORT = 6379
@@ -157,15 +157,45 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         time.sleep(1)
 
 
+def _state_api_address() -> str | None:
+    """A driver asks its own cluster; anything else asks the local dashboard."""
+    import ray
+
+    return None if ray.is_initialized() else DASHBOARD_URL
+
+
 def alive_nodes() -> dict[str, str]:
     """Node id to node address, for every node the cluster counts as alive."""
     from ray.util.state import list_nodes
 
     # Filters apply after the limit, so Ray reports the dead nodes as "missing".
     nodes = list_nodes(
-        address=DASHBOARD_URL, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+        address=_state_api_address(),
+        filters=[("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
     )
     return {node.node_id: node.node_ip for node in nodes}
+
+
+def describe_nodes() -> list[dict[str, object]]:
+    """One row per live node: its address, role and the resources it offers."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(
+        address=_state_api_address(),
+        filters=[("state", "=", "ALIVE")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
+    internal = ("memory", "object_store_memory", "node:")
+    return [
+        {
+            "node": node.node_ip,
+            "role": "head" if node.is_head_node else "worker",
+            **{k: v for k, v in node.resources_total.items() if not k.startswith(internal)},
+        }
+        for node in sorted(nodes, key=lambda n: (not n.is_head_node, n.node_ip))
+    ]
 
 
 def replica_nodes(deployment: str) -> list[str]:
@@ -175,7 +205,7 @@ def replica_nodes(deployment: str) -> list[str]:
     from helpers.config import APP_NAME
 
     actors = list_actors(
-        address=DASHBOARD_URL,
+        address=_state_api_address(),
         filters=[
             ("class_name", "=", f"ServeReplica:{APP_NAME}:{deployment}"),
             ("state", "=", "ALIVE"),
@@ -184,3 +214,26 @@ def replica_nodes(deployment: str) -> list[str]:
     )
     ips = alive_nodes()
     return sorted(ips.get(actor.node_id, "?") for actor in actors)
+
+
+def open_cluster(worker_cpus: float = 1) -> LocalCluster | None:
+    """Connect this process to the cluster at ``RAY_ADDRESS``; when it is unset,
+    first start a head and one worker on this machine and point it there.
+
+    Returns the cluster started here, for the caller to close, or None.
+    """
+    apply_ray_env()
+    import ray
+
+    started = None
+    if not os.environ.get("RAY_ADDRESS"):
+        started = start_head()
+        started.add_worker(worker_cpus)
+        os.environ["RAY_ADDRESS"] = started.address
+    try:
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace="serve", log_to_driver=False)
+    except Exception:
+        if started:
+            started.close()
+        raise
+    return started

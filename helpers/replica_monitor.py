@@ -7,6 +7,7 @@ keep the model awake) and records how many model replicas run over time.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,42 @@ class ReplicaMonitor:
                 return True
             time.sleep(self.interval_s)
         return False
+
+
+class NodeReplicaMonitor(ReplicaMonitor):
+    """Also records which node each model replica runs on, from Ray's state
+    API, so a multi-node burst shows where Serve placed its replicas."""
+
+    def __init__(self, client: LLMClient, deployment: str, interval_s: float = 1.0) -> None:
+        super().__init__(client, interval_s)
+        self.deployment = deployment
+        self.by_node: list[Counter[str]] = []
+
+    def sample(self) -> int:
+        from helpers.multinode import replica_nodes
+
+        placed = Counter(replica_nodes(self.deployment))
+        self.by_node.append(placed)
+        self.timeline.add(time.monotonic() - self._started, placed.total())
+        return placed.total()
+
+    def nodes_used(self) -> set[str]:
+        return {node for placed in self.by_node for node in placed}
+
+
+def plot_replicas_by_node(monitor: NodeReplicaMonitor, title: str) -> Any:
+    """Stacked replicas per node over time: the burst's spread across nodes."""
+    import matplotlib.pyplot as plt
+
+    nodes = sorted(monitor.nodes_used())
+    figure, axes = plt.subplots(figsize=(7, 3))
+    series = [[placed[node] for placed in monitor.by_node] for node in nodes]
+    axes.stackplot(monitor.timeline.seconds, *series, labels=nodes, step="post")
+    axes.set_title(title)
+    axes.set_xlabel("seconds")
+    axes.set_ylabel("model replicas")
+    axes.legend(loc="upper right", title="node")
+    return figure
 
 
 class LivePlot:
