@@ -94,7 +94,13 @@ def connect() -> None:
 
 
 def stop_cluster() -> None:
-    """``ray stop``: ends every Ray process of this machine's local cluster."""
+    """``ray stop``: ends every Ray process of this machine's local cluster.
+
+    Then ``ray stop --force`` for any process that ignored the SIGTERM: Ray
+    2.60's GCS sometimes hangs on it, flushing events to an agent that already
+    stopped, and its stale address would make the next ``ray.init()`` wait for
+    a dead cluster. When everything stopped, the second command finds nothing.
+    """
     import ray
 
     if ray.is_initialized():
@@ -102,3 +108,4 @@ def stop_cluster() -> None:
     result = ray_command("stop", timeout_s=300)
     if result.returncode != 0:
         raise RuntimeError(f"ray stop failed:\n{result.stderr[-2000:]}")
+    ray_command("stop", "--force", timeout_s=120)

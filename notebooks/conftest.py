@@ -8,10 +8,9 @@ asking ``ray status`` first: a cluster whose GCS hangs while shutting down
 stale address makes the next ``ray.init()`` wait for a dead cluster.
 """
 
-from helpers.cluster import ray_command
+from helpers.cluster import stop_cluster
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     if any(item.nodeid.endswith(".ipynb") for item in session.items):
-        ray_command("stop", timeout_s=300)
-        ray_command("stop", "--force", timeout_s=120)  # whatever ignored the SIGTERM
+        stop_cluster()

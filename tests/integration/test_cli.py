@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_command
+from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_command, stop_cluster
 from helpers.config import APP_NAME
 from helpers.serve_config import CONFIG_PATH, render, serve_config
 
@@ -37,7 +37,7 @@ def background() -> Iterator[list[subprocess.Popen[str]]]:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
     if cluster_running():
-        ray_command("stop")
+        stop_cluster()
 
 
 def ask_for_a_haiku() -> str:
