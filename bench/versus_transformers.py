@@ -6,8 +6,8 @@ Both serve the same converted embedded model on loopback, one at a time on
 the machine, and get the same closed-loop load through ``POST /v1/completions``:
 the prompts of ``bench/throughput.py``, greedy, ``max_tokens`` new tokens, no
 stop sequence. Output tokens are each server's own ``usage.completion_tokens``.
-Each server is warmed up with a burst first, so neither cold start is counted
-and the app's autoscaler has brought up its replicas. Prints a table, the
+Each server is warmed up first, the app until its autoscaler has brought the
+model up to ``MAX_REPLICAS``, so neither cold start is counted. Prints a table, the
 ratio, and the failed requests of each, and appends the table to
 ``bench/RESULTS.md`` with the machine, versions and date.
 """
@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 OURS_URL = "http://127.0.0.1:8000"
 THEIRS_URL = "http://127.0.0.1:8001"
 START_TIMEOUT_S = 300
+WARM_UP_TIMEOUT_S = 180
 
 
 @dataclass
@@ -146,8 +147,27 @@ def _answers(url: str) -> bool:
         return False
 
 
-def measure(server: str, url: str, model: str, args: argparse.Namespace) -> list[Outcome]:
-    drive(server, url, model, args.concurrency, args.concurrency, 16)  # warm-up burst
+def all_replicas_up(url: str) -> bool:
+    """For the app: has load brought the model up to MAX_REPLICAS yet?"""
+    health = requests.get(f"{url}/healthz", timeout=10).json()
+    return health["model_replicas"]["running"] >= health["max_replicas"]
+
+
+def warm_up(server: str, url: str, model: str, concurrency: int, ready: Callable[[], bool]) -> None:
+    """Bursts until ``ready``: the app's autoscaler adds replicas only under
+    sustained load, and the steady state under load is what is compared."""
+    deadline = time.monotonic() + WARM_UP_TIMEOUT_S
+    drive(server, url, model, concurrency, concurrency, 16)
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server} did not reach its steady state while warming up")
+        drive(server, url, model, concurrency, concurrency, 32)
+
+
+def measure(
+    server: str, url: str, model: str, args: argparse.Namespace, ready: Callable[[], bool]
+) -> list[Outcome]:
+    warm_up(server, url, model, args.concurrency, ready)
     outcomes = []
     for _ in range(args.runs):
         outcomes.append(drive(server, url, model, args.concurrency, args.requests, args.max_tokens))
@@ -168,7 +188,7 @@ def main() -> None:
     print(HEADER, flush=True)
     with running(["scripts/serve.sh"], f"{OURS_URL}/healthz", {}):
         layout = f"app, {config.max_replicas} x {config.num_cpus_per_replica:g} CPU"
-        ours = measure(layout, OURS_URL, config.model_id, args)
+        ours = measure(layout, OURS_URL, config.model_id, args, lambda: all_replicas_up(OURS_URL))
     theirs_command = [
         str(Path(sys.executable).parent / "transformers"),
         "serve",
@@ -178,7 +198,7 @@ def main() -> None:
         model_dir,
     ]
     with running(theirs_command, f"{THEIRS_URL}/health", {"HF_HUB_OFFLINE": "1"}):
-        theirs = measure("transformers serve --cb", THEIRS_URL, model_dir, args)
+        theirs = measure("transformers serve --cb", THEIRS_URL, model_dir, args, lambda: True)
     best = max(o.tokens_per_s for o in ours) / max(o.tokens_per_s for o in theirs)
     summary = f"app / transformers serve --continuous-batching = {best:.2f}x output tokens/s"
     print(summary)
