@@ -29,7 +29,8 @@ from pathlib import Path
 
 import requests
 
-from bench.throughput import PROMPTS
+from bench.throughput import PROMPTS, Result
+from bench.ttft import percentile
 from helpers.config import ServeConfig
 from helpers.embedded_model import ensure_converted
 
@@ -42,29 +43,18 @@ WARM_UP_TIMEOUT_S = 180
 
 
 @dataclass
-class Outcome:
-    server: str
-    concurrency: int
-    requests: int
-    failed: int
-    output_tokens: int
-    seconds: float
-    latencies: list[float]
+class Outcome(Result):
+    """A throughput result that also counts the requests that failed."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.seconds
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies) or [float("nan")]
-        return ordered[max(0, round(fraction * len(ordered)) - 1)]
+    failed: int = 0
 
     def row(self) -> str:
+        latencies = self.latencies or [float("nan")]  # every request failed
         return (
             f"| {self.server:<28} | {self.concurrency:>3} | {self.requests:>4} | "
             f"{self.failed:>6} | "
-            f"{self.tokens_per_s:>7.1f} | {self.percentile(0.5):>6.2f} | "
-            f"{self.percentile(0.95):>6.2f} |"
+            f"{self.tokens_per_s:>7.1f} | {percentile(latencies, 0.5):>6.2f} | "
+            f"{percentile(latencies, 0.95):>6.2f} |"
         )
 
 
@@ -104,10 +94,10 @@ def drive(
         server,
         concurrency,
         total,
-        total - len(answered),
         sum(tokens for _, tokens in answered),
         seconds,
         [latency for latency, _ in answered],
+        failed=total - len(answered),
     )
 
 
