@@ -53,7 +53,10 @@ class Lab:
     token: str
 
     def notebook_url(self, path: str) -> str:
-        return f"{self.url}/lab/tree/{path}?token={self.token}"
+        """``reset``: a fresh workspace holding this notebook alone, not the
+        tabs the previous page left open (their hidden copies of the same
+        toolbar would answer the waits below)."""
+        return f"{self.url}/lab/tree/{path}?reset&token={self.token}"
 
 
 def _free_port() -> int:
@@ -124,10 +127,11 @@ def screenshot(page: Any, name: str) -> Path:
 def open_notebook(page: Any, lab: Lab, path: str) -> None:
     """Open a notebook and wait until its kernel is idle and ready to run."""
     page.goto(lab.notebook_url(path))
-    page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
+    page.locator(".jp-Notebook:visible").first.wait_for(timeout=120_000)
     # Until the kernel starts, the toolbar says "No Kernel" and reads idle.
-    page.locator(".jp-Toolbar-kernelName", has_text="Python 3").first.wait_for(timeout=120_000)
-    indicator = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    kernel = page.locator(".jp-Toolbar-kernelName:visible", has_text="Python 3")
+    kernel.first.wait_for(timeout=120_000)
+    indicator = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']:visible")
     indicator.first.wait_for(timeout=120_000)
 
 
@@ -139,8 +143,8 @@ def run_all_cells(page: Any) -> None:
 
 def wait_for_check(page: Any, timeout_s: float) -> str:
     """Wait for the check cell's "OK:" line; fail at once on a cell's error."""
-    outputs = page.locator(".jp-Notebook .jp-OutputArea-output")
-    errors = page.locator(".jp-Notebook [data-mime-type='application/vnd.jupyter.error']")
+    outputs = page.locator(".jp-Notebook:visible .jp-OutputArea-output")
+    errors = page.locator(".jp-Notebook:visible [data-mime-type='application/vnd.jupyter.error']")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if errors.count():

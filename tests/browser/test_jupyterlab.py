@@ -114,7 +114,7 @@ def test_the_scale_down_notebook_draws_its_plot(lab: Lab, page: Any) -> None:
     open_notebook(page, lab, "notebooks/05_watch_scale_to_zero.ipynb")
     run_all_cells(page)
     wait_for_check(page, NOTEBOOK_TIMEOUT_S)
-    images = page.locator(".jp-Notebook .jp-RenderedImage img")
+    images = page.locator(".jp-Notebook:visible .jp-RenderedImage img")
     assert images.count() >= 1, "no plot rendered as an image"
     plot = images.first
     plot.scroll_into_view_if_needed()
