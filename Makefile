@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup browser serve test test-unit test-notebooks lint lab bench bench-ttft bench-versus soak model-path clean
+.PHONY: setup browser serve test test-unit test-notebooks lint lab bench bench-generate bench-ttft bench-versus soak model-path clean
 
 setup: $(STAMP)
 	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
@@ -51,6 +51,9 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
+	source scripts/ray_env.sh && $(PY) -m bench.compare
+
+bench-generate: setup
 	source scripts/ray_env.sh && $(PY) -m bench.throughput
 
 bench-ttft: setup

@@ -3,24 +3,26 @@
 Like the walkthrough's app: each HTTP request runs its own ``model.generate``
 call, with no batching across requests. It shares the ingress, validation and
 replica settings with the real app, so the benchmark isolates batching.
+``scripts/serve.sh bench.baseline_app:app`` serves it as ``make serve`` serves
+the app.
 """
 
 import asyncio
 from collections.abc import AsyncIterator
 
-from helpers.config import ServeConfig
-from helpers.engine import Completion, Engine, Sampling
-from helpers.llm_server import Prompt, TextDelta
+from helpers.app_name import name_by_default
+from helpers.config import APP_NAME, ServeConfig
+from helpers.engine import Completion, Sampling
+from helpers.llm_server import LLMServer, Prompt, TextDelta
+from helpers.serve_app import build_app
 
 
-class OneByOneServer:
-    """Same interface as LLMServer; one ``generate()`` per prompt, one at a time."""
+class OneByOneServer(LLMServer):
+    """LLMServer with its batching replaced: one ``generate()`` per prompt, one
+    at a time. Loading, health checks and start-up timings stay the app's."""
 
     def __init__(self, config: ServeConfig) -> None:
-        self.config = config
-        self.engine = Engine(
-            config.model_id, config.model_cache_dir, cpu_threads=config.torch_threads
-        )
+        super().__init__(config)
         self._lock = asyncio.Lock()
 
     async def stream(
@@ -33,7 +35,7 @@ class OneByOneServer:
             async with self._lock:
                 completion = await asyncio.to_thread(
                     self._generate_one,
-                    prompt.text,
+                    prompt,
                     sampling.max_new_tokens,
                     sampling.temperature,
                     sampling.top_p,
@@ -41,12 +43,12 @@ class OneByOneServer:
             yield [TextDelta(index, completion.text if text else "", completion)]
 
     def _generate_one(
-        self, prompt: str, max_new_tokens: int, temperature: float, top_p: float
+        self, prompt: Prompt, max_new_tokens: int, temperature: float, top_p: float
     ) -> Completion:
         import torch
 
         tokenizer, model = self.engine.tokenizer, self.engine.model
-        text = self.engine.format_prompt(prompt, self.config.prompt_format)
+        text = self._render(prompt)
         inputs = tokenizer(text, return_tensors="pt")
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
         with torch.inference_mode():
@@ -63,3 +65,6 @@ class OneByOneServer:
             completion_tokens=int(new_tokens.shape[0]),
             finish_reason="length",
         )
+
+
+app = name_by_default(build_app(ServeConfig.from_env(), OneByOneServer), APP_NAME)

@@ -2,66 +2,134 @@
 
     python -m bench.cold_start            (--help for the knobs)
 
-Runs ``make serve``'s app with a short idle timeout (which changes when a
-replica stops, not how it starts), waits until the model is at zero replicas,
-then streams one greedy completion through ``/v1/completions`` and times its
-first piece of text: Serve scheduling a replica, the replica importing the
-kit and loading the model, the prefill. The same request right after is the
-warm figure. Repeated ``--cycles`` times.
+Runs a server (``make serve``'s app unless ``--server`` says otherwise) with a
+short idle timeout, which changes when its model is dropped, not how it comes
+back. Each cycle waits until the model is gone (zero replicas; for
+``transformers serve``, the model unloaded), streams one greedy completion
+through ``/v1/completions`` and times its first piece of text. The same
+request right after is the warm figure.
+
+For a Serve app, the replica that answered then says when its process started
+and where its start went (``LLMServer.startup_times``), which splits the wait
+into consecutive parts: Serve and Ray starting the replica's process; Python,
+Ray, the kit and torch loading in it; the engine's imports, tokenizer,
+weights and warm-up pass; and the rest (the replica registering with Serve,
+the request being routed to it, the prefill).
 """
+
+from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 import requests
 
-from bench.throughput import PROMPTS
-from bench.versus_transformers import OURS_URL, running
+from bench.servers import IDLE_TIMEOUT_S, Server, servers, stream
 from helpers.config import ServeConfig
 
 SCALE_DOWN_TIMEOUT_S = 180
+PARTS = (
+    "process started",
+    "Python, Ray, kit, torch",
+    "engine imports",
+    "tokenizer",
+    "weights",
+    "warm-up pass",
+    "registered, routed, prefill",
+)
+HEADER = (
+    "| server | cycle | cold: first token s | "
+    + " | ".join(PARTS)
+    + " | warm: first token s |\n|"
+    + "---|" * (len(PARTS) + 4)
+)
 
 
-def first_token_s(model: str) -> float:
-    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
-    started = time.perf_counter()
-    with requests.post(
-        f"{OURS_URL}/v1/completions", json={**body, "stream": True}, stream=True, timeout=300
-    ) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines(decode_unicode=True):
-            data = line.removeprefix("data: ")
-            if line.startswith("data: ") and data != "[DONE]":
-                choices = json.loads(data)["choices"]
-                if choices and (choices[0]["text"] or choices[0]["finish_reason"]):
-                    return time.perf_counter() - started
-    raise RuntimeError("the stream ended without text")
+@dataclass(frozen=True)
+class ColdStart:
+    server: str
+    cycle: int
+    cold_s: float
+    warm_s: float
+    parts: list[float] | None  # PARTS, in seconds; None when the server cannot say
+
+    def row(self) -> str:
+        parts = self.parts or [float("nan")] * len(PARTS)
+        cells = " | ".join(f"{part:.2f}" for part in parts)
+        return f"| {self.server} | {self.cycle} | {self.cold_s:.2f} | {cells} | {self.warm_s:.3f} |"
 
 
-def running_replicas() -> int:
-    return requests.get(f"{OURS_URL}/healthz", timeout=10).json()["model_replicas"]["running"]
+def replica_startup() -> dict:
+    """Ask the running model replica, from a short-lived process (see bench.replica_startup)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.replica_startup"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def breakdown(sent: float, first_token_s: float, startup: dict) -> list[float]:
+    """The cold wait in consecutive parts (PARTS) that add up to it."""
+    engine = startup["engine"]
+    ready_after = startup["ready"] - sent
+    return [
+        startup["process_started"] - sent,
+        startup["init_started"] - startup["process_started"],
+        engine["imports_s"],
+        engine["tokenizer_s"],
+        engine["weights_s"],
+        engine["warm_up_s"],
+        first_token_s - ready_after,
+    ]
+
+
+def wait_until_idle(server: Server) -> None:
+    """Until the model is gone: zero replicas, or transformers' idle unload."""
+    if not server.ray_app:
+        time.sleep(IDLE_TIMEOUT_S + 5)
+        return
+    deadline = time.monotonic() + SCALE_DOWN_TIMEOUT_S
+    while requests.get(f"{server.url}/healthz", timeout=10).json()["model_replicas"]["running"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: the model did not scale to zero")
+        time.sleep(1)
+    time.sleep(2)  # a replica that just stopped has released its CPU
+
+
+def measure(server: Server, cycles: int) -> list[ColdStart]:
+    """``cycles`` cold starts of ``server``, each printed as it comes."""
+    results = []
+    with server.started(cold=True):
+        for cycle in range(1, cycles + 1):
+            wait_until_idle(server)
+            cold = stream(server, 0, 8)
+            warm = stream(server, 0, 8)
+            parts = (
+                breakdown(cold.sent, cold.first_token_s, replica_startup())
+                if server.ray_app
+                else None
+            )
+            results.append(
+                ColdStart(server.name, cycle, cold.first_token_s, warm.first_token_s, parts)
+            )
+            print(results[-1].row(), flush=True)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--server", choices=("app", "baseline", "transformers"), default="app")
     args = parser.parse_args()
-    model = ServeConfig.from_env().model_id
-    with running(
-        ["scripts/serve.sh"], f"{OURS_URL}/healthz", {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "5"}
-    ):
-        print("| cycle | cold: first token (s) | warm: first token (s) |")
-        print("|-------|-----------------------|-----------------------|")
-        for cycle in range(1, args.cycles + 1):
-            deadline = time.monotonic() + SCALE_DOWN_TIMEOUT_S
-            while running_replicas() > 0:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the model did not scale to zero")
-                time.sleep(1)
-            time.sleep(2)  # a replica that just stopped has released its CPU
-            cold, warm = first_token_s(model), first_token_s(model)
-            print(f"| {cycle:>5} | {cold:>21.2f} | {warm:>21.3f} |", flush=True)
+    print(HEADER)
+    measure(servers(ServeConfig.from_env())[args.server], args.cycles)
 
 
 if __name__ == "__main__":

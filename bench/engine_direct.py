@@ -40,13 +40,13 @@ def main() -> None:
     parser.add_argument("--int8-dynamic", action="store_true")
     args = parser.parse_args()
     config = ServeConfig.from_env()
-    engine = Engine(
+    engine = Engine.load(
         config.model_id,
         config.model_cache_dir,
         cpu_threads=args.threads,
         max_batch_size=max(args.batch, 1),
     )
-    print(f"load {engine.load_seconds:.2f} s, threads {args.threads}, batch {args.batch}")
+    print(f"load {engine.load_times}, threads {args.threads}, batch {args.batch}")
     rate, text = tokens_per_s(engine, args.batch, args.max_tokens)
     print(f"fp32:        {rate:6.1f} output tok/s  ({text[:50]!r})")
     if args.int8_dynamic:

@@ -12,9 +12,9 @@ import time
 
 import requests
 
+from bench.servers import OURS_URL, running
 from bench.throughput import PROMPTS
 from bench.ttft import percentile
-from bench.versus_transformers import OURS_URL, running
 from helpers.config import ServeConfig
 
 

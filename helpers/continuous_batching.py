@@ -227,11 +227,15 @@ class ContinuousBatcher:
             return None
         self.stats.largest_batch = max(self.stats.largest_batch, len(running.sequences))
         next_tokens, keep = [], []
+        # Greedy rows take their argmax from one batched call: one transfer
+        # from the device per step rather than one per row.
+        greedy = running.logits.argmax(-1).tolist()
         for row, sequence in enumerate(running.sequences):
             if sequence.future.cancelled():
                 self.stats.cancelled += 1
                 continue
-            token = sequence.sampler.pick(running.logits[row])
+            sampler = sequence.sampler
+            token = greedy[row] if sampler.greedy else sampler.pick(running.logits[row])
             ended = token in self.eos_token_ids
             if not ended:
                 sequence.emit(sequence.text.append(token))

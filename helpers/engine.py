@@ -12,9 +12,12 @@ together. Each request keeps its own ``max_new_tokens``, ``temperature``,
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,24 @@ __all__ = [
     "Sampling",
     "TextCallback",
 ]
+
+
+@dataclass(frozen=True)
+class LoadTimes:
+    """Where an engine's start went, in seconds: the cold-start breakdown.
+
+    Imports come first and alone, so ``weights_s`` is reading the weights and
+    building the model, not Python loading transformers' modelling code.
+    """
+
+    imports_s: float
+    tokenizer_s: float
+    weights_s: float
+    warm_up_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.imports_s + self.tokenizer_s + self.weights_s + self.warm_up_s
 
 
 class ModelLoadError(RuntimeError):
@@ -100,34 +121,52 @@ def pick_device(want_gpu: bool) -> tuple[str, torch.dtype]:
 
 
 class Engine:
-    """A loaded model and tokenizer that decode batches of requests."""
+    """A model and its tokenizer, decoding batches of requests together."""
 
     def __init__(
-        self,
+        self, model: Any, tokenizer: Any, *, model_id: str, max_batch_size: int = 16
+    ) -> None:
+        """Wrap a model already in memory: what :meth:`load` reads from disk, or
+        what the GPU benchmark builds from random weights."""
+        self.model_id = model_id
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context_length = _context_length(model.config)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self._batcher = ContinuousBatcher(model, tokenizer, self.eos_token_ids, max_batch_size)
+        self.load_times: LoadTimes | None = None
+
+    @classmethod
+    def load(
+        cls,
         model_id: str,
         cache_dir: Path,
         *,
         want_gpu: bool = False,
         cpu_threads: int | None = None,
         max_batch_size: int = 16,
-    ) -> None:
+    ) -> Engine:
+        """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
+        warm-up pass, timing each step into ``load_times``."""
+        marks = [time.perf_counter()]
         from transformers import AutoModelForCausalLM
 
-        started = time.perf_counter()
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
-        self.model_id = model_id
-        self.device, self.dtype = pick_device(want_gpu)
+        device, dtype = pick_device(want_gpu)
         source, extra = resolve_model_source(model_id, cache_dir)
-        self.tokenizer = _tokenizer_from(model_id, source, extra)
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype, **extra)
-        self.model.to(self.device).eval()
-        self.context_length = _context_length(self.model.config)
-        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
-        self._batcher = ContinuousBatcher(
-            self.model, self.tokenizer, self.eos_token_ids, max_batch_size
-        )
-        self.load_seconds = time.perf_counter() - started
+        _import_model_code(source, extra)
+        marks.append(time.perf_counter())
+        tokenizer = _tokenizer_from(model_id, source, extra)
+        marks.append(time.perf_counter())
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+        marks.append(time.perf_counter())
+        engine = cls(model, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
+        engine.probe()
+        marks.append(time.perf_counter())
+        engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))
+        return engine
 
     def format_prompt(self, text: str, prompt_format: str) -> str:
         """Wrap ``text`` as one user turn when the chat template applies.
@@ -201,6 +240,16 @@ class Engine:
     @property
     def stats(self) -> BatchStats:
         return self._batcher.stats
+
+
+def _import_model_code(source: str, extra: dict[str, Any]) -> None:
+    """Import the modelling module for ``source``'s architecture now, so that
+    the time Python spends on it counts as imports rather than weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source, **extra))]
 
 
 def _context_length(config: Any) -> int:

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
+import psutil
+
 from helpers.config import ServeConfig
-from helpers.engine import Completion, Engine, GenerationRequest, Sampling
+from helpers.engine import Completion, Engine, GenerationRequest, LoadTimes, Sampling
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -47,18 +53,45 @@ class TextDelta:
     completion: Completion | None = None
 
 
+@dataclass(frozen=True)
+class ReplicaStartup:
+    """When this replica's process started and its model became ready (Unix
+    time, seconds), and where the engine's part went. A cold-start benchmark
+    lines these up with when its request was sent and answered."""
+
+    process_started: float
+    init_started: float
+    ready: float
+    engine: LoadTimes
+
+    def summary(self) -> str:
+        engine = self.engine
+        return (
+            f"ready {self.ready - self.process_started:.2f} s after its process started: "
+            f"{self.init_started - self.process_started:.2f} s until __init__ (Python, Ray, "
+            f"the kit, torch), then imports {engine.imports_s:.2f} s, tokenizer "
+            f"{engine.tokenizer_s:.2f} s, weights {engine.weights_s:.2f} s, warm-up "
+            f"{engine.warm_up_s:.2f} s"
+        )
+
+
 class LLMServer:
     """Serve deployment class; options are applied in :mod:`helpers.serve_app`."""
 
     def __init__(self, config: ServeConfig) -> None:
+        init_started = time.time()
         self.config = config
-        self.engine = Engine(
+        self.engine = Engine.load(
             config.model_id,
             config.model_cache_dir,
             want_gpu=config.num_gpus_per_replica > 0,
             cpu_threads=config.torch_threads,
             max_batch_size=config.max_batch_size,
         )
+        self.startup = ReplicaStartup(
+            psutil.Process().create_time(), init_started, time.time(), self.engine.load_times
+        )
+        logger.info("model replica %s", self.startup.summary())
 
     async def stream(
         self, prompts: list[Prompt], sampling: Sampling, text: bool = True
@@ -110,6 +143,10 @@ class LLMServer:
         replica. It exercises the model itself, so a replica whose engine broke
         is replaced rather than left failing every request."""
         await asyncio.to_thread(self.engine.probe)
+
+    def startup_times(self) -> ReplicaStartup:
+        """How this replica's start went, for the cold-start benchmark."""
+        return self.startup
 
     def batch_stats(self) -> dict[str, int]:
         """Batching counters of this replica, for tests and curious users."""

@@ -27,8 +27,12 @@ class Sampler:
         if request.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(request.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
     def pick(self, logits: torch.Tensor) -> int:
-        if self.temperature == 0:
+        if self.greedy:
             return int(logits.argmax())
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_p < 1.0:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Serve the app on http://127.0.0.1:8000 until Ctrl-C, then tear down what this
 # script started: the app always, the Ray cluster only if it started one.
+# An argument serves another import path the same way (the benchmark's
+# walkthrough-style baseline: scripts/serve.sh bench.baseline_app:app).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ray_env.sh
@@ -19,4 +21,4 @@ cleanup() {
 }
 trap cleanup EXIT
 
-serve run ray_serve_app:deployment_graph
+serve run "${1:-ray_serve_app:deployment_graph}"

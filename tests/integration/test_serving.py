@@ -162,6 +162,15 @@ def test_eight_concurrent_requests_share_batches(deployed_app: ServeConfig) -> N
     )
 
 
+def test_a_replica_reports_where_its_start_went(deployed_app: ServeConfig) -> None:
+    model = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    startup = model.startup_times.remote().result()
+    assert startup.process_started < startup.init_started < startup.ready
+    # The engine's parts happen inside __init__, so they fit between its stamps.
+    assert 0 < startup.engine.total_s <= startup.ready - startup.init_started
+    assert "weights" in startup.summary()
+
+
 def test_the_model_scales_to_zero_while_healthz_is_polled(deployed_app: ServeConfig) -> None:
     assert post_generate({"prompt": "Hi", "generation_kwargs": {"max_new_tokens": 2}}).ok
     last_request = time.monotonic()

@@ -170,3 +170,18 @@ def test_the_probe_fails_when_the_model_gives_non_finite_logits(
     monkeypatch.setattr(engine.model, "forward", poisoned)
     with pytest.raises(RuntimeError, match="not finite"):
         engine.probe()
+
+
+def test_loading_reports_where_its_time_went(engine: Engine) -> None:
+    times = engine.load_times
+    assert times is not None
+    parts = (times.imports_s, times.tokenizer_s, times.weights_s, times.warm_up_s)
+    assert all(part > 0 for part in parts)
+    assert times.total_s == pytest.approx(sum(parts))
+
+
+def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engine) -> None:
+    sampled = GenerationRequest(PROMPTS[1], Sampling(10, temperature=0.9, top_p=0.9, seed=7))
+    alone = [engine.generate([greedy(PROMPTS[0])])[0], engine.generate([sampled])[0]]
+    together = engine.generate([greedy(PROMPTS[0]), sampled])
+    assert [c.text for c in together] == [c.text for c in alone]

@@ -36,7 +36,7 @@ def load_in_subprocess(model_id: str, hub_dir: Path) -> subprocess.CompletedProc
     # interpreter is the honest way to point it at a new cache.
     code = (
         "import sys; from pathlib import Path; from helpers.engine import Engine, "
-        "GenerationRequest as R, Sampling as S; e = Engine(sys.argv[1], Path(sys.argv[2]), "
+        "GenerationRequest as R, Sampling as S; e = Engine.load(sys.argv[1], Path(sys.argv[2]), "
         "cpu_threads=1); print(e.generate([R('The capital of France is', S(4, 0.0, 1.0))])[0].text)"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(hub_dir), "HF_HUB_OFFLINE": "1"}
