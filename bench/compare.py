@@ -62,12 +62,16 @@ def requests_at(concurrency: int) -> int:
 def measure(server: Server, args: argparse.Namespace) -> Figures:
     figures = Figures([], [], [])
     with server.started():
+        # Highest concurrency first: the warm-up brings a Serve app to
+        # MAX_REPLICAS, and load keeps them up. Going upwards instead, the
+        # autoscaler stops a replica during the light levels and the heavy ones
+        # would then measure a cold start.
         warm_up(server, max(args.concurrency))
-        for concurrency in args.concurrency:
+        for concurrency in sorted(args.concurrency, reverse=True):
             outcome = drive(server, concurrency, requests_at(concurrency), args.max_tokens)
             figures.load.append(outcome)
             print(outcome.row(), flush=True)
-        for concurrency in args.ttft_concurrency:
+        for concurrency in sorted(args.ttft_concurrency, reverse=True):
             streams = drive_streamed(server, concurrency, 2 * max(concurrency, 4), args.max_tokens)
             figures.ttft.append(Ttft(server.name, concurrency, [s.first_token_s for s in streams]))
             print(figures.ttft[-1].row(), flush=True)
