@@ -7,8 +7,18 @@ silently ignores. Ray Serve 2.60 judges load on ongoing requests averaged over
 waits ``downscale_delay_s`` (N -> N-1) or ``downscale_to_zero_delay_s``
 (1 -> 0) before stopping it. A finished request stays in the average for one
 look-back window, so a replica idles for about window + delay: the delays are
-the idle timeout less the window, and metrics are pushed every second rather
-than every ten, so the controller's view is never ten seconds stale.
+the idle timeout less the window.
+
+Load reaches the controller every ``metrics_interval_s``, 10 s by default. In
+Ray Serve 2.60 that field, although marked deprecated in favour of two
+environment variables, is still what handles and replicas read (``router.py``
+and ``replica.py``); the variables are defined but unused. It matters most for
+the cold start: at zero replicas a queued request triggers an immediate push,
+but that push carries averages of points recorded every interval, which need
+not include the request yet, so the scale-up from zero waited for the next
+regular push. Measured with ``python -m bench.cold_start``: the controller's
+"Upscaling ... from 0 to 1" came 5.5 to 9 s after the request with the default
+interval. Hence one second.
 """
 
 from __future__ import annotations
@@ -20,13 +30,12 @@ from helpers.config import ServeConfig
 LOOK_BACK_PERIOD_S = 12.0
 """Window over which Ray averages ongoing requests. Short, so the last request
 stops counting soon after it ends (Ray's default of 30 s adds up to 30 s to
-every scale-down), yet longer than the 10 s interval at which replicas report
-their metrics, which Ray requires."""
+every scale-down), and longer than ``metrics_interval_s``, which Ray requires."""
 
 MIN_DOWNSCALE_DELAY_S = 1.0
 
-METRIC_PUSH_INTERVAL_S = 1.0
-"""How often handles and replicas report load to the controller (Ray: 10 s)."""
+METRICS_INTERVAL_S = 1.0
+"""How often handles and replicas record and report load to the controller (Ray: 10 s)."""
 
 UPSCALE_DELAY_S = 5.0
 """How long load must stay high before adding a replica (Ray's default is 30 s).
@@ -43,17 +52,7 @@ def autoscaling_config(config: ServeConfig) -> dict[str, Any]:
         "downscale_to_zero_delay_s": delay,
         "upscale_delay_s": UPSCALE_DELAY_S,
         "look_back_period_s": LOOK_BACK_PERIOD_S,
-    }
-
-
-def _metric_push_env() -> dict[str, Any]:
-    """Ray reads these when a replica process starts, hence a runtime env."""
-    interval = str(METRIC_PUSH_INTERVAL_S)
-    return {
-        "env_vars": {
-            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval,
-            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval,
-        }
+        "metrics_interval_s": METRICS_INTERVAL_S,
     }
 
 
@@ -89,7 +88,6 @@ def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
             "num_cpus": config.num_cpus_per_replica,
             "num_gpus": config.num_gpus_per_replica,
             "resources": dict(config.resources_per_replica),
-            "runtime_env": _metric_push_env(),
         },
     }
 
@@ -103,7 +101,7 @@ def ingress_options(config: ServeConfig) -> dict[str, Any]:
     """
     return {
         "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": 0, "runtime_env": _metric_push_env()},
+        "ray_actor_options": {"num_cpus": 0},
         "max_ongoing_requests": 1000,
         "graceful_shutdown_timeout_s": config.request_timeout_s,
     }

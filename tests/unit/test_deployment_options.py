@@ -141,3 +141,10 @@ def test_model_deployment_options_resources_follow_the_environment() -> None:
     assert (actor["num_cpus"], actor["num_gpus"]) == (3.0, 1.0)
     assert actor["resources"] == {"llm_node": 1.0}
     assert options["max_ongoing_requests"] > 8
+
+
+def test_load_reaches_the_controller_every_second() -> None:
+    # Ray 2.60's handles and replicas push at this interval (10 s by default),
+    # and a scale-up from zero waited for the next push.
+    options = autoscaling_config(ServeConfig.from_env({}))
+    assert AutoscalingConfig(**options).metrics_interval_s == 1.0
