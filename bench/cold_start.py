@@ -3,8 +3,8 @@
     python -m bench.cold_start            (--help for the knobs)
 
 Runs a server (``make serve``'s app unless ``--server`` says otherwise) with a
-short idle timeout, which changes when its model is dropped, not how it comes
-back. Each cycle waits until the model is gone (zero replicas; for
+short idle timeout (``bench/servers.py``), which changes when its model is
+dropped, not how it comes back. Each cycle waits until the model is gone (zero replicas; for
 ``transformers serve``, the model unloaded), streams one greedy completion
 through ``/v1/completions`` and times its first piece of text. The same
 request right after is the warm figure.
@@ -55,7 +55,7 @@ class ColdStart:
     cycle: int
     cold_s: float
     warm_s: float
-    parts: list[float] | None  # PARTS, in seconds; None when the server cannot say
+    parts: list[float] | None  # PARTS, in seconds; None when nobody could say
 
     def row(self) -> str:
         parts = self.parts or [float("nan")] * len(PARTS)
@@ -111,11 +111,13 @@ def measure(server: Server, cycles: int) -> list[ColdStart]:
             wait_until_idle(server)
             cold = stream(server, 0, 8)
             warm = stream(server, 0, 8)
-            parts = (
-                breakdown(cold.sent, cold.first_token_s, replica_startup())
-                if server.ray_app
-                else None
-            )
+            parts = None
+            if server.ray_app:
+                startup = replica_startup()
+                # A replica that became ready after the first token is not the
+                # one that answered (the answering one had already stopped).
+                if startup["ready"] <= cold.sent + cold.first_token_s:
+                    parts = breakdown(cold.sent, cold.first_token_s, startup)
             results.append(
                 ColdStart(server.name, cycle, cold.first_token_s, warm.first_token_s, parts)
             )

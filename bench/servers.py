@@ -42,7 +42,12 @@ THEIRS_URL = "http://127.0.0.1:8001"
 START_TIMEOUT_S = 300
 WARM_UP_TIMEOUT_S = 180
 IDLE_TIMEOUT_S = 5
-"""Idle time after which the cold-start runs let a server drop its model."""
+"""Idle time after which the cold-start runs let transformers serve drop its model."""
+SERVE_IDLE_TIMEOUT_S = 20
+"""The same for the Serve apps: long enough that the replica which answered the
+cold request is still up when ``bench.replica_startup`` (a Ray driver, about
+10 s to connect) asks it how its start went. Ray adds its 12 s look-back
+window, so a replica stops about 20 s after its last request."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def servers(config: ServeConfig) -> dict[str, Server]:
     """The three servers, keyed by the names ``--servers`` takes."""
     model_dir = str(ensure_converted(config.model_cache_dir))
     layout = f"{config.max_replicas} x {config.num_cpus_per_replica:g} CPU"
-    idle = {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S)}
+    idle = {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(SERVE_IDLE_TIMEOUT_S)}
     transformers = str(Path(sys.executable).parent / "transformers")
     return {
         "app": Server(
