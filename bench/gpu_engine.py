@@ -5,8 +5,10 @@
 GPU machines often have no Ray and cannot download weights, so this builds a
 model of the embedded model's shape (SmolLM2-135M: hidden 576, MLP 1536, 30
 layers, 9 query and 3 key/value heads, vocabulary 49,152, tied embeddings)
-with random weights, in half precision on the device, and a word-level
-tokenizer over the same vocabulary. Random weights decode at the speed real
+with random weights, in half precision on the device (as transformers'
+model for the walkthrough's loop, and as the kit's own ``helpers.llama`` with
+the same weights for the engine), and a word-level tokenizer over the same
+vocabulary. Random weights decode at the speed real
 ones do; the text is nonsense, and a row that happens to draw the
 end-of-sequence token stops early, so tokens/s counts the tokens produced.
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 
 from helpers.engine import Engine, GenerationRequest, Sampling  # noqa: E402
+from helpers.llama import Llama, LlamaConfig, build_llama  # noqa: E402
 
 SHAPE = {
     "hidden_size": 576,
@@ -55,6 +58,17 @@ def random_model(device: str, dtype: torch.dtype):
     config = LlamaConfig(**SHAPE, bos_token_id=0, eos_token_id=last, pad_token_id=last)
     with torch.device(device):
         return LlamaForCausalLM._from_config(config, dtype=dtype)
+
+
+def kit_model(reference: torch.nn.Module) -> Llama:
+    """The kit's own Llama, the one replicas run, sharing ``reference``'s weights."""
+    config = LlamaConfig(
+        **{key: SHAPE[key] for key in LlamaConfig.__dataclass_fields__ if key in SHAPE},
+        head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"],
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    return build_llama(config, reference.state_dict(), eos_token_id=SHAPE["vocab_size"] - 1)
 
 
 def word_tokenizer():
@@ -99,9 +113,9 @@ def engine_tokens_per_s(engine: Engine, batch: int, max_tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def loop_tokens_per_s(engine: Engine, batch: int, max_tokens: int) -> float:
-    """The walkthrough's way: one ``generate`` call per request, in turn."""
-    model, tokenizer = engine.model, engine.tokenizer
+def loop_tokens_per_s(model: torch.nn.Module, engine: Engine, batch: int, max_tokens: int) -> float:
+    """The walkthrough's way: one transformers ``generate`` call per request, in turn."""
+    tokenizer = engine.tokenizer
     tokens, started = 0, time.perf_counter()
     for prompt in prompts(batch):
         inputs = tokenizer(prompt, return_tensors="pt").to(engine.device)
@@ -144,9 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     imported = time.perf_counter()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    model = random_model(args.device, dtype)
+    reference = random_model(args.device, dtype)
     engine = Engine(
-        model,
+        kit_model(reference),
         word_tokenizer(),
         model_id="random SmolLM2-135M shape",
         max_batch_size=max(args.batches),
@@ -167,7 +181,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for batch in args.batches:
         ours = engine_tokens_per_s(engine, batch, args.max_tokens)
-        theirs = loop_tokens_per_s(engine, min(batch, args.loop_requests), args.max_tokens)
+        theirs = loop_tokens_per_s(
+            reference, engine, min(batch, args.loop_requests), args.max_tokens
+        )
         print(f"| {batch} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x |", flush=True)
 
 

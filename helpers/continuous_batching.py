@@ -256,16 +256,14 @@ class ContinuousBatcher:
     def _prefill(self, sequences: list[_Sequence]) -> _RunningBatch:
         batch = self.tokenizer(
             [s.request.prompt for s in sequences], return_tensors="pt", padding=True
-        ).to(self.device)
-        mask = batch["attention_mask"]
+        )
+        mask = batch["attention_mask"].to(self.device)
         for sequence, length in zip(sequences, mask.sum(-1).tolist(), strict=True):
             sequence.prompt_tokens = length
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = self._new_cache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self.model(
-            input_ids=batch["input_ids"],
+            input_ids=batch["input_ids"].to(self.device),
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
@@ -278,6 +276,16 @@ class ContinuousBatcher:
         return _RunningBatch(
             sequences, cache, mask, positions[:, -1:] + 1, output.logits[:, -1, :].float()
         )
+
+    def _new_cache(self) -> Any:
+        """An empty KV cache of the kind the model fills: its own, or
+        transformers' when the model is a transformers one."""
+        new_cache = getattr(self.model, "new_cache", None)
+        if new_cache is not None:
+            return new_cache()
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def _decode_step(self, running: _RunningBatch, tokens: list[int]) -> None:
         running.mask = F.pad(running.mask, (0, 1), value=1)

@@ -1,9 +1,12 @@
-"""The inference engine: plain transformers and torch, no Ray.
+"""The inference engine: torch and transformers' tokenizers, no Ray.
 
 Keeping Ray out of this module lets unit tests, notebooks and GPU benchmarks
 (on machines without Ray) drive exactly the code that replicas run.
 
-The engine loads the model (picking device, dtype and CPU threads), formats
+The engine loads the model (picking device, dtype and CPU threads): a Llama
+safetensors checkpoint such as the embedded model with the kit's own
+:mod:`helpers.llama`, which starts seconds sooner, anything else with
+transformers' ``AutoModelForCausalLM``. It formats
 and measures prompts, and hands requests to a continuous batcher
 (:mod:`helpers.continuous_batching`) that decodes every request in flight
 together. Each request keeps its own ``max_new_tokens``, ``temperature``,
@@ -32,6 +35,8 @@ from helpers.continuous_batching import (
     TextCallback,
 )
 from helpers.embedded_model import ensure_converted, is_embedded
+from helpers.llama import llama_config, load_llama
+from helpers.tokenizer import Tokenizer
 
 __all__ = [
     "Completion",
@@ -94,6 +99,9 @@ def load_tokenizer(model_id: str, cache_dir: Path) -> Any:
 
 
 def _tokenizer_from(model_id: str, source: str, extra: dict[str, Any]) -> Any:
+    local = None if extra or not Path(source).is_dir() else Tokenizer.from_directory(Path(source))
+    if local is not None:
+        return local
     from transformers import AutoTokenizer
 
     try:
@@ -150,17 +158,21 @@ class Engine:
         """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
         warm-up pass, timing each step into ``load_times``."""
         marks = [time.perf_counter()]
-        from transformers import AutoModelForCausalLM
-
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         device, dtype = pick_device(want_gpu)
         source, extra = resolve_model_source(model_id, cache_dir)
-        _import_model_code(source, extra)
+        llama = None if extra else llama_config(Path(source))
+        if llama is None:
+            _import_model_code(source, extra)
         marks.append(time.perf_counter())
         tokenizer = _tokenizer_from(model_id, source, extra)
         marks.append(time.perf_counter())
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+        model = (
+            load_llama(Path(source), llama, dtype, device)
+            if llama is not None
+            else _transformers_model(source, extra, dtype, device)
+        )
         marks.append(time.perf_counter())
         engine = cls(model, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
         engine.probe()
@@ -240,6 +252,14 @@ class Engine:
     @property
     def stats(self) -> BatchStats:
         return self._batcher.stats
+
+
+def _transformers_model(
+    source: str, extra: dict[str, Any], dtype: torch.dtype, device: str
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
 
 
 def _import_model_code(source: str, extra: dict[str, Any]) -> None:

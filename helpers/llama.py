@@ -1,0 +1,326 @@
+"""A Llama decoder in plain torch: what replicas run for Llama checkpoints.
+
+Why not transformers' own: importing its modelling code pulls in torch's
+compiler and distributed-tensor packages, 2 to 3 s of every cold start on a
+2-core machine, for a model whose forward pass is a page of arithmetic. This
+module runs Llama-architecture checkpoints stored as safetensors with plain
+RoPE (the embedded SmolLM2 is one); :func:`llama_config` says which, and
+everything else is loaded through transformers (``helpers/engine.py``).
+
+It accepts the call the continuous batcher makes of a transformers model
+(``input_ids``, ``attention_mask``, ``position_ids``, ``cache``,
+``logits_to_keep``) and its cache keeps the same per-layer ``keys`` and
+``values`` tensors, so the batcher drives either model the same way. The
+arithmetic follows transformers' Llama step for step (RMSNorm in fp32,
+rotate-half RoPE, scaled dot-product attention); a model test checks that the
+two give the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a checkpoint's ``config.json`` that the forward pass uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What the engine reads from ``generation_config.json``: when to stop."""
+
+    eos_token_id: int | list[int] | None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+
+
+def llama_config(directory: Path) -> LlamaConfig | None:
+    """The config of a checkpoint this module can run, else None.
+
+    None for anything but a local safetensors Llama with plain RoPE and SiLU:
+    scaled RoPE variants, quantized weights and other architectures are left
+    to transformers rather than half-supported here.
+    """
+    config_file = directory / "config.json"
+    if not config_file.is_file() or not any(directory.glob("*.safetensors")):
+        return None
+    raw = json.loads(config_file.read_text())
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    plain = (
+        raw.get("model_type") == "llama"
+        and raw.get("hidden_act", "silu") == "silu"
+        and rope.get("rope_type", rope.get("type", "default")) == "default"
+        and "quantization_config" not in raw
+    )
+    if not plain:
+        return None
+    heads = raw["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=raw.get("attention_bias", False),
+        mlp_bias=raw.get("mlp_bias", False),
+    )
+
+
+def load_llama(directory: Path, config: LlamaConfig, dtype: torch.dtype, device: str) -> Llama:
+    """The checkpoint in ``directory``, read straight onto ``device``."""
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file, device=device))
+    state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return build_llama(config, state, _eos_token_id(directory))
+
+
+def build_llama(
+    config: LlamaConfig, state: dict[str, torch.Tensor], eos_token_id: int | list[int] | None
+) -> Llama:
+    """A model around ``state``'s tensors, used where they lie. It is built on
+    the meta device first, so no memory or time goes into initial weights
+    about to be replaced."""
+    with torch.device("meta"):
+        model = Llama(config, eos_token_id)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inverse_frequencies(config, model.lm_head.weight.device)
+    return model.eval()
+
+
+def _eos_token_id(directory: Path) -> int | list[int] | None:
+    for name in ("generation_config.json", "config.json"):
+        file = directory / name
+        if file.is_file() and (ids := json.loads(file.read_text()).get("eos_token_id")):
+            return ids
+    return None
+
+
+def rope_inverse_frequencies(config: LlamaConfig, device: str | torch.device) -> torch.Tensor:
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device)
+    return 1.0 / (config.rope_theta ** (exponents / config.head_dim))
+
+
+class LayerCache:
+    """One layer's keys and values, ``[batch, kv_heads, length, head_dim]``."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+
+class KVCache:
+    def __init__(self, layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(layers)]
+
+    @property
+    def length(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[-2]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        heads, kv_heads, dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        bias = config.attention_bias
+        self.head_dim = dim
+        self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        shape = (batch, length, -1, self.head_dim)
+        q = _rotate(self.q_proj(x).view(shape).transpose(1, 2), *rope)
+        k = _rotate(self.k_proj(x).view(shape).transpose(1, 2), *rope)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        k, v = cache.append(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        size, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(size, inner, bias=bias)
+        self.up_proj = nn.Linear(size, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Named as in the checkpoints (``model.layers.0.self_attn.q_proj``...), so
+    their weights load by name."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        # An explicit weight skips the random init, which on the meta device
+        # costs a one-off 1.4 s (normal_ loads torch's meta kernels).
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, eos_token_id: int | list[int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationDefaults(eos_token_id)
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config, "cpu"), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+        **_: Any,
+    ) -> ModelOutput:
+        """Logits for ``input_ids`` given the ``cache`` of the tokens before them.
+
+        ``attention_mask`` covers the cached tokens and the new ones (0 marks
+        left padding); ``position_ids`` count each row's real tokens only.
+        """
+        cache = cache if cache is not None else self.new_cache()
+        batch, new = input_ids.shape
+        past = cache.length
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + new, dtype=torch.long, device=self.device)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new, device=self.device).expand(batch, -1)
+        x = self.model.embed_tokens(input_ids)
+        rope = self._rope(position_ids, x.dtype)
+        mask = _attention_mask(attention_mask, new)
+        for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
+            x = layer(x, rope, mask, layer_cache)
+        x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return ModelOutput(self.lm_head(x))
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Cosines and sines for each row's positions, ``[batch, 1, new, head_dim]``."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _attention_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Which keys each new token may attend to, ``[batch, 1, new, length]``:
+    earlier real tokens and itself.
+
+    A padding token sees only itself, so no row of the attention is empty:
+    an empty row gives NaN, which its cached values would then carry into
+    every real token's attention (0 weight times NaN is NaN).
+    """
+    length = mask.shape[1]
+    queries = torch.arange(length - new, length, device=mask.device)[:, None]
+    keys = torch.arange(length, device=mask.device)[None, :]
+    allowed = (keys <= queries)[None] & mask[:, None, :].bool()
+    return (allowed | (keys == queries)[None])[:, None]

@@ -1,0 +1,161 @@
+"""The kit's own Llama and tokenizer (helpers/llama.py, helpers/tokenizer.py)
+against transformers', on the real embedded model.
+
+They exist to keep transformers out of a replica's start; these tests hold
+them to giving what transformers gives.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.config import ServeConfig
+from helpers.embedded_model import ensure_converted
+from helpers.llama import Llama, llama_config, load_llama
+from helpers.tokenizer import Tokenizer
+
+TEXTS = [
+    "The capital of France is",
+    "  leading spaces, ünïcödé ✓ and 🚀",
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "a\n\nb\tc",
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a haiku about Ray Serve."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def converted() -> Path:
+    return ensure_converted(ServeConfig.from_env({}).model_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(converted: Path) -> tuple[Tokenizer, object]:
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(converted)
+    theirs.padding_side = "left"
+    ours = Tokenizer.from_directory(converted)
+    assert ours is not None
+    return ours, theirs
+
+
+def test_the_tokenizer_gives_transformers_ids_and_text(tokenizers) -> None:
+    ours, theirs = tokenizers
+    for text in TEXTS:
+        for special in (True, False):
+            ids = ours(text, add_special_tokens=special)["input_ids"]
+            assert ids == theirs(text, add_special_tokens=special)["input_ids"]
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                    ids, skip_special_tokens=skip
+                )
+    mine = ours(TEXTS, return_tensors="pt", padding=True)
+    reference = theirs(TEXTS, return_tensors="pt", padding=True)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(mine[key], reference[key])
+    assert (ours.eos_token_id, ours.pad_token_id) == (theirs.eos_token_id, theirs.pad_token_id)
+
+
+def test_the_tokenizer_renders_chats_as_transformers_does(tokenizers) -> None:
+    ours, theirs = tokenizers
+    for messages in CONVERSATIONS:
+        for generation_prompt in (True, False):
+            assert ours.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt
+            ) == theirs.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt, tokenize=False
+            )
+
+
+def test_the_model_gives_transformers_logits_through_prefill_and_decode(
+    converted: Path, tokenizers
+) -> None:
+    """A left-padded batch, as the batcher feeds it: prefill, then decode steps."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    config = llama_config(converted)
+    assert config is not None
+    ours = load_llama(converted, config, torch.float32, "cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    batch = tokenizers[0](TEXTS, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = (ours.new_cache(), DynamicCache())
+    with torch.inference_mode():
+        logits = [
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            for model, cache in zip((ours, theirs), caches, strict=True)
+        ]
+        positions = positions[:, -1:]
+        for _ in range(6):
+            assert torch.allclose(logits[0], logits[1], atol=1e-3), (
+                (logits[0] - logits[1]).abs().max()
+            )
+            tokens = logits[1].argmax(-1)[:, None]
+            assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+            mask, positions = F.pad(mask, (0, 1), value=1), positions + 1
+            logits = [
+                model(
+                    input_ids=tokens,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                ).logits[:, -1]
+                for model, cache in zip((ours, theirs), caches, strict=True)
+            ]
+
+
+def write_checkpoint(directory: Path, config: dict, tokenizer_class: str) -> Path:
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "model.safetensors").write_bytes(b"")
+    (directory / "tokenizer.json").write_text("{}")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": tokenizer_class})
+    )
+    return directory
+
+
+def test_other_checkpoints_are_left_to_transformers(converted: Path, tmp_path: Path) -> None:
+    llama = json.loads((converted / "config.json").read_text())
+    scaled = {**llama, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}
+    for name, config in [("gpt2", {**llama, "model_type": "gpt2"}), ("scaled", scaled)]:
+        assert llama_config(write_checkpoint(tmp_path / name, config, "GPT2TokenizerFast")) is None
+        assert Tokenizer.from_directory(tmp_path / name) is None
+    assert llama_config(tmp_path) is None  # no config.json at all
+
+
+def test_the_embedded_model_serves_without_importing_transformers() -> None:
+    """The point of both modules: a replica's start never imports it."""
+    code = (
+        "import sys; from helpers.engine import Engine, GenerationRequest as R, Sampling as S; "
+        "from helpers.config import EMBEDDED_MODEL_ID, ServeConfig; "
+        "e = Engine.load(EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, "
+        "cpu_threads=1); print(type(e.model).__name__, len(e.generate([R('Hi', S(3, 0.0, 1.0))])), "
+        "'transformers' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert result.stdout.split() == [Llama.__name__, "1", "False"], result.stderr[-2000:]
