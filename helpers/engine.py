@@ -34,6 +34,7 @@ from helpers.continuous_batching import (
     Sampling,
     TextCallback,
 )
+from helpers.cpu_linear import prepack_linears
 from helpers.embedded_model import ensure_converted, is_embedded
 from helpers.llama import llama_config, load_llama
 from helpers.tokenizer import Tokenizer
@@ -154,9 +155,14 @@ class Engine:
         want_gpu: bool = False,
         cpu_threads: int | None = None,
         max_batch_size: int = 16,
+        prepack: bool = True,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
-        warm-up pass, timing each step into ``load_times``."""
+        warm-up pass, timing each step into ``load_times``.
+
+        On CPU the kit's Llama gets its linear layers prepacked for oneDNN
+        (:mod:`helpers.cpu_linear`) unless ``prepack`` is False.
+        """
         marks = [time.perf_counter()]
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
@@ -168,11 +174,12 @@ class Engine:
         marks.append(time.perf_counter())
         tokenizer = _tokenizer_from(model_id, source, extra)
         marks.append(time.perf_counter())
-        model = (
-            load_llama(Path(source), llama, dtype, device)
-            if llama is not None
-            else _transformers_model(source, extra, dtype, device)
-        )
+        if llama is not None:
+            model = load_llama(Path(source), llama, dtype, device)
+            if prepack and device == "cpu":
+                prepack_linears(model, rows_hint=max_batch_size)
+        else:
+            model = _transformers_model(source, extra, dtype, device)
         marks.append(time.perf_counter())
         engine = cls(model, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
         engine.probe()
@@ -254,9 +261,7 @@ class Engine:
         return self._batcher.stats
 
 
-def _transformers_model(
-    source: str, extra: dict[str, Any], dtype: torch.dtype, device: str
-) -> Any:
+def _transformers_model(source: str, extra: dict[str, Any], dtype: torch.dtype, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)

@@ -270,7 +270,7 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)

@@ -4,6 +4,8 @@ import time
 
 import pytest
 
+from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.cpu_linear import PrepackedLinear, can_prepack
 from helpers.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 
 PROMPTS = [
@@ -185,3 +187,17 @@ def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engin
     alone = [engine.generate([greedy(PROMPTS[0])])[0], engine.generate([sampled])[0]]
     together = engine.generate([greedy(PROMPTS[0]), sampled])
     assert [c.text for c in together] == [c.text for c in alone]
+
+
+def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do(engine: Engine) -> None:
+    """The CPU default (helpers/cpu_linear.py) is a speed-up, not a change of model."""
+    assert can_prepack(), "this torch build has no oneDNN: the CPU default is not tested"
+    assert any(isinstance(module, PrepackedLinear) for module in engine.model.modules())
+    unpacked = Engine.load(
+        EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, cpu_threads=2, prepack=False
+    )
+    assert not any(isinstance(module, PrepackedLinear) for module in unpacked.model.modules())
+    requests = [greedy(prompt, 24) for prompt in PROMPTS]
+    assert [c.text for c in engine.generate(requests)] == [
+        c.text for c in unpacked.generate(requests)
+    ]
