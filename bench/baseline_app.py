@@ -1,18 +1,22 @@
 """A walkthrough-style server, kept only as the benchmark's baseline.
 
 Like the walkthrough's app: each HTTP request runs its own ``model.generate``
-call, with no batching across requests. It shares the ingress, validation and
-replica settings with the real app, so the benchmark isolates batching.
+call on transformers' model and tokenizer, with no batching across requests.
+It shares the ingress, validation and replica settings with the real app, so
+the benchmark isolates the engine. (Its replicas also load the app's engine,
+for the prompt formatting and checks they share, so its cold start is not the
+walkthrough's.)
 ``scripts/serve.sh bench.baseline_app:app`` serves it as ``make serve`` serves
 the app.
 """
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from helpers.app_name import name_by_default
 from helpers.config import APP_NAME, ServeConfig
-from helpers.engine import Completion, Sampling
+from helpers.engine import Completion, Sampling, pick_device, resolve_model_source
 from helpers.llm_server import LLMServer, Prompt, TextDelta
 from helpers.serve_app import build_app
 
@@ -24,6 +28,7 @@ class OneByOneServer(LLMServer):
     def __init__(self, config: ServeConfig) -> None:
         super().__init__(config)
         self._lock = asyncio.Lock()
+        self.model, self.tokenizer = walkthrough_model(config)
 
     async def stream(
         self, prompts: list[Prompt], sampling: Sampling, text: bool = True
@@ -47,9 +52,9 @@ class OneByOneServer(LLMServer):
     ) -> Completion:
         import torch
 
-        tokenizer, model = self.engine.tokenizer, self.engine.model
+        tokenizer, model = self.tokenizer, self.model
         text = self._render(prompt)
-        inputs = tokenizer(text, return_tensors="pt")
+        inputs = tokenizer(text, return_tensors="pt").to(model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
         with torch.inference_mode():
             output = model.generate(
@@ -65,6 +70,18 @@ class OneByOneServer(LLMServer):
             completion_tokens=int(new_tokens.shape[0]),
             finish_reason="length",
         )
+
+
+def walkthrough_model(config: ServeConfig) -> tuple[Any, Any]:
+    """The model and tokenizer as the walkthrough loads them: transformers'
+    Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = resolve_model_source(config.model_id, config.model_cache_dir)
+    device, dtype = pick_device(config.num_gpus_per_replica > 0)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+    return model.eval(), tokenizer
 
 
 app = name_by_default(build_app(ServeConfig.from_env(), OneByOneServer), APP_NAME)
