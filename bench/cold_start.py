@@ -13,7 +13,7 @@ For a Serve app, the replica that answered then says when its process started
 and where its start went (``LLMServer.startup_times``), which splits the wait
 into consecutive parts: Serve and Ray starting the replica's process; Python,
 Ray, the kit and torch loading in it; the engine's imports, tokenizer,
-weights, oneDNN prepacking and warm-up pass; and the rest (the replica registering with Serve,
+weights and warm-up pass; and the rest (the replica registering with Serve,
 the request being routed to it, the prefill).
 """
 
@@ -38,7 +38,6 @@ PARTS = (
     "engine imports",
     "tokenizer",
     "weights",
-    "prepack",
     "warm-up pass",
     "registered, routed, prefill",
 )
@@ -86,7 +85,6 @@ def breakdown(sent: float, first_token_s: float, startup: dict) -> list[float]:
         engine["imports_s"],
         engine["tokenizer_s"],
         engine["weights_s"],
-        engine["prepack_s"],
         engine["warm_up_s"],
         first_token_s - ready_after,
     ]

@@ -56,18 +56,16 @@ class LoadTimes:
 
     Imports come first and alone, so ``weights_s`` is reading the weights and
     building the model, not Python loading transformers' modelling code.
-    ``prepack_s`` is reordering them for oneDNN on CPU (0 where not done).
     """
 
     imports_s: float
     tokenizer_s: float
     weights_s: float
-    prepack_s: float
     warm_up_s: float
 
     @property
     def total_s(self) -> float:
-        return self.imports_s + self.tokenizer_s + self.weights_s + self.prepack_s + self.warm_up_s
+        return self.imports_s + self.tokenizer_s + self.weights_s + self.warm_up_s
 
 
 class ModelLoadError(RuntimeError):
@@ -178,11 +176,10 @@ class Engine:
         marks.append(time.perf_counter())
         if llama is not None:
             model = load_llama(Path(source), llama, dtype, device)
+            if prepack and device == "cpu":
+                prepack_linears(model, rows_hint=max_batch_size)
         else:
             model = _transformers_model(source, extra, dtype, device)
-        marks.append(time.perf_counter())
-        if llama is not None and prepack and device == "cpu":
-            prepack_linears(model, rows_hint=max_batch_size)
         marks.append(time.perf_counter())
         engine = cls(model, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
         engine.probe()

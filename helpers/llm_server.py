@@ -70,8 +70,8 @@ class ReplicaStartup:
             f"ready {self.ready - self.process_started:.2f} s after its process started: "
             f"{self.init_started - self.process_started:.2f} s until __init__ (Python, Ray, "
             f"the kit, torch), then imports {engine.imports_s:.2f} s, tokenizer "
-            f"{engine.tokenizer_s:.2f} s, weights {engine.weights_s:.2f} s, prepack "
-            f"{engine.prepack_s:.2f} s, warm-up {engine.warm_up_s:.2f} s"
+            f"{engine.tokenizer_s:.2f} s, weights {engine.weights_s:.2f} s, warm-up "
+            f"{engine.warm_up_s:.2f} s"
         )
 
 

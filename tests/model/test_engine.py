@@ -177,7 +177,7 @@ def test_the_probe_fails_when_the_model_gives_non_finite_logits(
 def test_loading_reports_where_its_time_went(engine: Engine) -> None:
     times = engine.load_times
     assert times is not None
-    parts = (times.imports_s, times.tokenizer_s, times.weights_s, times.prepack_s, times.warm_up_s)
+    parts = (times.imports_s, times.tokenizer_s, times.weights_s, times.warm_up_s)
     assert all(part > 0 for part in parts)
     assert times.total_s == pytest.approx(sum(parts))
 
