@@ -148,6 +148,9 @@ class ContinuousBatcher:
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
         self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._idle_work: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = (
+            queue.SimpleQueue()
+        )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
@@ -186,10 +189,23 @@ class ContinuousBatcher:
         self._waiting.put(_Sequence(request, future, sampler, text, on_text))
         return future
 
+    def when_idle(self, work: Callable[[], None]) -> Future[None]:
+        """Run ``work`` on the decode thread once no sequence is decoding or
+        waiting (after the batch in flight, if any); resolves when it has run.
+
+        Work that changes the model (swapping its layers) is safe there: no
+        forward pass is running, and none starts until it returns.
+        """
+        done: Future[None] = Future()
+        self._idle_work.put((work, done))
+        return done
+
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
         running: _RunningBatch | None = None
         while not (self._stopping.is_set() and running is None):
+            if running is None and self._waiting.empty():
+                self._run_idle_work()
             arrivals = self._take_arrivals(running)
             try:
                 with torch.inference_mode():
@@ -199,6 +215,19 @@ class ContinuousBatcher:
                 for sequence in failed:
                     _settle(sequence.future, exception=err)
                 running = None
+
+    def _run_idle_work(self) -> None:
+        while True:
+            try:
+                work, done = self._idle_work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                work()
+            except Exception as err:  # the model is left as it was, and still serves
+                done.set_exception(err)
+            else:
+                done.set_result(None)
 
     def _take_arrivals(self, running: _RunningBatch | None) -> list[_Sequence]:
         """Waiting sequences that fit; blocks only when nothing is running."""

@@ -190,8 +190,13 @@ def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engin
 
 
 def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do(engine: Engine) -> None:
-    """The CPU default (helpers/cpu_linear.py) is a speed-up, not a change of model."""
+    """The CPU default (helpers/cpu_linear.py) is a speed-up, not a change of model.
+
+    The engine prepacks once it is first idle, after the request in flight."""
     assert can_prepack(), "this torch build has no oneDNN: the CPU default is not tested"
+    engine.generate([greedy(PROMPTS[0], 2)])
+    assert engine.tuned is not None
+    engine.tuned.result(timeout=120)
     assert any(isinstance(module, PrepackedLinear) for module in engine.model.modules())
     unpacked = Engine.load(
         EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, cpu_threads=2, prepack=False
@@ -201,3 +206,17 @@ def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do(engine: Engine
     assert [c.text for c in engine.generate(requests)] == [
         c.text for c in unpacked.generate(requests)
     ]
+
+
+def test_idle_work_waits_for_the_batch_in_flight_and_its_failure_stays_contained(
+    engine: Engine,
+) -> None:
+    in_flight = engine.submit(greedy(PROMPTS[1], 16))
+    seen: list[bool] = []
+    ran = engine.when_idle(lambda: seen.append(in_flight.done()))
+    failed = engine.when_idle(lambda: 1 / 0)
+    ran.result(timeout=120)
+    assert seen == [True]
+    with pytest.raises(ZeroDivisionError):
+        failed.result(timeout=60)
+    assert engine.generate([greedy(PROMPTS[0], 2)])[0].completion_tokens == 2
