@@ -179,8 +179,6 @@ class Engine:
         marks.append(time.perf_counter())
         if llama is not None:
             model = load_llama(Path(source), llama, dtype, device)
-            if prepack and device == "cpu":
-                prepack_linears(model, rows_hint=max_batch_size)
         else:
             model = _transformers_model(source, extra, dtype, device)
         marks.append(time.perf_counter())
