@@ -1,13 +1,13 @@
-"""The inference engine: torch and transformers' tokenizers, no Ray.
+"""The inference engine: torch (and transformers for other models), no Ray.
 
 Keeping Ray out of this module lets unit tests, notebooks and GPU benchmarks
 (on machines without Ray) drive exactly the code that replicas run.
 
 The engine loads the model (picking device, dtype and CPU threads): a Llama
 safetensors checkpoint such as the embedded model with the kit's own
-:mod:`helpers.llama`, which starts seconds sooner, anything else with
-transformers' ``AutoModelForCausalLM``. It formats
-and measures prompts, and hands requests to a continuous batcher
+:mod:`helpers.llama` and :mod:`helpers.tokenizer`, which start seconds
+sooner, anything else with transformers' Auto classes. It formats and
+measures prompts, and hands requests to a continuous batcher
 (:mod:`helpers.continuous_batching`) that decodes every request in flight
 together. Each request keeps its own ``max_new_tokens``, ``temperature``,
 ``top_p`` and seed, which ``model.generate`` cannot do within one batch.
