@@ -14,4 +14,4 @@ class BreakableLLMServer(LLMServer):
     def break_the_model(self) -> None:
         """Poison the embeddings, as a corrupted weight or a failed device would."""
         with torch.no_grad():
-            self.engine.model.get_input_embeddings().weight.fill_(float("nan"))
+            self.engine.model.model.embed_tokens.weight.fill_(float("nan"))
