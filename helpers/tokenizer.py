@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
@@ -90,21 +91,21 @@ class Tokenizer:
         padding: bool = False,
         return_tensors: str | None = None,
     ) -> dict[str, Any]:
-        """Token ids (and attention mask) as transformers' tokenizers return
-        them: lists for one text, left-padded tensors for ``return_tensors="pt"``."""
-        if isinstance(text, str):
-            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        """Token ids and attention mask as transformers' tokenizers return
+        them: lists, or left-padded tensors for ``return_tensors="pt"``; one
+        row without a batch dimension for one text, unless it asks for tensors."""
+        texts = [text] if isinstance(text, str) else list(text)
         rows = [
-            e.ids
-            for e in self.backend.encode_batch(list(text), add_special_tokens=add_special_tokens)
+            e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         ]
-        width = max(map(len, rows)) if padding else 0
+        width = max(map(len, rows)) if padding or return_tensors == "pt" else 0
         pad = self.pad_token_id or 0
         ids = [[pad] * (width - len(row)) + row for row in rows]
         mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
         if return_tensors == "pt":
             return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if isinstance(text, str):
+            return {"input_ids": ids[0], "attention_mask": mask[0]}
         return {"input_ids": ids, "attention_mask": mask}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -162,6 +163,4 @@ def _tojson(
 
 
 def _raise(message: str) -> None:
-    from jinja2.exceptions import TemplateError
-
     raise TemplateError(message)

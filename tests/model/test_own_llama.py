@@ -62,6 +62,10 @@ def test_the_tokenizer_gives_transformers_ids_and_text(tokenizers) -> None:
                 assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
                     ids, skip_special_tokens=skip
                 )
+    for key in ("input_ids", "attention_mask"):  # one text as tensors: a batch of one
+        assert torch.equal(
+            ours(TEXTS[0], return_tensors="pt")[key], theirs(TEXTS[0], return_tensors="pt")[key]
+        )
     mine = ours(TEXTS, return_tensors="pt", padding=True)
     reference = theirs(TEXTS, return_tensors="pt", padding=True)
     for key in ("input_ids", "attention_mask"):
