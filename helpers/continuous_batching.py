@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from helpers.batch_rows import PaddedRows, SlotRows
 from helpers.sampling import Sampler
 from helpers.text_stream import TextStream
 
@@ -87,64 +87,34 @@ class _Sequence:
             self.on_text(delta)
 
 
-class _RunningBatch:
-    """The KV cache, attention mask, next positions and last logits of the rows."""
-
-    def __init__(
-        self,
-        sequences: list[_Sequence],
-        cache: Any,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        logits: torch.Tensor,
-    ) -> None:
-        self.sequences = sequences
-        self.cache = cache
-        self.mask = mask
-        self.positions = positions
-        self.logits = logits
-
-    def merge(self, other: _RunningBatch) -> None:
-        """Append ``other``'s rows, left-padding whichever side is shorter."""
-        length = max(self.mask.shape[1], other.mask.shape[1])
-        mine, theirs = length - self.mask.shape[1], length - other.mask.shape[1]
-        for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
-            layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
-            layer.values = torch.cat([_pad_kv(layer.values, mine), _pad_kv(new.values, theirs)])
-        self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(other.mask, (theirs, 0))])
-        self.positions = torch.cat([self.positions, other.positions])
-        self.logits = torch.cat([self.logits, other.logits])
-        self.sequences += other.sequences
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows``, then drop padding columns no remaining row needs."""
-        index = torch.tensor(rows, device=self.mask.device)
-        self.sequences = [self.sequences[i] for i in rows]
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-
-
-def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """Left-pad a [batch, heads, length, dim] cache tensor along its length."""
-    return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
-
-
 class ContinuousBatcher:
     """Owns the model on one thread; other threads submit and await futures."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, eos_token_ids: set[int], max_batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_token_ids: set[int],
+        max_batch_size: int,
+        slots: bool | None = None,
     ) -> None:
+        """``slots`` picks the batch's layout (:mod:`helpers.batch_rows`): by
+        default slots replayed as CUDA graphs for a model that offers a slot
+        cache on a GPU, else a padded cache; True runs slots eagerly, as
+        tests do on CPU."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_batch_size = max_batch_size
         self.stats = BatchStats()
+        on_gpu = model.device.type == "cuda" and hasattr(model, "new_slot_cache")
+        if slots or (slots is None and on_gpu):
+            self._rows: PaddedRows | SlotRows = SlotRows(
+                model, tokenizer, max_batch_size, graphs=on_gpu
+            )
+        else:
+            self._rows = PaddedRows(model, tokenizer)
+        self._sequences: list[_Sequence] = []
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
         self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
@@ -202,19 +172,18 @@ class ContinuousBatcher:
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
-        running: _RunningBatch | None = None
-        while not (self._stopping.is_set() and running is None):
-            if running is None and self._waiting.empty():
+        while not (self._stopping.is_set() and not self._sequences):
+            if not self._sequences and self._waiting.empty():
                 self._run_idle_work()
-            arrivals = self._take_arrivals(running)
+            arrivals = self._take_arrivals()
             try:
                 with torch.inference_mode():
-                    running = self._advance(running, arrivals)
+                    self._advance(arrivals)
             except Exception as err:  # never let one bad batch kill the loop
-                failed = (running.sequences if running else []) + arrivals
-                for sequence in failed:
+                for sequence in self._sequences + arrivals:
                     _settle(sequence.future, exception=err)
-                running = None
+                self._sequences = []
+                self._rows.clear()
 
     def _run_idle_work(self) -> None:
         while True:
@@ -229,10 +198,10 @@ class ContinuousBatcher:
             else:
                 done.set_result(None)
 
-    def _take_arrivals(self, running: _RunningBatch | None) -> list[_Sequence]:
+    def _take_arrivals(self) -> list[_Sequence]:
         """Waiting sequences that fit; blocks only when nothing is running."""
-        room = self.max_batch_size - (len(running.sequences) if running else 0)
-        arrivals: list[_Sequence | None] = [self._waiting.get()] if running is None else []
+        room = self.max_batch_size - len(self._sequences)
+        arrivals: list[_Sequence | None] = [] if self._sequences else [self._waiting.get()]
         while len(arrivals) < room:
             try:
                 arrivals.append(self._waiting.get_nowait())
@@ -242,29 +211,24 @@ class ContinuousBatcher:
         self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
         return live
 
-    def _advance(
-        self, running: _RunningBatch | None, arrivals: list[_Sequence]
-    ) -> _RunningBatch | None:
+    def _advance(self, arrivals: list[_Sequence]) -> None:
         """One iteration: admit, sample a token per row, retire ended rows, decode."""
         if arrivals:
-            admitted = self._prefill(arrivals)
-            if running is None:
-                running = admitted
-            else:
-                running.merge(admitted)
-        if running is None:
-            return None
-        self.stats.largest_batch = max(self.stats.largest_batch, len(running.sequences))
+            self._admit(arrivals)
+        if not self._sequences:
+            return
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
+        logits = self._rows.logits
         next_tokens, keep = [], []
         # Greedy rows take their argmax from one batched call: one transfer
         # from the device per step rather than one per row.
-        greedy = running.logits.argmax(-1).tolist()
-        for row, sequence in enumerate(running.sequences):
+        greedy = logits.argmax(-1).tolist()
+        for row, sequence in enumerate(self._sequences):
             if sequence.future.cancelled():
                 self.stats.cancelled += 1
                 continue
             sampler = sequence.sampler
-            token = greedy[row] if sampler.greedy else sampler.pick(running.logits[row])
+            token = greedy[row] if sampler.greedy else sampler.pick(logits[row])
             ended = token in self.eos_token_ids
             if not ended:
                 sequence.emit(sequence.text.append(token))
@@ -276,58 +240,24 @@ class ContinuousBatcher:
                 keep.append(row)
                 next_tokens.append(token)
         if not keep:
-            return None
-        if len(keep) < len(running.sequences):
-            running.keep(keep)
-        self._decode_step(running, next_tokens)
-        return running
+            self._sequences = []
+            self._rows.clear()
+            return
+        if len(keep) < len(self._sequences):
+            self._sequences = [self._sequences[row] for row in keep]
+            self._rows.keep(keep)
+        self._rows.decode(next_tokens)
+        self.stats.forward_passes += 1
 
-    def _prefill(self, sequences: list[_Sequence]) -> _RunningBatch:
-        batch = self.tokenizer(
-            [s.request.prompt for s in sequences], return_tensors="pt", padding=True
-        )
-        mask = batch["attention_mask"].to(self.device)
-        for sequence, length in zip(sequences, mask.sum(-1).tolist(), strict=True):
+    def _admit(self, sequences: list[_Sequence]) -> None:
+        """One prefill for all ``sequences``; they join the batch's rows."""
+        lengths = self._rows.admit([s.request.prompt for s in sequences])
+        for sequence, length in zip(sequences, lengths, strict=True):
             sequence.prompt_tokens = length
-        cache = self._new_cache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = self.model(
-            input_ids=batch["input_ids"].to(self.device),
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        self._sequences += sequences
         self.stats.prefills += 1
         self.stats.forward_passes += 1
         self.stats.sequences += len(sequences)
-        return _RunningBatch(
-            sequences, cache, mask, positions[:, -1:] + 1, output.logits[:, -1, :].float()
-        )
-
-    def _new_cache(self) -> Any:
-        """An empty KV cache of the kind the model fills: its own, or
-        transformers' when the model is a transformers one."""
-        new_cache = getattr(self.model, "new_cache", None)
-        if new_cache is not None:
-            return new_cache()
-        from transformers import DynamicCache
-
-        return DynamicCache()
-
-    def _decode_step(self, running: _RunningBatch, tokens: list[int]) -> None:
-        running.mask = F.pad(running.mask, (0, 1), value=1)
-        output = self.model(
-            input_ids=torch.tensor(tokens, device=self.device)[:, None],
-            attention_mask=running.mask,
-            position_ids=running.positions,
-            cache=running.cache,
-            use_cache=True,
-        )
-        running.positions = running.positions + 1
-        running.logits = output.logits[:, -1, :].float()
-        self.stats.forward_passes += 1
 
     def _finish(self, sequence: _Sequence, reason: str) -> None:
         sequence.emit(sequence.text.finish())

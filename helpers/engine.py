@@ -133,17 +133,25 @@ class Engine:
     """A model and its tokenizer, decoding batches of requests together."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, model_id: str, max_batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        max_batch_size: int = 16,
+        slots: bool | None = None,
     ) -> None:
-        """Wrap a model already in memory: what :meth:`load` reads from disk, or
-        what the GPU benchmark builds from random weights."""
+        """Wrap a model already in memory (what :meth:`load` reads from disk).
+        ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says."""
         self.model_id = model_id
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context_length = _context_length(model.config)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self._batcher = ContinuousBatcher(model, tokenizer, self.eos_token_ids, max_batch_size)
+        self._batcher = ContinuousBatcher(
+            model, tokenizer, self.eos_token_ids, max_batch_size, slots
+        )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None
 
@@ -157,6 +165,7 @@ class Engine:
         cpu_threads: int | None = None,
         max_batch_size: int = 16,
         prepack: bool = True,
+        slots: bool | None = None,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
         warm-up pass, timing each step into ``load_times``.
@@ -182,7 +191,9 @@ class Engine:
         else:
             model = _transformers_model(source, extra, dtype, device)
         marks.append(time.perf_counter())
-        engine = cls(model, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
+        engine = cls(
+            model, tokenizer, model_id=model_id, max_batch_size=max_batch_size, slots=slots
+        )
         engine.probe()
         marks.append(time.perf_counter())
         engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))

@@ -152,6 +152,10 @@ class LayerCache:
 
 
 class KVCache:
+    """Keys and values that grow by one column per step, rows left-padded to a
+    common length: what the batcher's CPU path keeps (no memory reserved
+    ahead, no work spent on columns nobody reads)."""
+
     def __init__(self, layers: int) -> None:
         self.layers = [LayerCache() for _ in range(layers)]
 
@@ -159,6 +163,96 @@ class KVCache:
     def length(self) -> int:
         keys = self.layers[0].keys
         return 0 if keys is None else keys.shape[-2]
+
+    def mask(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, new: int
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            batch = position_ids.shape[0]
+            attention_mask = torch.ones(
+                batch, self.length + new, dtype=torch.long, device=position_ids.device
+            )
+        return _attention_mask(attention_mask, new)
+
+
+class SlotLayer:
+    """One layer's share of a :class:`SlotCache`."""
+
+    def __init__(self, owner: SlotCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.owner, self.keys, self.values = owner, keys, values
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens at their positions' columns; return the columns
+        the batch's rows attend over."""
+        rows, columns, width = self.owner.rows, self.owner.columns, self.owner.width
+        # [batch, new] row and column indices around all heads: the indexed
+        # view is [batch, new, heads, head_dim].
+        self.keys[rows[:, None], :, columns] = keys.transpose(1, 2)
+        self.values[rows[:, None], :, columns] = values.transpose(1, 2)
+        if self.owner.leading:
+            return self.keys[: len(rows), :, :width], self.values[: len(rows), :, :width]
+        return self.keys[rows, :, :width], self.values[rows, :, :width]
+
+
+class SlotCache:
+    """Keys and values reserved ahead: each sequence owns one row ("slot") for
+    its whole life and its token at position p lives in column p.
+
+    Why: on a GPU a decode step of a small model is launch-bound (a thousand
+    small kernels), and replaying it as one CUDA graph needs every tensor's
+    shape and address fixed in advance. A growing, left-padded cache has
+    neither; this one has both, and needs no attention mask from the caller:
+    a token sees the columns up to its own position in its own row. Column
+    ``capacity`` (the last) takes the writes of padding tokens, which nothing
+    reads.
+
+    Before each forward pass the caller sets which slots the batch's rows are
+    (``rows``), whether those are simply the first ``len(rows)`` slots
+    (``leading``: read as a view, not a copy) and how many columns attention
+    reads (``width``, more than any position in the batch).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (slots, config.num_key_value_heads, capacity + 1, config.head_dim)
+        self.config, self.capacity = config, capacity
+        self.layers = [
+            SlotLayer(
+                self,
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.rows = torch.arange(slots, device=device)
+        self.leading = True
+        self.width = capacity
+        self.columns = torch.zeros(slots, 1, dtype=torch.long, device=device)
+
+    def grown(self, capacity: int) -> SlotCache:
+        """A copy with room for ``capacity`` positions; the caller drops this one."""
+        keys = self.layers[0].keys
+        bigger = SlotCache(self.config, keys.shape[0], capacity, keys.dtype, keys.device)
+        kept = slice(0, self.capacity)
+        for old, new in zip(self.layers, bigger.layers, strict=True):
+            new.keys[:, :, kept] = old.keys[:, :, kept]
+            new.values[:, :, kept] = old.values[:, :, kept]
+        return bigger
+
+    def mask(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, new: int
+    ) -> torch.Tensor:
+        """``[batch, 1, new, width]``: columns up to each token's own position.
+        A padding token (at ``capacity``) sees every column, so its row of
+        attention is never empty (which would give NaN)."""
+        columns = torch.arange(self.width, device=position_ids.device)
+        return (columns <= position_ids[:, :, None])[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -200,7 +294,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
-        cache: LayerCache,
+        cache: LayerCache | SlotLayer,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         shape = (batch, length, -1, self.head_dim)
@@ -239,7 +333,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
-        cache: LayerCache,
+        cache: LayerCache | SlotLayer,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -275,12 +369,16 @@ class Llama(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotCache:
+        weight = self.lm_head.weight
+        return SlotCache(self.config, slots, capacity, weight.dtype, weight.device)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         logits_to_keep: int = 0,
         **_: Any,
     ) -> ModelOutput:
@@ -291,14 +389,12 @@ class Llama(nn.Module):
         """
         cache = cache if cache is not None else self.new_cache()
         batch, new = input_ids.shape
-        past = cache.length
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + new, dtype=torch.long, device=self.device)
         if position_ids is None:
+            past = cache.length
             position_ids = torch.arange(past, past + new, device=self.device).expand(batch, -1)
         x = self.model.embed_tokens(input_ids)
         rope = self._rope(position_ids, x.dtype)
-        mask = _attention_mask(attention_mask, new)
+        mask = cache.mask(attention_mask, position_ids, new)
         for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
             x = layer(x, rope, mask, layer_cache)
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)

@@ -4,7 +4,14 @@ from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine import Engine
 
 
-@pytest.fixture(scope="session")
-def engine() -> Engine:
-    """The real embedded model, loaded once for every engine test."""
-    return Engine.load(EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, cpu_threads=2)
+@pytest.fixture(scope="session", params=["padded", "slots"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """The real embedded model, loaded once per batch layout for every engine
+    test: the padded cache CPUs use, and the slots GPUs replay as CUDA graphs
+    (run eagerly here, so their bookkeeping is checked without a GPU)."""
+    return Engine.load(
+        EMBEDDED_MODEL_ID,
+        ServeConfig.from_env({}).model_cache_dir,
+        cpu_threads=2,
+        slots=request.param == "slots",
+    )

@@ -1,0 +1,67 @@
+"""The two batch layouts decode the same text: slots (what GPUs replay as CUDA
+graphs, run eagerly here) against the padded cache CPUs use."""
+
+import time
+
+import pytest
+
+from helpers.batch_rows import FIRST_CAPACITY
+from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine import Engine, GenerationRequest, Sampling
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about Ray Serve.",
+    "List three colours:\n1.",
+]
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[Engine, Engine]:
+    loaded = Engine.load(
+        EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, cpu_threads=2, prepack=False
+    )
+    model, tokenizer = loaded.model, loaded.tokenizer
+    return tuple(  # type: ignore[return-value]
+        Engine(model, tokenizer, model_id=EMBEDDED_MODEL_ID, max_batch_size=4, slots=slots)
+        for slots in (False, True)
+    )
+
+
+def greedy(prompt: str, max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
+
+
+def staggered(engine: Engine, requests: list[GenerationRequest]) -> list[str]:
+    """The first request decodes a few steps alone; the others join its batch."""
+    first = engine.submit(requests[0])
+    passes = engine.stats.forward_passes
+    while engine.stats.forward_passes < passes + 3 and not first.done():
+        time.sleep(0.005)
+    rest = [engine.submit(request) for request in requests[1:]]
+    return [future.result().text for future in [first, *rest]]
+
+
+def test_slots_decode_what_the_padded_cache_decodes(engines: tuple[Engine, Engine]) -> None:
+    padded, slotted = engines
+    requests = [greedy(prompt, 12 + 4 * i) for i, prompt in enumerate(PROMPTS)]
+    expected = staggered(padded, requests)
+    assert all(expected)
+    assert staggered(slotted, requests) == expected
+
+
+def test_slots_grow_past_their_first_capacity(engines: tuple[Engine, Engine]) -> None:
+    padded, slotted = engines
+    long_prompt = "Count on: " + ", ".join(str(n) for n in range(FIRST_CAPACITY // 3))
+    assert slotted.count_tokens(long_prompt) + 24 > FIRST_CAPACITY
+    requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24)]
+    assert staggered(slotted, requests) == staggered(padded, requests)
+
+
+def test_a_freed_slot_serves_the_next_sequence_cleanly(engines: tuple[Engine, Engine]) -> None:
+    """A slot keeps the old sequence's keys past the new one's end; they must
+    stay invisible to it."""
+    _, slotted = engines
+    alone = slotted.generate([greedy(PROMPTS[2], 10)])[0].text
+    slotted.generate([greedy(PROMPTS[1] * 6, 20)])  # fills slot 0 far past PROMPTS[2]
+    assert slotted.generate([greedy(PROMPTS[2], 10)])[0].text == alone
