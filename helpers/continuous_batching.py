@@ -9,9 +9,11 @@ sequences (one prefill for all of them, their KV cache merged into the running
 batch), sample one token for every row, drop the rows that ended, and run one
 decode step for the rest.
 
-Rows are left-padded to a common length; each row's attention mask hides its
-padding and its position ids count its real tokens only, so a sequence decodes
-the same whichever rows it shares the batch with.
+The batch's tensors are kept by :mod:`helpers.batch_rows`: on CPU rows are
+left-padded to a common length, each row's attention mask hides its padding
+and its position ids count its real tokens only; on a GPU each sequence owns
+a slot of a cache reserved ahead. Either way a sequence decodes the same
+whichever rows it shares the batch with.
 """
 
 from __future__ import annotations
