@@ -198,6 +198,37 @@ def engine_run(engine: Engine, batch: int, max_tokens: int) -> tuple[float, floa
     return tokens / seconds, seconds * 1000 / (engine.stats.forward_passes - steps_before)
 
 
+class HealthChecks:
+    """``Engine.probe`` in a loop on a thread of its own, as Serve's health
+    check calls it beside the decode loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.passed, self.failures = engine, 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                self.engine.probe()
+                self.passed += 1
+            except Exception as err:  # reported, not raised: the decoding goes on
+                self.failures.append(repr(err))
+
+    def __enter__(self) -> HealthChecks:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> str:
+        if not self.failures:
+            return f"{self.passed} passed"
+        return f"{self.passed} passed, {len(self.failures)} failed: {self.failures[0]}"
+
+
 def same_text(one: Engine, other: Engine, count: int = 8, tokens: int = 16) -> int:
     """How many of ``count`` prompts decode to the same greedy text in both
     engines (random weights give flat logits, so a rounding difference can
@@ -300,8 +331,9 @@ def main() -> None:
         )
         agree = same_text(slots, padded)
         started = time.perf_counter()
-        for batch in args.batches:  # the first pass of each shape captures its graphs
-            engine_run(slots, batch, args.max_tokens)
+        with HealthChecks(slots) as checks:  # as Serve's, while graphs are captured
+            for batch in args.batches:  # the first pass of each shape captures its graphs
+                engine_run(slots, batch, args.max_tokens)
         first_passes = time.perf_counter() - started
         first = first_token_s(slots)
         rows = [(batch, *engine_run(slots, batch, args.max_tokens)) for batch in args.batches]
@@ -312,6 +344,7 @@ def main() -> None:
     graphs = "CUDA graphs" if args.device == "cuda" else "eager"
     print(f"same greedy text from slots and the padded cache: {agree} of 8 prompts")
     print(f"first pass at each batch size ({graphs}, captured then): {first_passes:.2f} s")
+    print(f"health checks during that pass, on another thread: {checks.summary()}")
     print(f"first token, one request on an idle engine: {first * 1000:.1f} ms")
     print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
     print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")

@@ -256,7 +256,10 @@ class DecodeGraph(DecodeStep):
             self.forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Only this thread's calls join the capture: Serve's health check runs
+        # a forward pass of its own on another thread (``Engine.probe``), and
+        # in the default mode that would break the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self.forward()
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -35,6 +35,9 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     assert re.search(r"first token, one request on an idle engine: [\d.]+ ms", result.stdout)
     agree = re.search(r"same greedy text from slots and the padded cache: (\d) of 8", result.stdout)
     assert agree and int(agree.group(1)) == 8  # on CPU, in fp32, the layouts agree exactly
+    assert re.search(
+        r"health checks during that pass, on another thread: \d+ passed$", result.stdout, re.M
+    )
     assert re.search(r"walkthrough loop \(1 requests in turn\): [1-9]\d* tok/s", result.stdout)
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in rows] == [1, 2]
