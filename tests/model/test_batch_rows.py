@@ -50,9 +50,10 @@ def test_slots_decode_what_the_padded_cache_decodes(engines: tuple[Engine, Engin
     assert staggered(slotted, requests) == expected
 
 
-def test_slots_grow_past_their_first_capacity(engines: tuple[Engine, Engine]) -> None:
+@pytest.mark.parametrize("numbers", [62, 85], ids=["while-decoding", "at-admission"])
+def test_slots_grow_past_their_first_capacity(engines: tuple[Engine, Engine], numbers: int) -> None:
     padded, slotted = engines
-    long_prompt = "Count on: " + ", ".join(str(n) for n in range(FIRST_CAPACITY // 3))
+    long_prompt = "Count on: " + ", ".join(str(n) for n in range(numbers))
     assert slotted.count_tokens(long_prompt) + 24 > FIRST_CAPACITY
     requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24)]
     assert staggered(slotted, requests) == staggered(padded, requests)
