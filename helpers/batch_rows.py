@@ -15,7 +15,9 @@ the batcher's row order, and run the model over them:
   from Python costs far more than running them.
 
 Both take the same calls: ``admit`` prompts (one prefill for all of them),
-``keep`` some rows, ``decode`` one token per row, ``clear``.
+``keep`` some rows, ``decode`` one token per row, ``clear``. ``logits`` holds
+each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
+stale, since the batcher always decodes next.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class SlotRows:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.capacity)
         cache = self.cache
         cache.rows = torch.tensor(slots, device=self.device)
+        cache.clear_rows()
         cache.leading, cache.columns, cache.width = False, positions, ids.shape[1]
         output = self.model(input_ids=ids, position_ids=positions, cache=cache, logits_to_keep=1)
         self.slot_of += slots
@@ -256,9 +259,9 @@ class DecodeGraph(DecodeStep):
             self.forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # Only this thread's calls join the capture: Serve's health check runs
-        # a forward pass of its own on another thread (``Engine.probe``), and
-        # in the default mode that would break the capture.
+        # Serve's health check runs a forward pass of its own on another
+        # thread (``Engine.probe``); in the default mode its CUDA calls during
+        # a capture would be refused, here only this thread's are checked.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self.forward()
 

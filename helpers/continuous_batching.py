@@ -109,7 +109,10 @@ class ContinuousBatcher:
         self.eos_token_ids = eos_token_ids
         self.max_batch_size = max_batch_size
         self.stats = BatchStats()
-        on_gpu = model.device.type == "cuda" and hasattr(model, "new_slot_cache")
+        has_slots = hasattr(model, "new_slot_cache")
+        if slots and not has_slots:
+            raise ValueError("slots need the kit's own Llama (helpers/llama.py)")
+        on_gpu = model.device.type == "cuda" and has_slots
         if slots or (slots is None and on_gpu):
             self._rows: PaddedRows | SlotRows = SlotRows(
                 model, tokenizer, max_batch_size, graphs=on_gpu
@@ -165,8 +168,9 @@ class ContinuousBatcher:
         """Run ``work`` on the decode thread once no sequence is decoding or
         waiting (after the batch in flight, if any); resolves when it has run.
 
-        Work that changes the model (swapping its layers) is safe there: no
-        forward pass is running, and none starts until it returns.
+        Work that changes the model (swapping its layers) is safe there on
+        CPU: no forward pass is running, and none starts until it returns. Not
+        on a GPU, where captured CUDA graphs keep the old weights' addresses.
         """
         done: Future[None] = Future()
         self._idle_work.put((work, done))

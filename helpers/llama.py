@@ -235,6 +235,14 @@ class SlotCache:
         self.width = capacity
         self.columns = torch.zeros(slots, 1, dtype=torch.long, device=device)
 
+    def clear_rows(self) -> None:
+        """Zero the slots in ``rows`` before a new sequence moves in: masked
+        columns weigh zero, but zero times a NaN left by the last occupant is
+        NaN, and a padding token sees every column."""
+        for layer in self.layers:
+            layer.keys[self.rows] = 0
+            layer.values[self.rows] = 0
+
     def grown(self, capacity: int) -> SlotCache:
         """A copy with room for ``capacity`` positions; the caller drops this one."""
         keys = self.layers[0].keys

@@ -4,6 +4,7 @@ graphs, run eagerly here) against the padded cache CPUs use."""
 import time
 
 import pytest
+import torch
 
 from helpers.batch_rows import FIRST_CAPACITY
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
@@ -66,3 +67,15 @@ def test_a_freed_slot_serves_the_next_sequence_cleanly(engines: tuple[Engine, En
     alone = slotted.generate([greedy(PROMPTS[2], 10)])[0].text
     slotted.generate([greedy(PROMPTS[1] * 6, 20)])  # fills slot 0 far past PROMPTS[2]
     assert slotted.generate([greedy(PROMPTS[2], 10)])[0].text == alone
+
+
+def test_a_slot_is_cleared_for_its_next_sequence(engines: tuple[Engine, Engine]) -> None:
+    """Even a NaN left in a slot's masked columns must not reach the next
+    sequence there (masked weights are zero, and zero times NaN is NaN)."""
+    _, slotted = engines
+    alone = slotted.generate([greedy(PROMPTS[0], 8)])[0].text
+    cache = slotted._batcher._rows.cache  # the slot cache the next prompt moves into
+    with torch.inference_mode():  # the decode thread may have made it there
+        for layer in cache.layers:
+            layer.values[:, :, 40] = float("nan")  # past the sequence, inside the width read
+    assert slotted.generate([greedy(PROMPTS[0], 8)])[0].text == alone
