@@ -63,6 +63,7 @@ SHAPE = {
 }
 EOS = SHAPE["vocab_size"] - 1
 PROMPT_WORDS = 32
+LONG_PROMPT_WORDS = 240
 
 
 def random_state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -175,11 +176,9 @@ def readiness(directory: Path, device: str) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def prompts(count: int, seed: int = 0) -> list[str]:
+def prompts(count: int, seed: int = 0, words: int = PROMPT_WORDS) -> list[str]:
     rng = random.Random(seed)
-    return [
-        " ".join(f"w{rng.randint(2, EOS - 1)}" for _ in range(PROMPT_WORDS)) for _ in range(count)
-    ]
+    return [" ".join(f"w{rng.randint(2, EOS - 1)}" for _ in range(words)) for _ in range(count)]
 
 
 def synchronize(device: str) -> None:
@@ -229,13 +228,15 @@ class HealthChecks:
         return f"{self.passed} passed, {len(self.failures)} failed: {self.failures[0]}"
 
 
-def same_text(one: Engine, other: Engine, count: int = 8, tokens: int = 16) -> int:
+def same_text(
+    one: Engine, other: Engine, count: int = 8, tokens: int = 16, words: int = PROMPT_WORDS
+) -> int:
     """How many of ``count`` prompts decode to the same greedy text in both
     engines (random weights give flat logits, so a rounding difference can
     flip a near-tie now and then; a broken cache would flip nearly all)."""
     requests = [
         GenerationRequest(p, Sampling(tokens, temperature=0.0, top_p=1.0))
-        for p in prompts(count, seed=2)
+        for p in prompts(count, seed=2, words=words)
     ]
     pairs = zip(one.generate(requests), other.generate(requests), strict=True)
     return sum(a.text == b.text for a, b in pairs)
@@ -330,6 +331,9 @@ def main() -> None:
             slots.model, slots.tokenizer, model_id="padded", max_batch_size=largest, slots=False
         )
         agree = same_text(slots, padded)
+        # Prompts just short of the slot cache's first capacity: it grows, and
+        # its graphs are captured again, while these decode.
+        grown = same_text(slots, padded, count=4, tokens=32, words=LONG_PROMPT_WORDS)
         started = time.perf_counter()
         with HealthChecks(slots) as checks:  # as Serve's, while graphs are captured
             for batch in args.batches:  # the first pass of each shape captures its graphs
@@ -343,9 +347,16 @@ def main() -> None:
         loop = loop_tokens_per_s(directory, args.device, args.loop_requests, args.max_tokens)
     graphs = "CUDA graphs" if args.device == "cuda" else "eager"
     print(f"same greedy text from slots and the padded cache: {agree} of 8 prompts")
+    print(
+        f"the same past the slots' first capacity ({LONG_PROMPT_WORDS}-word prompts, "
+        f"32 tokens each): {grown} of 4 prompts"
+    )
     print(f"first pass at each batch size ({graphs}, captured then): {first_passes:.2f} s")
     print(f"health checks during that pass, on another thread: {checks.summary()}")
     print(f"first token, one request on an idle engine: {first * 1000:.1f} ms")
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"GPU memory at its peak, caches and graphs included: {peak:.2f} GiB")
     print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
     print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
     print(
