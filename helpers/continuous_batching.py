@@ -19,9 +19,10 @@ whichever rows it shares the batch with.
 from __future__ import annotations
 
 import atexit
+import collections
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,30 @@ class _Sequence:
             self.on_text(delta)
 
 
+@dataclass
+class _Chore:
+    """Work for the decode thread, cut into pieces that each fit between two steps."""
+
+    pieces: list[Callable[[], None]]
+    done: Future[None]
+    ran: int = 0
+
+    def run_piece(self) -> bool:
+        """Run the next piece; True once the chore has ended and ``done`` is
+        resolved: its last piece ran, or one raised and the rest are dropped."""
+        if self.ran < len(self.pieces):
+            try:
+                self.pieces[self.ran]()
+            except Exception as err:  # the model stays as the pieces before left it
+                self.done.set_exception(err)
+                return True
+            self.ran += 1
+        if self.ran < len(self.pieces):
+            return False
+        self.done.set_result(None)
+        return True
+
+
 class ContinuousBatcher:
     """Owns the model on one thread; other threads submit and await futures."""
 
@@ -123,9 +148,8 @@ class ContinuousBatcher:
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
         self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
-        self._idle_work: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = (
-            queue.SimpleQueue()
-        )
+        self._new_chores: queue.SimpleQueue[_Chore] = queue.SimpleQueue()
+        self._chores: collections.deque[_Chore] = collections.deque()  # decode thread only
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
@@ -164,23 +188,29 @@ class ContinuousBatcher:
         self._waiting.put(_Sequence(request, future, sampler, text, on_text))
         return future
 
-    def when_idle(self, work: Callable[[], None]) -> Future[None]:
-        """Run ``work`` on the decode thread once no sequence is decoding or
-        waiting (after the batch in flight, if any); resolves when it has run.
+    def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
+        """Run ``pieces`` in order on the decode thread: one between two decode
+        steps while sequences decode, all that are left once the engine is
+        idle. Resolves when the last has run, or with the error of the first
+        that raised (the pieces after it are dropped). A loop asleep, with
+        nothing submitted, starts them after the next request's first step,
+        so that request's first token never waits for them.
 
-        Work that changes the model (swapping its layers) is safe there on
-        CPU: no forward pass is running, and none starts until it returns. Not
-        on a GPU, where captured CUDA graphs keep the old weights' addresses.
+        Why pieces: work queued for an idle moment never runs on a replica
+        that starts under load and stays busy, while running it all at once
+        would stall every sequence in the batch. A piece that changes the
+        model (swapping a layer) is safe here on CPU: no forward pass is
+        running, and none starts until it returns. Not on a GPU, where
+        captured CUDA graphs keep the old weights' addresses.
         """
         done: Future[None] = Future()
-        self._idle_work.put((work, done))
+        self._new_chores.put(_Chore(list(pieces), done))
         return done
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
         while not (self._stopping.is_set() and not self._sequences):
-            if not self._sequences and self._waiting.empty():
-                self._run_idle_work()
+            self._run_chores(idle=not self._sequences and self._waiting.empty())
             arrivals = self._take_arrivals()
             try:
                 with torch.inference_mode():
@@ -191,18 +221,19 @@ class ContinuousBatcher:
                 self._sequences = []
                 self._rows.clear()
 
-    def _run_idle_work(self) -> None:
+    def _run_chores(self, idle: bool) -> None:
+        """Between two steps: one piece of the oldest chore, or every piece of
+        every chore when nothing decodes or waits."""
         while True:
             try:
-                work, done = self._idle_work.get_nowait()
+                self._chores.append(self._new_chores.get_nowait())
             except queue.Empty:
+                break
+        while self._chores:
+            if self._chores[0].run_piece():
+                self._chores.popleft()
+            if not idle:
                 return
-            try:
-                work()
-            except Exception as err:  # the model is left as it was, and still serves
-                done.set_exception(err)
-            else:
-                done.set_result(None)
 
     def _take_arrivals(self) -> list[_Sequence]:
         """Waiting sequences that fit; blocks only when nothing is running."""

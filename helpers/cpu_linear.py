@@ -15,6 +15,9 @@ oneDNN, an ARM Mac) the layers are left as they are.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -40,20 +43,33 @@ def can_prepack() -> bool:
     )
 
 
-def prepack_linears(model: nn.Module, rows_hint: int) -> int:
-    """Swap every fp32 CPU ``nn.Linear`` in ``model`` for a prepacked one;
-    returns how many. ``rows_hint`` is the rows a call usually has (the batch
-    size): oneDNN picks its layout for it, and any other row count still works."""
+def prepack_pieces(model: nn.Module, rows_hint: int) -> list[Callable[[], None]]:
+    """One piece of work per module that owns fp32 CPU ``nn.Linear`` layers
+    (a layer's attention, its MLP, the output layer), each swapping those
+    layers for prepacked ones: the engine runs them between decode steps.
+
+    ``rows_hint`` is the rows a call usually has (the batch size): oneDNN
+    picks its layout for it, and any other row count still works. No pieces
+    where this torch cannot prepack."""
     if not can_prepack():
-        return 0
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if (
-                isinstance(child, nn.Linear)
-                and child.weight.device.type == "cpu"
-                and child.weight.dtype == torch.float32
-            ):
-                setattr(module, name, PrepackedLinear(child, rows_hint))
-                swapped += 1
-    return swapped
+        return []
+    owners = [
+        module
+        for module in model.modules()
+        if any(_prepackable(child) for child in module.children())
+    ]
+    return [functools.partial(_prepack_children, owner, rows_hint) for owner in owners]
+
+
+def _prepackable(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Linear)
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+    )
+
+
+def _prepack_children(owner: nn.Module, rows_hint: int) -> None:
+    for name, child in list(owner.named_children()):
+        if _prepackable(child):
+            setattr(owner, name, PrepackedLinear(child, rows_hint))

@@ -34,7 +34,7 @@ from helpers.continuous_batching import (
     Sampling,
     TextCallback,
 )
-from helpers.cpu_linear import prepack_linears
+from helpers.cpu_linear import prepack_pieces
 from helpers.embedded_model import ensure_converted, is_embedded
 from helpers.llama import llama_config, load_llama
 from helpers.tokenizer import Tokenizer
@@ -171,9 +171,11 @@ class Engine:
         warm-up pass, timing each step into ``load_times``.
 
         On CPU the kit's Llama then gets its linear layers prepacked for oneDNN
-        (:mod:`helpers.cpu_linear`) unless ``prepack`` is False: the first
-        time the engine is idle, so the 0.5 to 0.8 s it takes on 2 cores stays
-        out of a cold start. ``tuned`` resolves when it is done.
+        (:mod:`helpers.cpu_linear`) unless ``prepack`` is False: a module's
+        layers at a time, between decode steps or when the engine is idle,
+        so the 0.5 to 0.8 s it takes in all stays out of a cold start and
+        reaches a replica that starts under load. ``tuned`` resolves when it
+        is done.
         """
         marks = [time.perf_counter()]
         if cpu_threads is not None:
@@ -198,9 +200,7 @@ class Engine:
         marks.append(time.perf_counter())
         engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))
         if llama is not None and prepack and device == "cpu":
-            engine.tuned = engine.when_idle(
-                lambda: prepack_linears(model, rows_hint=max_batch_size)
-            )
+            engine.tuned = engine.between_steps(prepack_pieces(model, max_batch_size))
         return engine
 
     def format_prompt(self, text: str, prompt_format: str) -> str:
@@ -267,9 +267,10 @@ class Engine:
         if not torch.isfinite(logits).all():
             raise RuntimeError("the model's logits are not finite")
 
-    def when_idle(self, work: Callable[[], None]) -> Future[None]:
-        """Run ``work`` on the decode thread once nothing is decoding or waiting."""
-        return self._batcher.when_idle(work)
+    def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
+        """Run ``pieces`` on the decode thread, one between two decode steps
+        (all at once when idle); see :meth:`ContinuousBatcher.between_steps`."""
+        return self._batcher.between_steps(pieces)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Complete ``requests`` (blocking); completions hold only the new text."""

@@ -1,6 +1,7 @@
 """The engine on the real embedded model: no Ray involved."""
 
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -192,7 +193,8 @@ def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engin
 def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do(engine: Engine) -> None:
     """The CPU default (helpers/cpu_linear.py) is a speed-up, not a change of model.
 
-    The engine prepacks once it is first idle, after the request in flight."""
+    The engine prepacks between the steps of the requests after its load,
+    and whatever is left once it is idle."""
     assert can_prepack(), "this torch build has no oneDNN: the CPU default is not tested"
     engine.generate([greedy(PROMPTS[0], 2)])
     assert engine.tuned is not None
@@ -208,15 +210,27 @@ def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do(engine: Engine
     ]
 
 
-def test_idle_work_waits_for_the_batch_in_flight_and_its_failure_stays_contained(
+def test_work_between_steps_takes_one_step_boundary_a_piece_and_its_failure_stays_contained(
     engine: Engine,
 ) -> None:
-    in_flight = engine.submit(greedy(PROMPTS[1], 16))
-    seen: list[bool] = []
-    ran = engine.when_idle(lambda: seen.append(in_flight.done()))
-    failed = engine.when_idle(lambda: 1 / 0)
-    ran.result(timeout=120)
-    assert seen == [True]
+    """A replica that starts under load never idles, so its prepacking runs in
+    pieces between decode steps instead (helpers/cpu_linear.py)."""
+    steps: list[int] = []
+    after_failure: list[int] = []
+    chores: list[Future[None]] = []
+
+    def queue_chores(_: str) -> None:  # on the decode thread, mid-sequence
+        if not chores:
+            piece = lambda: steps.append(engine.stats.forward_passes)  # noqa: E731
+            chores.append(engine.between_steps([piece] * 3))
+            chores.append(engine.between_steps([lambda: 1 / 0, lambda: after_failure.append(1)]))
+
+    in_flight = engine.submit(greedy(PROMPTS[1], 24), queue_chores)
+    assert in_flight.result(timeout=120).completion_tokens == 24
+    assert len(chores) == 2, "the stream never emitted text"
+    chores[0].result(timeout=60)
+    assert len(steps) == 3 and steps[0] < steps[1] < steps[2]  # one piece a step
     with pytest.raises(ZeroDivisionError):
-        failed.result(timeout=60)
+        chores[1].result(timeout=60)
+    assert after_failure == []
     assert engine.generate([greedy(PROMPTS[0], 2)])[0].completion_tokens == 2
