@@ -27,6 +27,8 @@ def tokens_per_s(engine: Engine, batch: int, max_tokens: int) -> tuple[float, st
         for i in range(batch)
     ]
     engine.generate([GenerationRequest(prompts[0], Sampling(8, 0.0, 1.0))])  # warm-up
+    if engine.tuned is not None:  # the prepacking finishes once the warm-up ends
+        engine.tuned.result()
     sampling = Sampling(max_new_tokens=max_tokens, temperature=0.0, top_p=1.0)
     started = time.perf_counter()
     completions = engine.generate([GenerationRequest(p, sampling) for p in prompts])
