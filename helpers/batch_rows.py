@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helpers.llama import Segment
+
 SMALLEST_WIDTH = 64
 """Fewest cache columns a decode graph reads; widths double from here."""
 FIRST_CAPACITY = 256
@@ -47,10 +49,19 @@ def power_of_two_at_least(needed: int, smallest: int) -> int:
 
 
 class PaddedRows:
-    """A growing, left-padded KV cache; each row's mask hides its padding."""
+    """A growing, left-padded KV cache; each row's mask hides its padding.
+
+    With the kit's Llama, new prompts can also ride along a decode step
+    (``folds_prefills``): one pass decodes the running rows and prefills the
+    new ones, so the weights are read once for both. On CPU a prefill of a
+    short prompt alone costs about as much as a decode step, since both are
+    bound by reading the weights; folded, it costs little more than its own
+    tokens' arithmetic, and the running rows do not stall for it.
+    """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.folds_prefills = hasattr(model, "forward_segments")
         self.clear()
 
     def clear(self) -> None:
@@ -59,9 +70,8 @@ class PaddedRows:
 
     def admit(self, prompts: list[str]) -> list[int]:
         """Prefill ``prompts`` as new rows; returns their lengths in tokens."""
-        ids, mask = encode(self.tokenizer, prompts, self.model.device)
+        ids, mask, positions = self._encode(prompts)
         cache = self._new_cache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -70,16 +80,27 @@ class PaddedRows:
             use_cache=True,
             logits_to_keep=1,
         )
-        logits = output.logits[:, -1, :].float()
+        return self._add_rows(cache, mask, positions, output.logits)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """Token ids, mask and position ids of new rows."""
+        ids, mask = encode(self.tokenizer, prompts, self.model.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _add_rows(
+        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
+    ) -> list[int]:
+        """Append prefilled rows after the running ones; returns their lengths."""
+        last = logits[:, -1, :].float()
         if self.cache is None:
             self.cache, self.mask, self.positions, self.logits = (
                 cache,
                 mask,
                 positions[:, -1:] + 1,
-                logits,
+                last,
             )
         else:
-            self._merge(cache, mask, positions[:, -1:] + 1, logits)
+            self._merge(cache, mask, positions[:, -1:] + 1, last)
         return mask.sum(-1).tolist()
 
     def _new_cache(self) -> Any:
@@ -116,17 +137,35 @@ class PaddedRows:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
 
-    def decode(self, tokens: list[int]) -> None:
+    def decode(self, tokens: list[int], prompts: list[str] | None = None) -> list[int]:
+        """One token for every row; with ``prompts`` (where ``folds_prefills``)
+        the same pass prefills them as new rows after the others. Returns the
+        new rows' lengths in tokens."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        output = self.model(
-            input_ids=torch.tensor(tokens, device=self.model.device)[:, None],
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            cache=self.cache,
-            use_cache=True,
+        step = Segment(
+            torch.tensor(tokens, device=self.model.device)[:, None],
+            self.cache,
+            self.positions,
+            self.mask,
         )
+        if prompts:
+            ids, mask, positions = self._encode(prompts)
+            cache = self._new_cache()
+            new = Segment(ids, cache, positions, mask, logits_to_keep=1)
+            logits, new_logits = self.model.forward_segments([step, new])
+        else:
+            logits = self.model(
+                input_ids=step.input_ids,
+                attention_mask=step.attention_mask,
+                position_ids=step.position_ids,
+                cache=step.cache,
+                use_cache=True,
+            ).logits
         self.positions = self.positions + 1
-        self.logits = output.logits[:, -1, :].float()
+        self.logits = logits[:, -1, :].float()
+        if not prompts:
+            return []
+        return self._add_rows(cache, mask, positions, new_logits)
 
 
 def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
@@ -145,6 +184,10 @@ class SlotRows:
     runs eagerly. Idle slots in the step decode a padding token into the
     cache's scratch column, which costs little on a GPU and is never read.
     """
+
+    folds_prefills = False
+    """A decode step here has fixed shapes (a captured graph): prompts are
+    prefilled in passes of their own."""
 
     def __init__(self, model: Any, tokenizer: Any, slots: int, graphs: bool) -> None:
         self.model, self.tokenizer, self.slots = model, tokenizer, slots

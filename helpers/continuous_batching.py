@@ -70,6 +70,8 @@ class BatchStats:
 
     sequences: int = 0
     prefills: int = 0
+    folded_prefills: int = 0
+    """Prefills that rode along a decode step rather than taking a pass of their own."""
     forward_passes: int = 0
     generated_tokens: int = 0
     largest_batch: int = 0
@@ -249,8 +251,14 @@ class ContinuousBatcher:
         return live
 
     def _advance(self, arrivals: list[_Sequence]) -> None:
-        """One iteration: admit, sample a token per row, retire ended rows, decode."""
-        if arrivals:
+        """One iteration: admit, sample a token per row, retire ended rows, decode.
+
+        Arrivals join a running batch inside its decode step where the rows
+        allow it (``folds_prefills``); otherwise, and into an empty batch,
+        they are prefilled first, in a pass of their own.
+        """
+        fold = bool(arrivals and self._sequences) and self._rows.folds_prefills
+        if arrivals and not fold:
             self._admit(arrivals)
         if not self._sequences:
             return
@@ -279,21 +287,31 @@ class ContinuousBatcher:
         if not keep:
             self._sequences = []
             self._rows.clear()
+            if fold:  # nothing left to ride along
+                self._admit(arrivals)
             return
         if len(keep) < len(self._sequences):
             self._sequences = [self._sequences[row] for row in keep]
             self._rows.keep(keep)
-        self._rows.decode(next_tokens)
+        if fold:
+            lengths = self._rows.decode(next_tokens, [s.request.prompt for s in arrivals])
+            self._joined(arrivals, lengths)
+            self.stats.folded_prefills += 1
+        else:
+            self._rows.decode(next_tokens)
         self.stats.forward_passes += 1
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """One prefill for all ``sequences``; they join the batch's rows."""
-        lengths = self._rows.admit([s.request.prompt for s in sequences])
+        self._joined(sequences, self._rows.admit([s.request.prompt for s in sequences]))
+        self.stats.forward_passes += 1
+
+    def _joined(self, sequences: list[_Sequence], lengths: list[int]) -> None:
+        """Record ``sequences`` as the batch's newest rows, prefilled to ``lengths``."""
         for sequence, length in zip(sequences, lengths, strict=True):
             sequence.prompt_tokens = length
         self._sequences += sequences
         self.stats.prefills += 1
-        self.stats.forward_passes += 1
         self.stats.sequences += len(sequences)
 
     def _finish(self, sequence: _Sequence, reason: str) -> None:

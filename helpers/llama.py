@@ -282,6 +282,39 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Rows that share a cache and a token count, for one forward pass.
+
+    A decode step is one segment (one new token per row); so is a prefill
+    (each prompt's tokens, left-padded). :meth:`Llama.forward_segments` runs
+    several in one pass: every linear layer, where nearly all of a CPU
+    forward pass goes, reads its weights once for all their tokens, and
+    only attention runs per segment, each against its own cache.
+    """
+
+    input_ids: torch.Tensor
+    cache: KVCache | SlotCache
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    logits_to_keep: int = 0
+    """Logits for this many last tokens of each row; 0 for every token."""
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What attention needs of one segment: its shape, rotation and mask."""
+
+    batch: int
+    length: int
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -298,22 +331,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: LayerCache | SlotLayer,
+        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
     ) -> torch.Tensor:
-        batch, length, _ = x.shape
-        shape = (batch, length, -1, self.head_dim)
-        q = _rotate(self.q_proj(x).view(shape).transpose(1, 2), *rope)
-        k = _rotate(self.k_proj(x).view(shape).transpose(1, 2), *rope)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        """``x`` is every segment's tokens packed, ``[tokens, hidden]``."""
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        outputs, start = [], 0
+        for rows, cache in zip(segments, caches, strict=True):
+            end = start + rows.tokens
+            shape = (rows.batch, rows.length, -1, self.head_dim)
+            q = _rotate(queries[start:end].view(shape).transpose(1, 2), *rows.rope)
+            k = _rotate(keys[start:end].view(shape).transpose(1, 2), *rows.rope)
+            v = values[start:end].view(shape).transpose(1, 2)
+            k, v = cache.append(k, v)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=rows.mask, scale=self.head_dim**-0.5, enable_gqa=True
+            )
+            outputs.append(out.transpose(1, 2).reshape(rows.tokens, -1))
+            start = end
+        return self.o_proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
 
 
 class MLP(nn.Module):
@@ -337,13 +372,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: LayerCache | SlotLayer,
+        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), segments, caches)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -396,17 +427,35 @@ class Llama(nn.Module):
         left padding); ``position_ids`` count each row's real tokens only.
         """
         cache = cache if cache is not None else self.new_cache()
-        batch, new = input_ids.shape
-        if position_ids is None:
-            past = cache.length
-            position_ids = torch.arange(past, past + new, device=self.device).expand(batch, -1)
-        x = self.model.embed_tokens(input_ids)
-        rope = self._rope(position_ids, x.dtype)
-        mask = cache.mask(attention_mask, position_ids, new)
-        for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
-            x = layer(x, rope, mask, layer_cache)
-        x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        return ModelOutput(self.lm_head(x))
+        segment = Segment(input_ids, cache, position_ids, attention_mask, logits_to_keep)
+        return ModelOutput(self.forward_segments([segment])[0])
+
+    def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Each segment's logits, ``[batch, kept tokens, vocab]``, from one pass."""
+        rows, hidden, kept = [], [], []
+        for segment in segments:
+            batch, new = segment.input_ids.shape
+            positions = segment.position_ids
+            if positions is None:
+                past = segment.cache.length
+                positions = torch.arange(past, past + new, device=self.device).expand(batch, -1)
+            x = self.model.embed_tokens(segment.input_ids)
+            mask = segment.cache.mask(segment.attention_mask, positions, new)
+            rows.append(_Rows(batch, new, self._rope(positions, x.dtype), mask))
+            hidden.append(x.reshape(batch * new, -1))
+        x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, rows, [segment.cache.layers[index] for segment in segments])
+        start = 0
+        for segment, shape in zip(segments, rows, strict=True):
+            tokens = x[start : start + shape.tokens].view(shape.batch, shape.length, -1)
+            keep = segment.logits_to_keep
+            kept.append(tokens[:, -keep:] if keep else tokens)
+            start += shape.tokens
+        last = [k.reshape(-1, k.shape[-1]) for k in kept]
+        logits = self.lm_head(self.model.norm(last[0] if len(last) == 1 else torch.cat(last)))
+        split = logits.split([k.shape[0] * k.shape[1] for k in kept])
+        return [part.view(*k.shape[:2], -1) for part, k in zip(split, kept, strict=True)]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Cosines and sines for each row's positions, ``[batch, 1, new, head_dim]``."""
