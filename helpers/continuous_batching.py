@@ -4,10 +4,12 @@ With static batching (gather requests, decode them all, return them all) a
 request that arrives while a batch runs waits for the whole batch to finish,
 and a batch keeps computing rows that already ended. On this project's 2-core
 machine that left replicas decoding two or three sequences at a time under a
-load of sixteen. Here one thread owns the model and loops: admit waiting
-sequences (one prefill for all of them, their KV cache merged into the running
-batch), sample one token for every row, drop the rows that ended, and run one
-decode step for the rest.
+load of sixteen. Here one thread owns the model and loops: sample one token
+for every row, drop the rows that ended, and run one decode step for the
+rest, in which the sequences that arrived meanwhile are prefilled too (one
+pass for both, their KV cache merged into the running batch after it). Into
+an empty batch, or where the batch's layout cannot take them along (a GPU's
+captured steps), arrivals get a prefill pass of their own first.
 
 The batch's tensors are kept by :mod:`helpers.batch_rows`: on CPU rows are
 left-padded to a common length, each row's attention mask hides its padding

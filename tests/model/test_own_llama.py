@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from helpers.config import ServeConfig
 from helpers.embedded_model import ensure_converted
-from helpers.llama import Llama, llama_config, load_llama
+from helpers.llama import Llama, Segment, llama_config, load_llama
 from helpers.tokenizer import Tokenizer
 
 TEXTS = [
@@ -128,6 +128,42 @@ def test_the_model_gives_transformers_logits_through_prefill_and_decode(
                 ).logits[:, -1]
                 for model, cache in zip((ours, theirs), caches, strict=True)
             ]
+
+
+def test_a_pass_of_two_segments_gives_the_logits_of_two_passes(converted: Path, tokenizers) -> None:
+    """A decode step and a prefill in one pass (the batcher folds new prompts
+    into the running batch's step) give what they give in passes of their
+    own, and leave each cache as its own pass would."""
+    config = llama_config(converted)
+    assert config is not None
+    model = load_llama(converted, config, torch.float32, "cpu")
+
+    def encoded(texts: list[str]) -> tuple[torch.Tensor, ...]:
+        batch = tokenizers[0](texts, return_tensors="pt", padding=True)
+        mask = batch["attention_mask"]
+        return batch["input_ids"], mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def segments() -> tuple[Segment, Segment]:
+        ids, mask, positions = encoded(TEXTS[:2])
+        running = model.new_cache()
+        tokens = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=running
+        ).logits[:, -1].argmax(-1)[:, None]
+        step = Segment(tokens, running, positions[:, -1:] + 1, F.pad(mask, (0, 1), value=1))
+        ids, mask, positions = encoded(TEXTS[2:])
+        return step, Segment(ids, model.new_cache(), positions, mask, logits_to_keep=1)
+
+    with torch.inference_mode():
+        apart = [model.forward_segments([segment])[0] for segment in segments()]
+        together_segments = segments()
+        together = model.forward_segments(list(together_segments))
+        for alone, joint in zip(apart, together, strict=True):
+            assert alone.shape == joint.shape
+            assert torch.allclose(alone, joint, atol=1e-4), (alone - joint).abs().max()
+            assert torch.equal(alone.argmax(-1), joint.argmax(-1))
+        step, prefill = together_segments
+        assert step.cache.length == step.attention_mask.shape[1]
+        assert prefill.cache.length == prefill.input_ids.shape[1]
 
 
 def write_checkpoint(directory: Path, config: dict, tokenizer_class: str) -> Path:
