@@ -142,23 +142,22 @@ class PaddedRows:
         the same pass prefills them as new rows after the others. Returns the
         new rows' lengths in tokens."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        step = Segment(
-            torch.tensor(tokens, device=self.model.device)[:, None],
-            self.cache,
-            self.positions,
-            self.mask,
-        )
+        step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
         if prompts:
             ids, mask, positions = self._encode(prompts)
             cache = self._new_cache()
-            new = Segment(ids, cache, positions, mask, logits_to_keep=1)
-            logits, new_logits = self.model.forward_segments([step, new])
+            logits, new_logits = self.model.forward_segments(
+                [
+                    Segment(step_ids, self.cache, self.positions, self.mask),
+                    Segment(ids, cache, positions, mask, logits_to_keep=1),
+                ]
+            )
         else:
             logits = self.model(
-                input_ids=step.input_ids,
-                attention_mask=step.attention_mask,
-                position_ids=step.position_ids,
-                cache=step.cache,
+                input_ids=step_ids,
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                cache=self.cache,
                 use_cache=True,
             ).logits
         self.positions = self.positions + 1

@@ -447,11 +447,11 @@ class Llama(nn.Module):
         for index, layer in enumerate(self.model.layers):
             x = layer(x, rows, [segment.cache.layers[index] for segment in segments])
         start = 0
-        for segment, shape in zip(segments, rows, strict=True):
-            tokens = x[start : start + shape.tokens].view(shape.batch, shape.length, -1)
+        for segment, part in zip(segments, rows, strict=True):
+            tokens = x[start : start + part.tokens].view(part.batch, part.length, -1)
             keep = segment.logits_to_keep
             kept.append(tokens[:, -keep:] if keep else tokens)
-            start += shape.tokens
+            start += part.tokens
         last = [k.reshape(-1, k.shape[-1]) for k in kept]
         logits = self.lm_head(self.model.norm(last[0] if len(last) == 1 else torch.cat(last)))
         split = logits.split([k.shape[0] * k.shape[1] for k in kept])
