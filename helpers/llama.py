@@ -444,8 +444,10 @@ class Llama(nn.Module):
             rows.append(_Rows(batch, new, self._rope(positions, x.dtype), mask))
             hidden.append(x.reshape(batch * new, -1))
         x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-        for index, layer in enumerate(self.model.layers):
-            x = layer(x, rows, [segment.cache.layers[index] for segment in segments])
+        # Each layer's caches, one per segment, in the segments' order.
+        layer_caches = zip(*(segment.cache.layers for segment in segments), strict=True)
+        for layer, caches in zip(self.model.layers, layer_caches, strict=True):
+            x = layer(x, rows, list(caches))
         start = 0
         for segment, part in zip(segments, rows, strict=True):
             tokens = x[start : start + part.tokens].view(part.batch, part.length, -1)
