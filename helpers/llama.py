@@ -25,8 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from helpers import gguf_linear
 
 
 @dataclass(frozen=True)
@@ -98,15 +101,35 @@ def llama_config(directory: Path) -> LlamaConfig | None:
     )
 
 
-def load_llama(directory: Path, config: LlamaConfig, dtype: torch.dtype, device: str) -> Llama:
-    """The checkpoint in ``directory``, read straight onto ``device``."""
+def load_llama(
+    directory: Path, config: LlamaConfig, dtype: torch.dtype, device: str, gguf_blocks: bool = True
+) -> Llama:
+    """The checkpoint in ``directory``, read straight onto ``device``.
+
+    Where the directory holds GGUF blocks (the embedded model's copy) and
+    this CPU runs their kernels, the linear layers keep those blocks instead
+    of fp32 weights (:mod:`helpers.gguf_linear`), unless ``gguf_blocks`` is
+    False; their fp32 weights are then never read.
+    """
+    blocks: dict[str, torch.Tensor] = {}
+    blocks_file = directory / gguf_linear.BLOCKS_FILE
+    if (
+        gguf_blocks
+        and blocks_file.is_file()
+        and (device, dtype) == ("cpu", torch.float32)
+        and gguf_linear.kernels() is not None
+    ):
+        blocks = load_file(blocks_file)
+    replaced = {name.rsplit(".", 1)[0] + ".weight" for name in blocks}
     state: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(file, device=device))
+        with safe_open(file, framework="pt", device=device) as checkpoint:
+            names = set(checkpoint.keys()) - replaced
+            state |= {name: checkpoint.get_tensor(name) for name in names}
     state = {name: tensor.to(dtype) for name, tensor in state.items()}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "lm_head.weight" not in replaced:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return build_llama(config, state, _eos_token_id(directory))
+    return build_llama(config, state | blocks, _eos_token_id(directory))
 
 
 def build_llama(
@@ -114,11 +137,13 @@ def build_llama(
 ) -> Llama:
     """A model around ``state``'s tensors, used where they lie. It is built on
     the meta device first, so no memory or time goes into initial weights
-    about to be replaced."""
+    about to be replaced. Linear layers whose GGUF blocks are in ``state``
+    become :class:`~helpers.gguf_linear.GgufLinear`."""
     with torch.device("meta"):
         model = Llama(config, eos_token_id)
+        gguf_linear.use_blocks(model, state)
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = rope_inverse_frequencies(config, model.lm_head.weight.device)
+    model.inv_freq = rope_inverse_frequencies(config, model.device)
     return model.eval()
 
 
@@ -409,7 +434,7 @@ class Llama(nn.Module):
         return KVCache(self.config.num_hidden_layers)
 
     def new_slot_cache(self, slots: int, capacity: int) -> SlotCache:
-        weight = self.lm_head.weight
+        weight = self.model.embed_tokens.weight
         return SlotCache(self.config, slots, capacity, weight.dtype, weight.device)
 
     def forward(

@@ -203,22 +203,30 @@ def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engin
     assert [c.text for c in together] == [c.text for c in alone]
 
 
-def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do(engine: Engine) -> None:
-    """The CPU default (helpers/cpu_linear.py) is a speed-up, not a change of model.
+def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do() -> None:
+    """fp32 linear layers (a model without GGUF blocks, or a CPU without their
+    kernels) get prepacked for oneDNN (helpers/cpu_linear.py): a speed-up,
+    not a change of model.
 
     The engine prepacks between the steps of the requests after its load,
     and whatever is left once it is idle."""
     assert can_prepack(), "this torch build has no oneDNN: the CPU default is not tested"
-    engine.generate([greedy(PROMPTS[0], 2)])
-    assert engine.tuned is not None
-    engine.tuned.result(timeout=120)
-    assert any(isinstance(module, PrepackedLinear) for module in engine.model.modules())
-    unpacked = Engine.load(
-        EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, cpu_threads=2, prepack=False
-    )
+
+    def fp32_engine(prepack: bool) -> Engine:
+        cache_dir = ServeConfig.from_env({}).model_cache_dir
+        return Engine.load(
+            EMBEDDED_MODEL_ID, cache_dir, cpu_threads=2, gguf_blocks=False, prepack=prepack
+        )
+
+    packed = fp32_engine(prepack=True)
+    packed.generate([greedy(PROMPTS[0], 2)])
+    assert packed.tuned is not None
+    packed.tuned.result(timeout=120)
+    assert any(isinstance(module, PrepackedLinear) for module in packed.model.modules())
+    unpacked = fp32_engine(prepack=False)
     assert not any(isinstance(module, PrepackedLinear) for module in unpacked.model.modules())
     requests = [greedy(prompt, 24) for prompt in PROMPTS]
-    assert [c.text for c in engine.generate(requests)] == [
+    assert [c.text for c in packed.generate(requests)] == [
         c.text for c in unpacked.generate(requests)
     ]
 

@@ -1,0 +1,154 @@
+/* Matrix products straight from GGUF's 4-bit and 8-bit blocks, on one core
+ * with AVX2 and FMA. helpers/gguf_linear.py compiles this file and calls it.
+ *
+ * Why: on CPU a decode step spends its time streaming the linear layers'
+ * weights from memory, and fp32 weights are 8 times the bytes of the 4-bit
+ * blocks the embedded model ships as. These kernels read the blocks and
+ * compute in fp32, so the products are those of the fp32 weights transformers
+ * de-quantises, up to the order of the additions.
+ *
+ * y[M][N] = x[M][K] . W^T, where W[n][k] for k in block b = k / 32 is
+ *   Q4_1: d[n][b] * q[n][k] + m[n][b], q in 0..15
+ *   Q8_0: d[n][b] * q[n][k],           q in -128..127
+ *
+ * Layout (written by helpers/gguf_linear.py): the N outputs go in groups of
+ * 8 columns. For group g and position k, `cols` holds the group's 8 quants
+ * side by side: Q4_1 as one 32-bit word whose nibble j is column 8g + j,
+ * Q8_0 as 8 signed bytes. The fp16 scales d (and offsets m) come as 8 values
+ * per group and block: d16[(g * blocks + b) * 8 + j].
+ *
+ * Each tile of the product keeps rows x column-groups x k-phases
+ * accumulators in registers, at least 8 of them, so the FMA units never wait
+ * on a previous FMA's result. It sums a block's raw quants first and applies
+ * d (and m times the block's sum of x) once per block.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum kind { Q4_1, Q8_0 };
+
+/* The quants of one column group at position k, as 8 floats. */
+static inline __attribute__((always_inline)) __m256 quants(enum kind kind, const uint8_t *col, int k)
+{
+    if (kind == Q4_1) {
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        __m256i word = _mm256_set1_epi32(((const int32_t *)col)[k]);
+        __m256i q = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(0xF));
+        return _mm256_cvtepi32_ps(q);
+    }
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)(col + 8 * (long)k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+struct operands {
+    const float *x;      /* rows of K inputs */
+    const float *x_sums; /* each row's sum of x over each block (Q4_1 only) */
+    int K, N;
+    const uint8_t *cols;
+    long col_bytes; /* one column group's quants */
+    const uint16_t *d16, *m16;
+    float *y;
+};
+
+/* Rows [row, row + MR) by column groups [group, group + NG). */
+static inline __attribute__((always_inline)) void tile(
+    enum kind kind, const struct operands *o, int row, int group, int MR, int NG, int KS)
+{
+    const int K = o->K, blocks = K / 32;
+    const float *x = o->x + (long)row * K;
+    const uint8_t *cols = o->cols + group * o->col_bytes;
+    const long col_bytes = o->col_bytes;
+    for (int b = 0; b < blocks; b++) {
+        __m256 acc[4][2][5];
+        for (int s = 0; s < KS; s++)
+            for (int g = 0; g < NG; g++)
+                for (int r = 0; r < MR; r++) acc[s][g][r] = _mm256_setzero_ps();
+        for (int kk = 0; kk < 32; kk += KS)
+            for (int s = 0; s < KS; s++) {
+                const int k = 32 * b + kk + s;
+                __m256 q[2];
+                for (int g = 0; g < NG; g++)
+                    q[g] = quants(kind, cols + g * col_bytes, k);
+                for (int r = 0; r < MR; r++) {
+                    __m256 xr = _mm256_broadcast_ss(x + (long)r * K + k);
+                    for (int g = 0; g < NG; g++)
+                        acc[s][g][r] = _mm256_fmadd_ps(q[g], xr, acc[s][g][r]);
+                }
+            }
+        for (int g = 0; g < NG; g++) {
+            const long at = 8 * ((long)(group + g) * blocks + b);
+            __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o->d16 + at)));
+            for (int r = 0; r < MR; r++) {
+                __m256 sum = acc[0][g][r];
+                for (int s = 1; s < KS; s++) sum = _mm256_add_ps(sum, acc[s][g][r]);
+                __m256 part = _mm256_mul_ps(sum, d);
+                if (kind == Q4_1) {
+                    __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o->m16 + at)));
+                    __m256 x_sum = _mm256_broadcast_ss(o->x_sums + (long)(row + r) * blocks + b);
+                    part = _mm256_fmadd_ps(m, x_sum, part);
+                }
+                float *out = o->y + (long)(row + r) * o->N + 8 * (group + g);
+                _mm256_storeu_ps(out, b == 0 ? part : _mm256_add_ps(_mm256_loadu_ps(out), part));
+            }
+        }
+    }
+}
+
+/* All rows against NG column groups: as few tiles of at most 5 rows as
+ * possible, of near-equal sizes, since every tile unpacks the quants again. */
+static inline __attribute__((always_inline)) void all_rows(
+    enum kind kind, const struct operands *o, int M, int group, int NG)
+{
+    const int tiles = (M + 4) / 5;
+    for (int t = 0, row = 0; t < tiles; t++) {
+        const int rows = M / tiles + (t < M % tiles);
+        switch (rows) {
+        case 5: tile(kind, o, row, group, 5, NG, 1); break;
+        case 4: tile(kind, o, row, group, 4, NG, 1); break;
+        case 3: tile(kind, o, row, group, 3, NG, 1); break;
+        case 2: tile(kind, o, row, group, 2, NG, 2); break;
+        default: tile(kind, o, row, group, 1, NG, 4);
+        }
+        row += rows;
+    }
+}
+
+/* Inlined into each entry point, so that `kind` is a constant in the loops. */
+static inline __attribute__((always_inline)) int product(
+    enum kind kind, struct operands *o, int M)
+{
+    const int blocks = o->K / 32;
+    float *x_sums = NULL;
+    if (kind == Q4_1) {
+        x_sums = malloc(sizeof(float) * ((long)M * blocks + 1));
+        if (x_sums == NULL) return -1;
+        for (long i = 0; i < (long)M * blocks; i++) {
+            float sum = 0;
+            for (int j = 0; j < 32; j++) sum += o->x[32 * i + j];
+            x_sums[i] = sum;
+        }
+        o->x_sums = x_sums;
+    }
+    const int groups = o->N / 8;
+    int group = 0;
+    for (; group + 2 <= groups; group += 2) all_rows(kind, o, M, group, 2);
+    if (group < groups) all_rows(kind, o, M, group, 1);
+    free(x_sums);
+    return 0;
+}
+
+/* K must be a multiple of 32 and N of 8; returns -1 when out of memory. */
+int q4_1_matmul(const float *x, int M, int K, const uint8_t *cols, const uint16_t *d16,
+                const uint16_t *m16, int N, float *y)
+{
+    struct operands o = {x, NULL, K, N, cols, 4L * K, d16, m16, y};
+    return product(Q4_1, &o, M);
+}
+
+int q8_0_matmul(const float *x, int M, int K, const uint8_t *cols, const uint16_t *d16,
+                int N, float *y)
+{
+    struct operands o = {x, NULL, K, N, cols, 8L * K, d16, NULL, y};
+    return product(Q8_0, &o, M);
+}
