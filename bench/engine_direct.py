@@ -7,9 +7,9 @@ replicas run, fed ``--batch`` greedy requests at once. The gap between this
 and ``bench.versus_transformers`` is what Ray, the ingress and HTTP cost.
 ``--int8-dynamic`` measures the same engine after torch's dynamic int8
 quantization of its linear layers, in the same run: a speed the app does not
-use, since it changes the model's output. ``--mkl`` measures it against the
-same model without its linear layers prepacked for oneDNN
-(``helpers/cpu_linear.py``), that is with torch's default BLAS, MKL.
+use, since it changes the model's output. ``--mkl`` measures fp32 linear layers
+prepacked for oneDNN (``helpers/cpu_linear.py``) against the same without
+prepacking, that is with torch's default BLAS, MKL.
 """
 
 import argparse
@@ -44,34 +44,39 @@ def main() -> None:
     variant = parser.add_mutually_exclusive_group()
     variant.add_argument("--int8-dynamic", action="store_true")
     variant.add_argument("--mkl", action="store_true")
+    variant.add_argument("--fp32", action="store_true")
     args = parser.parse_args()
     config = ServeConfig.from_env()
 
-    def load(prepack: bool = True) -> Engine:
+    def load(prepack: bool = True, gguf_blocks: bool = True) -> Engine:
         return Engine.load(
             config.model_id,
             config.model_cache_dir,
             cpu_threads=args.threads,
             max_batch_size=max(args.batch, 1),
             prepack=prepack,
+            gguf_blocks=gguf_blocks,
         )
 
-    engine = load()
+    engine = load(gguf_blocks=not args.mkl)
     print(f"load {engine.load_times}, threads {args.threads}, batch {args.batch}")
     rate, text = tokens_per_s(engine, args.batch, args.max_tokens)
-    print(f"fp32:        {rate:6.1f} output tok/s  ({text[:50]!r})")
-    if args.mkl:
-        mkl, mkl_text = tokens_per_s(load(prepack=False), args.batch, args.max_tokens)
-        same = "same text" if mkl_text == text else "text differs"
-        print(f"MKL:         {mkl:6.1f} output tok/s  ({same}); oneDNN is {rate / mkl:.2f}x")
+    layers = "fp32, oneDNN" if args.mkl else "default"
+    print(f"{layers + ':':13} {rate:6.1f} output tok/s  ({text[:50]!r})")
+    if args.mkl or args.fp32:
+        other = load(prepack=args.fp32, gguf_blocks=False)
+        other_rate, other_text = tokens_per_s(other, args.batch, args.max_tokens)
+        same = "same text" if other_text == text else "text differs"
+        name = "fp32, oneDNN" if args.fp32 else "fp32, MKL"
+        print(f"{name + ':':13} {other_rate:6.1f} output tok/s  ({same}); {rate / other_rate:.2f}x")
     if args.int8_dynamic:
-        quantized_engine = load(prepack=False)
+        quantized_engine = load(prepack=False, gguf_blocks=False)
         torch.ao.quantization.quantize_dynamic(
             quantized_engine.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )
         quantized, text = tokens_per_s(quantized_engine, args.batch, args.max_tokens)
         print(
-            f"int8 (dyn.): {quantized:6.1f} output tok/s  ({text[:50]!r}), {quantized / rate:.2f}x"
+            f"int8 (dyn.):  {quantized:6.1f} output tok/s  ({text[:50]!r}), {quantized / rate:.2f}x"
         )
 
 

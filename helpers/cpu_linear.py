@@ -8,6 +8,10 @@ weights reordered once into its own blocked layout. On the 2-core machine, at
 the whole decode loop gave 1.12x the tokens/s with the same text
 (``python -m bench.engine_direct --mkl`` measures it again).
 
+The embedded model's layers run from its GGUF blocks instead where the CPU
+allows (``helpers/gguf_linear.py``); this serves every other fp32 layer: other
+Llama checkpoints, and CPUs without AVX2 or a C compiler.
+
 The reorder uses two operators of ``torch.ops.mkldnn`` that torch's own
 compiler uses to freeze CPU models; where they are missing (a build without
 oneDNN, an ARM Mac) the layers are left as they are.
