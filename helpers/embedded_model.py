@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not prepared: {converted_dir(cache_dir)}", file=sys.stderr)
         return 1
     print(ensure_converted(cache_dir))
-    gguf_linear.kernels()  # compiled now rather than in a replica's cold start
+    gguf_linear.kernels()  # built now if need be, rather than in a replica's cold start
     return 0
 
 

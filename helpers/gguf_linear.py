@@ -6,8 +6,9 @@ the embedded model ships as holds the same weights in 4-bit blocks (Q4_1;
 the output layer in 8-bit Q8_0), a sixth of the bytes. transformers
 de-quantises them to fp32 on load. This module keeps them as they are and
 multiplies with the kernels in ``gguf_matmul.c``, which compute in fp32: the
-products are the fp32 weights' products up to the order of the additions,
-and the greedy text stays the same (``tests/model/test_gguf_linear.py``).
+products are the fp32 weights' products up to rounding (the kernels sum each
+block's quants times x first and scale the sum once), and the greedy text
+stays the same (``tests/model/test_gguf_linear.py``).
 
 On this project's 2-core machine, one thread, 8 rows a step, a 1536 x 576
 layer read from memory took 245 us against 480 us for oneDNN's fp32 product;
@@ -15,9 +16,10 @@ layer read from memory took 245 us against 480 us for oneDNN's fp32 product;
 
 The conversion (``helpers.embedded_model``) writes the blocks beside the
 safetensors copy, rearranged for the kernels and checked to reproduce the
-converted fp32 weights exactly. The kernels need an x86-64 CPU with AVX2, FMA
-and F16C and a C compiler; they are compiled once per machine (about a
-second). Anywhere else the model loads its fp32 weights as before.
+converted fp32 weights exactly. The kernels need Linux on an x86-64 CPU with AVX2,
+FMA and F16C, and a C compiler; they are compiled once per machine (about a
+second) into the user's cache. Anywhere else the model loads its fp32
+weights as before.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
-import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -47,8 +51,10 @@ _SOURCE = Path(__file__).with_name("gguf_matmul.c")
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _COMPILE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 
+Kind = Literal["Q4_1", "Q8_0"]
+
 # GGUF's tensor names inside block ``i``, and the module each is in our Llama.
-_LAYER_MODULES = {
+LAYER_MODULES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -68,35 +74,47 @@ class GgufLinear(nn.Module):
     checkpoint's other tensors through ``load_state_dict``.
     """
 
-    def __init__(self, in_features: int, out_features: int, kind: str) -> None:
+    def __init__(self, in_features: int, out_features: int, kind: Kind) -> None:
         super().__init__()
+        if in_features % BLOCK or out_features % GROUP:
+            raise ValueError(
+                f"GGUF kernels need inputs in blocks of {BLOCK} and outputs in groups of "
+                f"{GROUP}, not {in_features} x {out_features}"
+            )
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         groups, blocks = out_features // GROUP, in_features // BLOCK
-        quant_bytes = {"Q4_1": in_features * GROUP // 2, "Q8_0": in_features * GROUP}[kind]
+        quants_per_byte = 2 if kind == "Q4_1" else 1
         dtype = torch.uint8 if kind == "Q4_1" else torch.int8
         # torch.empty, not empty_like: on the meta device the latter imports
         # sympy, half a second of a cold start.
-        self.register_buffer("blocks", torch.empty(groups, quant_bytes, dtype=dtype))
+        shape = (groups, in_features * GROUP // quants_per_byte)
+        self.register_buffer("blocks", torch.empty(shape, dtype=dtype))
         for name in ("scales", "offsets") if kind == "Q4_1" else ("scales",):
             self.register_buffer(name, torch.empty(groups, blocks, GROUP, dtype=torch.float16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product for fp32 rows on the CPU, split between torch's threads.
+        Inference only: the kernels know no autograd."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"GgufLinear takes fp32 CPU rows of {self.in_features}, "
+                f"not {x.dtype} {x.device.type} rows of {x.shape[-1]}"
+            )
+        library = kernels()
+        if library is None:
+            raise RuntimeError("GgufLinear runs only where its kernels load")
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-        library = kernels()
-        assert library is not None, "GgufLinear exists only where the kernels load"
         shape = (rows.data_ptr(), rows.shape[0], self.in_features, self.blocks.data_ptr())
+        threads = torch.get_num_threads()
         if self.kind == "Q4_1":
+            offsets = self.offsets.data_ptr()
             status = library.q4_1_matmul(
-                *shape,
-                self.scales.data_ptr(),
-                self.offsets.data_ptr(),
-                self.out_features,
-                out.data_ptr(),
+                *shape, self.scales.data_ptr(), offsets, self.out_features, out.data_ptr(), threads
             )
         else:
             status = library.q8_0_matmul(
-                *shape, self.scales.data_ptr(), self.out_features, out.data_ptr()
+                *shape, self.scales.data_ptr(), self.out_features, out.data_ptr(), threads
             )
         if status != 0:
             raise MemoryError("the GGUF kernel could not allocate its row sums")
@@ -107,7 +125,7 @@ class GgufLinear(nn.Module):
 
 
 def pack(
-    kind: str, quants: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
+    kind: Kind, quants: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """A ``GgufLinear``'s buffers from a weight's quants ``[out, in]`` (0..15
     for Q4_1, -128..127 for Q8_0) and its fp16 ``scales`` and ``offsets``
@@ -131,7 +149,7 @@ def pack(
 
 
 def dequantize(
-    kind: str, quants: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
+    kind: Kind, quants: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The fp32 weight ``[out, in]``, computed as gguf and transformers do."""
     out, width = quants.shape
@@ -166,16 +184,17 @@ def read_gguf(path: Path, converted: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def _module_name(gguf_name: str) -> str | None:
+    """Where a GGUF tensor goes in our Llama; None for what is not a linear layer."""
     if gguf_name == "token_embd.weight":
         return "lm_head"  # tied: the embedding table is the output layer
     pieces = gguf_name.split(".")
-    if len(pieces) == 4 and pieces[0] == "blk" and pieces[2] in _LAYER_MODULES:
-        return f"model.layers.{pieces[1]}.{_LAYER_MODULES[pieces[2]]}"
+    if len(pieces) == 4 and pieces[0] == "blk" and pieces[2] in LAYER_MODULES:
+        return f"model.layers.{pieces[1]}.{LAYER_MODULES[pieces[2]]}"
     return None
 
 
 def _split_blocks(
-    kind: str, raw: np.ndarray, shape: torch.Size
+    kind: Kind, raw: np.ndarray, shape: torch.Size
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GGUF's blocks ``[out, bytes]`` as quants, scales and offsets.
 
@@ -197,10 +216,14 @@ def _split_blocks(
 
 def _match_rows(
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    kind: str,
+    kind: Kind,
     weight: torch.Tensor,
     name: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``parts``' rows in ``weight``'s order. By value rather than by
+    re-deriving transformers' permutation of the queries' and keys' rows, so a
+    change on its side fails here instead of serving another model. Rows that
+    are equal are interchangeable."""
     values = dequantize(kind, *parts)
     row_of = {row.numpy().tobytes(): i for i, row in enumerate(values)}
     order = [row_of.get(row.numpy().tobytes(), -1) for row in weight.float()]
@@ -229,26 +252,39 @@ def use_blocks(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """``gguf_matmul.c`` compiled for this machine, or None where it cannot run
-    (not x86-64, no AVX2/FMA/F16C, no C compiler): callers keep fp32 weights.
+    (not Linux on x86-64 with AVX2/FMA/F16C, no working C compiler, a cache
+    that will not load): callers keep fp32 weights.
 
-    The library is built once into a per-user cache under the temporary
-    directory, named by a digest of the source, so an edited kernel rebuilds
-    and concurrent replicas never load a half-written file."""
-    if not _cpu_can_run():
+    Built with OpenMP where the compiler has it, so a replica given several
+    CPUs splits each product between them, and without it otherwise. The
+    library goes into the user's own cache, named by a digest of the source
+    and flags, so an edited kernel rebuilds and concurrent replicas never
+    load a half-written file."""
+    if not cpu_can_run():
         return None
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_COMPILE).encode()).hexdigest()[:16]
-    library = Path(tempfile.gettempdir()) / f"llm-kernels-{os.getuid()}" / f"gguf_{digest}.so"
-    if not library.is_file() and not _compile(library):
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ray-serve-llm"
+    for flags in ((*_COMPILE, "-fopenmp"), _COMPILE):
+        digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()
+        library = cache / "kernels" / f"gguf_matmul-{digest[:16]}.so"
+        if library.is_file() or _compile(library, flags):
+            break
+    else:
         return None
-    loaded = ctypes.CDLL(str(library))
+    try:
+        loaded = ctypes.CDLL(str(library))
+    except OSError as error:  # a cache on a noexec mount, say
+        logger.warning("cannot load %s (%s): linear layers keep fp32 weights", library, error)
+        return None
     pointer, count = ctypes.c_void_p, ctypes.c_int
-    loaded.q4_1_matmul.argtypes = [pointer, count, count, pointer, pointer, pointer, count, pointer]
-    loaded.q8_0_matmul.argtypes = [pointer, count, count, pointer, pointer, count, pointer]
+    inputs = [pointer, count, count, pointer, pointer]
+    loaded.q4_1_matmul.argtypes = [*inputs, pointer, count, pointer, count]
+    loaded.q8_0_matmul.argtypes = [*inputs, count, pointer, count]
     loaded.q4_1_matmul.restype = loaded.q8_0_matmul.restype = count
     return loaded
 
 
-def _cpu_can_run() -> bool:
+def cpu_can_run() -> bool:
+    """Whether this CPU has what the kernels use, from Linux's /proc/cpuinfo."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
@@ -259,18 +295,25 @@ def _cpu_can_run() -> bool:
     return all(flag in flags.split() for flag in _CPU_FLAGS)
 
 
-def _compile(library: Path) -> bool:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
+def _compile(library: Path, flags: tuple[str, ...]) -> bool:
+    """Build ``library`` with ``flags``; False (and the fp32 path) on any failure.
+    It is written under a name of its own and renamed into place."""
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    if not compiler or shutil.which(compiler[0]) is None:
         logger.warning("no C compiler (cc): linear layers keep fp32 weights on CPU")
         return False
-    library.parent.mkdir(parents=True, exist_ok=True)
-    partial = library.with_suffix(f".{os.getpid()}.tmp")
-    command = [compiler, *_COMPILE, str(_SOURCE), "-o", str(partial)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        logger.warning("compiling %s failed, fp32 weights stay:\n%s", _SOURCE, result.stderr)
-        partial.unlink(missing_ok=True)
+    partial = library.with_name(f"{library.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        library.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        command = [*compiler, *flags, str(_SOURCE), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            logger.info("compiling %s with %s failed:\n%s", _SOURCE.name, flags, result.stderr)
+            return False
+        os.replace(partial, library)
+        return True
+    except (OSError, subprocess.TimeoutExpired) as error:
+        logger.warning("cannot build %s (%s): linear layers keep fp32 weights", library, error)
         return False
-    os.replace(partial, library)
-    return True
+    finally:
+        partial.unlink(missing_ok=True)

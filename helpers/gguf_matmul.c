@@ -5,7 +5,8 @@
  * weights from memory, and fp32 weights are 8 times the bytes of the 4-bit
  * blocks the embedded model ships as. These kernels read the blocks and
  * compute in fp32, so the products are those of the fp32 weights transformers
- * de-quantises, up to the order of the additions.
+ * de-quantises, up to rounding: a block's quants times x are summed first
+ * and its scale applied once to the sum.
  *
  * y[M][N] = x[M][K] . W^T, where W[n][k] for k in block b = k / 32 is
  *   Q4_1: d[n][b] * q[n][k] + m[n][b], q in 0..15
@@ -25,6 +26,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 enum kind { Q4_1, Q8_0 };
 
@@ -33,7 +35,9 @@ static inline __attribute__((always_inline)) __m256 quants(enum kind kind, const
 {
     if (kind == Q4_1) {
         const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        __m256i word = _mm256_set1_epi32(((const int32_t *)col)[k]);
+        int32_t packed;
+        memcpy(&packed, col + 4 * (long)k, sizeof packed); /* a plain load, alignment aside */
+        __m256i word = _mm256_set1_epi32(packed);
         __m256i q = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(0xF));
         return _mm256_cvtepi32_ps(q);
     }
@@ -116,12 +120,12 @@ static inline __attribute__((always_inline)) void all_rows(
 
 /* Inlined into each entry point, so that `kind` is a constant in the loops. */
 static inline __attribute__((always_inline)) int product(
-    enum kind kind, struct operands *o, int M)
+    enum kind kind, struct operands *o, int M, int threads)
 {
     const int blocks = o->K / 32;
     float *x_sums = NULL;
     if (kind == Q4_1) {
-        x_sums = malloc(sizeof(float) * ((long)M * blocks + 1));
+        x_sums = malloc(sizeof(float) * ((long)M * blocks + 1)); /* + 1: never malloc(0) */
         if (x_sums == NULL) return -1;
         for (long i = 0; i < (long)M * blocks; i++) {
             float sum = 0;
@@ -130,25 +134,26 @@ static inline __attribute__((always_inline)) int product(
         }
         o->x_sums = x_sums;
     }
-    const int groups = o->N / 8;
-    int group = 0;
-    for (; group + 2 <= groups; group += 2) all_rows(kind, o, M, group, 2);
-    if (group < groups) all_rows(kind, o, M, group, 1);
+    const int groups = o->N / 8, pairs = groups / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int pair = 0; pair < pairs; pair++) all_rows(kind, o, M, 2 * pair, 2);
+    if (groups % 2) all_rows(kind, o, M, groups - 1, 1);
     free(x_sums);
     return 0;
 }
 
-/* K must be a multiple of 32 and N of 8; returns -1 when out of memory. */
+/* K must be a multiple of 32 and N of 8; `threads` share the column groups
+ * (where compiled with OpenMP). Returns -1 when out of memory. */
 int q4_1_matmul(const float *x, int M, int K, const uint8_t *cols, const uint16_t *d16,
-                const uint16_t *m16, int N, float *y)
+                const uint16_t *m16, int N, float *y, int threads)
 {
     struct operands o = {x, NULL, K, N, cols, 4L * K, d16, m16, y};
-    return product(Q4_1, &o, M);
+    return product(Q4_1, &o, M, threads);
 }
 
 int q8_0_matmul(const float *x, int M, int K, const uint8_t *cols, const uint16_t *d16,
-                int N, float *y)
+                int N, float *y, int threads)
 {
     struct operands o = {x, NULL, K, N, cols, 8L * K, d16, NULL, y};
-    return product(Q8_0, &o, M);
+    return product(Q8_0, &o, M, threads);
 }

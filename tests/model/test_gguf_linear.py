@@ -14,7 +14,7 @@ from helpers.gguf_linear import GgufLinear
 from helpers.llama import llama_config, load_llama
 
 needs_kernels = pytest.mark.skipif(
-    not gguf_linear._cpu_can_run(), reason="the kernels need an x86-64 CPU with AVX2, FMA, F16C"
+    not gguf_linear.cpu_can_run(), reason="the kernels need an x86-64 CPU with AVX2, FMA, F16C"
 )
 
 
@@ -63,6 +63,29 @@ def test_a_batch_of_rows_keeps_its_leading_dimensions() -> None:
 
 
 @needs_kernels
+def test_rows_the_kernels_cannot_take_are_refused_not_misread() -> None:
+    layer = linear_from("Q8_0", random_weight("Q8_0", 8, 32, seed=2))
+    for bad in (torch.ones(1, 32, dtype=torch.float16), torch.ones(1, 64)):
+        with pytest.raises(ValueError, match="fp32 CPU rows of 32"):
+            layer(bad)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        GgufLinear(48, 8, "Q4_1")
+
+
+@needs_kernels
+def test_the_kernels_build_into_the_users_cache_and_a_failed_build_means_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert gguf_linear.kernels.__wrapped__() is not None
+    assert len(list((tmp_path / "ray-serve-llm" / "kernels").glob("*.so"))) == 1
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("CC", "false")
+    assert gguf_linear.kernels.__wrapped__() is None
+    assert not list(tmp_path.glob("elsewhere/ray-serve-llm/kernels/*"))
+
+
+@needs_kernels
 def test_the_converted_copy_keeps_blocks_that_give_back_its_fp32_weights_exactly(
     converted: Path,
 ) -> None:
@@ -74,7 +97,7 @@ def test_the_converted_copy_keeps_blocks_that_give_back_its_fp32_weights_exactly
     fp32 = load_file(converted / "model.safetensors")
     fp32["lm_head.weight"] = fp32.get("lm_head.weight", fp32["model.embed_tokens.weight"])
     layer = "model.layers.{}.{}"
-    modules = [layer.format(0, name) for name in gguf_linear._LAYER_MODULES.values()]
+    modules = [layer.format(0, name) for name in gguf_linear.LAYER_MODULES.values()]
     modules += [layer.format(29, "mlp.down_proj"), "lm_head"]
     for module in modules:
         weight = fp32[f"{module}.weight"]
