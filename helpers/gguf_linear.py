@@ -260,7 +260,7 @@ def kernels() -> ctypes.CDLL | None:
     library goes into the user's own cache, named by a digest of the source
     and flags, so an edited kernel rebuilds and concurrent replicas never
     load a half-written file."""
-    if not cpu_can_run():
+    if not cpu_can_run() or not _SOURCE.is_file():
         return None
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ray-serve-llm"
     for flags in ((*_COMPILE, "-fopenmp"), _COMPILE):
