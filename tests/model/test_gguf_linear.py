@@ -1,5 +1,6 @@
 """The 4-bit GGUF blocks and their CPU kernels (helpers/gguf_linear.py)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,23 @@ def linear_from(kind: str, parts: tuple[torch.Tensor, ...]) -> GgufLinear:
     return layer
 
 
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A 1-CPU replica's one thread, and the threads of a bigger one (OpenMP)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 64])
-def test_the_kernels_give_the_products_of_the_dequantised_weights(kind: str, rows: int) -> None:
+def test_the_kernels_give_the_products_of_the_dequantised_weights(
+    kind: str, rows: int, threads: int
+) -> None:
     # 40 outputs: two pairs of column groups and one group alone; 3 blocks.
+    # From 16 rows on, the kernels unpack the quants into a panel first.
     parts = random_weight(kind, 40, 96, seed=rows)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(0))
     expected = x @ gguf_linear.dequantize(kind, *parts).T
