@@ -263,12 +263,15 @@ def kernels() -> ctypes.CDLL | None:
     if not cpu_can_run() or not _SOURCE.is_file():
         return None
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ray-serve-llm"
+    builds: dict[Path, tuple[str, ...]] = {}  # preferred first; no OpenMP: the plain one
     for flags in ((*_COMPILE, "-fopenmp"), _COMPILE):
         digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()
-        library = cache / "kernels" / f"gguf_matmul-{digest[:16]}.so"
-        if library.is_file() or _compile(library, flags):
-            break
-    else:
+        builds[cache / "kernels" / f"gguf_matmul-{digest[:16]}.so"] = flags
+    # Any build already made first, so that a replica's start never retries
+    # a build that failed before.
+    built = (path for path, flags in builds.items() if _compile(path, flags))
+    library = next((path for path in builds if path.is_file()), None) or next(built, None)
+    if library is None:
         return None
     try:
         loaded = ctypes.CDLL(str(library))
