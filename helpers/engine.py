@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from helpers import gguf_checkpoint
 from helpers.continuous_batching import (
     BatchStats,
     Completion,
@@ -76,37 +77,40 @@ class PromptTooLongError(ValueError):
     """The prompt plus the tokens asked for do not fit the model's context."""
 
 
-def resolve_model_source(model_id: str, cache_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Map ``MODEL_ID`` to the arguments ``from_pretrained`` needs.
+def resolve_model_source(model_id: str, cache_dir: Path) -> str:
+    """Map ``MODEL_ID`` to what ``from_pretrained`` (or the kit's Llama) reads.
 
-    A hub id is passed through unchanged: transformers reads it from the
-    Hugging Face cache, and with ``HF_HUB_OFFLINE=1`` from the cache alone.
+    A GGUF file, the embedded model's included, becomes its converted copy in
+    ``cache_dir``. A hub id is passed through unchanged: transformers reads it
+    from the Hugging Face cache, and with ``HF_HUB_OFFLINE=1`` from the cache
+    alone.
     """
     if is_embedded(model_id):
-        return str(ensure_converted(cache_dir)), {}
+        return str(ensure_converted(cache_dir))
     path = Path(model_id).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"MODEL_ID points to a missing GGUF file: {path}")
-        return str(path.parent), {"gguf_file": path.name}
+        copy = gguf_checkpoint.cached_copy(path, cache_dir)
+        return str(gguf_checkpoint.ensure_converted(path, copy))
     if path.is_dir():
-        return str(path), {}
-    return model_id, {}
+        return str(path)
+    return model_id
 
 
 def load_tokenizer(model_id: str, cache_dir: Path) -> Any:
     """The model's tokenizer, padding on the left as batched decoding needs."""
-    return _tokenizer_from(model_id, *resolve_model_source(model_id, cache_dir))
+    return _tokenizer_from(model_id, resolve_model_source(model_id, cache_dir))
 
 
-def _tokenizer_from(model_id: str, source: str, extra: dict[str, Any]) -> Any:
-    local = None if extra or not Path(source).is_dir() else Tokenizer.from_directory(Path(source))
+def _tokenizer_from(model_id: str, source: str) -> Any:
+    local = Tokenizer.from_directory(Path(source)) if Path(source).is_dir() else None
     if local is not None:
         return local
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise ModelLoadError(
@@ -184,17 +188,17 @@ class Engine:
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         device, dtype = pick_device(want_gpu)
-        source, extra = resolve_model_source(model_id, cache_dir)
-        llama = None if extra else llama_config(Path(source))
+        source = resolve_model_source(model_id, cache_dir)
+        llama = llama_config(Path(source))
         if llama is None:
-            _import_model_code(source, extra)
+            _import_model_code(source)
         marks.append(time.perf_counter())
-        tokenizer = _tokenizer_from(model_id, source, extra)
+        tokenizer = _tokenizer_from(model_id, source)
         marks.append(time.perf_counter())
         if llama is not None:
             model = load_llama(Path(source), llama, dtype, device, gguf_blocks)
         else:
-            model = _transformers_model(source, extra, dtype, device)
+            model = _transformers_model(source, dtype, device)
         marks.append(time.perf_counter())
         engine = cls(
             model, tokenizer, model_id=model_id, max_batch_size=max_batch_size, slots=slots
@@ -285,20 +289,20 @@ class Engine:
         return self._batcher.stats
 
 
-def _transformers_model(source: str, extra: dict[str, Any], dtype: torch.dtype, device: str) -> Any:
+def _transformers_model(source: str, dtype: torch.dtype, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
 
 
-def _import_model_code(source: str, extra: dict[str, Any]) -> None:
+def _import_model_code(source: str) -> None:
     """Import the modelling module for ``source``'s architecture now, so that
     the time Python spends on it counts as imports rather than weights."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     with contextlib.suppress(OSError, ValueError, KeyError):
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source, **extra))]
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source))]
 
 
 def _context_length(config: Any) -> int:

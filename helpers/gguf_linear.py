@@ -14,12 +14,11 @@ On this project's 2-core machine, one thread, 8 rows a step, a 1536 x 576
 layer read from memory took 245 us against 480 us for oneDNN's fp32 product;
 ``python -m bench.engine_direct --fp32`` measures the whole engine both ways.
 
-The conversion (``helpers.embedded_model``) writes the blocks beside the
-safetensors copy, rearranged for the kernels and checked to reproduce the
-converted fp32 weights exactly. The kernels need Linux on an x86-64 CPU with AVX2,
-FMA and F16C, and a C compiler; they are compiled once per machine (about a
-second) into the user's cache. Anywhere else the model loads its fp32
-weights as before.
+The conversion (``helpers.gguf_checkpoint``) writes the blocks beside the
+safetensors copy, rearranged for the kernels, in the fp32 weights' row order.
+The kernels need Linux on an x86-64 CPU with AVX2, FMA and F16C, and a C
+compiler; they are compiled once per machine into the user's cache.
+Anywhere else the model loads its fp32 weights as before.
 """
 
 from __future__ import annotations
@@ -159,41 +158,7 @@ def dequantize(
     return values.view(out, width)
 
 
-def read_gguf(path: Path, converted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every linear layer's packed blocks from the GGUF at ``path``, keyed by
-    buffer name (``model.layers.0.mlp.up_proj.blocks``...).
-
-    ``converted`` is the fp32 checkpoint transformers made of the same file.
-    Each weight's rows are matched to it by value, which also undoes the row
-    order transformers changes for the attention's queries and keys. A weight
-    whose blocks do not reproduce its converted copy exactly raises.
-    """
-    from gguf import GGUFReader
-
-    found: dict[str, torch.Tensor] = {}
-    for tensor in GGUFReader(str(path)).tensors:
-        module = _module_name(tensor.name)
-        if module is None or tensor.tensor_type.name not in ("Q4_1", "Q8_0"):
-            continue
-        kind = tensor.tensor_type.name
-        weight = converted[f"{module}.weight"]
-        parts = _split_blocks(kind, np.asarray(tensor.data), weight.shape)
-        parts = _match_rows(parts, kind, weight, tensor.name)
-        found |= {f"{module}.{name}": value for name, value in pack(kind, *parts).items()}
-    return found
-
-
-def _module_name(gguf_name: str) -> str | None:
-    """Where a GGUF tensor goes in our Llama; None for what is not a linear layer."""
-    if gguf_name == "token_embd.weight":
-        return "lm_head"  # tied: the embedding table is the output layer
-    pieces = gguf_name.split(".")
-    if len(pieces) == 4 and pieces[0] == "blk" and pieces[2] in LAYER_MODULES:
-        return f"model.layers.{pieces[1]}.{LAYER_MODULES[pieces[2]]}"
-    return None
-
-
-def _split_blocks(
+def split_blocks(
     kind: Kind, raw: np.ndarray, shape: torch.Size
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GGUF's blocks ``[out, bytes]`` as quants, scales and offsets.
@@ -212,25 +177,6 @@ def _split_blocks(
         return torch.from_numpy(quants.reshape(out, width).astype(np.int16)), scales, offsets
     quants = body.copy().view(np.int8).reshape(out, width)
     return torch.from_numpy(quants.astype(np.int16)), scales, None
-
-
-def _match_rows(
-    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    kind: Kind,
-    weight: torch.Tensor,
-    name: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``parts``' rows in ``weight``'s order. By value rather than by
-    re-deriving transformers' permutation of the queries' and keys' rows, so a
-    change on its side fails here instead of serving another model. Rows that
-    are equal are interchangeable."""
-    values = dequantize(kind, *parts)
-    row_of = {row.numpy().tobytes(): i for i, row in enumerate(values)}
-    order = [row_of.get(row.numpy().tobytes(), -1) for row in weight.float()]
-    if -1 in order:
-        raise ValueError(f"{name}: its GGUF blocks do not reproduce the converted weight")
-    index = torch.tensor(order)
-    return tuple(part[index] if part is not None else None for part in parts)  # type: ignore[return-value]
 
 
 def use_blocks(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

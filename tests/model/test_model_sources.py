@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.embedded_model import ensure_converted, gguf_path
+from helpers.embedded_model import ensure_converted
 from helpers.engine import resolve_model_source
 
 HUB_ID = "kit-test/smollm2-from-cache"
@@ -72,13 +72,8 @@ def test_a_hub_id_missing_from_the_cache_fails_offline(tmp_path: Path) -> None:
 
 def test_sources_resolve_by_kind(tmp_path: Path, converted: Path) -> None:
     cache_dir = converted.parent
-    assert resolve_model_source(EMBEDDED_MODEL_ID, cache_dir) == (str(converted), {})
-    assert resolve_model_source(str(converted), cache_dir) == (str(converted), {})
-    gguf = gguf_path()
-    assert resolve_model_source(str(gguf), cache_dir) == (
-        str(gguf.parent),
-        {"gguf_file": gguf.name},
-    )
-    assert resolve_model_source("facebook/opt-125m", cache_dir) == ("facebook/opt-125m", {})
+    assert resolve_model_source(EMBEDDED_MODEL_ID, cache_dir) == str(converted)
+    assert resolve_model_source(str(converted), cache_dir) == str(converted)
+    assert resolve_model_source("facebook/opt-125m", cache_dir) == "facebook/opt-125m"
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         resolve_model_source(str(tmp_path / "missing.gguf"), cache_dir)
