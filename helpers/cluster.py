@@ -5,8 +5,8 @@ The notebooks share one cluster: the first starts it with ``ray start --head``
 connect to it, and the last stops it with ``ray stop``. Each notebook can also
 run alone, because :func:`connect` starts the cluster when none is running.
 
-Every command runs with :data:`RAY_ENV`, the same settings as
-``scripts/ray_env.sh``: token authentication on, every port on loopback.
+Every command runs with :data:`~helpers.ray_env.RAY_ENV`, the same settings
+as ``scripts/ray_env.sh``: token authentication on, every port on loopback.
 """
 
 from __future__ import annotations
@@ -17,20 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-RAY_ENV = {
-    # The ray/serve CLIs send the cluster's token only when this is set.
-    "RAY_AUTH_MODE": "token",
-    # Despite its name: bind every port of a local cluster to 127.0.0.1.
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+from helpers.ray_env import RAY_ENV, apply_ray_env
+
 DASHBOARD_URL = "http://127.0.0.1:8265"
 HEAD_ARGS = ("--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1")
-
-
-def apply_ray_env() -> None:
-    """Put :data:`RAY_ENV` into this process, before Ray is first imported."""
-    os.environ.update(RAY_ENV)
 
 
 def ray_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

@@ -241,7 +241,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "MODEL_CACHE_DIR",
         "~/.cache/ray-serve-llm",
-        "Where the embedded model's converted copy is kept.",
+        "Where converted models are kept: the embedded one, and .gguf files named by MODEL_ID.",
         "a directory path",
         _directory,
         "model_cache_dir",

@@ -35,6 +35,7 @@ _COMPLETE_MARKER = ".complete"
 # Written into the marker; a copy made by an older layout is converted again.
 # 2: the GGUF blocks for the CPU kernels came in. 3: converted with ``gguf``.
 LAYOUT = "3"
+CACHED_GGUF_DIR = "gguf"  # in the model cache: the copies of GGUF files named by MODEL_ID
 
 # GGUF's per-layer tensor names and where each goes in a Llama layer.
 LAYER_TENSORS = {
@@ -73,7 +74,7 @@ def cached_copy(source: Path, cache_dir: Path) -> Path:
     stat = source.stat()
     identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return cache_dir / "gguf" / f"{source.stem}-{digest}"
+    return cache_dir / CACHED_GGUF_DIR / f"{source.stem}-{digest}"
 
 
 def ensure_converted(source: Path, target: Path) -> Path:

@@ -208,11 +208,10 @@ def kernels() -> ctypes.CDLL | None:
     load a half-written file."""
     if not cpu_can_run() or not _SOURCE.is_file():
         return None
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ray-serve-llm"
     builds: dict[Path, tuple[str, ...]] = {}  # preferred first; no OpenMP: the plain one
     for flags in ((*_COMPILE, "-fopenmp"), _COMPILE):
         digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()
-        builds[cache / "kernels" / f"gguf_matmul-{digest[:16]}.so"] = flags
+        builds[kernels_dir() / f"gguf_matmul-{digest[:16]}.so"] = flags
     # Any build already made first, so that a replica's start never retries
     # a build that failed before.
     built = (path for path, flags in builds.items() if _compile(path, flags))
@@ -230,6 +229,16 @@ def kernels() -> ctypes.CDLL | None:
     loaded.q8_0_matmul.argtypes = [*inputs, count, pointer, count]
     loaded.q4_1_matmul.restype = loaded.q8_0_matmul.restype = count
     return loaded
+
+
+def kernels_dir() -> Path:
+    """The compiled kernels' folder in the user's cache (``$XDG_CACHE_HOME`` or
+    ``~/.cache``): replicas read it whatever ``MODEL_CACHE_DIR`` a deploy had."""
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "ray-serve-llm"
+        / "kernels"
+    )
 
 
 def cpu_can_run() -> bool:

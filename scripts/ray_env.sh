@@ -1,6 +1,7 @@
 # Environment shared by every Ray command the kit runs. Source it, don't run it.
 #
-# Keep in step with helpers/cluster.py RAY_ENV (the Python side of the same settings).
+# The Python side of the same settings is helpers/ray_env.py (a test keeps them equal);
+# the kit applies it on import, so only commands outside Python need this file.
 # RAY_AUTH_MODE=token: Ray 2.60 turns token authentication on for clusters it
 #   starts, and the `ray`/`serve` CLIs only send the token when this is set.
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: despite its name, this makes Ray use the

@@ -1,0 +1,42 @@
+"""The kit's Ray settings hold however the kit is entered, with nothing sourced."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.ray_env import RAY_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["helpers.deploy", "helpers.serve_cli", "ray_serve_app"],
+    ids=["a notebook's deploy", "the serve command", "serve run's import"],
+)
+def test_importing_the_kit_applies_the_ray_settings_before_ray_reads_them(entry: str) -> None:
+    """Ray reads the loopback switch when first imported; a kernel that imported
+    it without the switch waited on the machine's network address for a cluster
+    listening on 127.0.0.1."""
+    code = (
+        f"import os, {entry}; from ray._private import ray_constants; "
+        "print(ray_constants.ENABLE_RAY_CLUSTER, os.environ['RAY_AUTH_MODE'])"
+    )
+    bare = {key: value for key, value in os.environ.items() if key not in RAY_ENV}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=bare, cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "token"]
+
+
+def test_the_shell_script_exports_the_same_settings() -> None:
+    script = (REPO / "scripts" / "ray_env.sh").read_text()
+    exported = dict(re.findall(r"^export (\w+)=(\S+)$", script, flags=re.MULTILINE))
+    assert exported == RAY_ENV
