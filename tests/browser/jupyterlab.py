@@ -24,6 +24,8 @@ from typing import Any
 
 import requests
 
+from tests.shell import unsourced_env
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -75,7 +77,7 @@ def jupyterlab(home: Path) -> Iterator[Lab]:
         path.write_text(json.dumps(values))
     port, token = _free_port(), secrets.token_hex(16)
     env = {
-        **os.environ,
+        **unsourced_env(),  # as a JupyterLab the user started: the kernels apply Ray's settings
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
     }

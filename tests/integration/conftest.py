@@ -39,12 +39,17 @@ def http_up() -> bool:
 
 
 def start(
-    started: list[subprocess.Popen[str]], *command: str, env: dict[str, str] | None = None
+    started: list[subprocess.Popen[str]],
+    *command: str,
+    env: dict[str, str] | None = None,
+    base: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
+    """Start ``command`` in its own session, with ``env`` over ``base`` (by
+    default this process's environment)."""
     process = subprocess.Popen(
         command,
         cwd=REPO,
-        env=None if env is None else {**os.environ, **env},
+        env={**(os.environ if base is None else base), **(env or {})},
         start_new_session=True,
         # A shell's background jobs inherit SIGINT ignored, and Python keeps it
         # ignored; restore the default so the interrupt below acts like Ctrl-C.

@@ -13,13 +13,22 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from helpers.cluster import HEAD_ARGS, cluster_running, ray_command, serve_command, stop_cluster
+from helpers.cluster import (
+    HEAD_ARGS,
+    cli_path,
+    cluster_running,
+    ray_command,
+    serve_command,
+    stop_cluster,
+)
 from helpers.config import APP_NAME
 from helpers.serve_config import CONFIG_PATH, render, serve_config
+from tests.shell import unsourced_env
 
 from .conftest import BASE_URL, http_up, interrupt, ray_listeners_off_loopback, start, wait_until
 
 pytestmark = pytest.mark.integration
+bare = unsourced_env()
 
 START_TIMEOUT_S = 240
 
@@ -51,22 +60,34 @@ def ask_for_a_haiku() -> str:
 
 
 def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: list) -> None:
+    """From a shell that sourced nothing: the kit's ``serve`` applies the
+    loopback and token settings itself."""
     assert not cluster_running(), "a Ray cluster is already running on this machine"
-    server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
+    server = start(background, "serve", "run", "ray_serve_app:deployment_graph", base=bare)
     wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
     assert APP_NAME in serve_command("status").stdout
     assert ask_for_a_haiku().strip()
+    assert ray_listeners_off_loopback() == []
     interrupt(server)
     assert not http_up()
 
 
 def test_serve_run_on_a_running_cluster_then_serve_delete(background: list) -> None:
+    """``serve delete`` from a shell that sourced nothing finds the cluster on
+    127.0.0.1 and sends its token."""
     started = ray_command("start", *HEAD_ARGS)
     assert started.returncode == 0, started.stderr
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
     wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
     assert ask_for_a_haiku().strip()
-    deleted = serve_command("delete", APP_NAME)
+    deleted = subprocess.run(
+        [cli_path("serve"), "delete", APP_NAME],
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert deleted.returncode == 0, deleted.stderr
     assert APP_NAME not in serve_command("status").stdout
     interrupt(server)
