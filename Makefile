@@ -17,11 +17,11 @@ TORCH := torch==2.13.0
 # the kit or Jupyter uses (jsonschema issue #1428). jsonschema skips the check
 # when the package is absent, so setup removes it.
 
-.PHONY: setup browser serve test test-unit test-notebooks lint lab bench bench-generate bench-ttft bench-versus soak model-path clean
+.PHONY: setup browser serve test test-unit test-model test-integration test-notebooks lint lab bench bench-generate bench-ttft bench-versus soak model-path clean
 
 setup: $(STAMP)
 	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
-	@$(PY) -m helpers.embedded_model --check >/dev/null 2>&1 || $(PY) -m helpers.embedded_model
+	@$(PY) -m helpers.engine.embedded_model --check >/dev/null 2>&1 || $(PY) -m helpers.engine.embedded_model
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,15 @@ test: setup browser
 test-notebooks: setup
 	$(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks
 
+# One tier at a time (markers set by folder in tests/conftest.py).
 test-unit: setup
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m unit
+
+test-model: setup
+	$(PY) -m pytest -m model
+
+test-integration: setup browser
+	$(PY) -m pytest -m "integration or browser"
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) notebooks
@@ -76,12 +83,12 @@ soak: setup
 	$(PY) -m bench.soak
 
 model-path: setup
-	@$(PY) -m helpers.embedded_model
+	@$(PY) -m helpers.engine.embedded_model
 
 # What the kit wrote outside the clone (the converted model, the kernels), then
 # the virtual environment. Ray's ~/.ray/auth_token may serve other Ray work on
 # this machine: it goes only with `make clean RAY_TOKEN=1`.
 clean:
-	@if [ -x $(PY) ]; then $(PY) -m helpers.kit_files --remove $(if $(RAY_TOKEN),--ray-token); \
+	@if [ -x $(PY) ]; then $(PY) -m helpers.engine.kit_files --remove $(if $(RAY_TOKEN),--ray-token); \
 	  else echo "no $(VENV): run 'make setup' first to let 'make clean' find the kit's caches"; fi
 	rm -rf $(VENV)

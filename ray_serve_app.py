@@ -2,14 +2,14 @@
 
 Importing this module reads the configuration from the environment once and
 fails with a message naming the variable if a value is out of range. Where a
-request goes from here: ``helpers/serve_app.py`` binds ``helpers/ingress.py``
-(HTTP) to ``helpers/llm_server.py`` (batching), which drives
-``helpers/engine.py`` (the model).
+request goes from here: ``helpers/serve/app.py`` binds ``helpers/serve/ingress.py``
+(HTTP) to ``helpers/serve/model_server.py`` (batching), which drives
+``helpers/engine/engine.py`` (the model).
 """
 
-from helpers.app_name import name_by_default
 from helpers.config import APP_NAME, ServeConfig
-from helpers.serve_app import build_app
+from helpers.serve.app import build_app
+from helpers.serve.ray_private import name_by_default
 
 config = ServeConfig.from_env()
 deployment_graph = name_by_default(build_app(config), APP_NAME)

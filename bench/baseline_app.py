@@ -14,11 +14,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from helpers.app_name import name_by_default
 from helpers.config import APP_NAME, ServeConfig
-from helpers.engine import Completion, Sampling, pick_device, resolve_model_source
-from helpers.llm_server import LLMServer, Prompt, TextDelta
-from helpers.serve_app import build_app
+from helpers.engine.engine import pick_device, resolve_model_source
+from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+from helpers.serve.app import build_app
+from helpers.serve.model_server import LLMServer
+from helpers.serve.ray_private import name_by_default
 
 
 class OneByOneServer(LLMServer):

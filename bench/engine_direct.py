@@ -8,7 +8,7 @@ and ``bench.versus_transformers`` is what Ray, the ingress and HTTP cost.
 ``--int8-dynamic`` measures the same engine after torch's dynamic int8
 quantization of its linear layers, in the same run: a speed the app does not
 use, since it changes the model's output. ``--mkl`` measures fp32 linear layers
-prepacked for oneDNN (``helpers/cpu_linear.py``) against the same without
+prepacked for oneDNN (``helpers/engine/cpu_linear.py``) against the same without
 prepacking, that is with torch's default BLAS, MKL.
 """
 
@@ -18,7 +18,7 @@ import time
 import torch
 
 from helpers.config import ServeConfig
-from helpers.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
 
 
 def tokens_per_s(engine: Engine, batch: int, max_tokens: int) -> tuple[float, str]:

@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from helpers.engine import Engine, GenerationRequest, Sampling  # noqa: E402
+from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
 
 IMPORTED = time.perf_counter()
 

@@ -11,15 +11,15 @@ it exit.
 import json
 from dataclasses import asdict
 
-from helpers.cluster import connect
 from helpers.config import APP_NAME
+from helpers.notebook.cluster import connect
 
 
 def main() -> None:
     connect()  # sets Ray's environment, which Ray reads when first imported
     from ray import serve
 
-    from helpers.model_calls import MODEL_DEPLOYMENT
+    from helpers.serve.model_calls import MODEL_DEPLOYMENT
 
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
     print(json.dumps(asdict(handle.startup_times.remote().result(timeout_s=60))))

@@ -34,7 +34,7 @@ import requests
 from bench.throughput import PROMPTS, Result
 from bench.ttft import percentile
 from helpers.config import ServeConfig
-from helpers.embedded_model import ensure_converted
+from helpers.engine.embedded_model import ensure_converted
 
 REPO = Path(__file__).resolve().parents[1]
 OURS_URL = "http://127.0.0.1:8000"

@@ -26,7 +26,7 @@ from ray.util.state import list_actors
 from bench.local_cluster import pinned_config, start_ray
 from bench.throughput import PROMPTS
 from helpers.config import APP_NAME
-from helpers.serve_app import build_app
+from helpers.serve.app import build_app
 
 BASE = "http://127.0.0.1:8000"
 

@@ -23,9 +23,9 @@ from ray import serve
 from bench.baseline_app import OneByOneServer
 from bench.local_cluster import pinned_config, start_ray
 from helpers.config import APP_NAME, ServeConfig
-from helpers.engine import load_tokenizer
-from helpers.llm_server import LLMServer
-from helpers.serve_app import build_app
+from helpers.engine.engine import load_tokenizer
+from helpers.serve.app import build_app
+from helpers.serve.model_server import LLMServer
 
 URL = "http://127.0.0.1:8000/generate"
 PROMPTS = [

@@ -6,12 +6,13 @@ is entered in ways no script of ours precedes (a JupyterLab the user already
 runs, Colab, ``pytest --nbmake notebooks``, the ``serve`` command). A
 notebook kernel that imported Ray without them would look for the cluster at
 the machine's network address while it listens on 127.0.0.1, and wait there.
-``scripts/ray_env.sh`` exports the same settings for Ray's own ``ray`` command.
+``scripts/ray_env.sh`` exports this same list for Ray's own ``ray`` command.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 
 RAY_ENV = {
     # The ray/serve CLIs send the cluster's token only when this is set.
@@ -25,3 +26,8 @@ RAY_ENV = {
 def apply_ray_env() -> None:
     """Put :data:`RAY_ENV` into this process's environment."""
     os.environ.update(RAY_ENV)
+
+
+def shell_exports() -> str:
+    """:data:`RAY_ENV` as ``export`` lines, for ``scripts/ray_env.sh``."""
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in RAY_ENV.items())

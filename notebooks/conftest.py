@@ -8,7 +8,7 @@ asking ``ray status`` first: a cluster whose GCS hangs while shutting down
 stale address makes the next ``ray.init()`` wait for a dead cluster.
 """
 
-from helpers.cluster import stop_cluster
+from helpers.notebook.cluster import stop_cluster
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -11,9 +11,22 @@ import os
 import sys
 from pathlib import Path
 
-from helpers.cluster import apply_ray_env
+import pytest
+
+from helpers.ray_env import apply_ray_env
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 apply_ray_env()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TIERS = ("unit", "model", "integration", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, the folder under tests/ it lives in."""
+    tests = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(tests).parts if item.path.is_relative_to(tests) else ()
+        if parts and parts[0] in TIERS:
+            item.add_marker(parts[0])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers.cluster import cluster_running, stop_cluster
+from helpers.notebook.cluster import cluster_running, stop_cluster
 
 from .jupyterlab import (
     INSTALL_HINT,
@@ -29,8 +29,6 @@ from .jupyterlab import (
     screenshot,
     wait_for_check,
 )
-
-pytestmark = pytest.mark.integration
 
 REQUIRED = os.environ.get("REQUIRE_BROWSER_TEST") == "1"
 """Set by ``.ci/run``: there a missing browser fails the run instead of skipping."""

@@ -7,7 +7,7 @@ replicas need not import anything from ``tests``.
 
 import torch
 
-from helpers.llm_server import LLMServer
+from helpers.serve.model_server import LLMServer
 
 
 class BreakableLLMServer(LLMServer):

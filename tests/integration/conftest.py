@@ -15,7 +15,7 @@ import requests
 from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
-from helpers.serve_app import build_app
+from helpers.serve.app import build_app
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://127.0.0.1:8000"

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from helpers.cluster import (
+from helpers.config import APP_NAME
+from helpers.notebook.cluster import (
     HEAD_ARGS,
     cli_path,
     cluster_running,
@@ -21,13 +22,11 @@ from helpers.cluster import (
     serve_command,
     stop_cluster,
 )
-from helpers.config import APP_NAME
-from helpers.serve_config import CONFIG_PATH, render, serve_config
+from helpers.serve.config_file import CONFIG_PATH, render, serve_config
 from tests.shell import unsourced_env
 
 from .conftest import BASE_URL, http_up, interrupt, ray_listeners_off_loopback, start, wait_until
 
-pytestmark = pytest.mark.integration
 bare = unsourced_env()
 
 START_TIMEOUT_S = 240
@@ -109,7 +108,7 @@ def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
 
 def test_the_committed_serve_config_is_what_serve_build_gives() -> None:
     assert render(serve_config()) == CONFIG_PATH.read_text(), (
-        "deploy/serve_config.yaml drifted: run `python -m helpers.serve_config` and commit it"
+        "deploy/serve_config.yaml drifted: run `python -m helpers.serve.config_file` and commit it"
     )
 
 

@@ -19,13 +19,17 @@ import pytest
 import ray
 import requests
 
-from helpers.client import LLMClient
-from helpers.model_calls import MODEL_DEPLOYMENT
-from helpers.multinode import HEAD_IP, LocalCluster, alive_nodes, local_cluster, replica_nodes
+from helpers.notebook.client import LLMClient
+from helpers.notebook.multinode import (
+    HEAD_IP,
+    LocalCluster,
+    alive_nodes,
+    local_cluster,
+    replica_nodes,
+)
+from helpers.serve.model_calls import MODEL_DEPLOYMENT
 
 from .conftest import http_up, interrupt, start, wait_until
-
-pytestmark = pytest.mark.integration
 
 MODEL_RESOURCE = {"llm_node": 1}
 APP_ENV = {

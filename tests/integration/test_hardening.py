@@ -29,13 +29,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from helpers.config import APP_NAME, ServeConfig
-from helpers.deploy import run_app
-from helpers.llm_server import LLMServer
+from helpers.notebook.deploy import run_app
+from helpers.serve.model_server import LLMServer
 
 from . import breakable_server
 from .conftest import BASE_URL, wait_until
-
-pytestmark = pytest.mark.integration
 
 KEY = "hardening-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

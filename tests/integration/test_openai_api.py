@@ -15,11 +15,9 @@ import pytest
 from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
-from helpers.engine import load_tokenizer
+from helpers.engine.engine import load_tokenizer
 
 from .conftest import BASE_URL, model_replicas_running, wait_until
-
-pytestmark = pytest.mark.integration
 
 COLOURS = [{"role": "user", "content": "Name three colours."}]
 COUNTING = "Count from one to twenty: one, two, three,"

@@ -23,8 +23,6 @@ from .conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
-
 HAIKU = {
     "prompt": "Write a haiku about Ray Serve.",
     "generation_kwargs": {"max_new_tokens": 24, "temperature": 0.6, "top_p": 0.95},

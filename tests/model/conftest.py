@@ -1,7 +1,7 @@
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine import Engine
+from helpers.engine.engine import Engine
 
 
 @pytest.fixture(scope="session", params=["padded", "slots"])

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from helpers.batch_rows import FIRST_CAPACITY
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.batch_rows import FIRST_CAPACITY
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
 
 PROMPTS = [
     "The capital of France is",

@@ -6,8 +6,8 @@ from concurrent.futures import Future
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.cpu_linear import PrepackedLinear, can_prepack
-from helpers.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
+from helpers.engine.cpu_linear import PrepackedLinear, can_prepack
+from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 
 PROMPTS = [
     "The capital of France is",
@@ -205,7 +205,7 @@ def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engin
 
 def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do() -> None:
     """fp32 linear layers (a model without GGUF blocks, or a CPU without their
-    kernels) get prepacked for oneDNN (helpers/cpu_linear.py): a speed-up,
+    kernels) get prepacked for oneDNN (helpers/engine/cpu_linear.py): a speed-up,
     not a change of model.
 
     The engine prepacks between the steps of the requests after its load,
@@ -235,7 +235,7 @@ def test_work_between_steps_takes_one_step_boundary_a_piece_and_its_failure_stay
     engine: Engine,
 ) -> None:
     """A replica that starts under load never idles, so its prepacking runs in
-    pieces between decode steps instead (helpers/cpu_linear.py)."""
+    pieces between decode steps instead (helpers/engine/cpu_linear.py)."""
     steps: list[int] = []
     after_failure: list[int] = []
     chores: list[Future[None]] = []

@@ -1,4 +1,4 @@
-"""A GGUF file converted by the kit (helpers/gguf_checkpoint.py), checked
+"""A GGUF file converted by the kit (helpers/engine/gguf_checkpoint.py), checked
 against transformers' own reading of the same file, and served as MODEL_ID."""
 
 import json
@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import gguf_checkpoint
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.embedded_model import ensure_converted, gguf_path
-from helpers.engine import Engine, GenerationRequest, Sampling
+from helpers.engine import gguf_checkpoint
+from helpers.engine.embedded_model import ensure_converted, gguf_path
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
 
 PROMPT = "The capital of France is"
 
@@ -57,7 +57,7 @@ def test_the_row_order_undoes_llama_cpps_rotary_interleave() -> None:
 
 
 def test_the_blocks_reproduce_the_fp32_weights_row_for_row(converted: Path) -> None:
-    from helpers.gguf_linear import dequantize
+    from helpers.engine.gguf_linear import dequantize
 
     weights = load_file(converted / "model.safetensors")
     blocks = load_file(converted / "gguf_blocks" / "blocks.safetensors")
@@ -134,7 +134,7 @@ def test_setup_prepares_the_model_and_kernels_from_an_empty_home(tmp_path: Path)
     hidden = {"MODEL_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE"}
     env = {key: value for key, value in os.environ.items() if key not in hidden}
     result = subprocess.run(
-        [sys.executable, "-m", "helpers.embedded_model"],
+        [sys.executable, "-m", "helpers.engine.embedded_model"],
         env={**env, "HOME": str(home)},
         capture_output=True,
         text=True,
@@ -146,7 +146,7 @@ def test_setup_prepares_the_model_and_kernels_from_an_empty_home(tmp_path: Path)
     assert converted.is_relative_to(home / ".cache" / "ray-serve-llm")
     assert gguf_checkpoint.is_converted(converted)
     assert json.loads((converted / "config.json").read_text())["model_type"] == "llama"
-    from helpers import gguf_linear
+    from helpers.engine import gguf_linear
 
     if gguf_linear.cpu_can_run():
         assert list((home / ".cache" / "ray-serve-llm" / "kernels").glob("*.so"))

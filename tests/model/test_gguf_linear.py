@@ -1,4 +1,4 @@
-"""The 4-bit GGUF blocks and their CPU kernels (helpers/gguf_linear.py)."""
+"""The 4-bit GGUF blocks and their CPU kernels (helpers/engine/gguf_linear.py)."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import gguf_linear
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.embedded_model import ensure_converted
-from helpers.engine import Engine, GenerationRequest, Sampling
-from helpers.gguf_linear import GgufLinear
-from helpers.llama import llama_config, load_llama
+from helpers.engine import gguf_linear
+from helpers.engine.embedded_model import ensure_converted
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.gguf_linear import GgufLinear
+from helpers.engine.llama import llama_config, load_llama
 
 needs_kernels = pytest.mark.skipif(
     not gguf_linear.cpu_can_run(), reason="the kernels need an x86-64 CPU with AVX2, FMA, F16C"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.embedded_model import ensure_converted
-from helpers.engine import resolve_model_source
+from helpers.engine.embedded_model import ensure_converted
+from helpers.engine.engine import resolve_model_source
 
 HUB_ID = "kit-test/smollm2-from-cache"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -35,7 +35,7 @@ def load_in_subprocess(model_id: str, hub_dir: Path) -> subprocess.CompletedProc
     # huggingface_hub reads HF_HUB_CACHE when first imported, so a fresh
     # interpreter is the honest way to point it at a new cache.
     code = (
-        "import sys; from pathlib import Path; from helpers.engine import Engine, "
+        "import sys; from pathlib import Path; from helpers.engine.engine import Engine, "
         "GenerationRequest as R, Sampling as S; e = Engine.load(sys.argv[1], Path(sys.argv[2]), "
         "cpu_threads=1); print(e.generate([R('The capital of France is', S(4, 0.0, 1.0))])[0].text)"
     )

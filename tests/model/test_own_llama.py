@@ -1,4 +1,4 @@
-"""The kit's own Llama and tokenizer (helpers/llama.py, helpers/tokenizer.py)
+"""The kit's own Llama and tokenizer (helpers/engine/llama.py, helpers/engine/tokenizer.py)
 against transformers', on the real embedded model.
 
 They exist to keep transformers out of a replica's start; these tests hold
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers.config import ServeConfig
-from helpers.embedded_model import ensure_converted
-from helpers.llama import Llama, Segment, llama_config, load_llama
-from helpers.tokenizer import Tokenizer
+from helpers.engine.embedded_model import ensure_converted
+from helpers.engine.llama import Llama, Segment, llama_config, load_llama
+from helpers.engine.tokenizer import Tokenizer
 
 TEXTS = [
     "The capital of France is",
@@ -189,7 +189,8 @@ def test_other_checkpoints_are_left_to_transformers(converted: Path, tmp_path: P
 def test_the_embedded_model_serves_without_importing_transformers() -> None:
     """The point of both modules: a replica's start never imports it."""
     code = (
-        "import sys; from helpers.engine import Engine, GenerationRequest as R, Sampling as S; "
+        "import sys; from helpers.engine.engine import Engine, GenerationRequest as R, "
+        "Sampling as S; "
         "from helpers.config import EMBEDDED_MODEL_ID, ServeConfig; "
         "e = Engine.load(EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, "
         "cpu_threads=1); print(type(e.model).__name__, len(e.generate([R('Hi', S(3, 0.0, 1.0))])), "

@@ -5,8 +5,8 @@ from collections.abc import Iterator
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine import load_tokenizer
-from helpers.text_stream import REPLACEMENT_CHARACTER, TextStream
+from helpers.engine.engine import load_tokenizer
+from helpers.engine.text_stream import REPLACEMENT_CHARACTER, TextStream
 
 
 @pytest.fixture(scope="module")

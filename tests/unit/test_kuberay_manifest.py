@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from helpers.config import APP_NAME, VARIABLES
-from helpers.serve_config import NOT_IN_FILE
+from helpers.serve.config_file import NOT_IN_FILE
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GPU_SETTINGS = {"NUM_GPUS_PER_REPLICA": "1"}  # the GPU worker group is why the manifest exists

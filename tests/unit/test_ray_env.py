@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(
     "entry",
-    ["helpers.deploy", "helpers.serve_cli", "ray_serve_app"],
+    ["helpers.notebook.deploy", "helpers.serve.cli", "ray_serve_app"],
     ids=["a notebook's deploy", "the serve command", "serve run's import"],
 )
 def test_importing_the_kit_applies_the_ray_settings_before_ray_reads_them(entry: str) -> None:
@@ -36,7 +35,15 @@ def test_importing_the_kit_applies_the_ray_settings_before_ray_reads_them(entry:
     assert result.stdout.split() == ["False", "token"]
 
 
-def test_the_shell_script_exports_the_same_settings() -> None:
-    script = (REPO / "scripts" / "ray_env.sh").read_text()
-    exported = dict(re.findall(r"^export (\w+)=(\S+)$", script, flags=re.MULTILINE))
-    assert exported == RAY_ENV
+def test_the_shell_script_exports_the_same_settings_from_any_folder(tmp_path: Path) -> None:
+    bare = {key: value for key, value in os.environ.items() if key not in RAY_ENV}
+    result = subprocess.run(
+        ["bash", "-c", f"source {REPO / 'scripts' / 'ray_env.sh'} && env"],
+        env=bare,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    exported = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert {name: exported.get(name) for name in RAY_ENV} == RAY_ENV

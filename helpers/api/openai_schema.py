@@ -1,0 +1,141 @@
+"""Request bodies of the OpenAI-compatible endpoints, as pydantic models.
+
+They accept the fields OpenAI documents for ``/v1/completions`` and
+``/v1/chat/completions`` that this server honours, and refuse the rest by name
+(``extra="forbid"``), so a client never believes a setting took effect when it
+did not. Limits that depend on the deployment (``MAX_NEW_TOKENS``,
+``MAX_PROMPTS``) come in through pydantic's validation context, as in
+:mod:`helpers.api.generate_schema`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from helpers.api.generate_schema import Prompt, Temperature, TopP, limit_from_context
+
+MAX_STOP_STRINGS = 4
+StopString = Annotated[StrictStr, Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: StopString | Annotated[list[StopString], Field(min_length=1)] | None = None
+    seed: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _within_token_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return limit_from_context(value, info, "max_new_tokens", "MAX_NEW_TOKENS")
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"must hold at most {MAX_STOP_STRINGS} strings")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported; send several requests instead")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``: a prompt, or a list of them, completed as raw text."""
+
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)]
+
+    @field_validator("prompt")
+    @classmethod
+    def _within_prompt_limit(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list):
+            limit_from_context(len(value), info, "max_prompts", "MAX_PROMPTS", unit=" prompts")
+        return value
+
+    def prompt_list(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One turn. ``developer`` is OpenAI's newer name for ``system``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+    name: StrictStr | None = None
+
+    def as_pair(self) -> tuple[str, str]:
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return role, self.content
+        return role, "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``: messages rendered with the chat template."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _within_token_limit_too(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return limit_from_context(value, info, "max_new_tokens", "MAX_NEW_TOKENS")
+
+    def token_limit(self) -> int | None:
+        """OpenAI deprecated ``max_tokens`` for chat in favour of this name."""
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens

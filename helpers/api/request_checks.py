@@ -1,0 +1,70 @@
+"""What the ingress checks before it reads a request's fields: the API key,
+the content type and the body's size, then that the body is JSON at all.
+
+The key is checked first, so an unauthenticated client cannot make the server
+read or parse a large body. The body is read in chunks and refused as soon as
+it passes ``MAX_BODY_BYTES``, whatever its ``Content-Length`` claims.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from fastapi import Request
+
+from helpers.api.errors import ApiError
+
+BEARER = "bearer"
+
+
+def check_api_key(request: Request, api_key: str) -> None:
+    """Refuse with 401 unless ``Authorization: Bearer <api_key>`` (no key set: allow)."""
+    if not api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long whatever the first differing byte, so the
+    # time of a refusal does not tell an attacker how much of a guess was right.
+    if scheme.lower() != BEARER or not hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    ):
+        raise ApiError(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'",
+            "Authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body parsed as JSON, or a 4xx that says what is wrong with it."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise ApiError(
+            415,
+            "the body must be JSON: send the header 'Content-Type: application/json'",
+            "Content-Type",
+        )
+    too_large = ApiError(413, f"the body is larger than {max_bytes} bytes (MAX_BODY_BYTES)", None)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise too_large
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object", None)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", None) from None
+    except RecursionError:  # deeply nested arrays
+        raise ApiError(400, "the request body is nested too deeply", None) from None

@@ -1,0 +1,313 @@
+"""The running batch's tensors (KV cache, positions, last logits), kept one of two ways.
+
+The continuous batcher (:mod:`helpers.engine.batcher`) decides which
+sequences run; the classes here hold their tensors, one row per sequence, in
+the batcher's row order, and run the model over them:
+
+- :class:`PaddedRows`, on CPU and for transformers' models: the cache grows
+  by one column per step and rows are left-padded to a common length. No
+  memory is reserved ahead and no arithmetic is spent on columns nobody
+  reads, which is what matters where the arithmetic is the cost.
+- :class:`SlotRows`, for the kit's own Llama on a GPU: each sequence owns a
+  row ("slot") of a cache reserved ahead, so every decode step has the same
+  shapes and addresses and is replayed as one CUDA graph. A small model's
+  decode step is a thousand small kernels, and launching them one by one
+  from Python costs far more than running them.
+
+Both take the same calls: ``admit`` prompts (one prefill for all of them),
+``keep`` some rows, ``decode`` one token per row, ``clear``. ``logits`` holds
+each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
+stale, since the batcher always decodes next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from helpers.engine.llama import Segment
+
+SMALLEST_WIDTH = 64
+"""Fewest cache columns a decode graph reads; widths double from here."""
+FIRST_CAPACITY = 256
+"""Positions each slot holds at first; the cache doubles when a sequence needs more."""
+
+
+def encode(tokenizer: Any, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Token ids and attention mask of ``prompts``, left-padded, on ``device``."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def power_of_two_at_least(needed: int, smallest: int) -> int:
+    size = smallest
+    while size < needed:
+        size *= 2
+    return size
+
+
+class PaddedRows:
+    """A growing, left-padded KV cache; each row's mask hides its padding.
+
+    With the kit's Llama, new prompts can also ride along a decode step
+    (``folds_prefills``): one pass decodes the running rows and prefills the
+    new ones, so the weights are read once for both. On CPU a prefill of a
+    short prompt alone costs about as much as a decode step, since both are
+    bound by reading the weights; folded, it costs little more than its own
+    tokens' arithmetic, and the running rows do not stall for it.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.folds_prefills = hasattr(model, "forward_segments")
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache: Any = None
+        self.mask = self.positions = self.logits = torch.empty(0)
+
+    def admit(self, prompts: list[str]) -> list[int]:
+        """Prefill ``prompts`` as new rows; returns their lengths in tokens."""
+        ids, mask, positions = self._encode(prompts)
+        cache = self._new_cache()
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return self._add_rows(cache, mask, positions, output.logits)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """Token ids, mask and position ids of new rows."""
+        ids, mask = encode(self.tokenizer, prompts, self.model.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _add_rows(
+        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
+    ) -> list[int]:
+        """Append prefilled rows after the running ones; returns their lengths."""
+        last = logits[:, -1, :].float()
+        if self.cache is None:
+            self.cache, self.mask, self.positions, self.logits = (
+                cache,
+                mask,
+                positions[:, -1:] + 1,
+                last,
+            )
+        else:
+            self._merge(cache, mask, positions[:, -1:] + 1, last)
+        return mask.sum(-1).tolist()
+
+    def _new_cache(self) -> Any:
+        """An empty KV cache of the kind the model fills: its own, or
+        transformers' when the model is a transformers one."""
+        new_cache = getattr(self.model, "new_cache", None)
+        if new_cache is not None:
+            return new_cache()
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def _merge(
+        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
+    ) -> None:
+        """Append rows, left-padding whichever side is shorter."""
+        length = max(self.mask.shape[1], mask.shape[1])
+        mine, theirs = length - self.mask.shape[1], length - mask.shape[1]
+        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
+            layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
+            layer.values = torch.cat([_pad_kv(layer.values, mine), _pad_kv(new.values, theirs)])
+        self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(mask, (theirs, 0))])
+        self.positions = torch.cat([self.positions, positions])
+        self.logits = torch.cat([self.logits, logits])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``, then drop padding columns no remaining row needs."""
+        index = torch.tensor(rows, device=self.mask.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def decode(self, tokens: list[int], prompts: list[str] | None = None) -> list[int]:
+        """One token for every row; with ``prompts`` (where ``folds_prefills``)
+        the same pass prefills them as new rows after the others. Returns the
+        new rows' lengths in tokens."""
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
+        if prompts:
+            ids, mask, positions = self._encode(prompts)
+            cache = self._new_cache()
+            logits, new_logits = self.model.forward_segments(
+                [
+                    Segment(step_ids, self.cache, self.positions, self.mask),
+                    Segment(ids, cache, positions, mask, logits_to_keep=1),
+                ]
+            )
+        else:
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                cache=self.cache,
+                use_cache=True,
+            ).logits
+        self.positions = self.positions + 1
+        self.logits = logits[:, -1, :].float()
+        if not prompts:
+            return []
+        return self._add_rows(cache, mask, positions, new_logits)
+
+
+def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """Left-pad a [batch, heads, length, dim] cache tensor along its length."""
+    return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
+
+
+class SlotRows:
+    """Rows in fixed slots of a :class:`helpers.engine.llama.SlotCache`.
+
+    A decode step runs over the first ``batch`` slots (the smallest power of
+    two that holds every busy slot) and reads ``width`` columns (a power of
+    two past every position), so a handful of shapes cover a whole run. With
+    ``graphs`` each shape is captured as a CUDA graph the first time it is
+    needed and replayed after that; without (on CPU, in tests) the same step
+    runs eagerly. Idle slots in the step decode a padding token into the
+    cache's scratch column, which costs little on a GPU and is never read.
+    """
+
+    folds_prefills = False
+    """A decode step here has fixed shapes (a captured graph): prompts are
+    prefilled in passes of their own."""
+
+    def __init__(self, model: Any, tokenizer: Any, slots: int, graphs: bool) -> None:
+        self.model, self.tokenizer, self.slots = model, tokenizer, slots
+        self.device = model.device
+        self.cache = model.new_slot_cache(slots, FIRST_CAPACITY)
+        self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
+        self.pad = tokenizer.pad_token_id or 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.slot_of: list[int] = []  # row -> slot
+        self.next_position: list[int] = []  # row -> where its next token goes
+        self.logits = torch.empty(0)
+
+    def admit(self, prompts: list[str]) -> list[int]:
+        busy = set(self.slot_of)
+        slots = [slot for slot in range(self.slots) if slot not in busy][: len(prompts)]
+        ids, mask = encode(self.tokenizer, prompts, self.device)
+        lengths = mask.sum(-1).tolist()
+        self._make_room(max(lengths))
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.capacity)
+        cache = self.cache
+        cache.rows = torch.tensor(slots, device=self.device)
+        cache.clear_rows()
+        cache.leading, cache.columns, cache.width = False, positions, ids.shape[1]
+        output = self.model(input_ids=ids, position_ids=positions, cache=cache, logits_to_keep=1)
+        self.slot_of += slots
+        self.next_position += lengths
+        new_logits = output.logits[:, -1, :].float()
+        self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
+        return lengths
+
+    def keep(self, rows: list[int]) -> None:
+        self.slot_of = [self.slot_of[row] for row in rows]
+        self.next_position = [self.next_position[row] for row in rows]
+
+    def decode(self, tokens: list[int]) -> None:
+        self._make_room(max(self.next_position) + 1)
+        batch = min(self.slots, power_of_two_at_least(max(self.slot_of) + 1, 1))
+        width = power_of_two_at_least(max(self.next_position) + 1, SMALLEST_WIDTH)
+        width = min(width, self.cache.capacity)
+        step_tokens = [self.pad] * batch
+        step_positions = [self.cache.capacity] * batch  # idle slots write to scratch
+        for slot, token, position in zip(self.slot_of, tokens, self.next_position, strict=True):
+            step_tokens[slot], step_positions[slot] = token, position
+        logits = self._step(batch, width, step_tokens, step_positions)
+        self.logits = logits[torch.tensor(self.slot_of, device=self.device)]
+        self.next_position = [position + 1 for position in self.next_position]
+
+    def _step(
+        self, batch: int, width: int, tokens: list[int], positions: list[int]
+    ) -> torch.Tensor:
+        if self.graphs is None:
+            step = DecodeStep(self.model, self.cache, batch, width)
+            return step.run(tokens, positions)
+        graph = self.graphs.get((batch, width))
+        if graph is None:
+            graph = self.graphs[batch, width] = DecodeGraph(self.model, self.cache, batch, width)
+        return graph.run(tokens, positions)
+
+    def _make_room(self, positions: int) -> None:
+        """Grow the cache so that ``positions`` positions fit (the graphs
+        captured over the old one are dropped with it)."""
+        if positions <= self.cache.capacity:
+            return
+        self.cache = self.cache.grown(power_of_two_at_least(positions, self.cache.capacity))
+        if self.graphs is not None:
+            self.graphs.clear()
+
+
+class DecodeStep:
+    """One decode step over the first ``batch`` slots reading ``width`` columns."""
+
+    def __init__(self, model: Any, cache: Any, batch: int, width: int) -> None:
+        self.model, self.cache, self.width = model, cache, width
+        device = model.device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch, device=device)
+
+    def forward(self) -> torch.Tensor:
+        cache = self.cache
+        cache.rows, cache.leading, cache.columns, cache.width = (
+            self.rows,
+            True,
+            self.positions,
+            self.width,
+        )
+        output = self.model(input_ids=self.tokens, position_ids=self.positions, cache=cache)
+        return output.logits[:, -1, :].float()
+
+    def load(self, tokens: list[int], positions: list[int]) -> None:
+        self.tokens.copy_(torch.tensor(tokens)[:, None], non_blocking=True)
+        self.positions.copy_(torch.tensor(positions)[:, None], non_blocking=True)
+
+    def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        self.load(tokens, positions)
+        return self.forward()
+
+
+class DecodeGraph(DecodeStep):
+    """A :class:`DecodeStep` captured as a CUDA graph: each replay launches the
+    whole step at once, with the inputs copied into the tensors it captured."""
+
+    def __init__(self, model: Any, cache: Any, batch: int, width: int) -> None:
+        super().__init__(model, cache, batch, width)
+        self.tokens.fill_(0)
+        self.positions.fill_(cache.capacity)  # warm-up and capture touch scratch only
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # kernels pick their workspaces before capture
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # Serve's health check runs a forward pass of its own on another
+        # thread (``Engine.probe``); in the default mode its CUDA calls during
+        # a capture would be refused, here only this thread's are checked.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self.forward()
+
+    def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        self.load(tokens, positions)
+        self.graph.replay()
+        return self.logits

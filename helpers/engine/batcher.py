@@ -1,0 +1,324 @@
+"""Continuous batching: sequences join and leave the running batch at every step.
+
+With static batching (gather requests, decode them all, return them all) a
+request that arrives while a batch runs waits for the whole batch to finish,
+and a batch keeps computing rows that already ended. On this project's 2-core
+machine that left replicas decoding two or three sequences at a time under a
+load of sixteen. Here one thread owns the model and loops: sample one token
+for every row, drop the rows that ended, and run one decode step for the
+rest, in which the sequences that arrived meanwhile are prefilled too (one
+pass for both, their KV cache merged into the running batch after it). Into
+an empty batch, or where the batch's layout cannot take them along (a GPU's
+captured steps), arrivals get a prefill pass of their own first.
+
+The batch's tensors are kept by :mod:`helpers.engine.batch_rows`: on CPU rows are
+left-padded to a common length, each row's attention mask hides its padding
+and its position ids count its real tokens only; on a GPU each sequence owns
+a slot of a cache reserved ahead. Either way a sequence decodes the same
+whichever rows it shares the batch with.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from helpers.engine.batch_rows import PaddedRows, SlotRows
+from helpers.engine.sampling import Sampler
+from helpers.engine.text_stream import TextStream
+from helpers.protocol import Completion, Sampling
+
+TextCallback = Callable[[str], None]
+"""Receives each piece of new text, on the decode thread; it must not block."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, formatted for the model, and how to sample its completion."""
+
+    prompt: str
+    sampling: Sampling
+
+
+@dataclass
+class BatchStats:
+    """Counters a test or a metric can read to see batching at work."""
+
+    sequences: int = 0
+    prefills: int = 0
+    folded_prefills: int = 0
+    """Prefills that rode along a decode step rather than taking a pass of their own."""
+    forward_passes: int = 0
+    generated_tokens: int = 0
+    largest_batch: int = 0
+    cancelled: int = 0
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    future: Future[Completion]
+    sampler: Sampler
+    text: TextStream
+    on_text: TextCallback | None
+    prompt_tokens: int = 0
+
+    def emit(self, delta: str) -> None:
+        if delta and self.on_text is not None:
+            self.on_text(delta)
+
+
+@dataclass
+class _Chore:
+    """Work for the decode thread, cut into pieces that each fit between two steps."""
+
+    pieces: list[Callable[[], None]]
+    done: Future[None]
+    ran: int = 0
+
+    def run_piece(self) -> bool:
+        """Run the next piece; True once the chore has ended and ``done`` is
+        resolved: its last piece ran, or one raised and the rest are dropped."""
+        if self.ran < len(self.pieces):
+            try:
+                self.pieces[self.ran]()
+            except Exception as err:  # the model stays as the pieces before left it
+                self.done.set_exception(err)
+                return True
+            self.ran += 1
+        if self.ran < len(self.pieces):
+            return False
+        self.done.set_result(None)
+        return True
+
+
+class ContinuousBatcher:
+    """Owns the model on one thread; other threads submit and await futures."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_token_ids: set[int],
+        max_batch_size: int,
+        slots: bool | None = None,
+    ) -> None:
+        """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
+        default slots replayed as CUDA graphs for a model that offers a slot
+        cache on a GPU, else a padded cache; True runs slots eagerly, as
+        tests do on CPU."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_batch_size = max_batch_size
+        self.stats = BatchStats()
+        has_slots = hasattr(model, "new_slot_cache")
+        if slots and not has_slots:
+            raise ValueError("slots need the kit's own Llama (helpers/engine/llama.py)")
+        on_gpu = model.device.type == "cuda" and has_slots
+        if slots or (slots is None and on_gpu):
+            self._rows: PaddedRows | SlotRows = SlotRows(
+                model, tokenizer, max_batch_size, graphs=on_gpu
+            )
+        else:
+            self._rows = PaddedRows(model, tokenizer)
+        self._sequences: list[_Sequence] = []
+        # torch's CPU thread count is per thread: carry the caller's setting over.
+        self._threads = torch.get_num_threads()
+        self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._new_chores: queue.SimpleQueue[_Chore] = queue.SimpleQueue()
+        self._chores: collections.deque[_Chore] = collections.deque()  # decode thread only
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+        # A daemon thread killed inside torch at exit aborts the interpreter
+        # noisily; stopping it first lets the process end cleanly.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the loop after the batch in flight; later submissions never resolve."""
+        self._stopping.set()
+        self._waiting.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def alive(self) -> bool:
+        """False once the decode loop has ended: nothing submitted would resolve."""
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def submit(
+        self, request: GenerationRequest, on_text: TextCallback | None = None
+    ) -> Future[Completion]:
+        """Queue a request; cancelling the future drops it at the next step.
+
+        ``on_text`` streams the completion: it gets each piece of text as soon
+        as it is final, and all of them before the future resolves.
+        """
+        future: Future[Completion] = Future()
+        sampler = Sampler(request.sampling, self.device)
+        # Decoding every token costs a little per row per step; only a stream
+        # or a stop string needs it.
+        text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
+        self._waiting.put(_Sequence(request, future, sampler, text, on_text))
+        return future
+
+    def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
+        """Run ``pieces`` in order on the decode thread: one between two decode
+        steps while sequences decode, all that are left once the engine is
+        idle. Resolves when the last has run, or with the error of the first
+        that raised (the pieces after it are dropped). A loop asleep, with
+        nothing submitted, starts them after the next request's first step,
+        so that request's first token never waits for them.
+
+        Why pieces: work queued for an idle moment never runs on a replica
+        that starts under load and stays busy, while running it all at once
+        would stall every sequence in the batch. A piece that changes the
+        model (swapping a layer) is safe here on CPU: no forward pass is
+        running, and none starts until it returns. Not on a GPU, where
+        captured CUDA graphs keep the old weights' addresses.
+        """
+        done: Future[None] = Future()
+        self._new_chores.put(_Chore(list(pieces), done))
+        return done
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        while not (self._stopping.is_set() and not self._sequences):
+            self._run_chores(idle=not self._sequences and self._waiting.empty())
+            arrivals = self._take_arrivals()
+            try:
+                with torch.inference_mode():
+                    self._advance(arrivals)
+            except Exception as err:  # never let one bad batch kill the loop
+                for sequence in self._sequences + arrivals:
+                    _settle(sequence.future, exception=err)
+                self._sequences = []
+                self._rows.clear()
+
+    def _run_chores(self, idle: bool) -> None:
+        """Between two steps: one piece of the oldest chore, or every piece of
+        every chore when nothing decodes or waits."""
+        while True:
+            try:
+                self._chores.append(self._new_chores.get_nowait())
+            except queue.Empty:
+                break
+        while self._chores:
+            if self._chores[0].run_piece():
+                self._chores.popleft()
+            if not idle:
+                return
+
+    def _take_arrivals(self) -> list[_Sequence]:
+        """Waiting sequences that fit; blocks only when nothing is running."""
+        room = self.max_batch_size - len(self._sequences)
+        arrivals: list[_Sequence | None] = [] if self._sequences else [self._waiting.get()]
+        while len(arrivals) < room:
+            try:
+                arrivals.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        live = [s for s in arrivals if s is not None and not s.future.cancelled()]
+        self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
+        return live
+
+    def _advance(self, arrivals: list[_Sequence]) -> None:
+        """One iteration: admit, sample a token per row, retire ended rows, decode.
+
+        Arrivals join a running batch inside its decode step where the rows
+        allow it (``folds_prefills``); otherwise, and into an empty batch,
+        they are prefilled first, in a pass of their own.
+        """
+        fold = bool(arrivals and self._sequences) and self._rows.folds_prefills
+        if arrivals and not fold:
+            self._admit(arrivals)
+        if not self._sequences:
+            return
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
+        logits = self._rows.logits
+        next_tokens, keep = [], []
+        # Greedy rows take their argmax from one batched call: one transfer
+        # from the device per step rather than one per row.
+        greedy = logits.argmax(-1).tolist()
+        for row, sequence in enumerate(self._sequences):
+            if sequence.future.cancelled():
+                self.stats.cancelled += 1
+                continue
+            sampler = sequence.sampler
+            token = greedy[row] if sampler.greedy else sampler.pick(logits[row])
+            ended = token in self.eos_token_ids
+            if not ended:
+                sequence.emit(sequence.text.append(token))
+                self.stats.generated_tokens += 1
+                ended = sequence.text.stopped
+            if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
+                self._finish(sequence, "stop" if ended else "length")
+            else:
+                keep.append(row)
+                next_tokens.append(token)
+        if not keep:
+            self._sequences = []
+            self._rows.clear()
+            if fold:  # nothing left to ride along
+                self._admit(arrivals)
+            return
+        if len(keep) < len(self._sequences):
+            self._sequences = [self._sequences[row] for row in keep]
+            self._rows.keep(keep)
+        if fold:
+            lengths = self._rows.decode(next_tokens, [s.request.prompt for s in arrivals])
+            self._joined(arrivals, lengths)
+            self.stats.folded_prefills += 1
+        else:
+            self._rows.decode(next_tokens)
+        self.stats.forward_passes += 1
+
+    def _admit(self, sequences: list[_Sequence]) -> None:
+        """One prefill for all ``sequences``; they join the batch's rows."""
+        self._joined(sequences, self._rows.admit([s.request.prompt for s in sequences]))
+        self.stats.forward_passes += 1
+
+    def _joined(self, sequences: list[_Sequence], lengths: list[int]) -> None:
+        """Record ``sequences`` as the batch's newest rows, prefilled to ``lengths``."""
+        for sequence, length in zip(sequences, lengths, strict=True):
+            sequence.prompt_tokens = length
+        self._sequences += sequences
+        self.stats.prefills += 1
+        self.stats.sequences += len(sequences)
+
+    def _finish(self, sequence: _Sequence, reason: str) -> None:
+        sequence.emit(sequence.text.finish())
+        completion = Completion(
+            text=sequence.text.text,
+            prompt_tokens=sequence.prompt_tokens,
+            completion_tokens=len(sequence.text.tokens),
+            finish_reason=reason,
+        )
+        _settle(sequence.future, result=completion)
+
+
+def _settle(
+    future: Future[Completion],
+    result: Completion | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Resolve a future unless its caller cancelled it (which may race with us)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass

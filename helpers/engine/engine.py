@@ -1,0 +1,318 @@
+"""The inference engine: torch (and transformers for other models), no Ray.
+
+Keeping Ray out of this module lets unit tests, notebooks and GPU benchmarks
+(on machines without Ray) drive exactly the code that replicas run.
+
+The engine loads the model (picking device, dtype and CPU threads): a Llama
+safetensors checkpoint such as the embedded model with the kit's own
+:mod:`helpers.engine.llama` and :mod:`helpers.engine.tokenizer`, which start seconds
+sooner, anything else with transformers' Auto classes. It formats and
+measures prompts, and hands requests to a continuous batcher
+(:mod:`helpers.engine.batcher`) that decodes every request in flight
+together. Each request keeps its own ``max_new_tokens``, ``temperature``,
+``top_p`` and seed, which ``model.generate`` cannot do within one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helpers.engine import gguf_checkpoint
+from helpers.engine.batcher import BatchStats, ContinuousBatcher, GenerationRequest, TextCallback
+from helpers.engine.cpu_linear import prepack_pieces
+from helpers.engine.embedded_model import ensure_converted, is_embedded
+from helpers.engine.llama import llama_config, load_llama
+from helpers.engine.tokenizer import Tokenizer
+from helpers.protocol import Completion, PromptTooLongError, Sampling
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "GenerationRequest",
+    "ModelLoadError",
+    "PromptTooLongError",
+    "Sampling",
+    "TextCallback",
+]
+
+
+@dataclass(frozen=True)
+class LoadTimes:
+    """Where an engine's start went, in seconds: the cold-start breakdown.
+
+    Imports come first and alone, so ``weights_s`` is reading the weights and
+    building the model, not Python loading transformers' modelling code.
+    """
+
+    imports_s: float
+    tokenizer_s: float
+    weights_s: float
+    warm_up_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.imports_s + self.tokenizer_s + self.weights_s + self.warm_up_s
+
+
+class ModelLoadError(RuntimeError):
+    """``MODEL_ID`` names nothing that can be loaded here."""
+
+
+def resolve_model_source(model_id: str, cache_dir: Path) -> str:
+    """Map ``MODEL_ID`` to what ``from_pretrained`` (or the kit's Llama) reads.
+
+    A GGUF file, the embedded model's included, becomes its converted copy in
+    ``cache_dir``. A hub id is passed through unchanged: transformers reads it
+    from the Hugging Face cache, and with ``HF_HUB_OFFLINE=1`` from the cache
+    alone.
+    """
+    if is_embedded(model_id):
+        return str(ensure_converted(cache_dir))
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"MODEL_ID points to a missing GGUF file: {path}")
+        copy = gguf_checkpoint.cached_copy(path, cache_dir)
+        return str(gguf_checkpoint.ensure_converted(path, copy))
+    if path.is_dir():
+        return str(path)
+    return model_id
+
+
+def load_tokenizer(model_id: str, cache_dir: Path) -> Any:
+    """The model's tokenizer, padding on the left as batched decoding needs."""
+    return _tokenizer_from(model_id, resolve_model_source(model_id, cache_dir))
+
+
+def _tokenizer_from(model_id: str, source: str) -> Any:
+    local = Tokenizer.from_directory(Path(source)) if Path(source).is_dir() else None
+    if local is not None:
+        return local
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise ModelLoadError(
+            f"MODEL_ID={model_id!r} cannot be loaded: {first_line} (a hub id must be "
+            "in the Hugging Face cache when the hub is unreachable)"
+        ) from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device(want_gpu: bool) -> tuple[str, torch.dtype]:
+    """CUDA in half precision when a GPU was requested and is present, else CPU fp32.
+
+    fp16 on CPU is slower than fp32 and loses accuracy, so CPU stays fp32.
+    """
+    if want_gpu and torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+class Engine:
+    """A model and its tokenizer, decoding batches of requests together."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        max_batch_size: int = 16,
+        slots: bool | None = None,
+    ) -> None:
+        """Wrap a model already in memory (what :meth:`load` reads from disk).
+        ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says."""
+        self.model_id = model_id
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context_length = _context_length(model.config)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self._batcher = ContinuousBatcher(
+            model, tokenizer, self.eos_token_ids, max_batch_size, slots
+        )
+        self.load_times: LoadTimes | None = None
+        self.tuned: Future[None] | None = None
+
+    @classmethod
+    def load(
+        cls,
+        model_id: str,
+        cache_dir: Path,
+        *,
+        want_gpu: bool = False,
+        cpu_threads: int | None = None,
+        max_batch_size: int = 16,
+        prepack: bool = True,
+        gguf_blocks: bool = True,
+        slots: bool | None = None,
+    ) -> Engine:
+        """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
+        warm-up pass, timing each step into ``load_times``.
+
+        On CPU the kit's Llama keeps the embedded model's 4-bit GGUF blocks
+        for its linear layers (:mod:`helpers.engine.gguf_linear`) unless
+        ``gguf_blocks`` is False. Any fp32 linear layers left get prepacked
+        for oneDNN (:mod:`helpers.engine.cpu_linear`) unless ``prepack`` is False: a module's
+        layers at a time, between decode steps or when the engine is idle,
+        so the time it takes stays out of a cold start and
+        reaches a replica that starts under load. ``tuned`` resolves when it
+        is done.
+        """
+        marks = [time.perf_counter()]
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
+        device, dtype = pick_device(want_gpu)
+        source = resolve_model_source(model_id, cache_dir)
+        llama = llama_config(Path(source))
+        if llama is None:
+            _import_model_code(source)
+        marks.append(time.perf_counter())
+        tokenizer = _tokenizer_from(model_id, source)
+        marks.append(time.perf_counter())
+        if llama is not None:
+            model = load_llama(Path(source), llama, dtype, device, gguf_blocks)
+        else:
+            model = _transformers_model(source, dtype, device)
+        marks.append(time.perf_counter())
+        engine = cls(
+            model, tokenizer, model_id=model_id, max_batch_size=max_batch_size, slots=slots
+        )
+        engine.probe()
+        marks.append(time.perf_counter())
+        engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))
+        if llama is not None and prepack and device == "cpu":
+            engine.tuned = engine.between_steps(prepack_pieces(model, max_batch_size))
+        return engine
+
+    def format_prompt(self, text: str, prompt_format: str) -> str:
+        """Wrap ``text`` as one user turn when the chat template applies.
+
+        Instruction-tuned models answer a bare prompt poorly: SmolLM2 rambles
+        on "Write a haiku about Ray Serve." but writes a haiku when the same
+        words arrive as a user message.
+        """
+        use_chat = prompt_format == "chat" or (
+            prompt_format == "auto" and self.tokenizer.chat_template is not None
+        )
+        if not use_chat:
+            return text
+        return self.render_chat([{"role": "user", "content": text}])
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """A conversation as the model was trained to read it, ending where the
+        assistant's next turn begins.
+
+        A model without a chat template (a base model such as opt-125m) gets
+        plain ``role: content`` lines, which base models continue sensibly.
+        """
+        if self.tokenizer.chat_template is None:
+            lines = [f"{m['role']}: {m['content']}" for m in messages]
+            return "\n".join([*lines, "assistant:"])
+        return self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def request(self, prompt: str, sampling: Sampling) -> GenerationRequest:
+        """A request for ``prompt``, formatted already, refused with
+        :class:`~helpers.protocol.PromptTooLongError` before any work if it
+        cannot fit."""
+        request = GenerationRequest(prompt, sampling)
+        self.check_fits(request)
+        return request
+
+    def check_fits(self, request: GenerationRequest) -> None:
+        """Refuse a request whose prompt plus new tokens exceed the context."""
+        needed = self.count_tokens(request.prompt) + request.sampling.max_new_tokens
+        if needed > self.context_length:
+            raise PromptTooLongError(
+                f"prompt tokens plus max_new_tokens ({needed}) exceed the model's "
+                f"context length ({self.context_length})"
+            )
+
+    def submit(
+        self, request: GenerationRequest, on_text: TextCallback | None = None
+    ) -> Future[Completion]:
+        """Queue one request into the running batch; resolves to its completion.
+
+        ``on_text``, if given, receives the completion's text piece by piece.
+        """
+        return self._batcher.submit(request, on_text)
+
+    def probe(self) -> None:
+        """Raise unless this engine can still serve: the decode loop runs and a
+        one-token forward pass gives finite logits.
+
+        The pass runs on the caller's thread, outside the batch, so a health
+        check neither waits for nor shows up in the batching counters.
+        """
+        if not self._batcher.alive:
+            raise RuntimeError("the decode loop has stopped")
+        token = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=token).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the model's logits are not finite")
+
+    def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
+        """Run ``pieces`` on the decode thread, one between two decode steps
+        (all at once when idle); see :meth:`ContinuousBatcher.between_steps`."""
+        return self._batcher.between_steps(pieces)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Complete ``requests`` (blocking); completions hold only the new text."""
+        futures = [self.submit(request) for request in requests]
+        return [future.result() for future in futures]
+
+    @property
+    def stats(self) -> BatchStats:
+        return self._batcher.stats
+
+
+def _transformers_model(source: str, dtype: torch.dtype, device: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+
+
+def _import_model_code(source: str) -> None:
+    """Import the modelling module for ``source``'s architecture now, so that
+    the time Python spends on it counts as imports rather than weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source))]
+
+
+def _context_length(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return set(ids) if isinstance(ids, list) else {ids}

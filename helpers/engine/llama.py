@@ -1,0 +1,507 @@
+"""A Llama decoder in plain torch: what replicas run for Llama checkpoints.
+
+Why not transformers' own: importing its modelling code pulls in torch's
+compiler and distributed-tensor packages, seconds of every cold start on a
+small machine (``bench/RESULTS.md``), for a model whose forward pass is a page
+of arithmetic. This
+module runs Llama-architecture checkpoints stored as safetensors with plain
+RoPE (the embedded SmolLM2 is one); :func:`llama_config` says which, and
+everything else is loaded through transformers (``helpers/engine/engine.py``).
+
+It accepts the call the continuous batcher makes of a transformers model
+(``input_ids``, ``attention_mask``, ``position_ids``, ``cache``,
+``logits_to_keep``) and its cache keeps the same per-layer ``keys`` and
+``values`` tensors, so the batcher drives either model the same way. The
+arithmetic follows transformers' Llama step for step (RMSNorm in fp32,
+rotate-half RoPE, scaled dot-product attention); a model test checks that the
+two give the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from helpers.engine import gguf_linear
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a checkpoint's ``config.json`` that the forward pass uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What the engine reads from ``generation_config.json``: when to stop."""
+
+    eos_token_id: int | list[int] | None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+
+
+def llama_config(directory: Path) -> LlamaConfig | None:
+    """The config of a checkpoint this module can run, else None.
+
+    None for anything but a local safetensors Llama with plain RoPE and SiLU:
+    scaled RoPE variants, quantized weights and other architectures are left
+    to transformers rather than half-supported here.
+    """
+    config_file = directory / "config.json"
+    if not config_file.is_file() or not any(directory.glob("*.safetensors")):
+        return None
+    raw = json.loads(config_file.read_text())
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    plain = (
+        raw.get("model_type") == "llama"
+        and raw.get("hidden_act", "silu") == "silu"
+        and rope.get("rope_type", rope.get("type", "default")) == "default"
+        and "quantization_config" not in raw
+    )
+    if not plain:
+        return None
+    heads = raw["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=raw.get("attention_bias", False),
+        mlp_bias=raw.get("mlp_bias", False),
+    )
+
+
+def load_llama(
+    directory: Path, config: LlamaConfig, dtype: torch.dtype, device: str, gguf_blocks: bool = True
+) -> Llama:
+    """The checkpoint in ``directory``, read straight onto ``device``.
+
+    Where the directory holds GGUF blocks (the embedded model's copy) and
+    this CPU runs their kernels, the linear layers keep those blocks instead
+    of fp32 weights (:mod:`helpers.engine.gguf_linear`), unless ``gguf_blocks`` is
+    False; their fp32 weights are then never read.
+    """
+    blocks: dict[str, torch.Tensor] = {}
+    blocks_file = directory / gguf_linear.BLOCKS_FILE
+    if (
+        gguf_blocks
+        and blocks_file.is_file()
+        and (device, dtype) == ("cpu", torch.float32)
+        and gguf_linear.kernels() is not None
+    ):
+        blocks = load_file(blocks_file)
+    replaced = {name.rsplit(".", 1)[0] + ".weight" for name in blocks}
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt", device=device) as checkpoint:
+            names = set(checkpoint.keys()) - replaced
+            state |= {name: checkpoint.get_tensor(name) for name in names}
+    state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    if config.tie_word_embeddings and "lm_head.weight" not in replaced:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return build_llama(config, state | blocks, _eos_token_id(directory))
+
+
+def build_llama(
+    config: LlamaConfig, state: dict[str, torch.Tensor], eos_token_id: int | list[int] | None
+) -> Llama:
+    """A model around ``state``'s tensors, used where they lie. It is built on
+    the meta device first, so no memory or time goes into initial weights
+    about to be replaced. Linear layers whose GGUF blocks are in ``state``
+    become :class:`~helpers.engine.gguf_linear.GgufLinear`."""
+    with torch.device("meta"):
+        model = Llama(config, eos_token_id)
+        gguf_linear.use_blocks(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inverse_frequencies(config, model.device)
+    return model.eval()
+
+
+def _eos_token_id(directory: Path) -> int | list[int] | None:
+    for name in ("generation_config.json", "config.json"):
+        file = directory / name
+        if file.is_file() and (ids := json.loads(file.read_text()).get("eos_token_id")):
+            return ids
+    return None
+
+
+def rope_inverse_frequencies(config: LlamaConfig, device: str | torch.device) -> torch.Tensor:
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device)
+    return 1.0 / (config.rope_theta ** (exponents / config.head_dim))
+
+
+class LayerCache:
+    """One layer's keys and values, ``[batch, kv_heads, length, head_dim]``."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+
+class KVCache:
+    """Keys and values that grow by one column per step, rows left-padded to a
+    common length: what the batcher's CPU path keeps (no memory reserved
+    ahead, no work spent on columns nobody reads)."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(layers)]
+
+    @property
+    def length(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[-2]
+
+    def mask(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, new: int
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            batch = position_ids.shape[0]
+            attention_mask = torch.ones(
+                batch, self.length + new, dtype=torch.long, device=position_ids.device
+            )
+        return _attention_mask(attention_mask, new)
+
+
+class SlotLayer:
+    """One layer's share of a :class:`SlotCache`."""
+
+    def __init__(self, owner: SlotCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.owner, self.keys, self.values = owner, keys, values
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens at their positions' columns; return the columns
+        the batch's rows attend over."""
+        rows, columns, width = self.owner.rows, self.owner.columns, self.owner.width
+        # [batch, new] row and column indices around all heads: the indexed
+        # view is [batch, new, heads, head_dim].
+        self.keys[rows[:, None], :, columns] = keys.transpose(1, 2)
+        self.values[rows[:, None], :, columns] = values.transpose(1, 2)
+        if self.owner.leading:
+            return self.keys[: len(rows), :, :width], self.values[: len(rows), :, :width]
+        return self.keys[rows, :, :width], self.values[rows, :, :width]
+
+
+class SlotCache:
+    """Keys and values reserved ahead: each sequence owns one row ("slot") for
+    its whole life and its token at position p lives in column p.
+
+    Why: on a GPU a decode step of a small model is launch-bound (a thousand
+    small kernels), and replaying it as one CUDA graph needs every tensor's
+    shape and address fixed in advance. A growing, left-padded cache has
+    neither; this one has both, and needs no attention mask from the caller:
+    a token sees the columns up to its own position in its own row. Column
+    ``capacity`` (the last) takes the writes of padding tokens, which nothing
+    reads.
+
+    Before each forward pass the caller sets which slots the batch's rows are
+    (``rows``), whether those are simply the first ``len(rows)`` slots
+    (``leading``: read as a view, not a copy) and how many columns attention
+    reads (``width``, more than any position in the batch).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (slots, config.num_key_value_heads, capacity + 1, config.head_dim)
+        self.config, self.capacity = config, capacity
+        self.layers = [
+            SlotLayer(
+                self,
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.rows = torch.arange(slots, device=device)
+        self.leading = True
+        self.width = capacity
+        self.columns = torch.zeros(slots, 1, dtype=torch.long, device=device)
+
+    def clear_rows(self) -> None:
+        """Zero the slots in ``rows`` before a new sequence moves in: masked
+        columns weigh zero, but zero times a NaN left by the last occupant is
+        NaN, and a padding token sees every column."""
+        for layer in self.layers:
+            layer.keys[self.rows] = 0
+            layer.values[self.rows] = 0
+
+    def grown(self, capacity: int) -> SlotCache:
+        """A copy with room for ``capacity`` positions; the caller drops this one."""
+        keys = self.layers[0].keys
+        bigger = SlotCache(self.config, keys.shape[0], capacity, keys.dtype, keys.device)
+        kept = slice(0, self.capacity)
+        for old, new in zip(self.layers, bigger.layers, strict=True):
+            new.keys[:, :, kept] = old.keys[:, :, kept]
+            new.values[:, :, kept] = old.values[:, :, kept]
+        return bigger
+
+    def mask(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, new: int
+    ) -> torch.Tensor:
+        """``[batch, 1, new, width]``: columns up to each token's own position.
+        A padding token (at ``capacity``) sees every column, so its row of
+        attention is never empty (which would give NaN)."""
+        columns = torch.arange(self.width, device=position_ids.device)
+        return (columns <= position_ids[:, :, None])[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows that share a cache and a token count, for one forward pass.
+
+    A decode step is one segment (one new token per row); so is a prefill
+    (each prompt's tokens, left-padded). :meth:`Llama.forward_segments` runs
+    several in one pass: every linear layer, where nearly all of a CPU
+    forward pass goes, reads its weights once for all their tokens, and
+    only attention runs per segment, each against its own cache.
+    """
+
+    input_ids: torch.Tensor
+    cache: KVCache | SlotCache
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    logits_to_keep: int = 0
+    """Logits for this many last tokens of each row; 0 for every token."""
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What attention needs of one segment: its shape, rotation and mask."""
+
+    batch: int
+    length: int
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        heads, kv_heads, dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        bias = config.attention_bias
+        self.head_dim = dim
+        self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
+    ) -> torch.Tensor:
+        """``x`` is every segment's tokens packed, ``[tokens, hidden]``."""
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        outputs, start = [], 0
+        for rows, cache in zip(segments, caches, strict=True):
+            end = start + rows.tokens
+            shape = (rows.batch, rows.length, -1, self.head_dim)
+            q = _rotate(queries[start:end].view(shape).transpose(1, 2), *rows.rope)
+            k = _rotate(keys[start:end].view(shape).transpose(1, 2), *rows.rope)
+            v = values[start:end].view(shape).transpose(1, 2)
+            k, v = cache.append(k, v)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=rows.mask, scale=self.head_dim**-0.5, enable_gqa=True
+            )
+            outputs.append(out.transpose(1, 2).reshape(rows.tokens, -1))
+            start = end
+        return self.o_proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        size, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(size, inner, bias=bias)
+        self.up_proj = nn.Linear(size, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), segments, caches)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Named as in the checkpoints (``model.layers.0.self_attn.q_proj``...), so
+    their weights load by name."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        # An explicit weight skips the random init, which on the meta device
+        # costs a one-off second or more (normal_ loads torch's meta kernels).
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, eos_token_id: int | list[int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationDefaults(eos_token_id)
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config, "cpu"), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotCache:
+        weight = self.model.embed_tokens.weight
+        return SlotCache(self.config, slots, capacity, weight.dtype, weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | SlotCache | None = None,
+        logits_to_keep: int = 0,
+        **_: Any,
+    ) -> ModelOutput:
+        """Logits for ``input_ids`` given the ``cache`` of the tokens before them.
+
+        ``attention_mask`` covers the cached tokens and the new ones (0 marks
+        left padding); ``position_ids`` count each row's real tokens only.
+        """
+        cache = cache if cache is not None else self.new_cache()
+        segment = Segment(input_ids, cache, position_ids, attention_mask, logits_to_keep)
+        return ModelOutput(self.forward_segments([segment])[0])
+
+    def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Each segment's logits, ``[batch, kept tokens, vocab]``, from one pass."""
+        rows, hidden, kept = [], [], []
+        for segment in segments:
+            batch, new = segment.input_ids.shape
+            positions = segment.position_ids
+            if positions is None:
+                past = segment.cache.length
+                positions = torch.arange(past, past + new, device=self.device).expand(batch, -1)
+            x = self.model.embed_tokens(segment.input_ids)
+            mask = segment.cache.mask(segment.attention_mask, positions, new)
+            rows.append(_Rows(batch, new, self._rope(positions, x.dtype), mask))
+            hidden.append(x.reshape(batch * new, -1))
+        x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        # Each layer's caches, one per segment, in the segments' order.
+        layer_caches = zip(*(segment.cache.layers for segment in segments), strict=True)
+        for layer, caches in zip(self.model.layers, layer_caches, strict=True):
+            x = layer(x, rows, list(caches))
+        start = 0
+        for segment, part in zip(segments, rows, strict=True):
+            tokens = x[start : start + part.tokens].view(part.batch, part.length, -1)
+            keep = segment.logits_to_keep
+            kept.append(tokens[:, -keep:] if keep else tokens)
+            start += part.tokens
+        last = [k.reshape(-1, k.shape[-1]) for k in kept]
+        logits = self.lm_head(self.model.norm(last[0] if len(last) == 1 else torch.cat(last)))
+        split = logits.split([k.shape[0] * k.shape[1] for k in kept])
+        return [part.view(*k.shape[:2], -1) for part, k in zip(split, kept, strict=True)]
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Cosines and sines for each row's positions, ``[batch, 1, new, head_dim]``."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _attention_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Which keys each new token may attend to, ``[batch, 1, new, length]``:
+    earlier real tokens and itself.
+
+    A padding token sees only itself, so no row of the attention is empty:
+    an empty row gives NaN, which its cached values would then carry into
+    every real token's attention (0 weight times NaN is NaN).
+    """
+    length = mask.shape[1]
+    queries = torch.arange(length - new, length, device=mask.device)[:, None]
+    keys = torch.arange(length, device=mask.device)[None, :]
+    allowed = (keys <= queries)[None] & mask[:, None, :].bool()
+    return (allowed | (keys == queries)[None])[:, None]

@@ -1,0 +1,119 @@
+"""Deploy, inspect and delete the app from Python, as the notebooks do.
+
+:func:`deploy` is the Python twin of ``serve run ray_serve_app:deployment_graph``:
+it reads the configuration the same way (from the environment, plus any
+overrides), builds the same application and names it ``RayServeLLM``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from helpers.config import APP_NAME, ServeConfig
+from helpers.notebook.cluster import connect
+from helpers.serve.app import build_app
+from helpers.serve.model_calls import MODEL_DEPLOYMENT, state_name
+from helpers.serve.model_server import LLMServer
+
+
+def deploy(overrides: Mapping[str, str] | None = None) -> ServeConfig:
+    """Deploy (or redeploy) the app and wait until Serve reports it RUNNING.
+
+    ``overrides`` are environment variables (``{"MAX_REPLICAS": "2"}``); they
+    are also written into this process's environment so later cells see them.
+    On a cluster with a GPU (Colab's GPU runtime), replicas ask for one unless
+    ``NUM_GPUS_PER_REPLICA`` says otherwise.
+    """
+
+    connect()
+    os.environ.update(overrides or {})
+    if "NUM_GPUS_PER_REPLICA" not in os.environ and _gpu_present():
+        os.environ["NUM_GPUS_PER_REPLICA"] = "1"
+    config = ServeConfig.from_env()
+    run_app(config)
+    return config
+
+
+def run_app(config: ServeConfig, model_server: type = LLMServer) -> None:
+    """``serve.run`` the app, and say why when a deployment fails.
+
+    Serve's own error names only the deployments that failed; the reason (a
+    model that cannot load, say) is in their status messages, added here.
+    """
+    from ray import serve
+
+    try:
+        serve.run(build_app(config, model_server), name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:
+        application = serve.status().applications.get(APP_NAME)
+        reasons = [
+            f"{name}: {_summary(deployment.message)}"
+            for name, deployment in (application.deployments.items() if application else [])
+            if deployment.message
+        ]
+        raise RuntimeError("\n".join([str(err), *reasons])) from None
+
+
+def _summary(message: str) -> str:
+    """Serve's first line (what failed) and the exception's last line (why),
+    without the remote traceback in between."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+
+
+def _gpu_present() -> bool:
+    """Whether Ray found a GPU in the cluster (asked of Ray rather than torch,
+    which a notebook kernel never imports)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def is_deployed() -> bool:
+    from ray import serve
+
+    connect()
+    return APP_NAME in serve.status().applications
+
+
+def ensure_deployed(overrides: Mapping[str, str] | None = None) -> ServeConfig:
+    """Deploy unless the app already runs; either way return the configuration."""
+    if is_deployed() and not overrides:
+        return ServeConfig.from_env()
+    return deploy(overrides)
+
+
+def app_status() -> dict[str, Any]:
+    """The app's status and each deployment's replicas by state."""
+    from ray import serve
+
+    connect()
+    application = serve.status().applications[APP_NAME]
+    return {
+        "status": state_name(application.status),
+        "deployments": {
+            name: {state_name(state): n for state, n in d.replica_states.items()}
+            for name, d in application.deployments.items()
+        },
+    }
+
+
+def model_replicas() -> int:
+    """Running replicas of the model deployment, read from the controller."""
+    return app_status()["deployments"].get(MODEL_DEPLOYMENT, {}).get("RUNNING", 0)
+
+
+def delete_app(timeout_s: float = 120) -> None:
+    """Delete the app and wait until Serve no longer lists it."""
+    from ray import serve
+
+    connect()
+    serve.delete(APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    while APP_NAME in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{APP_NAME} still listed {timeout_s:.0f} s after delete")
+        time.sleep(1)

@@ -1,0 +1,219 @@
+"""The notebooks' prompt box: a plain class that talks to the server, and a
+thin ipywidgets layer over it.
+
+Keeping the logic in :class:`PromptSession` lets tests drive it without a
+browser; :class:`PromptBox` only wires widgets to it. Headless, a notebook
+sets the widgets' ``.value``, calls ``send_button.click()`` and reads
+``session.last_reply`` in the next cell.
+
+Replies stream: text shows as the model produces it. In chat mode the session
+keeps the conversation and sends all of it with every turn, through
+``/v1/chat/completions``, so the model sees what was said before.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from helpers.notebook.client import ApiError, LLMClient, Reply
+
+MODES = ("complete", "chat")
+
+
+class PromptSession:
+    """The prompt box's state and behaviour, with no widgets involved."""
+
+    def __init__(
+        self,
+        client: LLMClient,
+        max_new_tokens: int = 64,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        mode: str = "complete",
+    ) -> None:
+        self.client = client
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.mode = mode
+        self.history: list[Reply] = []
+        self.conversation: list[dict[str, str]] = []
+        self.last_error: str | None = None
+
+    @property
+    def last_reply(self) -> Reply | None:
+        return self.history[-1] if self.history else None
+
+    def send(self, prompt: str, on_text: Callable[[str], None] | None = None) -> Reply | None:
+        """Send one prompt (or chat turn) with the current settings, streaming the
+        reply into ``on_text``; errors are kept in ``last_error``, not raised."""
+        self.last_error = None
+        if not prompt.strip():
+            self.last_error = "Type a prompt first."
+            return None
+        if self.mode not in MODES:
+            self.last_error = f"Unknown mode {self.mode!r}: use one of {', '.join(MODES)}."
+            return None
+        sink = on_text or (lambda _: None)
+        try:
+            reply = (
+                self._chat(prompt, sink) if self.mode == "chat" else self._complete(prompt, sink)
+            )
+        except (ApiError, requests.RequestException) as err:
+            self.last_error = str(err)
+            return None
+        self.history.append(reply)
+        return reply
+
+    def new_chat(self) -> None:
+        """Forget the conversation; the next chat turn starts afresh."""
+        self.conversation.clear()
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in a reply, counted with the served model's tokenizer when it is local."""
+        tokenizer = _local_tokenizer()
+        return (
+            len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if tokenizer
+            else len(text.split())
+        )
+
+    def _complete(self, prompt: str, on_text: Callable[[str], None]) -> Reply:
+        return self.client.stream_generate(
+            prompt,
+            on_text,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+
+    def _chat(self, prompt: str, on_text: Callable[[str], None]) -> Reply:
+        turn = {"role": "user", "content": prompt}
+        reply = self.client.stream_chat(
+            [*self.conversation, turn],
+            on_text,
+            max_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+        self.conversation += [turn, {"role": "assistant", "content": reply.text}]
+        return reply
+
+
+@functools.cache
+def _local_tokenizer() -> Any:
+    from helpers.config import ServeConfig
+    from helpers.engine.engine import load_tokenizer
+
+    config = ServeConfig.from_env()
+    try:
+        return load_tokenizer(config.model_id, config.model_cache_dir)
+    except Exception:  # a hub model not cached here: fall back to words
+        return None
+
+
+def transcript_html(turns: list[tuple[str, str]]) -> str:
+    """Turns of (speaker, text) as preformatted HTML, escaped."""
+    lines = [f"<b>{html.escape(who)}:</b> {html.escape(text)}" for who, text in turns]
+    return '<pre style="white-space: pre-wrap; margin: 0">' + "\n\n".join(lines) + "</pre>"
+
+
+class PromptBox:
+    """Mode switch, text area, three sliders, Send and New chat buttons, the reply."""
+
+    def __init__(self, session: PromptSession) -> None:
+        import ipywidgets as widgets
+
+        self.session = session
+        self.mode = widgets.ToggleButtons(
+            options=[("Complete", "complete"), ("Chat", "chat")], value=session.mode
+        )
+        self.prompt = widgets.Textarea(
+            value="Write a haiku about Ray Serve.",
+            description="Prompt",
+            layout=widgets.Layout(width="100%", height="80px"),
+        )
+        self.max_new_tokens = widgets.IntSlider(
+            value=session.max_new_tokens, min=1, max=256, description="max_new_tokens"
+        )
+        self.temperature = widgets.FloatSlider(
+            value=session.temperature, min=0.0, max=2.0, step=0.05, description="temperature"
+        )
+        self.top_p = widgets.FloatSlider(
+            value=session.top_p, min=0.05, max=1.0, step=0.05, description="top_p"
+        )
+        self.send_button = widgets.Button(description="Send", button_style="primary")
+        self.new_chat_button = widgets.Button(description="New chat")
+        self.reply = widgets.HTML(layout=widgets.Layout(width="100%"))
+        self.status = widgets.HTML()
+        self.send_button.on_click(self._on_send)
+        self.new_chat_button.on_click(self._on_new_chat)
+        self.widget = widgets.VBox(
+            [
+                self.mode,
+                self.prompt,
+                self.max_new_tokens,
+                self.temperature,
+                self.top_p,
+                widgets.HBox([self.send_button, self.new_chat_button]),
+                self.reply,
+                self.status,
+            ]
+        )
+
+    def _on_send(self, _: Any) -> None:
+        session = self.session
+        session.mode = self.mode.value
+        session.max_new_tokens = self.max_new_tokens.value
+        session.temperature = self.temperature.value
+        session.top_p = self.top_p.value
+        earlier = self._earlier_turns()
+        prompt, streamed = self.prompt.value, []
+
+        def show(text: str) -> None:
+            streamed.append(text)
+            self.reply.value = transcript_html(
+                [*earlier, ("You", prompt), ("Model", "".join(streamed))]
+            )
+
+        if prompt.strip():
+            self.reply.value = transcript_html([*earlier, ("You", prompt)])
+        self.send_button.disabled = True
+        self.status.value = "Waiting for the model (a cold start takes a few seconds)..."
+        try:
+            reply = session.send(prompt, on_text=show)
+        except Exception as err:  # a bug, not a refusal: show it, then let ipywidgets log it
+            self.status.value = f"<b>Error:</b> {html.escape(repr(err))}"
+            raise
+        finally:
+            self.send_button.disabled = False
+        if reply is None:
+            self.status.value = f"<b>Error:</b> {html.escape(str(session.last_error))}"
+            return
+        if not streamed:  # an empty reply: still show the turn
+            show(reply.text)
+        tokens = session.count_tokens(reply.text)
+        first = f", first text after {reply.first_text_s:.2f} s" if reply.first_text_s else ""
+        self.status.value = f"[{reply.latency_s:.2f} s{first}, {tokens} tokens]"
+
+    def _earlier_turns(self) -> list[tuple[str, str]]:
+        """In chat mode, the conversation so far; otherwise nothing."""
+        if self.session.mode != "chat":
+            return []
+        speakers = {"user": "You", "assistant": "Model"}
+        return [(speakers[m["role"]], m["content"]) for m in self.session.conversation]
+
+    def _on_new_chat(self, _: Any) -> None:
+        self.session.new_chat()
+        self.reply.value = ""
+        self.status.value = "New chat started."
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

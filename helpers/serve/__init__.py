@@ -1,0 +1,8 @@
+"""Ray Serve: the application, its two deployments and the calls between them.
+
+The ingress (``ingress.py``) answers HTTP and never loads the model; the model
+deployment (``model_server.py``) owns an engine and imports it only when a
+replica starts. This package may import Ray, :mod:`helpers.api` and
+:mod:`helpers.protocol`; the engine only inside the model replica. Every use
+of Ray's private APIs, and the one patch of Serve, is in ``ray_private.py``.
+"""

@@ -1,0 +1,210 @@
+"""The HTTP ingress: checks and validates requests, answers health probes,
+forwards work, and turns every failure into a JSON answer.
+
+It runs one small replica that never scales to zero. That matters for
+scale-to-zero: ``/healthz`` is answered here from Serve's own bookkeeping, so
+a load balancer probing every second neither keeps the model replica awake
+nor wakes it from zero. Only ``/generate`` and ``/v1/*completions`` reach the
+model deployment, through ``LLMServer.stream``: sent on piece by piece, or
+gathered into one reply.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from helpers.api.errors import EXCEPTION_HANDLERS, ApiError, validation_error_to_api_error
+from helpers.api.generate_schema import GenerateRequest, GenerateResponse, UsedGenerationKwargs
+from helpers.api.openai_responses import OpenAIFormat, model_card
+from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from helpers.api.openapi_docs import ERROR_RESPONSES, STREAMED, json_body, with_request_models
+from helpers.api.request_checks import check_api_key, read_json
+from helpers.api.sse import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
+from helpers.config import ServeConfig
+from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+from helpers.serve.model_calls import open_stream, read_replica_states
+
+REPLICA_COUNT_TTL_S = 1.0
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+app = FastAPI(
+    title="Ray Serve LLM",
+    description="Serverless LLM inference on Ray Serve, scaling to zero.",
+    exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    responses=ERROR_RESPONSES,
+)
+app.openapi = with_request_models(  # type: ignore[method-assign]
+    app, [GenerateRequest, CompletionRequest, ChatCompletionRequest]
+)
+
+
+@serve.ingress(app)
+class Ingress:
+    """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
+
+    def __init__(self, llm: DeploymentHandle, config: ServeConfig) -> None:
+        self.llm = llm
+        self.config = config
+        self.started = int(time.time())
+        self._replicas: dict[str, int] = {}
+        self._replicas_read_at = float("-inf")
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness and the model replicas by state, without touching the model."""
+        return {
+            "status": "ok",
+            "model": self.config.model_id,
+            "model_replicas": await self._model_replica_states(),
+            "min_replicas": self.config.min_replicas,
+            "max_replicas": self.config.max_replicas,
+        }
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses=STREAMED,
+        openapi_extra=json_body(GenerateRequest),
+    )
+    async def generate(self, request: Request) -> Any:
+        """The walkthrough's endpoint; ``"stream": true`` streams it as events."""
+        parsed = await self._parse(request, GenerateRequest, default_param="prompt")
+        asked = parsed.generation_kwargs
+        used = UsedGenerationKwargs(
+            max_new_tokens=asked.max_new_tokens or self.config.max_new_tokens,
+            temperature=self.config.temperature if asked.temperature is None else asked.temperature,
+            top_p=self.config.top_p if asked.top_p is None else asked.top_p,
+        )
+        texts = parsed.prompt_list()
+        prompts = [Prompt(text=text) for text in texts]
+        sampling = Sampling(**used.model_dump())
+        if parsed.stream:
+            return await self._stream(prompts, sampling, GenerateStream(), "prompt")
+        completions = await self._complete(prompts, sampling, "prompt")
+        return GenerateResponse(
+            model=self.config.model_id,
+            prompts=texts,
+            completions=[c.text for c in completions],
+            generation_kwargs=used,
+        )
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        check_api_key(request, self.config.api_key)
+        return {"object": "list", "data": [model_card(self.config.model_id, self.started)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(self, request: Request, model: str) -> dict[str, Any]:
+        check_api_key(request, self.config.api_key)
+        self._check_model(model)
+        return model_card(model, self.started)
+
+    @app.post("/v1/completions", responses=STREAMED, openapi_extra=json_body(CompletionRequest))
+    async def completions(self, request: Request) -> Any:
+        """OpenAI's completions: the prompt is completed as raw text, no template."""
+        parsed = await self._parse(request, CompletionRequest, default_param="prompt")
+        prompts = [Prompt(text=text, raw=True) for text in parsed.prompt_list()]
+        return await self._openai(parsed, parsed.max_tokens, prompts, chat=False, param="prompt")
+
+    @app.post(
+        "/v1/chat/completions", responses=STREAMED, openapi_extra=json_body(ChatCompletionRequest)
+    )
+    async def chat_completions(self, request: Request) -> Any:
+        """OpenAI's chat completions: the messages go through the chat template."""
+        parsed = await self._parse(request, ChatCompletionRequest, default_param="messages")
+        prompt = Prompt(messages=tuple(m.as_pair() for m in parsed.messages))
+        return await self._openai(
+            parsed, parsed.token_limit(), [prompt], chat=True, param="messages"
+        )
+
+    async def _openai(
+        self,
+        parsed: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int | None,
+        prompts: list[Prompt],
+        *,
+        chat: bool,
+        param: str,
+    ) -> Any:
+        self._check_model(parsed.model)
+        sampling = Sampling(
+            max_new_tokens=max_tokens or self.config.max_new_tokens,
+            temperature=self.config.temperature
+            if parsed.temperature is None
+            else parsed.temperature,
+            top_p=self.config.top_p if parsed.top_p is None else parsed.top_p,
+            seed=parsed.seed,
+            stop=parsed.stop_strings(),
+        )
+        shape = OpenAIFormat(parsed.model, chat=chat, include_usage=parsed.include_usage())
+        if parsed.stream:
+            return await self._stream(prompts, sampling, shape, param)
+        return shape.response(await self._complete(prompts, sampling, param))
+
+    async def _parse(self, request: Request, model: type[Body], default_param: str) -> Body:
+        """Key, content type, size, JSON, then fields: each refused with its own 4xx."""
+        check_api_key(request, self.config.api_key)
+        body = await read_json(request, self.config.max_body_bytes)
+        limits = {
+            "max_new_tokens": self.config.max_new_tokens,
+            "max_prompts": self.config.max_prompts,
+        }
+        try:
+            return model.model_validate(body, context=limits)
+        except ValidationError as err:
+            raise validation_error_to_api_error(err, default_param, body) from None
+
+    def _check_model(self, model: str) -> None:
+        if model != self.config.model_id:
+            raise ApiError(
+                404,
+                f"model: {model[:80]!r} is not served here; this server serves "
+                f"{self.config.model_id!r} (see GET /v1/models)",
+                "model",
+            )
+
+    async def _complete(
+        self, prompts: list[Prompt], sampling: Sampling, param: str
+    ) -> list[Completion]:
+        """Whole replies, gathered from the model's stream of completions."""
+        completions: dict[int, Completion] = {}
+        async for batch in await self._open_stream(prompts, sampling, param, text=False):
+            completions.update((d.index, d.completion) for d in batch if d.completion)
+        return [completions[index] for index in range(len(prompts))]
+
+    async def _stream(
+        self, prompts: list[Prompt], sampling: Sampling, shape: StreamFormat, param: str
+    ) -> StreamingResponse:
+        deltas = await self._open_stream(prompts, sampling, param, text=True)
+        return StreamingResponse(
+            sse_body(deltas, shape), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
+    async def _open_stream(
+        self, prompts: list[Prompt], sampling: Sampling, param: str, text: bool
+    ) -> AsyncIterator[list[TextDelta]]:
+        return await open_stream(
+            self.llm,
+            prompts,
+            sampling,
+            text=text,
+            param=param,
+            timeout_s=self.config.request_timeout_s,
+        )
+
+    async def _model_replica_states(self) -> dict[str, int]:
+        """Replica counts by state, read from the Serve controller at most once a second."""
+        now = time.monotonic()
+        if now - self._replicas_read_at >= REPLICA_COUNT_TTL_S:
+            self._replicas = await asyncio.to_thread(read_replica_states)
+            self._replicas_read_at = now
+        return self._replicas

@@ -1,0 +1,139 @@
+"""Calls from the ingress to the model deployment: how they wait, end and fail.
+
+Every call goes through ``LLMServer.stream``, whole replies too (its
+docstring says why). The ingress waits for the stream's first, empty item, the
+sign that a replica accepted the prompts: a cold start happens in that wait,
+and a refusal (a prompt too long, a full queue, a deployment that cannot
+start) is still a proper HTTP status. ``REQUEST_TIMEOUT_S`` bounds the whole
+call, and however a call ends, it is cancelled, so the replica stops decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from helpers.api.errors import ApiError
+from helpers.protocol import Prompt, Sampling, TextDelta
+from helpers.serve.model_errors import model_error
+
+MODEL_DEPLOYMENT = "LLMServer"
+GAVE_UP = {"DEPLOY_FAILED", "REPLICA_STARTUP_FAILED"}
+"""Statuses and triggers that mean Serve stopped trying to start replicas. An
+UNHEALTHY deployment whose replica failed a health check or lost its node is
+still starting a replacement, so a request waits for that one."""
+START_CHECK_INTERVAL_S = 2.0
+"""While a request waits for a replica, how often to ask whether Serve gave up
+starting one (a model that cannot load), so the request fails instead of
+waiting out REQUEST_TIMEOUT_S."""
+
+
+def model_deployment_status() -> Any:
+    """The model deployment's entry in ``serve.status()``, or None."""
+    app_name = serve.get_replica_context().app_name
+    application = serve.status().applications.get(app_name)
+    return application.deployments.get(MODEL_DEPLOYMENT) if application else None
+
+
+def read_replica_states() -> dict[str, int]:
+    """Model replicas by lower-case state, always with a ``running`` count."""
+    deployment = model_deployment_status()
+    states = deployment.replica_states if deployment else {}
+    return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+
+
+def model_start_failure() -> str | None:
+    """Why the model deployment cannot start replicas, if Serve gave up on it."""
+    deployment = model_deployment_status()
+    if deployment is None:
+        return None
+    if not {state_name(deployment.status), state_name(deployment.status_trigger)} & GAVE_UP:
+        return None
+    lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else state_name(deployment.status)
+
+
+def state_name(state: Any) -> str:
+    """Serve's status enums, or plain strings on some paths, as plain strings."""
+    return str(getattr(state, "value", state))
+
+
+async def _until_deadline(
+    deltas: DeploymentResponseGenerator, deadline: float, param: str, timeout_s: float
+) -> AsyncIterator[list[TextDelta]]:
+    """Pass the replica's stream on until it ends or the deadline passes.
+
+    However it stops (the end, the deadline, or the client going away, when
+    Starlette stops iterating), the replica's stream is cancelled, so the
+    replica stops decoding these prompts.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                yield await asyncio.wait_for(deltas.__anext__(), deadline - loop.time())
+            except StopAsyncIteration:
+                return
+            except Exception as err:
+                raise model_error(err, param, timeout_s) or err from None
+    finally:
+        _cancel(deltas)
+
+
+def _cancel(deltas: DeploymentResponseGenerator) -> None:
+    """Cancel a model call, best effort: a call that already failed re-raises
+    its error from ``cancel()``, and has nothing left to cancel anyway."""
+    with contextlib.suppress(Exception):
+        deltas.cancel()
+
+
+async def _accepted(deltas: DeploymentResponseGenerator, deadline: float) -> None:
+    """Wait for the stream's first (empty) item: a replica took the request.
+
+    A cold start happens here. If Serve gives up starting replicas meanwhile,
+    fail with its reason rather than wait until the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(deltas.__anext__())
+    try:
+        while not first.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait({first}, timeout=min(START_CHECK_INTERVAL_S, remaining))
+            if not first.done() and (failure := await asyncio.to_thread(model_start_failure)):
+                raise ApiError(503, f"the model deployment failed to start: {failure}")
+        first.result()
+    finally:
+        first.cancel()
+
+
+async def open_stream(
+    llm: DeploymentHandle,
+    prompts: list[Prompt],
+    sampling: Sampling,
+    *,
+    text: bool,
+    param: str,
+    timeout_s: float,
+) -> AsyncIterator[list[TextDelta]]:
+    """Call ``LLMServer.stream`` and return its deltas once a replica accepted.
+
+    Failures become the ``ApiError`` that fits (see :mod:`helpers.serve.model_errors`);
+    ``param`` names the field a too-long prompt came in.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    deltas: DeploymentResponseGenerator = llm.options(stream=True).stream.remote(
+        prompts, sampling, text
+    )
+    try:
+        await _accepted(deltas, deadline)
+    except Exception as err:
+        _cancel(deltas)
+        raise model_error(err, param, timeout_s) or err from None
+    return _until_deadline(deltas, deadline, param, timeout_s)

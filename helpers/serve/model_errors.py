@@ -1,0 +1,46 @@
+"""How a failed call to the model deployment becomes an HTTP answer.
+
+Ray re-raises a replica's exception in the ingress wrapped with its remote
+traceback, and Serve raises its own errors for a full queue or a replica that
+died; none of that belongs in a response. Each known failure maps to a status
+a client can act on: fix the request (400), retry later (503 with
+``Retry-After``), or give up waiting (408).
+"""
+
+from __future__ import annotations
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from helpers.api.errors import ApiError
+from helpers.protocol import PromptTooLongError
+
+RETRY_AFTER_S = 2
+"""Suggested wait before retrying a 503: about one decode of a short reply here."""
+
+
+def retry_later(message: str) -> ApiError:
+    return ApiError(503, message, None, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def model_error(err: BaseException, param: str, timeout_s: float) -> ApiError | None:
+    """The answer for a known failure of a model call, or None for an unknown one."""
+    if isinstance(err, PromptTooLongError):
+        return ApiError(400, f"{param}: {getattr(err, 'cause', err)}", param)
+    if isinstance(err, TimeoutError):
+        return ApiError(408, f"the request took longer than REQUEST_TIMEOUT_S ({timeout_s:g} s)")
+    if isinstance(err, BackPressureError):
+        return retry_later(
+            "the model is at capacity (MAX_ONGOING_REQUESTS per replica and "
+            "MAX_QUEUED_REQUESTS waiting): retry shortly"
+        )
+    if isinstance(err, DeploymentUnavailableError):
+        return ApiError(
+            503,
+            "the model deployment failed to start; `serve status` shows why "
+            "(often a MODEL_ID that cannot be loaded)",
+            None,
+        )
+    if isinstance(err, RayActorError):
+        return retry_later("the model replica stopped while working on this request: retry")
+    return None

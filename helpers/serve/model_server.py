@@ -1,0 +1,169 @@
+"""The model deployment: owns one :class:`Engine` and batches requests into it.
+
+Replicas of this deployment are the expensive part (a model in memory, CPU or
+GPU reserved), so they scale between ``MIN_REPLICAS`` (default 0) and
+``MAX_REPLICAS``. Only the ingress calls them, and only for real work: a
+health probe never lands here, so it cannot keep a replica awake.
+
+Batching: every prompt, from one request or many, streamed or not, is
+submitted to the engine's continuous batcher, which decodes all prompts in
+flight together and lets new ones join at the next token. On CPU this is the
+largest lever there is: sixteen sequences decoded together give several times
+the tokens per second of sixteen decoded one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import psutil
+
+from helpers.config import ServeConfig
+from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+
+if TYPE_CHECKING:  # the engine (torch) is imported by a replica only, when it starts
+    from helpers.engine.engine import GenerationRequest, LoadTimes
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ReplicaStartup:
+    """When this replica's process started and its model became ready (Unix
+    time, seconds), and where the engine's part went. A cold-start benchmark
+    lines these up with when its request was sent and answered."""
+
+    process_started: float
+    init_started: float
+    ready: float
+    engine: LoadTimes
+
+    def summary(self) -> str:
+        engine = self.engine
+        return (
+            f"ready {self.ready - self.process_started:.2f} s after its process started: "
+            f"{self.init_started - self.process_started:.2f} s until __init__ (Python, Ray, "
+            f"the kit, torch), then imports {engine.imports_s:.2f} s, tokenizer "
+            f"{engine.tokenizer_s:.2f} s, weights {engine.weights_s:.2f} s, warm-up "
+            f"{engine.warm_up_s:.2f} s"
+        )
+
+
+class LLMServer:
+    """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        init_started = time.time()
+        from helpers.engine.engine import Engine  # here: the app's other processes never load torch
+
+        self.config = config
+        self.engine = Engine.load(
+            config.model_id,
+            config.model_cache_dir,
+            want_gpu=config.num_gpus_per_replica > 0,
+            cpu_threads=config.torch_threads,
+            max_batch_size=config.max_batch_size,
+        )
+        self.startup = ReplicaStartup(
+            psutil.Process().create_time(), init_started, time.time(), self.engine.load_times
+        )
+        logger.info("model replica %s", self.startup.summary())
+
+    async def stream(
+        self, prompts: list[Prompt], sampling: Sampling, text: bool = True
+    ) -> AsyncIterator[list[TextDelta]]:
+        """Complete every prompt, yielding what the batcher produces in lists of
+        whatever arrived together; each prompt's last delta holds its completion.
+
+        The first list is empty: it tells the caller the prompts were accepted
+        (PromptTooLongError would have been raised instead, before any work, so
+        a bad prompt never fails a batch shared with other requests). With
+        ``text=False`` only the completions come, for a reply sent whole.
+        Closing this generator early (the client went away, a timeout) cancels
+        every prompt still decoding.
+
+        Whole replies come through here too, not through a plain method, so
+        both share one path: the acceptance signal (a cold start and a refusal
+        both happen before the ingress answers), the deadline, cancellation,
+        and what a failure turns into. A replica that dies mid-call fails the
+        call at once; nothing is replayed on another replica.
+        """
+        requests = self._requests(prompts, sampling)
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
+
+        def deliver(item: TextDelta | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # the replica's loop has closed
+                loop.call_soon_threadsafe(arrived.put_nowait, item)
+
+        futures = [self._submit(i, r, deliver, text) for i, r in enumerate(requests)]
+        yield []
+        try:
+            remaining = len(futures)
+            while remaining:
+                batch = [await arrived.get()]
+                while not arrived.empty():
+                    batch.append(arrived.get_nowait())
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                deltas = [item for item in batch if isinstance(item, TextDelta)]
+                remaining -= sum(1 for delta in deltas if delta.completion is not None)
+                yield deltas
+        finally:
+            for future in futures:
+                future.cancel()
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes Serve replace the
+        replica. It exercises the model itself, so a replica whose engine broke
+        is replaced rather than left failing every request."""
+        await asyncio.to_thread(self.engine.probe)
+
+    def startup_times(self) -> ReplicaStartup:
+        """How this replica's start went, for the cold-start benchmark."""
+        return self.startup
+
+    def batch_stats(self) -> dict[str, int]:
+        """Batching counters of this replica, for tests and curious users."""
+        return asdict(self.engine.stats)
+
+    def _submit(
+        self,
+        index: int,
+        request: GenerationRequest,
+        deliver: Callable[[TextDelta | BaseException], None],
+        text: bool,
+    ) -> Future[Completion]:
+        def on_done(done: Future[Completion]) -> None:
+            # Runs on the decode thread after the last piece of text was
+            # delivered, so the completion (or the error) always arrives last.
+            if not done.cancelled():
+                error = done.exception()
+                deliver(error if error else TextDelta(index, "", done.result()))
+
+        on_text = (lambda piece: deliver(TextDelta(index, piece))) if text else None
+        future = self.engine.submit(request, on_text)
+        future.add_done_callback(on_done)
+        return future
+
+    def _requests(self, prompts: list[Prompt], sampling: Sampling) -> list[GenerationRequest]:
+        return [self.engine.request(self._render(prompt), sampling) for prompt in prompts]
+
+    def _render(self, prompt: Prompt) -> str:
+        if prompt.messages:
+            return self.engine.render_chat(
+                [{"role": role, "content": content} for role, content in prompt.messages]
+            )
+        return (
+            prompt.text
+            if prompt.raw
+            else self.engine.format_prompt(prompt.text, self.config.prompt_format)
+        )

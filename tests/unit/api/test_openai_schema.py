@@ -1,0 +1,152 @@
+"""The OpenAI-compatible request models and response shapes, without a server."""
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from helpers.api.openai_responses import OpenAIFormat
+from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from helpers.protocol import Completion, TextDelta
+
+LIMITS = {"max_new_tokens": 64, "max_prompts": 4}
+MODEL = "served-model"
+
+
+def completion(**fields: Any) -> CompletionRequest:
+    return CompletionRequest.model_validate(
+        {"model": MODEL, "prompt": "hi", **fields}, context=LIMITS
+    )
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate(body, context=LIMITS)
+
+
+def refused_field(make, **fields: Any) -> str:
+    with pytest.raises(ValidationError) as caught:
+        make(**fields)
+    return ".".join(str(p) for p in caught.value.errors()[0]["loc"])
+
+
+def test_defaults_leave_the_server_to_choose() -> None:
+    parsed = completion()
+    assert (parsed.max_tokens, parsed.temperature, parsed.top_p, parsed.seed) == (None,) * 4
+    assert parsed.stop_strings() == () and not parsed.stream and not parsed.include_usage()
+
+
+def test_stop_takes_a_string_or_up_to_four() -> None:
+    assert completion(stop="\n").stop_strings() == ("\n",)
+    assert completion(stop=["a", "b", "c", "d"]).stop_strings() == ("a", "b", "c", "d")
+    assert refused_field(completion, stop=["a", "b", "c", "d", "e"]) == "stop"
+    assert refused_field(completion, stop=[""]).startswith("stop")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"seed": "7"}, "seed"),
+        ({"stream": "yes"}, "stream"),
+        ({"logit_bias": {}}, "logit_bias"),
+        ({"prompt": ["a"] * 5}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+    ],
+)
+def test_completion_fields_out_of_range_are_refused_by_name(fields: dict, param: str) -> None:
+    assert refused_field(completion, **fields).startswith(param)
+
+
+def test_stream_options_need_stream() -> None:
+    with pytest.raises(ValidationError, match="only allowed when stream is true"):
+        completion(stream_options={"include_usage": True})
+    assert completion(stream=True, stream_options={"include_usage": True}).include_usage()
+
+
+def test_chat_messages_flatten_text_parts_and_map_developer_to_system() -> None:
+    parsed = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+            },
+        ]
+    )
+    assert [m.as_pair() for m in parsed.messages] == [("system", "Be brief."), ("user", "Hi there")]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": [{"type": "image_url"}]}],
+    ],
+    ids=["none", "tool role", "no content", "image part"],
+)
+def test_bad_messages_are_refused(messages: list) -> None:
+    assert refused_field(chat, messages=messages).startswith("messages")
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert chat(max_tokens=10, max_completion_tokens=20).token_limit() == 20
+    assert chat(max_tokens=10).token_limit() == 10
+    assert refused_field(chat, max_completion_tokens=65) == "max_completion_tokens"
+
+
+DONE = Completion("Hello world", prompt_tokens=5, completion_tokens=2, finish_reason="length")
+
+
+def test_a_chat_response_has_openais_shape() -> None:
+    body = OpenAIFormat(MODEL, chat=True).response([DONE])
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello world"},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+    ]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+def test_a_streamed_chat_opens_with_the_role_and_ends_with_usage() -> None:
+    shape = OpenAIFormat(MODEL, chat=True, include_usage=True)
+    events = [
+        *shape.opening(),
+        *shape.events(TextDelta(0, "Hello")),
+        *shape.events(TextDelta(0, " world", DONE)),
+        *shape.closing(),
+    ]
+    assert {e["id"] for e in events} == {shape.id}
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]]
+    assert "".join(deltas) == "Hello world"
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]] == [
+        None,
+        None,
+        None,
+        "length",
+    ]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 7
+    assert all(e["usage"] is None for e in events[:-1])
+
+
+def test_streamed_completions_carry_each_prompts_index() -> None:
+    shape = OpenAIFormat(MODEL, chat=False)
+    events = [*shape.events(TextDelta(1, "b", DONE)), *shape.events(TextDelta(0, "a"))]
+    assert [(e["choices"][0]["index"], e["choices"][0]["text"]) for e in events] == [
+        (1, "b"),
+        (1, ""),
+        (0, "a"),
+    ]
+    assert all("usage" not in e for e in events) and shape.closing() == []
