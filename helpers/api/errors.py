@@ -8,6 +8,7 @@ be megabytes) nor carry a stack trace.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -69,7 +70,15 @@ def validation_error_to_api_error(
     err: ValidationError, default_param: str, body: Any = None
 ) -> ApiError:
     """Report the first problem pydantic found, naming its field by dotted path."""
-    first = err.errors(include_input=False, include_url=False)[0]
+    return _first_problem(err.errors(include_input=False, include_url=False), default_param, body)
+
+
+def _first_problem(
+    problems: Sequence[Mapping[str, Any]], default_param: str, body: Any = None
+) -> ApiError:
+    """The first of pydantic's (or FastAPI's) problems as a 400 naming its field;
+    with the client's ``body``, by the path the client sent."""
+    first = problems[0]
     path = _input_path(first["loc"], body) if body is not None else first["loc"]
     param = _shorten(".".join(str(part) for part in path) or default_param)
     message = first["msg"].removeprefix("Value error, ")
@@ -117,9 +126,8 @@ async def _on_http_error(_: Request, err: Exception) -> JSONResponse:
 
 async def _on_request_validation(_: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestValidationError)
-    first = err.errors()[0]
-    param = _shorten(".".join(str(part) for part in first["loc"]))
-    return error_response(400, f"{param}: {first['msg']}", param)
+    refusal = _first_problem(err.errors(), default_param="body")
+    return error_response(refusal.status, refusal.message, refusal.param)
 
 
 async def _on_unexpected(_: Request, err: Exception) -> JSONResponse:

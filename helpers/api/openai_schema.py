@@ -4,8 +4,8 @@ They accept the fields OpenAI documents for ``/v1/completions`` and
 ``/v1/chat/completions`` that this server honours, and refuse the rest by name
 (``extra="forbid"``), so a client never believes a setting took effect when it
 did not. Limits that depend on the deployment (``MAX_NEW_TOKENS``,
-``MAX_PROMPTS``) come in through pydantic's validation context, as in
-:mod:`helpers.api.generate_schema`.
+``MAX_PROMPTS``) are checked by the field types ``/generate`` uses too
+(:mod:`helpers.api.fields`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from helpers.api.generate_schema import Prompt, Temperature, TopP, limit_from_context
+from helpers.api.fields import Prompt, PromptList, Temperature, TokenCount, TopP
 
 MAX_STOP_STRINGS = 4
 StopString = Annotated[StrictStr, Field(min_length=1)]
@@ -42,7 +41,7 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: StopString | Annotated[list[StopString], Field(min_length=1)] | None = None
@@ -51,11 +50,6 @@ class _SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _within_token_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
-        return limit_from_context(value, info, "max_new_tokens", "MAX_NEW_TOKENS")
 
     @field_validator("stop")
     @classmethod
@@ -89,14 +83,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: a prompt, or a list of them, completed as raw text."""
 
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)]
-
-    @field_validator("prompt")
-    @classmethod
-    def _within_prompt_limit(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
-        if isinstance(value, list):
-            limit_from_context(len(value), info, "max_prompts", "MAX_PROMPTS", unit=" prompts")
-        return value
+    prompt: Prompt | PromptList
 
     def prompt_list(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -129,12 +116,7 @@ class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``: messages rendered with the chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _within_token_limit_too(cls, value: int | None, info: ValidationInfo) -> int | None:
-        return limit_from_context(value, info, "max_new_tokens", "MAX_NEW_TOKENS")
+    max_completion_tokens: TokenCount | None = None
 
     def token_limit(self) -> int | None:
         """OpenAI deprecated ``max_tokens`` for chat in favour of this name."""

@@ -18,6 +18,8 @@ from typing import Any
 
 import requests
 
+from helpers.notebook.polling import wait_for
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -159,15 +161,13 @@ class LLMClient:
 
     def wait_until_up(self, timeout_s: float = 300) -> None:
         """Block until /healthz answers (the app deployed and the proxy routing)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                requests.get(f"{self.base_url}/healthz", timeout=2).raise_for_status()
-                return
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+        wait_for(self._healthy, timeout_s, f"{self.base_url}/healthz to answer")
+
+    def _healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.base_url}/healthz", timeout=2).ok
+        except requests.RequestException:
+            return False
 
     def curl_command(self, prompt: str, **knobs: Any) -> str:
         """The same request as the walkthrough's curl command line.

@@ -8,12 +8,12 @@ overrides), builds the same application and names it ``RayServeLLM``.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.cluster import connect
+from helpers.notebook.polling import wait_for
 from helpers.serve.app import build_app
 from helpers.serve.model_calls import MODEL_DEPLOYMENT, state_name
 from helpers.serve.model_server import LLMServer
@@ -112,8 +112,8 @@ def delete_app(timeout_s: float = 120) -> None:
 
     connect()
     serve.delete(APP_NAME)
-    deadline = time.monotonic() + timeout_s
-    while APP_NAME in serve.status().applications:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{APP_NAME} still listed {timeout_s:.0f} s after delete")
-        time.sleep(1)
+    wait_for(
+        lambda: APP_NAME not in serve.status().applications,
+        timeout_s,
+        f"Serve to stop listing {APP_NAME} after delete",
+    )

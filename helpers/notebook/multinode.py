@@ -26,13 +26,13 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.notebook.cluster import DASHBOARD_URL, RAY_ENV, apply_ray_env, cli_path
+from helpers.notebook.polling import wait_for
 
 HEAD_IP = "127.0.0.2"
 GCS_PORT = 6379
@@ -146,15 +146,6 @@ def _started(node: RayNode) -> bool:
     if node.process.poll() is not None:
         raise RuntimeError(f"ray start for {node.ip} exited:\n{node.log.read_text()[-2000:]}")
     return "Ray runtime started" in node.log.read_text(errors="replace")
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` every second until it holds; TimeoutError names ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
-        time.sleep(1)
 
 
 def _state_api_address() -> str | None:

@@ -22,10 +22,11 @@ from helpers.notebook.cluster import (
     serve_command,
     stop_cluster,
 )
+from helpers.notebook.polling import wait_for
 from helpers.serve.config_file import CONFIG_PATH, render, serve_config
 from tests.shell import unsourced_env
 
-from .conftest import BASE_URL, http_up, interrupt, ray_listeners_off_loopback, start, wait_until
+from .conftest import BASE_URL, http_up, interrupt, ray_listeners_off_loopback, start
 
 bare = unsourced_env()
 
@@ -63,7 +64,7 @@ def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: li
     loopback and token settings itself."""
     assert not cluster_running(), "a Ray cluster is already running on this machine"
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph", base=bare)
-    wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
+    wait_for(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
     assert APP_NAME in serve_command("status").stdout
     assert ask_for_a_haiku().strip()
     assert ray_listeners_off_loopback() == []
@@ -77,7 +78,7 @@ def test_serve_run_on_a_running_cluster_then_serve_delete(background: list) -> N
     started = ray_command("start", *HEAD_ARGS)
     assert started.returncode == 0, started.stderr
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
-    wait_until(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
+    wait_for(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
     assert ask_for_a_haiku().strip()
     deleted = subprocess.run(
         [cli_path("serve"), "delete", APP_NAME],
@@ -97,7 +98,7 @@ def test_serve_run_on_a_running_cluster_then_serve_delete(background: list) -> N
 def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
     assert not cluster_running()
     server = start(background, "scripts/serve.sh")
-    wait_until(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
+    wait_for(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
     assert ask_for_a_haiku().strip()
     assert ray_listeners_off_loopback() == []  # the proxy, the dashboard, the GCS, ...
     interrupt(server)
@@ -118,7 +119,7 @@ def test_serve_deploy_of_the_committed_config_serves(background: list) -> None:
     assert started.returncode == 0, started.stderr
     deployed = serve_command("deploy", str(CONFIG_PATH))
     assert deployed.returncode == 0, deployed.stderr
-    wait_until(http_up, START_TIMEOUT_S, "serve deploy to answer /healthz")
+    wait_for(http_up, START_TIMEOUT_S, "serve deploy to answer /healthz")
     assert ask_for_a_haiku().strip()
     assert APP_NAME in serve_command("status").stdout
     assert serve_command("delete", APP_NAME).returncode == 0

@@ -27,9 +27,10 @@ from helpers.notebook.multinode import (
     local_cluster,
     replica_nodes,
 )
+from helpers.notebook.polling import wait_for
 from helpers.serve.model_calls import MODEL_DEPLOYMENT
 
-from .conftest import http_up, interrupt, start, wait_until
+from .conftest import http_up, interrupt, start
 
 MODEL_RESOURCE = {"llm_node": 1}
 APP_ENV = {
@@ -71,18 +72,18 @@ def test_multinode_model_replica_moves_to_a_new_worker_when_its_worker_dies(
     first = cluster.add_worker(num_cpus=1, resources=MODEL_RESOURCE)
     assert sorted(alive_nodes().values()) == [HEAD_IP, first.ip]
 
-    wait_until(http_up, START_TIMEOUT_S, "serve run on the cluster to answer /healthz")
+    wait_for(http_up, START_TIMEOUT_S, "serve run on the cluster to answer /healthz")
     client = LLMClient(timeout_s=START_TIMEOUT_S)
     assert ask(client).strip()
     assert replica_nodes(MODEL_DEPLOYMENT) == [first.ip], "the replica runs where its resource is"
 
     first.kill()
-    wait_until(
+    wait_for(
         lambda: first.ip not in alive_nodes().values(),
         NODE_DEATH_TIMEOUT_S,
         "the cluster to mark the killed worker dead",
     )
-    wait_until(
+    wait_for(
         lambda: client.running_model_replicas() == 0,
         NODE_DEATH_TIMEOUT_S,
         "the app's /healthz to report no running model replica",

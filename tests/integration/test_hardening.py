@@ -30,10 +30,11 @@ from schemathesis.specs.openapi.checks import (
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.deploy import run_app
+from helpers.notebook.polling import wait_for
 from helpers.serve.model_server import LLMServer
 
 from . import breakable_server
-from .conftest import BASE_URL, wait_until
+from .conftest import BASE_URL
 
 KEY = "hardening-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -335,7 +336,7 @@ def test_twice_the_capacity_gets_fast_503s_for_the_excess_and_200s_for_the_rest(
     seen: list[list[dict | str]] = [[], []]
     with ThreadPoolExecutor(max_workers=2 * CAPACITY) as pool:
         first = [pool.submit(stream_events, long, events) for events in seen]
-        wait_until(lambda: all(len(e) >= 2 for e in seen), 60, "the replica to be full")
+        wait_for(lambda: all(len(e) >= 2 for e in seen), 60, "the replica to be full")
         rest = [pool.submit(one, 8) for _ in range(2 * CAPACITY - 2)]
         for future in rest:
             future.result(timeout=300)
@@ -442,21 +443,21 @@ def test_a_killed_replica_fails_its_requests_fast_then_is_replaced(
     seen: list[dict | str] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         stream: Future = pool.submit(stream_events, body, seen)
-        wait_until(lambda: len(seen) >= 2, 60, "the stream to be decoding")
+        wait_for(lambda: len(seen) >= 2, 60, "the stream to be decoding")
         whole: Future = pool.submit(send, "POST", "/v1/completions", json=body)
         # The whole request joins the batch at the next step; ten steps later it decodes.
         joined = len(seen)
-        wait_until(lambda: len(seen) >= joined + 10, 60, "ten more decode steps")
+        wait_for(lambda: len(seen) >= joined + 10, 60, "ten more decode steps")
         assert not whole.done()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         events, response = stream.result(timeout=60), whole.result(timeout=60)
     assert_clean_error(response, 503, None)
     assert response.headers["retry-after"] == "2"
     assert "error" in events[-1] and events[-1]["error"]["type"] == "service_unavailable"
-    wait_until(lambda: model_replica_names() not in (set(), {victim}), 120, "a new replica")
+    wait_for(lambda: model_replica_names() not in (set(), {victim}), 120, "a new replica")
     # Until Serve's routers learn the old replica is gone, a request may still
     # be sent there and fail fast; it must not take long to heal.
-    wait_until(answered_normally, 120, "requests to be answered again")
+    wait_for(answered_normally, 120, "requests to be answered again")
 
 
 def test_a_request_in_flight_finishes_while_its_replica_is_replaced(
@@ -467,7 +468,7 @@ def test_a_request_in_flight_finishes_while_its_replica_is_replaced(
     seen: list[dict | str] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         stream: Future = pool.submit(stream_events, body, seen)
-        wait_until(lambda: len(seen) >= 2, 60, "the stream to be decoding")
+        wait_for(lambda: len(seen) >= 2, 60, "the stream to be decoding")
         redeploy(MAX_NEW_TOKENS="128", REQUEST_TIMEOUT_S="3")  # a new version: new replicas
         events = stream.result(timeout=120)
     assert events[-1] == "[DONE]"
@@ -484,7 +485,7 @@ def test_a_request_past_the_timeout_gets_408_and_its_generation_stops(
     assert_clean_error(send("POST", "/v1/completions", json=body), 408, None)
     events = stream_events(body, [])
     assert events[-1]["error"]["type"] == "timeout_error"
-    wait_until(
+    wait_for(
         lambda: batch_stats()["cancelled"] >= before + 2,
         30,
         "both generations to stop",
@@ -499,7 +500,7 @@ def test_a_broken_engine_fails_its_health_check_and_is_replaced(
     redeploy(breakable_server.BreakableLLMServer)
     (broken,) = model_replica_names()
     serve.get_deployment_handle("LLMServer", app_name=APP_NAME).break_the_model.remote().result()
-    wait_until(
+    wait_for(
         lambda: model_replica_names() not in ({broken}, set()) and running_replicas() == 1,
         120,
         "the unhealthy replica to be replaced",

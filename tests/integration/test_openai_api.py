@@ -16,8 +16,9 @@ from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.engine.engine import load_tokenizer
+from helpers.notebook.polling import wait_for
 
-from .conftest import BASE_URL, model_replicas_running, wait_until
+from .conftest import BASE_URL, model_replicas_running
 
 COLOURS = [{"role": "user", "content": "Name three colours."}]
 COUNTING = "Count from one to twenty: one, two, three,"
@@ -277,7 +278,7 @@ def test_a_client_that_disconnects_stops_only_its_own_generation(model: str) -> 
     assert rest[-1] == "data: [DONE]"
     finish = json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
     assert finish in {"stop", "length"}
-    wait_until(lambda: batch_stats()["cancelled"] > before["cancelled"], 30, "the cancellation")
+    wait_for(lambda: batch_stats()["cancelled"] > before["cancelled"], 30, "the cancellation")
     after = batch_stats()
     assert after["cancelled"] - before["cancelled"] == 1
     assert after["sequences"] - before["sequences"] == 2

@@ -14,13 +14,13 @@ import requests
 from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
+from helpers.notebook.polling import wait_for
 
 from .conftest import (
     BASE_URL,
     IDLE_TIMEOUT_S,
     model_replicas_running,
     ray_listeners_off_loopback,
-    wait_until,
 )
 
 HAIKU = {
@@ -185,7 +185,7 @@ def test_the_model_scales_to_zero_while_healthz_is_polled(deployed_app: ServeCon
 
 
 def test_a_request_at_zero_replicas_is_answered(deployed_app: ServeConfig) -> None:
-    wait_until(lambda: model_replicas_running() == 0, IDLE_TIMEOUT_S + 60, "zero replicas")
+    wait_for(lambda: model_replicas_running() == 0, IDLE_TIMEOUT_S + 60, "zero replicas")
     response = post_generate(HAIKU)
     assert response.status_code == 200
     assert response.json()["completions"][0].strip()

@@ -1,0 +1,42 @@
+"""Field types both APIs share, each checked once for ``/generate`` and ``/v1``.
+
+Limits that depend on the deployment (``MAX_NEW_TOKENS``, ``MAX_PROMPTS``)
+come in through pydantic's validation context, so the models stay static and
+a refusal names the variable that sets the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, StrictFloat, StrictInt, StrictStr, ValidationInfo
+
+
+def _at_most(
+    key: str, variable: str, unit: str = ""
+) -> Callable[[int | list, ValidationInfo], int | list]:
+    """A validator refusing a count above the deployment's ``info.context[key]``."""
+
+    def check(value: int | list, info: ValidationInfo) -> int | list:
+        count = len(value) if isinstance(value, list) else value
+        limit = (info.context or {}).get(key)
+        if limit is not None and count > limit:
+            raise ValueError(f"must be at most {limit}{unit} ({variable})")
+        return value
+
+    return check
+
+
+Prompt = Annotated[StrictStr, Field(min_length=1)]
+PromptList = Annotated[
+    list[Prompt],
+    Field(min_length=1),
+    AfterValidator(_at_most("max_prompts", "MAX_PROMPTS", unit=" prompts")),
+]
+TokenCount = Annotated[
+    StrictInt, Field(ge=1), AfterValidator(_at_most("max_new_tokens", "MAX_NEW_TOKENS"))
+]
+# StrictFloat accepts ints (1 is a fine temperature) but refuses "0.5" and true.
+Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
