@@ -33,6 +33,8 @@ class Reply:
     generation_kwargs: dict[str, Any]
     first_text_s: float | None = None
     """Seconds until the first piece of text arrived, for a streamed reply."""
+    completion_tokens: int | None = None
+    """Tokens generated, as the server counted them, for a streamed reply."""
 
 
 class ApiError(RuntimeError):
@@ -124,6 +126,7 @@ class LLMClient:
         knobs = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         knobs = {k: v for k, v in knobs.items() if v is not None}
         body = {"model": self.model, "messages": messages, "stream": True, **knobs}
+        body["stream_options"] = {"include_usage": True}  # the token count, last
         prompt = messages[-1]["content"] if messages else ""
         return self._stream("/v1/chat/completions", body, prompt, knobs, on_text, _chat_text)
 
@@ -137,7 +140,7 @@ class LLMClient:
         text_of: Callable[[dict[str, Any]], str | None],
     ) -> Reply:
         started = time.perf_counter()
-        first_text_s, pieces = None, []
+        first_text_s, pieces, tokens = None, [], None
         with requests.post(
             f"{self.base_url}{path}",
             json=body,
@@ -150,6 +153,7 @@ class LLMClient:
             for event in sse_events(response.iter_lines(decode_unicode=True)):
                 if "error" in event:  # the server failed after the stream began
                     raise ApiError(500, event)
+                tokens = _completion_tokens(event, tokens)
                 text = text_of(event)
                 if text:
                     if first_text_s is None:
@@ -157,7 +161,7 @@ class LLMClient:
                     pieces.append(text)
                     on_text(text)
         latency = time.perf_counter() - started
-        return Reply(prompt, "".join(pieces), latency, knobs, first_text_s)
+        return Reply(prompt, "".join(pieces), latency, knobs, first_text_s, tokens)
 
     def wait_until_up(self, timeout_s: float = 300) -> None:
         """Block until /healthz answers (the app deployed and the proxy routing)."""
@@ -199,6 +203,13 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             return
         yield json.loads(data)
     raise requests.ConnectionError("the stream ended before its [DONE] event")
+
+
+def _completion_tokens(event: dict[str, Any], so_far: int | None) -> int | None:
+    """The server's count of generated tokens, where ``event`` carries it:
+    /generate's last event of a prompt, or a chat stream's usage chunk."""
+    count = (event.get("usage") or event).get("completion_tokens")
+    return count if isinstance(count, int) else so_far
 
 
 def _chat_text(chunk: dict[str, Any]) -> str | None:

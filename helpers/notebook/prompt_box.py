@@ -13,7 +13,6 @@ keeps the conversation and sends all of it with every turn, through
 
 from __future__ import annotations
 
-import functools
 import html
 from collections.abc import Callable
 from typing import Any
@@ -74,15 +73,6 @@ class PromptSession:
         """Forget the conversation; the next chat turn starts afresh."""
         self.conversation.clear()
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens in a reply, counted with the served model's tokenizer when it is local."""
-        tokenizer = _local_tokenizer()
-        return (
-            len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if tokenizer
-            else len(text.split())
-        )
-
     def _complete(self, prompt: str, on_text: Callable[[str], None]) -> Reply:
         return self.client.stream_generate(
             prompt,
@@ -103,18 +93,6 @@ class PromptSession:
         )
         self.conversation += [turn, {"role": "assistant", "content": reply.text}]
         return reply
-
-
-@functools.cache
-def _local_tokenizer() -> Any:
-    from helpers.config import ServeConfig
-    from helpers.engine.engine import load_tokenizer
-
-    config = ServeConfig.from_env()
-    try:
-        return load_tokenizer(config.model_id, config.model_cache_dir)
-    except Exception:  # a hub model not cached here: fall back to words
-        return None
 
 
 def transcript_html(turns: list[tuple[str, str]]) -> str:
@@ -197,9 +175,9 @@ class PromptBox:
             return
         if not streamed:  # an empty reply: still show the turn
             show(reply.text)
-        tokens = session.count_tokens(reply.text)
         first = f", first text after {reply.first_text_s:.2f} s" if reply.first_text_s else ""
-        self.status.value = f"[{reply.latency_s:.2f} s{first}, {tokens} tokens]"
+        tokens = "" if reply.completion_tokens is None else f", {reply.completion_tokens} tokens"
+        self.status.value = f"[{reply.latency_s:.2f} s{first}{tokens}]"
 
     def _earlier_turns(self) -> list[tuple[str, str]]:
         """In chat mode, the conversation so far; otherwise nothing."""

@@ -415,6 +415,7 @@ def test_stream_generate_passes_each_piece_in_order(server: FakeServer) -> None:
     assert reply.prompt == "tell"
     assert reply.text == "".join(STREAM_PIECES)
     assert reply.generation_kwargs == {"max_new_tokens": 5}
+    assert reply.completion_tokens == len(STREAM_PIECES)  # from the last event
     assert reply.first_text_s is not None
     assert 0 < reply.first_text_s <= reply.latency_s <= elapsed
 
@@ -505,8 +506,14 @@ def test_stream_chat_sends_model_messages_and_only_the_set_knobs(server: FakeSer
                 "stream": True,
                 "max_tokens": 7,
                 "temperature": 0.0,  # 0 is a value, not "unset"
+                "stream_options": {"include_usage": True},
             },
-            {"model": MODEL_ID, "messages": messages[:1], "stream": True},
+            {
+                "model": MODEL_ID,
+                "messages": messages[:1],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         ]
     )
     assert reply.generation_kwargs == {"max_tokens": 7, "temperature": 0.0}
@@ -520,6 +527,7 @@ def test_stream_chat_returns_the_assistant_text(server: FakeServer) -> None:
     # The opening role chunk, the finish chunk and the usage chunk carry no text.
     assert on_text.pieces == STREAM_PIECES
     assert reply.text == "".join(STREAM_PIECES)
+    assert reply.completion_tokens == 5  # from the usage chunk
     assert reply.prompt == "tell"
     assert reply.generation_kwargs == {"top_p": 0.5}
     assert reply.first_text_s is not None

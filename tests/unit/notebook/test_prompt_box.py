@@ -1,7 +1,7 @@
 """Unit tests for helpers.notebook.prompt_box: the session logic and its headless widgets.
 
-A fake client stands in for LLMClient, streaming each reply in a few pieces,
-and token counting is patched, so no server, model or tokenizer is involved.
+A fake client stands in for LLMClient, streaming each reply in a few pieces
+and counting them as the server counts tokens, so no server or model is involved.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import requests
 
-from helpers.notebook import prompt_box
 from helpers.notebook.client import ApiError, Reply
 from helpers.notebook.prompt_box import PromptBox, PromptSession, transcript_html
 
@@ -72,20 +71,8 @@ class FakeClient:
             if prompt == "fail-midway" and number == 0:
                 raise ApiError(200, MIDWAY_BODY)
         first = FIRST_TEXT_S if pieces else None
-        return Reply(prompt, "".join(pieces), LATENCY_S, dict(knobs), first)
-
-
-@pytest.fixture(autouse=True)
-def no_tokenizer(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Count words instead of loading the served model's tokenizer."""
-    counted: list[str] = []
-
-    def count_tokens(self: PromptSession, text: str) -> int:
-        counted.append(text)
-        return len(text.split())
-
-    monkeypatch.setattr(prompt_box.PromptSession, "count_tokens", count_tokens)
-    return counted
+        tokens = None if prompt == "uncounted" else len(pieces)
+        return Reply(prompt, "".join(pieces), LATENCY_S, dict(knobs), first, tokens)
 
 
 @pytest.fixture
@@ -242,29 +229,6 @@ def test_complete_mode_keeps_no_conversation(client: FakeClient) -> None:
     assert session.conversation == []
 
 
-def test_local_tokenizer_fallback_counts_words(
-    monkeypatch: pytest.MonkeyPatch, client: FakeClient
-) -> None:
-    monkeypatch.undo()  # the real count_tokens, with the tokenizer lookup replaced
-    monkeypatch.setattr(prompt_box, "_local_tokenizer", lambda: None)
-    assert PromptSession(client).count_tokens("one two  three\nfour") == 4
-
-
-def test_count_tokens_uses_the_local_tokenizer(
-    monkeypatch: pytest.MonkeyPatch, client: FakeClient
-) -> None:
-    monkeypatch.undo()
-    seen: list[tuple[str, bool]] = []
-
-    def tokenizer(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        seen.append((text, add_special_tokens))
-        return {"input_ids": list(range(len(text)))}
-
-    monkeypatch.setattr(prompt_box, "_local_tokenizer", lambda: tokenizer)
-    assert PromptSession(client).count_tokens("abcde") == 5
-    assert seen == [("abcde", False)]
-
-
 # -- transcript_html -------------------------------------------------------------------------
 
 
@@ -299,7 +263,7 @@ def test_box_starts_from_the_session_settings(client: FakeClient) -> None:
     assert children[6:] == [box.reply, box.status]
 
 
-def test_click_sends_the_widget_values(client: FakeClient, no_tokenizer: list[str]) -> None:
+def test_click_sends_the_widget_values(client: FakeClient) -> None:
     session = PromptSession(client)
     box = PromptBox(session)
     box.prompt.value = "Tell me about Ray."
@@ -320,11 +284,17 @@ def test_click_sends_the_widget_values(client: FakeClient, no_tokenizer: list[st
     assert session.last_reply.text == "reply to Tell me about Ray."
     assert session.last_error is None
     assert box.send_button.disabled is False
-    assert no_tokenizer == ["reply to Tell me about Ray."]
     assert box.reply.value == transcript_html(
         [("You", "Tell me about Ray."), ("Model", "reply to Tell me about Ray.")]
     )
-    assert box.status.value == "[0.25 s, first text after 0.05 s, 6 tokens]"
+    assert box.status.value == "[0.25 s, first text after 0.05 s, 3 tokens]"  # the server's count
+
+
+def test_a_reply_without_a_token_count_shows_none(client: FakeClient) -> None:
+    box = PromptBox(PromptSession(client))
+    box.prompt.value = "uncounted"
+    box.send_button.click()
+    assert box.status.value == "[0.25 s, first text after 0.05 s]"
 
 
 def test_reply_shows_the_text_while_it_streams(client: FakeClient) -> None:
@@ -367,9 +337,7 @@ def test_html_in_an_error_is_escaped(client: FakeClient) -> None:
     assert box.status.value == "<b>Error:</b> HTTP 400: no &lt;script&gt; &amp; such"
 
 
-def test_click_with_a_refused_request_shows_the_error(
-    client: FakeClient, no_tokenizer: list[str]
-) -> None:
+def test_click_with_a_refused_request_shows_the_error(client: FakeClient) -> None:
     session = PromptSession(client)
     box = PromptBox(session)
     box.prompt.value = "bad"
@@ -379,7 +347,6 @@ def test_click_with_a_refused_request_shows_the_error(
     assert session.last_reply is None
     assert session.last_error == "HTTP 400: max_new_tokens is too large"
     assert box.send_button.disabled is False
-    assert no_tokenizer == []  # nothing to count
     assert box.status.value == "<b>Error:</b> HTTP 400: max_new_tokens is too large"
     assert box.reply.value.endswith("<b>You:</b> bad</pre>")  # the turn, no reply
 
