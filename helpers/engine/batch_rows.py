@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helpers.engine.decoder import Decoder, SegmentDecoder, SlotDecoder
 from helpers.engine.llama import Segment
 
 SMALLEST_WIDTH = 64
@@ -59,9 +60,9 @@ class PaddedRows:
     tokens' arithmetic, and the running rows do not stall for it.
     """
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Decoder, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.folds_prefills = hasattr(model, "forward_segments")
+        self.folds_prefills = isinstance(model, SegmentDecoder)
         self.clear()
 
     def clear(self) -> None:
@@ -71,13 +72,12 @@ class PaddedRows:
     def admit(self, prompts: list[str]) -> list[int]:
         """Prefill ``prompts`` as new rows; returns their lengths in tokens."""
         ids, mask, positions = self._encode(prompts)
-        cache = self._new_cache()
+        cache = self.model.new_cache()
         output = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
-            use_cache=True,
             logits_to_keep=1,
         )
         return self._add_rows(cache, mask, positions, output.logits)
@@ -102,16 +102,6 @@ class PaddedRows:
         else:
             self._merge(cache, mask, positions[:, -1:] + 1, last)
         return mask.sum(-1).tolist()
-
-    def _new_cache(self) -> Any:
-        """An empty KV cache of the kind the model fills: its own, or
-        transformers' when the model is a transformers one."""
-        new_cache = getattr(self.model, "new_cache", None)
-        if new_cache is not None:
-            return new_cache()
-        from transformers import DynamicCache
-
-        return DynamicCache()
 
     def _merge(
         self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
@@ -145,7 +135,8 @@ class PaddedRows:
         step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
         if prompts:
             ids, mask, positions = self._encode(prompts)
-            cache = self._new_cache()
+            cache = self.model.new_cache()
+            assert isinstance(self.model, SegmentDecoder)
             logits, new_logits = self.model.forward_segments(
                 [
                     Segment(step_ids, self.cache, self.positions, self.mask),
@@ -158,7 +149,6 @@ class PaddedRows:
                 attention_mask=self.mask,
                 position_ids=self.positions,
                 cache=self.cache,
-                use_cache=True,
             ).logits
         self.positions = self.positions + 1
         self.logits = logits[:, -1, :].float()
@@ -188,7 +178,7 @@ class SlotRows:
     """A decode step here has fixed shapes (a captured graph): prompts are
     prefilled in passes of their own."""
 
-    def __init__(self, model: Any, tokenizer: Any, slots: int, graphs: bool) -> None:
+    def __init__(self, model: SlotDecoder, tokenizer: Any, slots: int, graphs: bool) -> None:
         self.model, self.tokenizer, self.slots = model, tokenizer, slots
         self.device = model.device
         self.cache = model.new_slot_cache(slots, FIRST_CAPACITY)
@@ -260,7 +250,7 @@ class SlotRows:
 class DecodeStep:
     """One decode step over the first ``batch`` slots reading ``width`` columns."""
 
-    def __init__(self, model: Any, cache: Any, batch: int, width: int) -> None:
+    def __init__(self, model: SlotDecoder, cache: Any, batch: int, width: int) -> None:
         self.model, self.cache, self.width = model, cache, width
         device = model.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -291,7 +281,7 @@ class DecodeGraph(DecodeStep):
     """A :class:`DecodeStep` captured as a CUDA graph: each replay launches the
     whole step at once, with the inputs copied into the tensors it captured."""
 
-    def __init__(self, model: Any, cache: Any, batch: int, width: int) -> None:
+    def __init__(self, model: SlotDecoder, cache: Any, batch: int, width: int) -> None:
         super().__init__(model, cache, batch, width)
         self.tokens.fill_(0)
         self.positions.fill_(cache.capacity)  # warm-up and capture touch scratch only

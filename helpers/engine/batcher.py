@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from helpers.engine.batch_rows import PaddedRows, SlotRows
+from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import Completion, Sampling
@@ -105,7 +106,7 @@ class ContinuousBatcher:
 
     def __init__(
         self,
-        model: Any,
+        model: Decoder,
         tokenizer: Any,
         eos_token_ids: set[int],
         max_batch_size: int,
@@ -120,9 +121,9 @@ class ContinuousBatcher:
         self.eos_token_ids = eos_token_ids
         self.max_batch_size = max_batch_size
         self.stats = BatchStats()
-        has_slots = hasattr(model, "new_slot_cache")
+        has_slots = isinstance(model, SlotDecoder)
         if slots and not has_slots:
-            raise ValueError("slots need the kit's own Llama (helpers/engine/llama.py)")
+            raise ValueError("slots need a SlotDecoder, such as the kit's own Llama")
         on_gpu = model.device.type == "cuda" and has_slots
         if slots or (slots is None and on_gpu):
             self._rows: PaddedRows | SlotRows = SlotRows(

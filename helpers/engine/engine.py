@@ -29,6 +29,7 @@ import torch
 from helpers.engine import gguf_checkpoint
 from helpers.engine.batcher import BatchStats, ContinuousBatcher, GenerationRequest, TextCallback
 from helpers.engine.cpu_linear import prepack_pieces
+from helpers.engine.decoder import Decoder, TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted, is_embedded
 from helpers.engine.llama import llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
@@ -128,7 +129,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Any,
+        model: Decoder,
         tokenizer: Any,
         *,
         model_id: str,
@@ -290,7 +291,7 @@ class Engine:
 def _transformers_model(source: str, dtype: torch.dtype, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    return TransformersDecoder(AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device))
 
 
 def _import_model_code(source: str) -> None:

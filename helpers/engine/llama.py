@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -445,7 +444,6 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | SlotCache | None = None,
         logits_to_keep: int = 0,
-        **_: Any,
     ) -> ModelOutput:
         """Logits for ``input_ids`` given the ``cache`` of the tokens before them.
 

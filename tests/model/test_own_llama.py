@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.config import ServeConfig
+from helpers.engine.decoder import TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted
 from helpers.engine.llama import Llama, Segment, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
@@ -88,16 +89,18 @@ def test_the_model_gives_transformers_logits_through_prefill_and_decode(
     converted: Path, tokenizers
 ) -> None:
     """A left-padded batch, as the batcher feeds it: prefill, then decode steps."""
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
     config = llama_config(converted)
     assert config is not None
     ours = load_llama(converted, config, torch.float32, "cpu")
-    theirs = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    theirs = TransformersDecoder(
+        AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    )
     batch = tokenizers[0](TEXTS, return_tensors="pt", padding=True)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    caches = (ours.new_cache(), DynamicCache())
+    caches = (ours.new_cache(), theirs.new_cache())
     with torch.inference_mode():
         logits = [
             model(
@@ -105,7 +108,6 @@ def test_the_model_gives_transformers_logits_through_prefill_and_decode(
                 attention_mask=mask,
                 position_ids=positions,
                 cache=cache,
-                use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
             for model, cache in zip((ours, theirs), caches, strict=True)
@@ -124,7 +126,6 @@ def test_the_model_gives_transformers_logits_through_prefill_and_decode(
                     attention_mask=mask,
                     position_ids=positions,
                     cache=cache,
-                    use_cache=True,
                 ).logits[:, -1]
                 for model, cache in zip((ours, theirs), caches, strict=True)
             ]
