@@ -41,7 +41,7 @@ import yaml
 from helpers.config import APP_NAME, VARIABLES
 
 IMPORT_PATH = "ray_serve_app:deployment_graph"
-CONFIG_PATH = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+CONFIG_PATH = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 NOT_IN_FILE = {"API_KEY", "MODEL_CACHE_DIR"}
 HEADER = (
     "# Made by `python -m helpers.serve.config_file` from `serve build "
