@@ -16,9 +16,8 @@ and ``replica.py``); the variables are defined but unused. It matters most for
 the cold start: at zero replicas a queued request triggers an immediate push,
 but that push carries averages of points recorded every interval, which need
 not include the request yet, so the scale-up from zero waited for the next
-regular push. Measured with ``python -m bench.cold_start``: the controller's
-"Upscaling ... from 0 to 1" came 5.5 to 9 s after the request with the default
-interval. Hence one second.
+regular push, seconds after the request (``python -m bench.cold_start``
+measures it; figures in ``bench/RESULTS.md``). Hence one second.
 """
 
 from __future__ import annotations
