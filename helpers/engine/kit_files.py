@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"left {file.path} ({file.what}): `make clean RAY_TOKEN=1` removes it")
     print(
         "left as they are: the Hugging Face cache (~/.cache/huggingface, hub models), "
-        "Jupyter's settings (~/.jupyter, ~/.local/share/jupyter) and Ray's session logs "
-        "(/tmp/ray), which other software shares"
+        "Jupyter's settings (~/.jupyter, ~/.local/share/jupyter), matplotlib's font cache "
+        "(~/.cache/matplotlib) and Ray's session logs (/tmp/ray), which other software shares"
     )
     return 0
 
