@@ -24,6 +24,9 @@ from helpers.notebook.client import ApiError, LLMClient, Reply
 MODES = ("complete", "chat")
 
 
+LABEL_WIDTH = "120px"  # room for the longest label, "max_new_tokens"
+
+
 class PromptSession:
     """The prompt box's state and behaviour, with no widgets involved."""
 
@@ -108,22 +111,31 @@ class PromptBox:
         import ipywidgets as widgets
 
         self.session = session
+        # ipywidgets' default label width cuts "max_new_tokens" to "max_new…";
+        # one width for every label keeps the inputs aligned too.
+        label = {"description_width": LABEL_WIDTH}
         self.mode = widgets.ToggleButtons(
             options=[("Complete", "complete"), ("Chat", "chat")], value=session.mode
         )
         self.prompt = widgets.Textarea(
             value="Write a haiku about Ray Serve.",
             description="Prompt",
+            style=label,
             layout=widgets.Layout(width="100%", height="80px"),
         )
         self.max_new_tokens = widgets.IntSlider(
-            value=session.max_new_tokens, min=1, max=256, description="max_new_tokens"
+            value=session.max_new_tokens, min=1, max=256, description="max_new_tokens", style=label
         )
         self.temperature = widgets.FloatSlider(
-            value=session.temperature, min=0.0, max=2.0, step=0.05, description="temperature"
+            value=session.temperature,
+            min=0.0,
+            max=2.0,
+            step=0.05,
+            description="temperature",
+            style=label,
         )
         self.top_p = widgets.FloatSlider(
-            value=session.top_p, min=0.05, max=1.0, step=0.05, description="top_p"
+            value=session.top_p, min=0.05, max=1.0, step=0.05, description="top_p", style=label
         )
         self.send_button = widgets.Button(description="Send", button_style="primary")
         self.new_chat_button = widgets.Button(description="New chat")

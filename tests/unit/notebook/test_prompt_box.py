@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 
+from helpers.notebook import prompt_box
 from helpers.notebook.client import ApiError, Reply
 from helpers.notebook.prompt_box import PromptBox, PromptSession, transcript_html
 
@@ -442,3 +443,13 @@ def test_button_is_re_enabled_when_the_client_raises(client: FakeClient) -> None
     assert disabled_during == [True]
     assert box.send_button.disabled is False
     assert session.last_reply is None
+
+
+def test_every_label_has_room_for_its_whole_name(client: FakeClient) -> None:
+    """ipywidgets' default label width cut "max_new_tokens" to "max_new…"."""
+    box = PromptBox(PromptSession(client))
+    labelled = [box.prompt, box.max_new_tokens, box.temperature, box.top_p]
+    widths = {widget.style.description_width for widget in labelled}
+    assert widths == {prompt_box.LABEL_WIDTH}
+    pixels = int(prompt_box.LABEL_WIDTH.removesuffix("px"))
+    assert all(len(widget.description) * 8 <= pixels for widget in labelled)
