@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import warnings
 from collections.abc import Mapping
 
@@ -51,11 +53,23 @@ def config_markdown(config: ServeConfig, environ: Mapping[str, str] | None = Non
 
 def gpu_advice() -> str:
     """Suggest ``NUM_GPUS_PER_REPLICA=1`` on a GPU; warn, never fail, without one."""
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
+    name = gpu_name()
+    if name:
         return f"GPU found ({name}): set NUM_GPUS_PER_REPLICA=1 to serve on it."
     message = "No GPU found: the model runs on the CPU (fine for the embedded 135M model)."
     warnings.warn(message, stacklevel=2)
     return message
+
+
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name, as ``nvidia-smi`` gives it: asked of the
+    driver's tool rather than torch, which a notebook's kernel never loads."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+    try:
+        result = subprocess.run(query, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = result.stdout.strip().splitlines() if result.returncode == 0 else []
+    return names[0].strip() if names else None

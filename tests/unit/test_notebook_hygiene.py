@@ -39,7 +39,8 @@ def test_the_shape_every_notebook_shares(path: Path) -> None:
     code = cells(path, "code")
     assert "colab-badge.svg" in markdown[0] and "What you will learn" in markdown[0]
     assert "Prerequisites" in markdown[0]
-    assert "IN_COLAB" in code[0], "the first code cell is the setup cell"
+    assert "setup(ROOT)" in code[0], "the first code cell is the setup cell"
+    assert len(code[0].splitlines()) <= 20, "the setup cell finds the kit, then calls setup()"
     assert any(m.startswith("## Check") for m in markdown)
     assert any(m.startswith("## Recap") for m in markdown)
     assert any(line.startswith("assert ") for c in code for line in c.splitlines()), "no assert"
@@ -48,7 +49,11 @@ def test_the_shape_every_notebook_shares(path: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_colab_asks_for_a_gpu_and_never_installs_torch(path: Path) -> None:
     assert json.loads(path.read_text())["metadata"]["accelerator"] == "GPU"
-    assert "torch" not in cells(path, "code")[0].replace("never torch", "")
+    assert "pip" not in cells(path, "code")[0], "installs belong to helpers/notebook/setup.py"
+
+
+def test_every_notebook_has_the_same_setup_cell() -> None:
+    assert len({cells(path, "code")[0] for path in NOTEBOOKS}) == 1
 
 
 def test_readme_links_every_notebook() -> None:
@@ -61,7 +66,8 @@ def test_environment_yml_agrees_with_pyproject() -> None:
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    wanted = set(project["dependencies"]) | set(extras["lab"]) | set(extras["test"])
     environment = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     assert set(pip_section) - {"torch==2.13.0"} == wanted

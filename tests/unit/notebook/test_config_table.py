@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
-import torch
 
 from helpers.config import VARIABLES, ServeConfig
-from helpers.notebook.config_table import config_markdown, config_rows, gpu_advice
+from helpers.notebook.config_table import config_markdown, config_rows, gpu_advice, gpu_name
 
 ENVIRON = {"MAX_REPLICAS": "5", "TEMPERATURE": "0.2", "UNRELATED": "x"}
 
@@ -97,8 +99,16 @@ def test_markdown_rows_have_six_cells(config: ServeConfig) -> None:
         assert len(line.split("|")) == 8, line
 
 
-def test_gpu_advice_without_a_gpu_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def fake_nvidia_smi(folder: Path, prints: str, exit_code: int = 0) -> str:
+    """A real ``nvidia-smi`` program on a PATH of its own, printing ``prints``."""
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '%s' {shlex.quote(prints)}\nexit {exit_code}\n")
+    script.chmod(0o755)
+    return str(folder)
+
+
+def test_gpu_advice_without_a_gpu_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
     with pytest.warns(UserWarning, match="No GPU found") as record:
         message = gpu_advice()
     assert message.startswith("No GPU found")
@@ -107,7 +117,14 @@ def test_gpu_advice_without_a_gpu_warns(monkeypatch: pytest.MonkeyPatch) -> None
     assert [str(w.message) for w in record] == [message]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_driver_that_finds_no_gpu_counts_as_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "No devices were found", 6))
+    assert gpu_name() is None
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
 def test_gpu_advice_on_this_cpu_only_machine() -> None:
     with pytest.warns(UserWarning):
         message = gpu_advice()
@@ -116,14 +133,13 @@ def test_gpu_advice_on_this_cpu_only_machine() -> None:
     )
 
 
-def test_gpu_advice_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+def test_gpu_advice_with_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "Fake GPU\nFake GPU\n"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a GPU must not warn
         message = gpu_advice()
     assert "NUM_GPUS_PER_REPLICA=1" in message
-    assert "Fake GPU" in message
+    assert "(Fake GPU)" in message
 
 
 def test_the_api_key_is_never_shown() -> None:

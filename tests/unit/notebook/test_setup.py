@@ -1,0 +1,66 @@
+"""The notebooks' one-call setup (helpers/notebook/setup.py), locally and as in Colab."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+# Imported as a module: pytest would take a function named ``setup`` here for a
+# module-level setup hook and call it.
+from helpers.notebook import setup as kit_setup
+from helpers.notebook.setup import HELD, colab_install_commands, held_constraints
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[list[str]]:
+    """Commands setup() runs, recorded instead of run; the folder restored after."""
+    commands: list[list[str]] = []
+
+    def record(command: list[str], check: bool) -> None:
+        assert check
+        commands.append(command)
+        if "-c" in command:  # what the constraints file held while pip would run
+            commands.append(Path(command[command.index("-c") + 1]).read_text().split())
+
+    monkeypatch.setattr(subprocess, "run", record)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return commands
+
+
+def test_locally_it_installs_nothing_and_works_from_the_kit(ran: list) -> None:
+    assert kit_setup.setup(REPO) == REPO
+    assert ran == []
+    assert Path.cwd() == REPO and str(REPO) in sys.path
+
+
+def test_in_colab_it_installs_the_kit_and_the_model_holding_torch_and_jupyter(
+    ran: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    kit_setup.setup(REPO)
+    kit, held_then, model, held_again = ran
+    assert kit[-2:] == ["-e", str(REPO)]
+    assert model[-2:] == ["--no-deps", kit_setup.EMBEDDED_MODEL]
+    assert held_then == held_again == held_constraints()
+    assert f"torch=={version('torch')}" in held_then
+    assert f"ipykernel=={version('ipykernel')}" in held_then
+
+
+def test_only_installed_packages_are_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kit_setup, "HELD", ("torch", "not-a-package-anywhere"))
+    assert held_constraints() == [f"torch=={version('torch')}"]
+
+
+def test_every_colab_command_is_held_and_names_neither_torch_nor_jupyter(tmp_path: Path) -> None:
+    for command in colab_install_commands(REPO, tmp_path / "held.txt"):
+        assert command[command.index("-c") + 1] == str(tmp_path / "held.txt")
+        assert not set(HELD) & {part.split("=")[0] for part in command}
+    assert os.fspath(REPO) in colab_install_commands(REPO, tmp_path / "held.txt")[0]
