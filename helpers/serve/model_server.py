@@ -60,9 +60,11 @@ class LLMServer:
     """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
 
     def __init__(self, config: ServeConfig) -> None:
-        init_started = time.time()
-        from helpers.engine.engine import Engine  # here: the app's other processes never load torch
+        # Imported here, so the app's other processes never load torch; its
+        # import counts with the process's start, before ``init_started``.
+        from helpers.engine.engine import Engine
 
+        init_started = time.time()
         self.config = config
         self.engine = Engine.load(
             config.model_id,
