@@ -381,3 +381,30 @@ def _as_text(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
     return "auto" if value is None else str(value)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_START = "<!-- configuration table: made by `python -m helpers.config` -->"
+TABLE_END = "<!-- end of configuration table -->"
+
+
+def variables_markdown() -> str:
+    """Every variable as README's table: name, default, what it accepts, meaning."""
+    rows = [
+        f"| `{var.name}` | {f'`{var.default}`' if var.default else '(empty)'} "
+        f"| {var.accepted} | {var.meaning} |"
+        for var in VARIABLES
+    ]
+    return "\n".join(["| Variable | Default | Accepts | Meaning |", "|---|---|---|---|", *rows])
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the table between its markers made anew."""
+    before, rest = readme.split(TABLE_START, 1)
+    _, after = rest.split(TABLE_END, 1)
+    return f"{before}{TABLE_START}\n{variables_markdown()}\n{TABLE_END}{after}"
+
+
+if __name__ == "__main__":
+    README.write_text(readme_with_table(README.read_text()))
+    print(f"wrote the configuration table into {README}")

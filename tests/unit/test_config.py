@@ -297,3 +297,12 @@ def test_config_is_frozen() -> None:
     config = ServeConfig.from_env({})
     with pytest.raises(AttributeError):
         config.max_replicas = 5  # type: ignore[misc]
+
+
+def test_the_readmes_configuration_table_is_the_one_config_makes() -> None:
+    from helpers.config import README, readme_with_table
+
+    readme = README.read_text()
+    assert readme_with_table(readme) == readme, (
+        "README's configuration table drifted: run `python -m helpers.config` and commit it"
+    )
