@@ -26,7 +26,7 @@ import statistics
 from dataclasses import dataclass
 
 from bench import cold_start
-from bench.results_file import append_section, provenance
+from bench.results_file import provenance, record_section
 from bench.servers import HEADER, Outcome, Server, drive, drive_streamed, servers, warm_up
 from bench.ttft import percentile
 from helpers.config import ServeConfig
@@ -179,7 +179,7 @@ def main() -> None:
         ]
     lines += ["", *targets(by_server)]
     print("\n".join(lines))
-    append_section("Full comparison", lines)
+    record_section("Full comparison", lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``bench/RESULTS.md``: where every benchmark command appends what it measured.
+"""``bench/RESULTS.md``: where each benchmark command records what it measured,
+in place of its previous run's figures.
 
 Each section names its command, the machine and the versions, so a figure can
 be rerun and compared with the same code on the same kind of machine.
@@ -28,11 +29,16 @@ def _module() -> str:
     return spec.name if spec is not None else Path(sys.argv[0]).stem
 
 
-def append_section(title: str, lines: list[str]) -> None:
-    """Add ``## title, <today>`` and ``lines`` to the end of RESULTS.md."""
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the benchmark commands, newest last.\n"
-        )
-    with RESULTS.open("a") as out:
-        out.write("\n".join([f"\n## {title}, {date.today().isoformat()}\n", *lines]) + "\n")
+def record_section(title: str, lines: list[str]) -> None:
+    """Put ``## title, <today>`` and ``lines`` in RESULTS.md in place of the
+    last run's section of that title (RESULTS.md keeps the latest figures;
+    earlier ones are in git), or at the end if there is none yet."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = "\n".join([f"## {title}, {date.today().isoformat()}\n", *lines]) + "\n"
+    start = text.find(f"\n## {title}, ")
+    if start < 0:
+        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + 1)
+    rest = "" if end < 0 else text[end:]
+    RESULTS.write_text(text[: start + 1] + section + rest)

@@ -19,7 +19,7 @@ steady drift cancels out. The ratio is of the mean tokens/s of each.
 
 import argparse
 
-from bench.results_file import append_section, provenance
+from bench.results_file import provenance, record_section
 from bench.servers import HEADER, Outcome, Server, drive, servers, warm_up
 from helpers.config import ServeConfig
 
@@ -66,7 +66,7 @@ def main() -> None:
 
 
 def write_results(outcomes: list[Outcome], summary: str, args: argparse.Namespace) -> None:
-    append_section(
+    record_section(
         "Head to head",
         [
             f"{provenance()}. {args.requests} requests at concurrency {args.concurrency}, "
