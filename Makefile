@@ -53,7 +53,7 @@ test-notebooks: setup
 
 # One tier at a time (markers set by folder in tests/conftest.py).
 test-unit: setup
-	$(PY) -m pytest -m unit
+	$(PY) -m pytest -m "unit and not index"
 
 test-model: setup
 	$(PY) -m pytest -m model
