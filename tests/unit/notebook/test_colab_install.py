@@ -31,6 +31,7 @@ COLAB_JUPYTER = {
     "jupyter-client": "7.4.9",
     "jupyter-server": "2.20.0",
     "notebook": "6.5.7",
+    "ipywidgets": "7.7.1",
 }
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
