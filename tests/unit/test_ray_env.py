@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers.ray_env import RAY_ENV
+from tests.shell import unsourced_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,19 +27,17 @@ def test_importing_the_kit_applies_the_ray_settings_before_ray_reads_them(entry:
         f"import os, {entry}; from ray._private import ray_constants; "
         "print(ray_constants.ENABLE_RAY_CLUSTER, os.environ['RAY_AUTH_MODE'])"
     )
-    bare = {key: value for key, value in os.environ.items() if key not in RAY_ENV}
     result = subprocess.run(
-        [sys.executable, "-c", code], env=bare, cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-c", code], env=unsourced_env(), cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "token"]
 
 
 def test_the_shell_script_exports_the_same_settings_from_any_folder(tmp_path: Path) -> None:
-    bare = {key: value for key, value in os.environ.items() if key not in RAY_ENV}
     result = subprocess.run(
         ["bash", "-c", f"source {REPO / 'scripts' / 'ray_env.sh'} && env"],
-        env=bare,
+        env=unsourced_env(),
         cwd=tmp_path,
         capture_output=True,
         text=True,
