@@ -31,6 +31,7 @@ from helpers.engine.batcher import BatchStats, ContinuousBatcher, GenerationRequ
 from helpers.engine.cpu_linear import prepack_pieces
 from helpers.engine.decoder import Decoder, TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted, is_embedded
+from helpers.engine.errors import ModelLoadError
 from helpers.engine.llama import llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import Completion, PromptTooLongError, Sampling
@@ -62,10 +63,6 @@ class LoadTimes:
     @property
     def total_s(self) -> float:
         return self.imports_s + self.tokenizer_s + self.weights_s + self.warm_up_s
-
-
-class ModelLoadError(RuntimeError):
-    """``MODEL_ID`` names nothing that can be loaded here."""
 
 
 def resolve_model_source(model_id: str, cache_dir: Path) -> str:
