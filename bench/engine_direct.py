@@ -48,29 +48,29 @@ def main() -> None:
     args = parser.parse_args()
     config = ServeConfig.from_env()
 
-    def load(prepack: bool = True, gguf_blocks: bool = True) -> Engine:
+    def load(prepack: bool = True, cpu_weights: str = "auto") -> Engine:
         return Engine.load(
             config.model_id,
             config.model_cache_dir,
             cpu_threads=args.threads,
             max_batch_size=max(args.batch, 1),
             prepack=prepack,
-            gguf_blocks=gguf_blocks,
+            cpu_weights=cpu_weights,
         )
 
-    engine = load(gguf_blocks=not args.mkl)
+    engine = load(cpu_weights="float32" if args.mkl else "auto")
     print(f"load {engine.load_times}, threads {args.threads}, batch {args.batch}")
     rate, text = tokens_per_s(engine, args.batch, args.max_tokens)
     layers = "fp32, oneDNN" if args.mkl else "default"
     print(f"{layers + ':':13} {rate:6.1f} output tok/s  ({text[:50]!r})")
     if args.mkl or args.fp32:
-        other = load(prepack=args.fp32, gguf_blocks=False)
+        other = load(prepack=args.fp32, cpu_weights="float32")
         other_rate, other_text = tokens_per_s(other, args.batch, args.max_tokens)
         same = "same text" if other_text == text else "text differs"
         name = "fp32, oneDNN" if args.fp32 else "fp32, MKL"
         print(f"{name + ':':13} {other_rate:6.1f} output tok/s  ({same}); {rate / other_rate:.2f}x")
     if args.int8_dynamic:
-        quantized_engine = load(prepack=False, gguf_blocks=False)
+        quantized_engine = load(prepack=False, cpu_weights="float32")
         torch.ao.quantization.quantize_dynamic(
             quantized_engine.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )

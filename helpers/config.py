@@ -239,6 +239,26 @@ VARIABLES: tuple[Variable, ...] = (
         "prompt_format",
     ),
     Variable(
+        "DTYPE",
+        "auto",
+        "Precision of the model's weights and activations. auto: bfloat16 on GPUs of "
+        "compute capability 8.0 or higher, float16 on older GPUs (a T4), float32 on CPU.",
+        "auto, float32, bfloat16 or float16",
+        _choice("auto", "float32", "bfloat16", "float16"),
+        "dtype",
+    ),
+    Variable(
+        "CPU_WEIGHTS",
+        "auto",
+        "How a CPU replica stores the linear layers' weights. auto: the 4-bit blocks of "
+        "a .gguf model (the embedded one included), else float32; q8_0: any model "
+        "quantized at load into 8-bit blocks (about a quarter of float32's memory "
+        "traffic); float32: never blocks. Ignored on GPUs.",
+        "auto, float32 or q8_0, with DTYPE auto or float32 for q8_0",
+        _choice("auto", "float32", "q8_0"),
+        "cpu_weights",
+    ),
+    Variable(
         "MODEL_CACHE_DIR",
         "~/.cache/ray-serve-llm",
         "Where converted models are kept: the embedded one, and .gguf files named by MODEL_ID.",
@@ -321,6 +341,8 @@ class ServeConfig:
     max_batch_size: int
     max_prompts: int
     prompt_format: str
+    dtype: str
+    cpu_weights: str
     model_cache_dir: Path
     api_key: str = field(repr=False)
     max_body_bytes: int
@@ -350,6 +372,19 @@ class ServeConfig:
             problems.append(
                 f"MAX_REPLICAS={values['max_replicas']} is below MIN_REPLICAS="
                 f"{values['min_replicas']}: expected MAX_REPLICAS >= MIN_REPLICAS"
+            )
+        if (
+            not problems
+            and values["cpu_weights"] == "q8_0"
+            and values["dtype"]
+            not in (
+                "auto",
+                "float32",
+            )
+        ):
+            problems.append(
+                f"CPU_WEIGHTS=q8_0 needs float32 activations, not DTYPE={values['dtype']}: "
+                "expected DTYPE auto or float32"
             )
         if problems:
             raise ConfigError("Invalid configuration: " + "; ".join(problems))

@@ -19,8 +19,16 @@ from helpers.protocol import Completion, TextDelta
 OWNED_BY = "ray-serve-llm-kit"
 
 
-def model_card(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": OWNED_BY}
+def model_card(model_id: str, created: int, engine: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's model object, plus ``engine``: what serves the model (null
+    until a replica has loaded it), a field OpenAI clients ignore."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNED_BY,
+        "engine": engine,
+    }
 
 
 def usage(completions: Sequence[Completion]) -> dict[str, int]:

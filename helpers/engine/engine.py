@@ -3,10 +3,12 @@
 Keeping Ray out of this module lets unit tests, notebooks and GPU benchmarks
 (on machines without Ray) drive exactly the code that replicas run.
 
-The engine loads the model (picking device, dtype and CPU threads): a Llama
-safetensors checkpoint such as the embedded model with the kit's own
-:mod:`helpers.engine.llama` and :mod:`helpers.engine.tokenizer`, which start seconds
-sooner, anything else with transformers' Auto classes. It formats and
+The engine loads the model (picking device, dtype and CPU threads): a
+safetensors checkpoint of the Llama, Mistral or Qwen families (the embedded
+model among them) with the kit's own :mod:`helpers.engine.llama` and
+:mod:`helpers.engine.tokenizer`, which start seconds sooner and decode
+faster, anything else with transformers' Auto classes; :attr:`Engine.info`
+says which. It formats and
 measures prompts, and hands requests to a continuous batcher
 (:mod:`helpers.engine.batcher`) that decodes every request in flight
 together. Each request keeps its own ``max_new_tokens``, ``temperature``,
@@ -17,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,16 @@ import torch
 from helpers.engine import gguf_checkpoint
 from helpers.engine.batcher import BatchStats, ContinuousBatcher, GenerationRequest, TextCallback
 from helpers.engine.cpu_linear import prepack_pieces
+from helpers.engine.cpu_weights import quantize_linear_layers
 from helpers.engine.decoder import Decoder, TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted, is_embedded
 from helpers.engine.errors import ModelLoadError
-from helpers.engine.llama import llama_config, load_llama
+from helpers.engine.gguf_linear import GgufLinear
+from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import Completion, PromptTooLongError, Sampling
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Completion",
@@ -111,14 +118,45 @@ def _tokenizer_from(model_id: str, source: str) -> Any:
     return tokenizer
 
 
-def pick_device(want_gpu: bool) -> tuple[str, torch.dtype]:
-    """CUDA in half precision when a GPU was requested and is present, else CPU fp32.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``DTYPE``'s choices besides ``auto``."""
 
-    fp16 on CPU is slower than fp32 and loses accuracy, so CPU stays fp32.
+
+def pick_device(want_gpu: bool, dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """CUDA when a GPU was requested and is present, else the CPU; ``dtype``
+    as ``DTYPE`` names it.
+
+    ``auto`` is bfloat16 on a GPU that computes in it natively (compute
+    capability 8.0 and up; torch calls a T4's emulated bf16 "supported" too,
+    hence the capability check), float16 on older GPUs, and float32 on CPU,
+    where half precisions are slower and lose accuracy.
     """
-    if want_gpu and torch.cuda.is_available():
-        return "cuda", torch.float16
-    return "cpu", torch.float32
+    device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+    if dtype != "auto":
+        return device, DTYPES[dtype]
+    if device == "cpu":
+        return device, torch.float32
+    native_bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    return device, torch.bfloat16 if native_bf16 else torch.float16
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Which path serves the model, for ``/healthz`` and ``/v1/models``: a user
+    (and a test) can tell the kit's decoder from transformers' fallback."""
+
+    implementation: str
+    """``kit-decoder`` or ``transformers``."""
+    architecture: str
+    dtype: str
+    device: str
+    weights: str
+    """How the linear layers are stored: GGUF block kinds, or the dtype."""
+    fallback_reason: str | None
+    """Why the kit's decoder does not run this model, when it does not."""
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
 
 
 class Engine:
@@ -146,6 +184,7 @@ class Engine:
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None
+        self.info = describe(model)
 
     @classmethod
     def load(
@@ -157,15 +196,19 @@ class Engine:
         cpu_threads: int | None = None,
         max_batch_size: int = 16,
         prepack: bool = True,
-        gguf_blocks: bool = True,
+        dtype: str = "auto",
+        cpu_weights: str = "auto",
         slots: bool | None = None,
     ) -> Engine:
-        """Load ``MODEL_ID`` (picking device, dtype and CPU threads) and run one
-        warm-up pass, timing each step into ``load_times``.
+        """Load ``MODEL_ID`` (picking device, ``DTYPE`` and CPU threads) and run
+        one warm-up pass, timing each step into ``load_times``.
 
-        On CPU the kit's Llama keeps the embedded model's 4-bit GGUF blocks
-        for its linear layers (:mod:`helpers.engine.gguf_linear`) unless
-        ``gguf_blocks`` is False. Any fp32 linear layers left get prepacked
+        On CPU in float32 the kit's decoder stores linear layers as
+        ``CPU_WEIGHTS`` says: ``auto`` keeps a GGUF model's 4-bit blocks (the
+        embedded model's included; :mod:`helpers.engine.gguf_linear`),
+        ``q8_0`` quantizes any model's at load
+        (:mod:`helpers.engine.cpu_weights`), ``float32`` keeps float32 weights.
+        Any fp32 linear layers left get prepacked
         for oneDNN (:mod:`helpers.engine.cpu_linear`) unless ``prepack`` is False: a module's
         layers at a time, between decode steps or when the engine is idle,
         so the time it takes stays out of a cold start and
@@ -175,22 +218,31 @@ class Engine:
         marks = [time.perf_counter()]
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
-        device, dtype = pick_device(want_gpu)
+        device, torch_dtype = pick_device(want_gpu, dtype)
         source = resolve_model_source(model_id, cache_dir)
-        llama = llama_config(Path(source))
-        if llama is None:
+        try:
+            llama, fallback_reason = llama_config(Path(source)), None
+        except UnsupportedCheckpoint as unsupported:
+            llama, fallback_reason = None, str(unsupported)
+            logger.info("MODEL_ID=%r runs on transformers: %s", model_id, fallback_reason)
             _import_model_code(source)
         marks.append(time.perf_counter())
         tokenizer = _tokenizer_from(model_id, source)
         marks.append(time.perf_counter())
+        on_cpu_fp32 = (device, torch_dtype) == ("cpu", torch.float32)
         if llama is not None:
-            model = load_llama(Path(source), llama, dtype, device, gguf_blocks)
+            blocks = on_cpu_fp32 and cpu_weights == "auto"
+            model = load_llama(Path(source), llama, torch_dtype, device, blocks)
+            if on_cpu_fp32 and cpu_weights == "q8_0":
+                quantize_linear_layers(model)
         else:
-            model = _transformers_model(source, dtype, device)
+            model = _transformers_model(source, torch_dtype, device)
         marks.append(time.perf_counter())
         engine = cls(
             model, tokenizer, model_id=model_id, max_batch_size=max_batch_size, slots=slots
         )
+        if fallback_reason is not None:
+            engine.info = replace(engine.info, fallback_reason=fallback_reason)
         engine.probe()
         marks.append(time.perf_counter())
         engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))
@@ -283,6 +335,23 @@ class Engine:
     @property
     def stats(self) -> BatchStats:
         return self._batcher.stats
+
+
+def describe(model: Decoder) -> EngineInfo:
+    """What runs ``model``: read from the model itself, so it cannot drift
+    from what was loaded."""
+    kit = not isinstance(model, TransformersDecoder)
+    weight = next(model.parameters())
+    kinds = sorted({m.kind for m in model.modules() if isinstance(m, GgufLinear)})
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return EngineInfo(
+        implementation="kit-decoder" if kit else "transformers",
+        architecture=str(getattr(model.config, "family" if kit else "model_type", "unknown")),
+        dtype=dtype,
+        device=weight.device.type,
+        weights=" + ".join(kinds) + " blocks" if kinds else dtype,
+        fallback_reason=None,
+    )
 
 
 def _transformers_model(source: str, dtype: torch.dtype, device: str) -> Any:

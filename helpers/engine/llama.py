@@ -1,27 +1,44 @@
-"""A Llama decoder in plain torch: what replicas run for Llama checkpoints.
+"""A Llama-family decoder in plain torch: what replicas run for the popular
+small instruct models.
 
 Why not transformers' own: importing its modelling code pulls in torch's
 compiler and distributed-tensor packages, seconds of every cold start on a
 small machine (``bench/RESULTS.md``), for a model whose forward pass is a page
-of arithmetic. This
-module runs Llama-architecture checkpoints stored as safetensors with plain
-RoPE (the embedded SmolLM2 is one); :func:`llama_config` says which, and
-everything else is loaded through transformers (``helpers/engine/engine.py``).
+of arithmetic. The families below differ from Llama by a few switches, each a
+field of :class:`LlamaConfig`:
+
+- Llama 1, 2 and 3.x (SmolLM2 and TinyLlama included): RoPE plain, ``linear``
+  or ``llama3``-scaled; embeddings tied or not;
+- Mistral: attention over a sliding window of recent tokens;
+- Qwen2 and Qwen2.5: a bias on the q, k and v projections;
+- Qwen3: an RMSNorm over each query and key head before the rotation.
+
+:func:`llama_config` reads a checkpoint's ``config.json`` and raises
+:class:`UnsupportedCheckpoint`, saying why, for anything else (another
+architecture, another RoPE scaling, per-layer sliding windows, quantized
+weights); the engine then loads it through transformers
+(``helpers/engine/engine.py``) rather than half-supporting it here.
 
 It accepts the call the continuous batcher makes of a transformers model
 (``input_ids``, ``attention_mask``, ``position_ids``, ``cache``,
 ``logits_to_keep``) and its cache keeps the same per-layer ``keys`` and
 ``values`` tensors, so the batcher drives either model the same way. The
-arithmetic follows transformers' Llama step for step (RMSNorm in fp32,
-rotate-half RoPE, scaled dot-product attention); a model test checks that the
-two give the same logits.
+arithmetic follows transformers' step for step (RMSNorm in fp32,
+rotate-half RoPE, scaled dot-product attention); model tests hold every
+family to transformers' logits on small random checkpoints.
+
+In fp16 the residual stream (the running sum every layer adds to) stays in
+fp32: Qwen2 checkpoints are known to grow it past fp16's largest number,
+after which every token is NaN; each layer still computes in fp16.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +47,34 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers.engine import gguf_linear
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""``model_type`` values this module runs."""
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 4096},
+    "qwen3": {"head_dim": 128},
+}
+"""transformers' defaults, per family, for fields a ``config.json`` may leave out."""
+
+
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint the kit's decoder does not run; the message says why."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How the rotary frequencies are stretched for long contexts.
+
+    ``default`` leaves them; ``linear`` divides them all by ``factor``;
+    ``llama3`` divides the low ones, keeps the high ones and blends between,
+    as Llama 3.1 and later are trained.
+    """
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclass(frozen=True)
@@ -47,8 +92,14 @@ class LlamaConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
+    family: str = "llama"
+    rope_scaling: RopeScaling = RopeScaling()
+    qkv_bias: bool = False
+    output_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    """Each token attends to this many latest positions, itself included."""
 
 
 @dataclass(frozen=True)
@@ -63,27 +114,26 @@ class ModelOutput:
     logits: torch.Tensor
 
 
-def llama_config(directory: Path) -> LlamaConfig | None:
-    """The config of a checkpoint this module can run, else None.
+def llama_config(directory: Path) -> LlamaConfig:
+    """The config of a checkpoint this module can run.
 
-    None for anything but a local safetensors Llama with plain RoPE and SiLU:
-    scaled RoPE variants, quantized weights and other architectures are left
-    to transformers rather than half-supported here.
+    Raises :class:`UnsupportedCheckpoint` with the reason for anything else,
+    which the engine then leaves to transformers.
     """
     config_file = directory / "config.json"
     if not config_file.is_file() or not any(directory.glob("*.safetensors")):
-        return None
+        raise UnsupportedCheckpoint("not a directory of config.json and safetensors weights")
     raw = json.loads(config_file.read_text())
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    plain = (
-        raw.get("model_type") == "llama"
-        and raw.get("hidden_act", "silu") == "silu"
-        and rope.get("rope_type", rope.get("type", "default")) == "default"
-        and "quantization_config" not in raw
-    )
-    if not plain:
-        return None
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise UnsupportedCheckpoint(f"model_type {family!r} is not one of {', '.join(FAMILIES)}")
+    raw = _DEFAULTS.get(family, {}) | raw
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UnsupportedCheckpoint(f"hidden_act {raw['hidden_act']!r} is not silu")
+    if "quantization_config" in raw:
+        raise UnsupportedCheckpoint("its weights are quantized")
     heads = raw["num_attention_heads"]
+    bias = raw.get("attention_bias", False)
     return LlamaConfig(
         vocab_size=raw["vocab_size"],
         hidden_size=raw["hidden_size"],
@@ -93,12 +143,57 @@ def llama_config(directory: Path) -> LlamaConfig | None:
         num_key_value_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        rope_theta=_rope_parameters(raw).get("rope_theta", raw.get("rope_theta", 10000.0)),
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        attention_bias=raw.get("attention_bias", False),
+        family=family,
+        rope_scaling=_rope_scaling(raw),
+        qkv_bias=True if family == "qwen2" else bias,
+        output_bias=False if family == "qwen2" else bias,
         mlp_bias=raw.get("mlp_bias", False),
+        qk_norm=family == "qwen3",
+        sliding_window=_sliding_window(raw, family),
     )
+
+
+def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    """RoPE's settings: ``rope_parameters`` as transformers 5 writes them,
+    ``rope_scaling`` as older checkpoints do."""
+    return raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+
+
+def _rope_scaling(raw: dict[str, Any]) -> RopeScaling:
+    rope = _rope_parameters(raw)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling(kind, float(rope["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            kind,
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )
+    raise UnsupportedCheckpoint(f"RoPE scaling {kind!r} is not default, linear or llama3")
+
+
+def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
+    """Mistral slides every layer's window; Qwen's option slides only some
+    layers, which this module leaves to transformers."""
+    if family == "mistral":
+        return raw.get("sliding_window")
+    if family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        first_sliding = raw.get("max_window_layers", raw["num_hidden_layers"])
+        types = raw.get("layer_types") or [
+            "sliding_attention" if i >= first_sliding else "full_attention"
+            for i in range(raw["num_hidden_layers"])
+        ]
+        if "sliding_attention" in types:
+            raise UnsupportedCheckpoint("some of its layers attend over a sliding window")
+    return None
 
 
 def load_llama(
@@ -156,8 +251,33 @@ def _eos_token_id(directory: Path) -> int | list[int] | None:
 
 
 def rope_inverse_frequencies(config: LlamaConfig, device: str | torch.device) -> torch.Tensor:
+    """The rotation speed of each pair of a head's dimensions, scaled as the
+    checkpoint was trained (transformers' ``rope_init_fn`` for each kind)."""
     exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device)
-    return 1.0 / (config.rope_theta ** (exponents / config.head_dim))
+    frequencies = 1.0 / (config.rope_theta ** (exponents / config.head_dim))
+    scaling = config.rope_scaling
+    if scaling.kind == "linear":
+        return frequencies / scaling.factor
+    if scaling.kind == "llama3":
+        # Wavelengths longer than the original context / low_freq_factor are
+        # slowed by ``factor``, shorter than it / high_freq_factor kept, and
+        # those between blended by where they lie.
+        context = scaling.original_max_position_embeddings
+        wavelengths = 2 * math.pi / frequencies
+        slowed = torch.where(
+            wavelengths > context / scaling.low_freq_factor,
+            frequencies / scaling.factor,
+            frequencies,
+        )
+        blend = (context / wavelengths - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        blended = (1 - blend) * slowed / scaling.factor + blend * slowed
+        between = (wavelengths >= context / scaling.high_freq_factor) & (
+            wavelengths <= context / scaling.low_freq_factor
+        )
+        return torch.where(between, blended, slowed)
+    return frequencies
 
 
 class LayerCache:
@@ -190,14 +310,18 @@ class KVCache:
         return 0 if keys is None else keys.shape[-2]
 
     def mask(
-        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, new: int
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        new: int,
+        window: int | None,
     ) -> torch.Tensor:
         if attention_mask is None:
             batch = position_ids.shape[0]
             attention_mask = torch.ones(
                 batch, self.length + new, dtype=torch.long, device=position_ids.device
             )
-        return _attention_mask(attention_mask, new)
+        return _attention_mask(attention_mask, new, window)
 
 
 class SlotLayer:
@@ -279,13 +403,22 @@ class SlotCache:
         return bigger
 
     def mask(
-        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, new: int
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        new: int,
+        window: int | None,
     ) -> torch.Tensor:
-        """``[batch, 1, new, width]``: columns up to each token's own position.
-        A padding token (at ``capacity``) sees every column, so its row of
-        attention is never empty (which would give NaN)."""
+        """``[batch, 1, new, width]``: columns up to each token's own position
+        (and within ``window`` of it). A padding token (at ``capacity``) sees
+        every column, or the last ``window``, so its row of attention is never
+        empty (which would give NaN)."""
         columns = torch.arange(self.width, device=position_ids.device)
-        return (columns <= position_ids[:, :, None])[:, None]
+        positions = position_ids[:, :, None]
+        allowed = columns <= positions
+        if window is not None:
+            allowed &= columns > positions - window
+        return allowed[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -295,10 +428,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        """In the weight's dtype, whatever ``x``'s: an fp32 residual stream
+        (see the module's docstring) comes out ready for fp16 layers."""
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * x.to(self.weight.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -348,12 +482,16 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        bias = config.attention_bias
+        bias = config.qkv_bias
         self.head_dim = dim
         self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
-        self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=config.output_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
@@ -364,8 +502,11 @@ class Attention(nn.Module):
         for rows, cache in zip(segments, caches, strict=True):
             end = start + rows.tokens
             shape = (rows.batch, rows.length, -1, self.head_dim)
-            q = _rotate(queries[start:end].view(shape).transpose(1, 2), *rows.rope)
-            k = _rotate(keys[start:end].view(shape).transpose(1, 2), *rows.rope)
+            q, k = queries[start:end].view(shape), keys[start:end].view(shape)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = _rotate(q.transpose(1, 2), *rows.rope)
+            k = _rotate(k.transpose(1, 2), *rows.rope)
             v = values[start:end].view(shape).transpose(1, 2)
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(
@@ -464,10 +605,13 @@ class Llama(nn.Module):
                 past = segment.cache.length
                 positions = torch.arange(past, past + new, device=self.device).expand(batch, -1)
             x = self.model.embed_tokens(segment.input_ids)
-            mask = segment.cache.mask(segment.attention_mask, positions, new)
+            window = self.config.sliding_window
+            mask = segment.cache.mask(segment.attention_mask, positions, new, window)
             rows.append(_Rows(batch, new, self._rope(positions, x.dtype), mask))
             hidden.append(x.reshape(batch * new, -1))
         x = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        if x.dtype == torch.float16:
+            x = x.float()  # the residual stream, as the module's docstring says
         # Each layer's caches, one per segment, in the segments' order.
         layer_caches = zip(*(segment.cache.layers for segment in segments), strict=True)
         for layer, caches in zip(self.model.layers, layer_caches, strict=True):
@@ -490,9 +634,11 @@ class Llama(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _attention_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
+def _attention_mask(mask: torch.Tensor, new: int, window: int | None) -> torch.Tensor:
     """Which keys each new token may attend to, ``[batch, 1, new, length]``:
-    earlier real tokens and itself.
+    earlier real tokens and itself (the latest ``window`` of them). Rows are
+    padded on the left only, so a row's real tokens lie in consecutive
+    columns and a distance in columns is one in positions.
 
     A padding token sees only itself, so no row of the attention is empty:
     an empty row gives NaN, which its cached values would then carry into
@@ -501,5 +647,8 @@ def _attention_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
     length = mask.shape[1]
     queries = torch.arange(length - new, length, device=mask.device)[:, None]
     keys = torch.arange(length, device=mask.device)[None, :]
-    allowed = (keys <= queries)[None] & mask[:, None, :].bool()
+    causal = keys <= queries
+    if window is not None:
+        causal &= keys > queries - window
+    allowed = causal[None] & mask[:, None, :].bool()
     return (allowed | (keys == queries)[None])[:, None]

@@ -10,6 +10,7 @@ gathered into one reply.
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from helpers.protocol import Completion, Prompt, Sampling, TextDelta
 from helpers.serve.model_calls import open_stream, read_replica_states
 
 REPLICA_COUNT_TTL_S = 1.0
+ENGINE_INFO_TIMEOUT_S = 5.0
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -57,16 +59,19 @@ class Ingress:
         self.started = int(time.time())
         self._replicas: dict[str, int] = {}
         self._replicas_read_at = float("-inf")
+        self._engine: dict[str, Any] | None = None
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness and the model replicas by state, without touching the model."""
+        """Liveness, the model replicas by state, and what serves the model,
+        without waking the model (see :meth:`_engine_info`)."""
         return {
             "status": "ok",
             "model": self.config.model_id,
             "model_replicas": await self._model_replica_states(),
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,
+            "engine": await self._engine_info(),
         }
 
     @app.post(
@@ -100,13 +105,14 @@ class Ingress:
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         check_api_key(request, self.config.api_key)
-        return {"object": "list", "data": [model_card(self.config.model_id, self.started)]}
+        card = model_card(self.config.model_id, self.started, await self._engine_info())
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(self, request: Request, model: str) -> dict[str, Any]:
         check_api_key(request, self.config.api_key)
         self._check_model(model)
-        return model_card(model, self.started)
+        return model_card(model, self.started, await self._engine_info())
 
     @app.post("/v1/completions", responses=STREAMED, openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
@@ -200,6 +206,17 @@ class Ingress:
             param=param,
             timeout_s=self.config.request_timeout_s,
         )
+
+    async def _engine_info(self) -> dict[str, Any] | None:
+        """The implementation, dtype and device a model replica reports, asked
+        once, and only while a replica runs: asking at zero replicas would
+        start one. None until then; every replica loads the same way, so
+        the first answer holds."""
+        if self._engine is None and (await self._model_replica_states())["running"]:
+            call = self.llm.engine_info.remote()
+            with contextlib.suppress(Exception):  # a replica going away: ask next time
+                self._engine = await asyncio.wait_for(call, ENGINE_INFO_TIMEOUT_S)
+        return self._engine
 
     async def _model_replica_states(self) -> dict[str, int]:
         """Replica counts by state, read from the Serve controller at most once a second."""

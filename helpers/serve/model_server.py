@@ -72,6 +72,8 @@ class LLMServer:
             want_gpu=config.num_gpus_per_replica > 0,
             cpu_threads=config.torch_threads,
             max_batch_size=config.max_batch_size,
+            dtype=config.dtype,
+            cpu_weights=config.cpu_weights,
         )
         self.startup = ReplicaStartup(
             psutil.Process().create_time(), init_started, time.time(), self.engine.load_times
@@ -132,6 +134,10 @@ class LLMServer:
     def startup_times(self) -> ReplicaStartup:
         """How this replica's start went, for the cold-start benchmark."""
         return self.startup
+
+    def engine_info(self) -> dict[str, str | None]:
+        """Which implementation, dtype and device serve the model (``EngineInfo``)."""
+        return self.engine.info.as_dict()
 
     def batch_stats(self) -> dict[str, int]:
         """Batching counters of this replica, for tests and curious users."""

@@ -215,7 +215,7 @@ def test_prepacked_linear_layers_decode_the_text_unpacked_ones_do() -> None:
     def fp32_engine(prepack: bool) -> Engine:
         cache_dir = ServeConfig.from_env({}).model_cache_dir
         return Engine.load(
-            EMBEDDED_MODEL_ID, cache_dir, cpu_threads=2, gguf_blocks=False, prepack=prepack
+            EMBEDDED_MODEL_ID, cache_dir, cpu_threads=2, cpu_weights="float32", prepack=prepack
         )
 
     packed = fp32_engine(prepack=True)

@@ -152,7 +152,7 @@ def test_blocks_decode_the_text_fp32_weights_do(engine: Engine) -> None:
         EMBEDDED_MODEL_ID,
         ServeConfig.from_env({}).model_cache_dir,
         cpu_threads=2,
-        gguf_blocks=False,
+        cpu_weights="float32",
         prepack=False,
     )
     prompts = [

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from helpers.config import ServeConfig
 from helpers.engine.decoder import TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted
-from helpers.engine.llama import Llama, Segment, llama_config, load_llama
+from helpers.engine.llama import Llama, Segment, UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 
 TEXTS = [
@@ -147,9 +147,11 @@ def test_a_pass_of_two_segments_gives_the_logits_of_two_passes(converted: Path, 
     def segments() -> tuple[Segment, Segment]:
         ids, mask, positions = encoded(TEXTS[:2])
         running = model.new_cache()
-        tokens = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=running
-        ).logits[:, -1].argmax(-1)[:, None]
+        tokens = (
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=running)
+            .logits[:, -1]
+            .argmax(-1)[:, None]
+        )
         step = Segment(tokens, running, positions[:, -1:] + 1, F.pad(mask, (0, 1), value=1))
         ids, mask, positions = encoded(TEXTS[2:])
         return step, Segment(ids, model.new_cache(), positions, mask, logits_to_keep=1)
@@ -178,13 +180,32 @@ def write_checkpoint(directory: Path, config: dict, tokenizer_class: str) -> Pat
     return directory
 
 
-def test_other_checkpoints_are_left_to_transformers(converted: Path, tmp_path: Path) -> None:
+def test_other_checkpoints_are_left_to_transformers_with_the_reason(
+    converted: Path, tmp_path: Path
+) -> None:
     llama = json.loads((converted / "config.json").read_text())
-    scaled = {**llama, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}
-    for name, config in [("gpt2", {**llama, "model_type": "gpt2"}), ("scaled", scaled)]:
-        assert llama_config(write_checkpoint(tmp_path / name, config, "GPT2TokenizerFast")) is None
-        assert Tokenizer.from_directory(tmp_path / name) is None
-    assert llama_config(tmp_path) is None  # no config.json at all
+    qwen_sliding = {
+        **llama,
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "max_window_layers": 1,
+    }
+    refused = {
+        "gpt2": ({**llama, "model_type": "gpt2"}, "model_type 'gpt2'"),
+        "yarn": ({**llama, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
+        "gelu": ({**llama, "hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        "quantized": ({**llama, "quantization_config": {"bits": 4}}, "quantized"),
+        "qwen-sliding": (qwen_sliding, "sliding window"),
+    }
+    for name, (config, reason) in refused.items():
+        with pytest.raises(UnsupportedCheckpoint, match=reason):
+            llama_config(write_checkpoint(tmp_path / name, config, "GPT2TokenizerFast"))
+    with pytest.raises(UnsupportedCheckpoint, match=r"config\.json"):
+        llama_config(tmp_path)  # no config.json at all
+    mistral = llama_config(
+        write_checkpoint(tmp_path / "mistral", {**llama, "model_type": "mistral"}, "X")
+    )
+    assert mistral.sliding_window == 4096  # transformers' default when the key is absent
 
 
 def test_the_embedded_model_serves_without_importing_transformers() -> None:

@@ -54,6 +54,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "MAX_BATCH_SIZE": ["big", "0", "257", "2.5", "nan", "inf"],
     "MAX_PROMPTS": ["few", "0", "257", "3.5", "nan", "inf"],
     "PROMPT_FORMAT": ["", "json", "chatml"],
+    "DTYPE": ["", "fp17", "half", "float64", "int8"],
+    "CPU_WEIGHTS": ["", "q4_0", "int8", "fp16"],
     "MODEL_CACHE_DIR": ["", "   "],
     "API_KEY": ["short", "x" * 15, "sixteen chars with spaces", "\u00e9" * 20, "k" * 513],
     "MAX_BODY_BYTES": ["big", "1023", "67108865", "1.5", "nan"],
@@ -150,6 +152,10 @@ OVERRIDES = [
     ("MAX_PROMPTS", "1", "max_prompts", 1),
     ("PROMPT_FORMAT", "CHAT", "prompt_format", "chat"),
     ("PROMPT_FORMAT", " raw ", "prompt_format", "raw"),
+    ("DTYPE", "BFloat16", "dtype", "bfloat16"),
+    ("DTYPE", "float16", "dtype", "float16"),
+    ("CPU_WEIGHTS", "Q8_0", "cpu_weights", "q8_0"),
+    ("CPU_WEIGHTS", "float32", "cpu_weights", "float32"),
 ]
 
 
@@ -256,6 +262,8 @@ NON_DEFAULT_ENV = {
     "MAX_BATCH_SIZE": "8",
     "MAX_PROMPTS": "4",
     "PROMPT_FORMAT": "raw",
+    "DTYPE": "float32",
+    "CPU_WEIGHTS": "q8_0",
     "MODEL_CACHE_DIR": "/tmp/ray-serve-llm-test-cache",
     "API_KEY": "test-key-0123456789abcdef",
     "MAX_BODY_BYTES": "4096",
@@ -306,3 +314,19 @@ def test_the_readmes_configuration_table_is_the_one_config_makes() -> None:
     assert readme_with_table(readme) == readme, (
         "README's configuration table drifted: run `python -m helpers.config` and commit it"
     )
+
+
+def test_dtype_fp17_is_refused_by_name_with_its_choices() -> None:
+    with pytest.raises(ConfigError) as refused:
+        ServeConfig.from_env({"DTYPE": "fp17"})
+    assert "DTYPE='fp17' is invalid" in str(refused.value)
+    assert "auto, float32, bfloat16 or float16" in str(refused.value)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_q8_0_weights_need_float32_activations(dtype: str) -> None:
+    with pytest.raises(
+        ConfigError, match=f"CPU_WEIGHTS=q8_0 needs float32 activations, not DTYPE={dtype}"
+    ):
+        ServeConfig.from_env({"CPU_WEIGHTS": "q8_0", "DTYPE": dtype})
+    assert ServeConfig.from_env({"CPU_WEIGHTS": "q8_0", "DTYPE": "auto"}).cpu_weights == "q8_0"
