@@ -1,0 +1,162 @@
+"""Every family the kit's decoder runs, held to transformers' own model.
+
+Each checkpoint is built here at random (``tests/family_checkpoints.py``);
+the tensors transformers initialises to constants (biases at zero, norm
+weights at one) are redrawn, so a decoder that skipped a bias or a norm would
+still give the same logits otherwise and pass unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers.config import ServeConfig
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.llama import llama_config, load_llama
+from tests.family_checkpoints import FAMILIES, build_checkpoint
+
+PROMPTS = [
+    "The quick brown fox",
+    "Ray Serve runs the application on a cluster, and the replicas scaled to zero at 08:30.",
+    "Hello",
+]
+"""Of different lengths, so a batch pads them; the second is longer than the
+sliding window of ``mistral-window``."""
+STEPS = 12
+
+
+def vary_constant_tensors(directory: Path, seed: int) -> None:
+    """Redraw every tensor of ``model.safetensors`` whose values are all one
+    number (zero biases, unit norms) around that number."""
+    file = directory / "model.safetensors"
+    tensors = load_file(file)
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in tensors.items():
+        if tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all()):
+            noise = torch.randn(tensor.shape, generator=generator) * 0.5
+            tensors[name] = (tensor + noise.to(tensor.dtype)).contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+    for index, family in enumerate(FAMILIES):
+        directory = build_checkpoint(family, root / family, seed=index)
+        vary_constant_tensors(directory, seed=index)
+        built[family] = directory
+    return built
+
+
+def transformers_model(directory: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kit_decoder_gives_transformers_logits(
+    family: str, checkpoints: dict[str, Path]
+) -> None:
+    directory = checkpoints[family]
+    theirs = transformers_model(directory)
+    ours = load_llama(directory, llama_config(directory), torch.float32, "cpu")
+    assert ours.config.family == FAMILIES[family].model_type
+    vocab = ours.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+        assert torch.equal(expected.argmax(-1), got.argmax(-1))
+        # Several greedy steps through the kit's cache, against transformers
+        # reading the whole sequence again each step.
+        cache, step = ours.new_cache(), ids
+        for _ in range(STEPS):
+            token = ours(input_ids=step, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], dim=1)
+            assert torch.equal(token[:, 0], theirs(input_ids=ids[:, :-1]).logits[:, -1].argmax(-1))
+            step = token
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["padded", "slots"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_engine_decodes_transformers_greedy_text(
+    family: str, slots: bool, checkpoints: dict[str, Path]
+) -> None:
+    """Through the engine (tokenizer, batcher, either cache layout) the
+    prompts, decoded together, give what ``generate`` gives each alone."""
+    from transformers import AutoTokenizer
+
+    directory = checkpoints[family]
+    engine = Engine.load(
+        str(directory),
+        ServeConfig.from_env({}).model_cache_dir,
+        cpu_threads=2,
+        prepack=False,
+        slots=slots,
+    )
+    assert engine.info.implementation == "kit-decoder"
+    assert engine.info.architecture == FAMILIES[family].model_type
+    assert (engine.info.dtype, engine.info.device) == ("float32", "cpu")
+    requests = [GenerationRequest(p, Sampling(STEPS, 0.0, 1.0)) for p in PROMPTS]
+    got = [completion.text for completion in engine.generate(requests)]
+
+    tokenizer, model = AutoTokenizer.from_pretrained(directory), transformers_model(directory)
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        new = model.generate(**ids, max_new_tokens=STEPS, do_sample=False)[
+            0, ids.input_ids.shape[1] :
+        ]
+        expected.append(tokenizer.decode(new, skip_special_tokens=True))
+    assert got == expected
+
+
+def mlp_outputs(directory: Path, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's MLP output for ``ids`` in fp32, ``[hidden]`` at the last token."""
+    model = load_llama(directory, llama_config(directory), torch.float32, "cpu")
+    outputs: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda _m, _i, out: outputs.append(out[-1]))
+    with torch.inference_mode():
+        model(input_ids=ids)
+    return outputs
+
+
+def test_float16_keeps_the_residual_stream_finite(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen2 checkpoints are reported to overflow fp16 in the residual stream
+    (QwenLM/Qwen3#761). Here a Qwen2 checkpoint is scaled so that each of its
+    two layers adds 40,000 to one channel, below fp16's largest number
+    (65,504), but 80,000 together. transformers in fp16 gives NaN; the kit's
+    decoder, whose residual stays fp32, gives finite logits with the fp32
+    greedy token."""
+    directory = tmp_path / "qwen2-loud"
+    directory.mkdir()
+    for file in checkpoints["qwen2"].iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    ids = torch.tensor([[7]])
+    channel = int(mlp_outputs(directory, ids)[0].abs().argmax())
+    for layer in range(2):  # layer by layer: scaling the first changes the second's input
+        tensors = load_file(directory / "model.safetensors")
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        tensors[name][channel] *= 40_000 / float(mlp_outputs(directory, ids)[layer][channel])
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    added = mlp_outputs(directory, ids)
+    assert all(39_000 < float(out[channel]) < 41_000 for out in added)
+    assert all(float(out.abs().max()) < 65_504 for out in added)
+
+    config = llama_config(directory)
+    with torch.inference_mode():
+        transformers_fp16 = transformers_model(directory, torch.float16)(input_ids=ids).logits
+        ours_fp32 = load_llama(directory, config, torch.float32, "cpu")(input_ids=ids).logits
+        ours_fp16 = load_llama(directory, config, torch.float16, "cpu")(input_ids=ids).logits
+    assert not torch.isfinite(transformers_fp16).all(), "the scaling did not overflow fp16"
+    assert torch.isfinite(ours_fp16).all()
+    assert torch.equal(ours_fp16.float().argmax(-1), ours_fp32.argmax(-1))
