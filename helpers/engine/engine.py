@@ -37,6 +37,7 @@ from helpers.engine.decoder import Decoder, TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted, is_embedded
 from helpers.engine.errors import ModelLoadError
 from helpers.engine.gguf_linear import GgufLinear
+from helpers.engine.hub import is_hub_id, snapshot_directory
 from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import Completion, PromptTooLongError, Sampling
@@ -73,12 +74,13 @@ class LoadTimes:
 
 
 def resolve_model_source(model_id: str, cache_dir: Path) -> str:
-    """Map ``MODEL_ID`` to what ``from_pretrained`` (or the kit's Llama) reads.
+    """Map ``MODEL_ID`` to the directory the kit's decoder (or transformers) reads.
 
     A GGUF file, the embedded model's included, becomes its converted copy in
-    ``cache_dir``. A hub id is passed through unchanged: transformers reads it
-    from the Hugging Face cache, and with ``HF_HUB_OFFLINE=1`` from the cache
-    alone.
+    ``cache_dir``; a hub id, its snapshot in the Hugging Face cache, read
+    offline when it is there and downloaded otherwise
+    (:mod:`helpers.engine.hub`). So every model is loaded from a local
+    directory, and the kit's decoder runs hub models of its families too.
     """
     if is_embedded(model_id):
         return str(ensure_converted(cache_dir))
@@ -88,9 +90,9 @@ def resolve_model_source(model_id: str, cache_dir: Path) -> str:
             raise FileNotFoundError(f"MODEL_ID points to a missing GGUF file: {path}")
         copy = gguf_checkpoint.cached_copy(path, cache_dir)
         return str(gguf_checkpoint.ensure_converted(path, copy))
-    if path.is_dir():
-        return str(path)
-    return model_id
+    if is_hub_id(model_id):
+        return str(snapshot_directory(model_id))
+    return str(path)
 
 
 def load_tokenizer(model_id: str, cache_dir: Path) -> Any:
@@ -108,10 +110,7 @@ def _tokenizer_from(model_id: str, source: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise ModelLoadError(
-            f"MODEL_ID={model_id!r} cannot be loaded: {first_line} (a hub id must be "
-            "in the Hugging Face cache when the hub is unreachable)"
-        ) from err
+        raise ModelLoadError(f"MODEL_ID={model_id!r} cannot be loaded: {first_line}") from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -2,7 +2,9 @@
 
 The ingress (``ingress.py``) answers HTTP and never loads the model; the model
 deployment (``model_server.py``) owns an engine and imports it only when a
-replica starts. This package may import Ray, :mod:`helpers.api` and
-:mod:`helpers.protocol`; the engine only inside the model replica. Every use
+replica starts. This package may import Ray, :mod:`helpers.api`,
+:mod:`helpers.protocol` and :mod:`helpers.engine.hub` (which loads no torch:
+``build_app`` downloads a hub model at deploy time); the rest of the engine
+only inside the model replica. Every use
 of Ray's private APIs, and the one patch of Serve, is in ``ray_private.py``.
 """
