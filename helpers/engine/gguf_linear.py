@@ -64,15 +64,17 @@ LAYER_MODULES = {
 
 
 class GgufLinear(nn.Module):
-    """``nn.Linear``'s product (no bias) from one weight's GGUF blocks.
+    """``nn.Linear``'s product from one weight's GGUF blocks.
 
     ``blocks`` holds the quants: Q4_1 as ``uint8`` (two a byte), Q8_0 as
     ``int8``. ``scales``, and for Q4_1 ``offsets``, are fp16, 8 per column
     group and block. Built on the meta device, its buffers arrive with the
-    checkpoint's other tensors through ``load_state_dict``.
+    checkpoint's other tensors through ``load_state_dict``. With ``bias``
+    (Qwen2's queries, keys and values have one) an fp32 ``bias`` buffer is
+    added to the product; without, ``bias`` is None, as in ``nn.Linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, kind: Kind) -> None:
+    def __init__(self, in_features: int, out_features: int, kind: Kind, bias: bool = False) -> None:
         super().__init__()
         if in_features % BLOCK or out_features % GROUP:
             raise ValueError(
@@ -89,6 +91,7 @@ class GgufLinear(nn.Module):
         self.register_buffer("blocks", torch.empty(shape, dtype=dtype))
         for name in ("scales", "offsets") if kind == "Q4_1" else ("scales",):
             self.register_buffer(name, torch.empty(groups, blocks, GROUP, dtype=torch.float16))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product for fp32 rows on the CPU, split between torch's threads.
@@ -116,6 +119,8 @@ class GgufLinear(nn.Module):
             )
         if status != 0:
             raise MemoryError("the GGUF kernel could not allocate its row sums")
+        if self.bias is not None:
+            out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

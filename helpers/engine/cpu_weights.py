@@ -1,0 +1,112 @@
+"""8-bit weights for any checkpoint's linear layers on CPU: GGUF's Q8_0, made at load.
+
+Why: on CPU a decode step is bound by streaming the linear layers' weights
+from memory. The embedded model ships 4-bit GGUF blocks for that
+(:mod:`helpers.engine.gguf_linear`); every other checkpoint (Llama-3, Mistral,
+Qwen2, Qwen3 as safetensors) arrives in fp32, bf16 or fp16 and would decode
+from fp32, four bytes a weight. Quantizing each layer to Q8_0 at load (32
+weights share one fp16 scale: 34 bytes for 128 bytes of fp32) lets the same
+kernels (``q8_0_matmul`` in ``gguf_matmul.c``) read about a quarter of the
+bytes, while they still compute in fp32.
+
+Why Q8_0 and exactly llama.cpp's rounding: it is the 8-bit format llama.cpp
+and GGUF files use, so the blocks are what ``llama-quantize`` would write for
+the same weights (``quantize_row_q8_0_ref``: ``d = amax / 127``, quants
+``roundf(x * (1 / d))`` rounding halves away from zero, ``d`` stored as fp16),
+and its accuracy is GGUF Q8_0's, which is known: the error of a weight is at
+most half its block's scale (plus the scale's fp16 rounding).
+``tests/model/test_cpu_weights.py`` holds the blocks to ``gguf``'s own
+reference quantizer byte for byte; ``python -m bench.cpu_weights_quality``
+measures the embedded model's perplexity and greedy text against fp32
+(figures in ``bench/RESULTS.md``).
+
+Layers are quantized one at a time, in slices of rows, and each fp32 weight
+is let go as soon as its blocks are in place, so the peak memory stays near
+the fp32 model's plus one layer's blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from helpers.engine import gguf_linear
+from helpers.engine.gguf_linear import BLOCK, GROUP, GgufLinear
+
+_SLICE_WEIGHTS = 1 << 20
+"""About how many weights are quantized at once: the temporaries stay a few MiB."""
+
+
+def quantize_linear_layers(model: nn.Module) -> int:
+    """Swap every fp32 CPU ``nn.Linear`` in ``model`` whose shape the kernels
+    take (inputs a multiple of 32, outputs of 8) for a Q8_0
+    :class:`~helpers.engine.gguf_linear.GgufLinear` made from its weight (and
+    its bias, kept in fp32); return how many were swapped.
+
+    Nothing changes where the kernels do not load on this machine (ARM, no
+    AVX2, no C compiler): 0. Layers of other shapes, dtypes or devices stay as
+    they are. An output layer tied to the embedding is quantized from its
+    weight while the embedding keeps the fp32 table for its lookups.
+    Inference only: the new layers know no autograd.
+    """
+    if gguf_linear.kernels() is None:
+        return 0
+    # Names, not modules: holding the modules would keep every fp32 weight
+    # alive until the end, the whole model twice over at the peak.
+    names = [name for name, module in model.named_modules() if _quantizable(module)]
+    for name in names:
+        owner_name, _, child = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        setattr(owner, child, q8_0_linear(getattr(owner, child)))
+    return len(names)
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Linear
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+        and module.in_features % BLOCK == 0
+        and module.out_features % GROUP == 0
+    )
+
+
+def q8_0_linear(linear: nn.Linear) -> GgufLinear:
+    """A Q8_0 ``GgufLinear`` with ``linear``'s product, up to Q8_0's rounding."""
+    out, width = linear.out_features, linear.in_features
+    layer = GgufLinear(width, out, "Q8_0", bias=linear.bias is not None)
+    if linear.bias is not None:
+        layer.bias.copy_(linear.bias.detach())
+    rows = max(GROUP, _SLICE_WEIGHTS // width // GROUP * GROUP)
+    weight = linear.weight.detach()
+    with torch.no_grad():
+        for start in range(0, out, rows):
+            quants, scales = quantize_q8_0(weight[start : start + rows])
+            packed = gguf_linear.pack("Q8_0", quants, scales)
+            groups = slice(start // GROUP, start // GROUP + packed["blocks"].shape[0])
+            layer.blocks[groups] = packed["blocks"]
+            layer.scales[groups] = packed["scales"]
+    return layer
+
+
+def quantize_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0 of an fp32 weight ``[out, in]``: its int8 quants ``[out, in]``
+    and fp16 scales ``[out, in / 32]``, as llama.cpp's
+    ``quantize_row_q8_0_ref`` and ``gguf.quants`` compute them, bit for bit.
+
+    Per block of 32 inputs, ``d = amax / 127`` in fp32; the quants are
+    ``x * (1 / d)`` rounded half away from zero (C's ``roundf``, not torch's
+    half to even), computed with the fp32 ``d``; ``d`` is then stored as fp16.
+    An all-zero block gets ``d = 0`` and zero quants. The rounding is
+    ``gguf.quants.np_roundf``'s, ``floor(a) + floor(2 * (a - floor(a)))`` on
+    the magnitude (``floor(a + 0.5)`` would round 0.49999997 up), done in
+    place: the temporaries cost more time than the arithmetic."""
+    out, width = weight.shape
+    blocks = weight.float().reshape(out, width // BLOCK, BLOCK)
+    scales = blocks.abs().amax(dim=-1, keepdim=True).div_(127)
+    inverse = torch.where(scales == 0, 0.0, 1 / scales)
+    scaled = blocks * inverse
+    sign = scaled.sign()
+    floored = scaled.abs_().floor()
+    rounded = scaled.sub_(floored).mul_(2).floor_().add_(floored).mul_(sign)
+    return rounded.to(torch.int8).reshape(out, width), scales.squeeze(-1).half()

@@ -1,0 +1,207 @@
+"""Q8_0 weights made at load for any checkpoint (helpers/engine/cpu_weights.py)."""
+
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize as gguf_quantize
+from torch import nn
+
+from bench.cpu_weights_quality import PROMPTS, agreement, greedy_ids
+from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine import cpu_weights, gguf_linear
+from helpers.engine.cpu_weights import q8_0_linear, quantize_linear_layers, quantize_q8_0
+from helpers.engine.engine import Engine
+from helpers.engine.gguf_linear import GgufLinear
+
+needs_kernels = pytest.mark.skipif(
+    gguf_linear.kernels() is None,
+    reason="the kernels need an x86-64 CPU with AVX2, FMA, F16C and a C compiler",
+)
+
+
+def awkward_weight(out: int, width: int, seed: int) -> torch.Tensor:
+    """Random weights of several magnitudes, with the blocks that catch a
+    careless quantizer: all zeros, exact halves to round, one huge weight."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, width, generator=generator) * 0.05
+    weight[1] *= 40
+    weight[2, :32] = 0
+    weight[3, :32] = (torch.arange(32) - 15.5) / 127  # x / d lands on .5 in places
+    weight[3, 0] = 127 / 127
+    weight[4, 32:64] = 1e-7  # a scale below fp16's normal range
+    weight[5, 5] = 300.0
+    return weight
+
+
+def test_the_blocks_are_gguf_q8_0_byte_for_byte() -> None:
+    """The quants and scales are what gguf's reference quantizer writes (it
+    is itself bit-exact with llama.cpp's quantize_row_q8_0_ref), read back
+    with the same split_blocks the GGUF conversion uses."""
+    weight = awkward_weight(24, 128, seed=0)
+    quants, scales = quantize_q8_0(weight)
+    raw = gguf_quantize(weight.numpy(), GGMLQuantizationType.Q8_0)
+    gguf_quants, gguf_scales, _ = gguf_linear.split_blocks("Q8_0", raw, weight.shape)
+    assert quants.dtype == torch.int8 and scales.dtype == torch.float16
+    assert torch.equal(quants.to(torch.int16), gguf_quants)
+    assert np.array_equal(scales.numpy().view(np.uint16), gguf_scales.numpy().view(np.uint16))
+
+
+def test_halves_round_away_from_zero_as_c_roundf_does() -> None:
+    # A block whose largest weight is 127 has d = 1 exactly, so these weights
+    # are their own x / d: torch.round would give 2, -4, 0, 2, 0 (half to even).
+    block = torch.zeros(1, 32)
+    block[0, :6] = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -0.5])
+    quants, scales = quantize_q8_0(block)
+    assert quants[0, :6].tolist() == [127, 3, -4, 1, 2, -1]
+    assert scales.tolist() == [[1.0]]
+
+
+@needs_kernels
+def test_the_blocks_give_back_the_weights_within_q8_0s_rounding() -> None:
+    """A one-hot row reads one column of the weight back out of the kernel
+    (d16 * q exactly), so this checks the packing too. Per block the error is
+    at most half a step of the fp32 scale the quants were rounded with, plus
+    the quants times that scale's fp16 rounding: d/2 + 127 |d - d16|."""
+    weight = awkward_weight(40, 96, seed=1)
+    linear = nn.Linear(96, 40, bias=False)
+    linear.weight.data = weight
+    read_back = q8_0_linear(linear)(torch.eye(96)).T
+    blocks = weight.view(40, 3, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    bound = d / 2 + 127 * (d - d.half().float()).abs()
+    error = (read_back.view(40, 3, 32) - blocks).abs()
+    assert (error <= bound * (1 + 1e-6)).all()
+    assert (error > 0.45 * d).any(), "the bound is not loose: some weights sit near half a step"
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_a_quantized_layer_gives_nn_linears_product(bias: bool) -> None:
+    torch.manual_seed(2)
+    linear = nn.Linear(256, 48, bias=bias)
+    x = torch.randn(5, 3, 256)
+    layer = q8_0_linear(linear)
+    assert isinstance(layer, GgufLinear) and layer.kind == "Q8_0"
+    with torch.no_grad():
+        expected = linear(x)
+        got = layer(x)
+    assert got.shape == expected.shape
+    # Each weight is off by at most half a step, 1/254 of its block's largest.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02)
+    scale = expected.abs().mean()
+    assert (got - expected).abs().mean() < scale / 100
+
+
+@needs_kernels
+def test_the_bias_is_added_in_fp32_after_the_product() -> None:
+    linear = nn.Linear(64, 16)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.arange(16.0) - 8)
+    layer = q8_0_linear(linear)
+    assert layer.bias.dtype == torch.float32 and "bias" in layer.state_dict()
+    assert torch.equal(layer(torch.randn(3, 64)), linear.bias.detach().expand(3, 16))
+    assert q8_0_linear(nn.Linear(64, 16, bias=False)).bias is None
+
+
+class Owner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fits = nn.Linear(64, 16, bias=True)
+        self.odd_inputs = nn.Linear(48, 16)
+        self.odd_outputs = nn.Linear(64, 12)
+        self.half = nn.Linear(64, 16).to(torch.bfloat16)
+        self.inner = nn.Sequential(nn.Linear(32, 8), nn.ReLU())
+
+
+@needs_kernels
+def test_only_fp32_layers_of_shapes_the_kernels_take_are_replaced() -> None:
+    model = Owner()
+    left_alone = [model.odd_inputs, model.odd_outputs, model.half]
+    assert quantize_linear_layers(model) == 2
+    assert isinstance(model.fits, GgufLinear) and model.fits.bias is not None
+    assert isinstance(model.inner[0], GgufLinear)
+    assert [model.odd_inputs, model.odd_outputs, model.half] == left_alone
+
+
+def test_without_the_kernels_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_linear, "kernels", lambda: None)
+    model = Owner()
+    assert quantize_linear_layers(model) == 0
+    assert type(model.fits) is nn.Linear
+
+
+@needs_kernels
+def test_each_fp32_weight_is_let_go_before_the_next_layer_is_quantized(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Layer by layer: the peak is the fp32 model plus one layer's blocks,
+    not the fp32 model twice."""
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4)))
+    weights = [weakref.ref(layer.weight) for layer in model]
+    alive_when_quantizing: list[int] = []
+    original = cpu_weights.q8_0_linear
+
+    def watching(linear: nn.Linear) -> GgufLinear:
+        alive_when_quantizing.append(sum(w() is not None for w in weights))
+        return original(linear)
+
+    monkeypatch.setattr(cpu_weights, "q8_0_linear", watching)
+    assert quantize_linear_layers(model) == 4
+    assert alive_when_quantizing == [4, 3, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def fp32_and_q8_0() -> tuple[Engine, Engine]:
+    def load() -> Engine:
+        return Engine.load(
+            EMBEDDED_MODEL_ID,
+            ServeConfig.from_env({}).model_cache_dir,
+            cpu_threads=2,
+            prepack=False,
+            cpu_weights="float32",
+        )
+
+    fp32, quantized = load(), load()
+    quantize_linear_layers(quantized.model)
+    return fp32, quantized
+
+
+@needs_kernels
+def test_a_tied_output_layer_is_quantized_while_the_embedding_stays_fp32(
+    fp32_and_q8_0: tuple[Engine, Engine],
+) -> None:
+    fp32, quantized = fp32_and_q8_0
+    model = quantized.model
+    assert model.config.tie_word_embeddings
+    linears = [m for m in model.modules() if isinstance(m, GgufLinear | nn.Linear)]
+    assert len(linears) == 30 * 7 + 1
+    assert all(isinstance(m, GgufLinear) and m.kind == "Q8_0" for m in linears)
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.float32
+    assert torch.equal(embedding, fp32.model.model.embed_tokens.weight)
+
+
+@needs_kernels
+def test_the_embedded_model_decodes_nearly_the_greedy_text_of_fp32(
+    fp32_and_q8_0: tuple[Engine, Engine],
+) -> None:
+    """Q8_0 is not fp32, so a near tie between two tokens can go the other
+    way and the texts part from there. Measured here on these 8 chat prompts
+    x 32 tokens: 6 of 8 identical, the other two parting at tokens 8 and 12,
+    so 83% of the tokens came before the first divergence
+    (``python -m bench.cpu_weights_quality`` gives 16 prompts x 64 tokens and
+    the perplexity). The bounds leave a prompt's worth of room and no more:
+    weights off by a step (a bug in packing or rounding) part the texts in
+    their first tokens."""
+    fp32, quantized = fp32_and_q8_0
+    prompts = [
+        fp32.tokenizer(fp32.format_prompt(text, "auto"))["input_ids"] for text in PROMPTS[:8]
+    ]
+    reference = greedy_ids(fp32.model, prompts, 32)
+    exact, share = agreement(greedy_ids(quantized.model, prompts, 32), reference)
+    assert exact >= 5, (exact, share)
+    assert share >= 0.75, (exact, share)
