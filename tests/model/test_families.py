@@ -8,6 +8,7 @@ still give the same logits otherwise and pass unnoticed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,27 @@ def test_the_engine_decodes_transformers_greedy_text(
         ]
         expected.append(tokenizer.decode(new, skip_special_tokens=True))
     assert got == expected
+
+
+def test_a_checkpoint_the_decoder_does_not_run_names_transformers_and_why(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen2's per-layer sliding windows are left to transformers, and the
+    engine says so, with the reason."""
+    directory = tmp_path / "qwen2-sliding"
+    directory.mkdir()
+    for file in checkpoints["qwen2"].iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config |= {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    config.pop("layer_types", None)
+    (directory / "config.json").write_text(json.dumps(config))
+    engine = Engine.load(str(directory), tmp_path / "cache", cpu_threads=2)
+    assert engine.info.implementation == "transformers"
+    assert engine.info.architecture == "qwen2"
+    assert "sliding window" in (engine.info.fallback_reason or "")
+    [completion] = engine.generate([GenerationRequest(PROMPTS[1], Sampling(4, 0.0, 1.0))])
+    assert completion.completion_tokens == 4 or completion.finish_reason == "stop"
 
 
 def mlp_outputs(directory: Path, ids: torch.Tensor) -> list[torch.Tensor]:

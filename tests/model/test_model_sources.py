@@ -10,6 +10,7 @@ import pytest
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine.embedded_model import ensure_converted
 from helpers.engine.engine import resolve_model_source
+from helpers.engine.errors import ModelLoadError
 
 HUB_ID = "kit-test/smollm2-from-cache"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -37,7 +38,8 @@ def load_in_subprocess(model_id: str, hub_dir: Path) -> subprocess.CompletedProc
     code = (
         "import sys; from pathlib import Path; from helpers.engine.engine import Engine, "
         "GenerationRequest as R, Sampling as S; e = Engine.load(sys.argv[1], Path(sys.argv[2]), "
-        "cpu_threads=1); print(e.generate([R('The capital of France is', S(4, 0.0, 1.0))])[0].text)"
+        "cpu_threads=1); print(e.info.implementation); "
+        "print(e.generate([R('The capital of France is', S(4, 0.0, 1.0))])[0].text)"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(hub_dir), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -59,7 +61,9 @@ def test_a_hub_id_loads_offline_from_the_hub_cache(tmp_path: Path, converted: Pa
     lay_out_hub_cache(tmp_path / "hub", converted)
     result = load_in_subprocess(HUB_ID, tmp_path / "hub")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip()
+    implementation, text = result.stdout.strip().split("\n", 1)
+    assert implementation == "kit-decoder"
+    assert text.strip()
 
 
 def test_a_hub_id_missing_from_the_cache_fails_offline(tmp_path: Path) -> None:
@@ -70,10 +74,15 @@ def test_a_hub_id_missing_from_the_cache_fails_offline(tmp_path: Path) -> None:
     assert "cannot be loaded" in result.stderr
 
 
-def test_sources_resolve_by_kind(tmp_path: Path, converted: Path) -> None:
+def test_sources_resolve_by_kind(
+    tmp_path: Path, converted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache_dir = converted.parent
     assert resolve_model_source(EMBEDDED_MODEL_ID, cache_dir) == str(converted)
     assert resolve_model_source(str(converted), cache_dir) == str(converted)
-    assert resolve_model_source("facebook/opt-125m", cache_dir) == "facebook/opt-125m"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelLoadError, match="MODEL_ID='facebook/opt-125m' cannot be loaded"):
+        resolve_model_source("facebook/opt-125m", cache_dir)  # a hub id goes to the hub cache
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         resolve_model_source(str(tmp_path / "missing.gguf"), cache_dir)
