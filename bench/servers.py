@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,9 +84,18 @@ class Server:
             yield
 
 
-def servers(config: ServeConfig) -> dict[str, Server]:
-    """The three servers, keyed by the names ``--servers`` takes."""
-    model_dir = str(ensure_converted(config.model_cache_dir))
+def servers(
+    config: ServeConfig, model: Path | None = None, app_env: Mapping[str, str] | None = None
+) -> dict[str, Server]:
+    """The three servers, keyed by the names ``--servers`` takes.
+
+    All serve the embedded model's converted copy, or the model directory
+    ``model``: the Serve apps as their ``MODEL_ID``, transformers serve from
+    its command line. ``app_env`` adds variables of the Serve apps
+    (``CPU_WEIGHTS``, say)."""
+    model_dir = str(model.resolve() if model else ensure_converted(config.model_cache_dir))
+    app_model = model_dir if model else config.model_id
+    app_env = {**({"MODEL_ID": model_dir} if model else {}), **(app_env or {})}
     layout = f"{config.max_replicas} x {config.num_cpus_per_replica:g} CPU"
     idle = {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(SERVE_IDLE_TIMEOUT_S)}
     transformers = str(Path(sys.executable).parent / "transformers")
@@ -97,7 +106,8 @@ def servers(config: ServeConfig) -> dict[str, Server]:
             ["scripts/serve.sh"],
             OURS_URL,
             "/healthz",
-            config.model_id,
+            app_model,
+            env=app_env,
             cold_env=idle,
             ray_app=True,
         ),
@@ -107,7 +117,8 @@ def servers(config: ServeConfig) -> dict[str, Server]:
             ["scripts/serve.sh", "bench.baseline_app:app"],
             OURS_URL,
             "/healthz",
-            config.model_id,
+            app_model,
+            env=app_env,
             cold_env=idle,
             ray_app=True,
         ),

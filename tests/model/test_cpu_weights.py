@@ -1,6 +1,7 @@
 """Q8_0 weights made at load for any checkpoint (helpers/engine/cpu_weights.py)."""
 
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
 from bench.cpu_weights_quality import PROMPTS, agreement, greedy_ids
+from bench.versus_transformers import QWEN2_5_0_5B, random_qwen2
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine import cpu_weights, gguf_linear
 from helpers.engine.cpu_weights import q8_0_linear, quantize_linear_layers, quantize_q8_0
-from helpers.engine.engine import Engine
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
 from helpers.engine.gguf_linear import GgufLinear
 
 needs_kernels = pytest.mark.skipif(
@@ -205,3 +207,50 @@ def test_the_embedded_model_decodes_nearly_the_greedy_text_of_fp32(
     exact, share = agreement(greedy_ids(quantized.model, prompts, 32), reference)
     assert exact >= 5, (exact, share)
     assert share >= 0.75, (exact, share)
+
+
+TINY_QWEN2 = QWEN2_5_0_5B | {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 1024,
+}
+
+
+@needs_kernels
+def test_a_qwen2_checkpoint_runs_on_q8_0_blocks_with_its_biases(tmp_path: Path) -> None:
+    """The speed benchmark's Qwen2 checkpoint, tiny: q/k/v keep their fp32
+    biases on Q8_0 blocks, the logits stay fp32's up to Q8_0's rounding, and
+    its zeroed special tokens never win, so greedy requests run their full
+    length (what ``bench.versus_transformers --random-qwen2-0.5b`` relies on)."""
+    directory = random_qwen2(tmp_path / "qwen2", TINY_QWEN2)
+
+    def load(weights: str) -> Engine:
+        return Engine.load(
+            str(directory), tmp_path / "cache", cpu_threads=2, prepack=False, cpu_weights=weights
+        )
+
+    fp32, quantized = load("float32"), load("q8_0")
+    assert quantized.info.weights == "Q8_0 blocks"
+    ours, theirs = quantized.model.model.layers[1].self_attn, fp32.model.model.layers[1].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(ours, name)
+        assert isinstance(layer, GgufLinear) and layer.kind == "Q8_0", name
+        assert torch.equal(layer.bias, getattr(theirs, name).bias.detach()), name
+    assert isinstance(ours.o_proj, GgufLinear) and ours.o_proj.bias is None
+    ids = torch.tensor(
+        [fp32.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]]
+    )
+    with torch.inference_mode():
+        expected, got = fp32.model(ids).logits, quantized.model(ids).logits
+    error, scale = (got - expected).abs(), expected.std()
+    assert error.max() < 0.05 * scale and error.mean() < 0.015 * scale, (error.max(), scale)
+    requests = [
+        GenerationRequest(prompt, Sampling(48, temperature=0.0, top_p=1.0))
+        for prompt in ("Hello there", "Ray Serve runs the application", "1234")
+    ]
+    for engine in (fp32, quantized):
+        completions = engine.generate(requests)
+        assert [(c.completion_tokens, c.finish_reason) for c in completions] == [(48, "length")] * 3
