@@ -19,10 +19,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_with_hub(
+    code: str, args: list[str], home: Path, endpoint: str, timeout_s: float, **env: str
+) -> Any:
+    """Run ``code`` in a fresh interpreter whose huggingface_hub sees only
+    ``home`` as ``HF_HOME`` and ``endpoint`` as the hub (it reads its
+    variables when imported, and the test session sets ``HF_HUB_OFFLINE``),
+    plus ``env``; the JSON its last line of output prints."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "TRANSFORMERS_OFFLINE"
+    }
+    clean |= {"HF_HOME": str(home), "HF_ENDPOINT": endpoint, "PYTHONPATH": str(REPO), **env}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=clean,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 @dataclass

@@ -4,16 +4,11 @@ on the kit's decoder with transformers' greedy text both times."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.fake_hub import FakeHub, FakeRepo
+from tests.fake_hub import FakeHub, FakeRepo, run_with_hub
 from tests.family_checkpoints import build_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
 HUB_ID = "kit-tests/tiny-qwen2.5"
 PROMPT = "The quick brown fox"
 LOAD = """
@@ -27,21 +22,9 @@ print(json.dumps({"text": completion.text, **engine.info.as_dict()}))
 
 
 def load_by_hub_id(home: Path, endpoint: str, **env: str) -> dict[str, str]:
-    """``Engine.load(HUB_ID)`` in a fresh interpreter (huggingface_hub reads
-    its variables at import), with ``home`` as ``HF_HOME``."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-    clean |= {"HF_HOME": str(home), "HF_ENDPOINT": endpoint, **env}
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD, HUB_ID, str(home / "kit-cache"), PROMPT],
-        env=clean,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    """``Engine.load(HUB_ID)`` in a fresh interpreter, with ``home`` as ``HF_HOME``."""
+    args = [HUB_ID, str(home / "kit-cache"), PROMPT]
+    return run_with_hub(LOAD, args, home, endpoint, 300, **env)
 
 
 def transformers_greedy_text(directory: Path) -> str:

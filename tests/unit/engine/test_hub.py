@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +19,8 @@ import pytest
 from helpers.config import EMBEDDED_MODEL_ID
 from helpers.engine.errors import ModelLoadError
 from helpers.engine.hub import is_complete, is_hub_id, serving_files, snapshot_directory
-from tests.fake_hub import FakeHub, FakeRepo
+from tests.fake_hub import FakeHub, FakeRepo, run_with_hub
 
-REPO = Path(__file__).resolve().parents[3]
 TOKEN = "hf_fake_token_for_tests"
 
 # Each file's bytes differ: the client stores equal files as one blob, fetched once.
@@ -74,23 +71,7 @@ def hub() -> Iterator[FakeHub]:
 
 def resolve(model_id: str, home: Path, endpoint: str, **env: str) -> dict[str, str]:
     """``snapshot_directory(model_id)`` in a fresh interpreter: its directory or its error."""
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "TRANSFORMERS_OFFLINE"
-    }
-    clean |= {"HF_HOME": str(home), "HF_ENDPOINT": endpoint, "PYTHONPATH": str(REPO), **env}
-    result = subprocess.run(
-        [sys.executable, "-c", RESOLVE, model_id],
-        env=clean,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return run_with_hub(RESOLVE, [model_id], home, endpoint, 120, **env)
 
 
 def unreachable_endpoint() -> str:
