@@ -67,7 +67,9 @@ lab: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# The benchmarks against transformers serve install the bench extra (accelerate) first.
 bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.compare
 
 bench-generate: setup
@@ -77,6 +79,7 @@ bench-ttft: setup
 	$(PY) -m bench.ttft
 
 bench-versus: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.versus_transformers
 
 soak: setup
