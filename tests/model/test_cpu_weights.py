@@ -61,6 +61,27 @@ def test_halves_round_away_from_zero_as_c_roundf_does() -> None:
     assert scales.tolist() == [[1.0]]
 
 
+def test_values_a_few_ulps_around_every_half_round_as_gguf_rounds_them() -> None:
+    """n + 0.5 and its neighbours 1 to 3 floats away, for every n the quants
+    reach, both signs: where a shortcut for roundf would go wrong."""
+    halves = torch.arange(128.0) + 0.5
+    below = above = halves
+    around = [halves]
+    for _ in range(3):
+        below = below.nextafter(torch.tensor(0.0))
+        above = above.nextafter(torch.tensor(1000.0))
+        around += [below, above]
+    values = torch.cat(around).clamp(max=127.0)
+    values = torch.cat([values, -values])
+    # Blocks of 31 such values each behind a 127: d = 1, so x / d = x.
+    blocks = values[: values.numel() // 31 * 31].view(-1, 31)
+    weight = torch.cat([torch.full((blocks.shape[0], 1), 127.0), blocks], dim=1)
+    quants, _ = quantize_q8_0(weight)
+    raw = gguf_quantize(weight.numpy(), GGMLQuantizationType.Q8_0)
+    expected = gguf_linear.split_blocks("Q8_0", raw, weight.shape)[0]
+    assert torch.equal(quants.to(torch.int16), expected)
+
+
 @needs_kernels
 def test_the_blocks_give_back_the_weights_within_q8_0s_rounding() -> None:
     """A one-hot row reads one column of the weight back out of the kernel
