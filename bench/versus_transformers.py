@@ -203,10 +203,9 @@ def random_qwen2(directory: Path, shape: Mapping[str, Any] = QWEN2_5_0_5B, seed:
 def qwen2_tokenizer(vocab_size: int) -> Any:
     """Qwen2Tokenizer with ``vocab_size`` entries (see :func:`random_qwen2`)."""
     from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from tests.family_checkpoints import QWEN2_TEMPLATE, _byte_level_vocab
+    from tests.family_checkpoints import QWEN2_TEMPLATE, _byte_level_vocab, qwen_repo_tokenizer
 
     trained, merges = _byte_level_vocab(PRETOKENIZE_REGEX, False, 400)
     special_ids = {t: vocab_size - 293 + i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -223,18 +222,8 @@ def qwen2_tokenizer(vocab_size: int) -> Any:
         while token in vocab:
             token = next(tokens)
         vocab[token] = index
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        errors="replace",
-        split_special_tokens=False,
-    )
-    tokenizer.add_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS[1:]])
-    tokenizer.chat_template = QWEN2_TEMPLATE
-    return tokenizer
+    extra = [AddedToken(t, special=True) for t in SPECIAL_TOKENS[1:]]
+    return qwen_repo_tokenizer(vocab, merges, extra, QWEN2_TEMPLATE)
 
 
 if __name__ == "__main__":

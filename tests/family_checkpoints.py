@@ -480,19 +480,12 @@ def _llama3(spec: Family, directory: Path) -> Any:
     return tokenizer
 
 
-def _qwen(spec: Family, directory: Path) -> Any:
-    """Qwen2/2.5/3: byte-level BPE with NFC and Qwen's split pattern; ChatML
-    tokens after the vocabulary; no BOS."""
-    from tokenizers import AddedToken
+def qwen_repo_tokenizer(vocab: dict[str, int], merges: list, extra: list, template: str) -> Any:
+    """transformers' Qwen2Tokenizer as Qwen's repositories configure it
+    (eos ``<|im_end|>``, pad ``<|endoftext|>``, no unknown token), with the
+    ``extra`` added tokens and the chat ``template``."""
     from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    vocab, merges = _byte_level_vocab(PRETOKENIZE_REGEX, False, 400)
-    extra = [AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)]
-    if spec.extra.get("think"):
-        extra += [AddedToken("<think>", special=False), AddedToken("</think>", special=False)]
-    vocab = dict(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -503,7 +496,23 @@ def _qwen(spec: Family, directory: Path) -> Any:
         split_special_tokens=False,
     )
     tokenizer.add_tokens(extra)
-    tokenizer.chat_template = spec.chat_template
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _qwen(spec: Family, directory: Path) -> Any:
+    """Qwen2/2.5/3: byte-level BPE with NFC and Qwen's split pattern; ChatML
+    tokens after the vocabulary; no BOS."""
+    from tokenizers import AddedToken
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    vocab, merges = _byte_level_vocab(PRETOKENIZE_REGEX, False, 400)
+    extra = [AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)]
+    if spec.extra.get("think"):
+        extra += [AddedToken("<think>", special=False), AddedToken("</think>", special=False)]
+    vocab = dict(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = qwen_repo_tokenizer(vocab, merges, extra, spec.chat_template)
     tokenizer.save_pretrained(directory)
 
     def hub_config(data: dict[str, Any]) -> None:
