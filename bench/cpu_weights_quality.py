@@ -101,6 +101,7 @@ VARIANTS = {"fp32": "float32", "q8_0": "q8_0", "gguf": "auto"}
 @dataclass(frozen=True)
 class Quality:
     name: str
+    weights: str
     perplexity: float
     tokens: list[list[int]]
 
@@ -171,7 +172,7 @@ def measure(name: str, cpu_weights: str, args: argparse.Namespace) -> Quality:
     ppl = perplexity(engine.model, text_ids)
     tokens = greedy_ids(engine.model, prompts, args.new_tokens)
     print(f"{name}: {engine.info.weights}, {len(text_ids)} text tokens", flush=True)
-    return Quality(name, ppl, tokens)
+    return Quality(name, engine.info.weights, ppl, tokens)
 
 
 def main() -> None:
@@ -208,10 +209,12 @@ def main() -> None:
             "batch.\n",
             header,
             *rows,
-            f"\n{summary}. The fp32 weights are the embedded GGUF's blocks de-quantised, "
-            "so `gguf` computes the same weights (its kernels only add in another order); "
-            "`q8_0` rounds them again onto 8-bit blocks, and where two tokens were nearly "
-            "tied greedy decoding can take the other and the text parts from there.",
+            f"\n{summary}. q8_0 ran on {q8.weights}. The fp32 weights are the embedded "
+            "GGUF's blocks de-quantised, so `gguf` computes the same weights (its kernels "
+            "only add in another order); `q8_0` rounds them again onto 8-bit blocks, and "
+            "with int8 activations each row too, per block of 32 inputs, as llama.cpp's "
+            "Q8_0 dot product does. Where two tokens were nearly tied greedy decoding can "
+            "take the other, and the text parts from there.",
         ],
     )
 

@@ -253,7 +253,8 @@ VARIABLES: tuple[Variable, ...] = (
         "How a CPU replica stores the linear layers' weights. auto: the 4-bit blocks of "
         "a .gguf model (the embedded one included), else float32; q8_0: any model "
         "quantized at load into 8-bit blocks (about a quarter of float32's memory "
-        "traffic); float32: never blocks. Ignored on GPUs.",
+        "traffic), multiplied in int8 where the CPU has AVX512-VNNI; float32: never "
+        "blocks. Ignored on GPUs.",
         "auto, float32 or q8_0, with DTYPE auto or float32 for q8_0",
         _choice("auto", "float32", "q8_0"),
         "cpu_weights",

@@ -5,9 +5,11 @@ from memory. The embedded model ships 4-bit GGUF blocks for that
 (:mod:`helpers.engine.gguf_linear`); every other checkpoint (Llama-3, Mistral,
 Qwen2, Qwen3 as safetensors) arrives in fp32, bf16 or fp16 and would decode
 from fp32, four bytes a weight. Quantizing each layer to Q8_0 at load (32
-weights share one fp16 scale: 34 bytes for 128 bytes of fp32) lets the same
-kernels (``q8_0_matmul`` in ``gguf_matmul.c``) read about a quarter of the
-bytes, while they still compute in fp32.
+weights share one fp16 scale: 34 bytes for 128 bytes of fp32) lets the kernels
+read about a quarter of the bytes. Where the CPU has AVX512-VNNI they also
+multiply in int8 (:mod:`helpers.engine.int8_linear`), which is what makes a
+batch of rows fast; elsewhere the embedded model's kernel
+(``q8_0_matmul`` in ``gguf_matmul.c``) computes in fp32.
 
 Why Q8_0 and exactly llama.cpp's rounding: it is the 8-bit format llama.cpp
 and GGUF files use, so the blocks are what ``llama-quantize`` would write for
@@ -27,11 +29,14 @@ the fp32 model's plus one layer's blocks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from helpers.engine import gguf_linear
+from helpers.engine import gguf_linear, int8_linear
 from helpers.engine.gguf_linear import BLOCK, GROUP, GgufLinear
+from helpers.engine.int8_linear import Int8Linear
 
 _SLICE_WEIGHTS = 1 << 18
 """About how many weights are quantized at once: the temporaries (1 MiB each)
@@ -41,9 +46,9 @@ _JUST_BELOW_HALF = 0.4999999701976776  # the fp32 float before 0.5: 0.5 - 2**-25
 
 def quantize_linear_layers(model: nn.Module) -> int:
     """Swap every fp32 CPU ``nn.Linear`` in ``model`` whose shape the kernels
-    take (inputs a multiple of 32, outputs of 8) for a Q8_0
-    :class:`~helpers.engine.gguf_linear.GgufLinear` made from its weight (and
-    its bias, kept in fp32); return how many were swapped.
+    take (inputs a multiple of 32, outputs of 8) for a Q8_0 layer made from
+    its weight (and its bias, kept in fp32; :func:`q8_0_linear`); return how
+    many were swapped.
 
     Nothing changes where the kernels do not load on this machine (ARM, no
     AVX2, no C compiler): 0. Layers of other shapes, dtypes or devices stay as
@@ -73,19 +78,27 @@ def _quantizable(module: nn.Module) -> bool:
     )
 
 
-def q8_0_linear(linear: nn.Linear) -> GgufLinear:
-    """A Q8_0 ``GgufLinear`` with ``linear``'s product, up to Q8_0's rounding."""
+def q8_0_linear(linear: nn.Linear) -> Int8Linear | GgufLinear:
+    """A Q8_0 layer with ``linear``'s product, up to Q8_0's rounding: an
+    :class:`~helpers.engine.int8_linear.Int8Linear` where the int8 kernel runs
+    and the layer's outputs come in groups of 16, else a ``GgufLinear``."""
     out, width = linear.out_features, linear.in_features
-    layer = GgufLinear(width, out, "Q8_0", bias=linear.bias is not None)
+    bias = linear.bias is not None
+    if int8_linear.fits(width, out):
+        layer: Int8Linear | GgufLinear = Int8Linear(width, out, bias=bias)
+        pack, unit = int8_linear.pack, int8_linear.LANES
+    else:
+        layer, unit = GgufLinear(width, out, "Q8_0", bias=bias), GROUP
+        pack = functools.partial(gguf_linear.pack, "Q8_0")
     if linear.bias is not None:
         layer.bias.copy_(linear.bias.detach())
-    rows = max(GROUP, _SLICE_WEIGHTS // width // GROUP * GROUP)
+    # Slices of whole groups for either layout (16 outputs is two groups of 8).
+    rows = max(int8_linear.LANES, _SLICE_WEIGHTS // width // int8_linear.LANES * int8_linear.LANES)
     weight = linear.weight.detach()
     with torch.no_grad():
         for start in range(0, out, rows):
-            quants, scales = quantize_q8_0(weight[start : start + rows])
-            packed = gguf_linear.pack("Q8_0", quants, scales)
-            groups = slice(start // GROUP, start // GROUP + packed["blocks"].shape[0])
+            packed = pack(*quantize_q8_0(weight[start : start + rows]))
+            groups = slice(start // unit, start // unit + packed["blocks"].shape[0])
             layer.blocks[groups] = packed["blocks"]
             layer.scales[groups] = packed["scales"]
     return layer

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from helpers.engine.embedded_model import ensure_converted, is_embedded
 from helpers.engine.errors import ModelLoadError
 from helpers.engine.gguf_linear import GgufLinear
 from helpers.engine.hub import is_hub_id, snapshot_directory
+from helpers.engine.int8_linear import Int8Linear
 from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import Completion, PromptTooLongError, Sampling
@@ -240,8 +241,7 @@ class Engine:
         engine = cls(
             model, tokenizer, model_id=model_id, max_batch_size=max_batch_size, slots=slots
         )
-        if fallback_reason is not None:
-            engine.info = replace(engine.info, fallback_reason=fallback_reason)
+        engine.info = describe(model, fallback_reason)
         engine.probe()
         marks.append(time.perf_counter())
         engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))
@@ -336,20 +336,24 @@ class Engine:
         return self._batcher.stats
 
 
-def describe(model: Decoder) -> EngineInfo:
+def describe(model: Decoder, fallback_reason: str | None = None) -> EngineInfo:
     """What runs ``model``: read from the model itself, so it cannot drift
     from what was loaded."""
     kit = not isinstance(model, TransformersDecoder)
     weight = next(model.parameters())
-    kinds = sorted({m.kind for m in model.modules() if isinstance(m, GgufLinear)})
+    quantized = [m for m in model.modules() if isinstance(m, GgufLinear | Int8Linear)]
+    kinds = sorted({m.kind for m in quantized})
     dtype = str(weight.dtype).removeprefix("torch.")
+    weights = " + ".join(kinds) + " blocks" if kinds else dtype
+    if any(isinstance(m, Int8Linear) for m in quantized):
+        weights += ", int8 activations"
     return EngineInfo(
         implementation="kit-decoder" if kit else "transformers",
         architecture=str(getattr(model.config, "family" if kit else "model_type", "unknown")),
         dtype=dtype,
         device=weight.device.type,
-        weights=" + ".join(kinds) + " blocks" if kinds else dtype,
-        fallback_reason=None,
+        weights=weights,
+        fallback_reason=fallback_reason,
     )
 
 

@@ -24,14 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -40,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from helpers.engine import native_kernels
+from helpers.engine.kernel_linear import KernelLinear, loaded
 
 BLOCKS_FILE = Path("gguf_blocks") / "blocks.safetensors"
 BLOCK = 32
@@ -63,7 +56,7 @@ LAYER_MODULES = {
 }
 
 
-class GgufLinear(nn.Module):
+class GgufLinear(KernelLinear):
     """``nn.Linear``'s product from one weight's GGUF blocks.
 
     ``blocks`` holds the quants: Q4_1 as ``uint8`` (two a byte), Q8_0 as
@@ -93,35 +86,17 @@ class GgufLinear(nn.Module):
             self.register_buffer(name, torch.empty(groups, blocks, GROUP, dtype=torch.float16))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The product for fp32 rows on the CPU, split between torch's threads.
-        Inference only: the kernels know no autograd."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"GgufLinear takes fp32 CPU rows of {self.in_features}, "
-                f"not {x.dtype} {x.device.type} rows of {x.shape[-1]}"
-            )
-        library = kernels()
-        if library is None:
-            raise RuntimeError("GgufLinear runs only where its kernels load")
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+    def multiply(self, rows: torch.Tensor, out: torch.Tensor, threads: int) -> int:
+        library = loaded(kernels(), self)
         shape = (rows.data_ptr(), rows.shape[0], self.in_features, self.blocks.data_ptr())
-        threads = torch.get_num_threads()
         if self.kind == "Q4_1":
             offsets = self.offsets.data_ptr()
-            status = library.q4_1_matmul(
+            return library.q4_1_matmul(
                 *shape, self.scales.data_ptr(), offsets, self.out_features, out.data_ptr(), threads
             )
-        else:
-            status = library.q8_0_matmul(
-                *shape, self.scales.data_ptr(), self.out_features, out.data_ptr(), threads
-            )
-        if status != 0:
-            raise MemoryError("the GGUF kernel could not allocate its row sums")
-        if self.bias is not None:
-            out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return library.q8_0_matmul(
+            *shape, self.scales.data_ptr(), self.out_features, out.data_ptr(), threads
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
@@ -201,31 +176,12 @@ def use_blocks(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
-    """``gguf_matmul.c`` compiled for this machine, or None where it cannot run
-    (not Linux on x86-64 with AVX2/FMA/F16C, no working C compiler, a cache
-    that will not load): callers keep fp32 weights.
-
-    Built with OpenMP where the compiler has it, so a replica given several
-    CPUs splits each product between them, and without it otherwise. The
-    library goes into the user's own cache, named by a digest of the source
-    and flags, so an edited kernel rebuilds and concurrent replicas never
-    load a half-written file."""
-    if not cpu_can_run() or not _SOURCE.is_file():
-        return None
-    builds: dict[Path, tuple[str, ...]] = {}  # preferred first; no OpenMP: the plain one
-    for flags in ((*_COMPILE, "-fopenmp"), _COMPILE):
-        digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()
-        builds[kernels_dir() / f"gguf_matmul-{digest[:16]}.so"] = flags
-    # Any build already made first, so that a replica's start never retries
-    # a build that failed before.
-    built = (path for path, flags in builds.items() if _compile(path, flags))
-    library = next((path for path in builds if path.is_file()), None) or next(built, None)
-    if library is None:
-        return None
-    try:
-        loaded = ctypes.CDLL(str(library))
-    except OSError as error:  # a cache on a noexec mount, say
-        logger.warning("cannot load %s (%s): linear layers keep fp32 weights", library, error)
+    """``gguf_matmul.c`` compiled for this machine
+    (:func:`~helpers.engine.native_kernels.compiled`), or None where it cannot
+    run (not x86-64 with AVX2/FMA/F16C, no working C compiler): callers keep
+    fp32 weights."""
+    loaded = native_kernels.compiled(_SOURCE, _COMPILE, _CPU_FLAGS)
+    if loaded is None:
         return None
     pointer, count = ctypes.c_void_p, ctypes.c_int
     inputs = [pointer, count, count, pointer, pointer]
@@ -235,47 +191,6 @@ def kernels() -> ctypes.CDLL | None:
     return loaded
 
 
-def kernels_dir() -> Path:
-    """The compiled kernels' folder in the user's cache (``$XDG_CACHE_HOME`` or
-    ``~/.cache``): replicas read it whatever ``MODEL_CACHE_DIR`` a deploy had."""
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "ray-serve-llm"
-        / "kernels"
-    )
-
-
 def cpu_can_run() -> bool:
-    """Whether this CPU has what the kernels use, from Linux's /proc/cpuinfo."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    return all(flag in flags.split() for flag in _CPU_FLAGS)
-
-
-def _compile(library: Path, flags: tuple[str, ...]) -> bool:
-    """Build ``library`` with ``flags``; False (and the fp32 path) on any failure.
-    It is written under a name of its own and renamed into place."""
-    compiler = shlex.split(os.environ.get("CC", "cc"))
-    if not compiler or shutil.which(compiler[0]) is None:
-        logger.warning("no C compiler (cc): linear layers keep fp32 weights on CPU")
-        return False
-    partial = library.with_name(f"{library.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        library.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        command = [*compiler, *flags, str(_SOURCE), "-o", str(partial)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-        if result.returncode != 0:
-            logger.info("compiling %s with %s failed:\n%s", _SOURCE.name, flags, result.stderr)
-            return False
-        os.replace(partial, library)
-        return True
-    except (OSError, subprocess.TimeoutExpired) as error:
-        logger.warning("cannot build %s (%s): linear layers keep fp32 weights", library, error)
-        return False
-    finally:
-        partial.unlink(missing_ok=True)
+    """Whether this CPU has what the kernels use."""
+    return native_kernels.cpu_has(_CPU_FLAGS)

@@ -21,7 +21,7 @@ from pathlib import Path
 from helpers.config import ServeConfig
 from helpers.engine.embedded_model import CONVERTED_NAME
 from helpers.engine.gguf_checkpoint import CACHED_GGUF_DIR
-from helpers.engine.gguf_linear import kernels_dir
+from helpers.engine.native_kernels import kernels_dir
 
 RAY_TOKEN = Path("~/.ray/auth_token")
 KIT_FOLDER = "ray-serve-llm"  # the default cache folder's name: removed once empty
