@@ -12,13 +12,27 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick tokens and when to stop: the only knobs that reach the engine."""
+    """How to pick tokens and when to stop: the only knobs that reach the engine.
+
+    The controls after ``stop`` are vLLM's and OpenAI's, with their defaults
+    meaning "off": ``top_k`` 0 (or -1) keeps every token, ``logit_bias``
+    maps token ids to what is added to their logits, ``stop_token_ids`` end
+    the completion like the end-of-sequence token, which ``ignore_eos``
+    decodes past."""
 
     max_new_tokens: int
     temperature: float
     top_p: float
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -26,13 +40,16 @@ class Prompt:
     """What a client asked to complete, before the model's formatting.
 
     ``/generate`` sends text formatted by ``PROMPT_FORMAT``; ``/v1/completions``
-    sends raw text, as OpenAI's completions API does; ``/v1/chat/completions``
-    sends messages, rendered with the tokenizer's chat template.
+    sends raw text or token ids, as OpenAI's completions API does;
+    ``/v1/chat/completions`` sends messages, rendered with the tokenizer's chat
+    template.
     """
 
     text: str = ""
     raw: bool = False
     messages: tuple[tuple[str, str], ...] = ()
+    token_ids: tuple[int, ...] = ()
+    """``/v1/completions``'s prompt sent as token ids, fed to the model as they are."""
 
 
 @dataclass(frozen=True)
@@ -54,3 +71,15 @@ class TextDelta:
 
 class PromptTooLongError(ValueError):
     """The prompt plus the tokens asked for do not fit the model's context."""
+
+
+class TokenIdError(ValueError):
+    """A token id in request field ``field`` is outside the model's vocabulary,
+    which only a model replica knows."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+        self.field, self.message = field, message
+
+    def __str__(self) -> str:
+        return self.message

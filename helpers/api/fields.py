@@ -34,6 +34,14 @@ PromptList = Annotated[
     Field(min_length=1),
     AfterValidator(_at_most("max_prompts", "MAX_PROMPTS", unit=" prompts")),
 ]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+"""A prompt as token ids; the vocabulary's size is checked by a model replica."""
+TokenIdsList = Annotated[
+    list[TokenIds],
+    Field(min_length=1),
+    AfterValidator(_at_most("max_prompts", "MAX_PROMPTS", unit=" prompts")),
+]
 TokenCount = Annotated[
     StrictInt, Field(ge=1), AfterValidator(_at_most("max_new_tokens", "MAX_NEW_TOKENS"))
 ]

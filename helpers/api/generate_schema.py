@@ -3,8 +3,9 @@
 Shapes follow the walkthrough exactly. Every model forbids unknown keys: the
 walkthrough's app forwarded ``generation_kwargs`` to ``model.generate()``
 wholesale, and transformers accepts keys there (``trust_remote_code``,
-``custom_generate``) that load and run code. Only the three allow-listed
-sampling knobs ever reach the engine.
+``custom_generate``) that load and run code. Only the allow-listed sampling
+knobs ever reach the engine: the walkthrough's three and the controls of
+:mod:`helpers.api.sampling_controls`.
 
 Limits that depend on the deployment (``MAX_NEW_TOKENS``, ``MAX_PROMPTS``) are
 checked by the field types both APIs share (:mod:`helpers.api.fields`).
@@ -15,12 +16,11 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from helpers.api.fields import Prompt, PromptList, Temperature, TokenCount, TopP
+from helpers.api.sampling_controls import SamplingControls
 
 
-class GenerationKwargs(BaseModel):
+class GenerationKwargs(SamplingControls):
     """The sampling knobs a client may set; anything else is refused."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: TokenCount | None = None
     temperature: Temperature | None = None
@@ -51,8 +51,9 @@ class GenerateRequest(BaseModel):
         return [self.prompt] if self.prompt is not None else list(self.prompts or [])
 
 
-class UsedGenerationKwargs(BaseModel):
-    """The values actually used, defaults filled in, echoed in the response."""
+class UsedGenerationKwargs(SamplingControls):
+    """The values actually used, defaults filled in, echoed in the response;
+    of the other controls, those the request set."""
 
     max_new_tokens: int
     temperature: float

@@ -10,7 +10,7 @@ did not. Limits that depend on the deployment (``MAX_NEW_TOKENS``,
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,11 +19,24 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
 
-from helpers.api.fields import Prompt, PromptList, Temperature, TokenCount, TopP
+from helpers.api.fields import (
+    Prompt,
+    PromptList,
+    Temperature,
+    TokenCount,
+    TokenIds,
+    TokenIdsList,
+    TopP,
+)
+from helpers.api.sampling_controls import SamplingControls
 
 MAX_STOP_STRINGS = 4
 StopString = Annotated[StrictStr, Field(min_length=1)]
@@ -35,10 +48,8 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(SamplingControls):
     """Fields both endpoints share."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
     max_tokens: TokenCount | None = None
@@ -81,12 +92,65 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions``: a prompt, or a list of them, completed as raw text."""
+    """``POST /v1/completions``: a prompt, or a list of them, completed as raw
+    text; each prompt may come as token ids instead, as OpenAI documents."""
 
-    prompt: Prompt | PromptList
+    prompt: Prompt | PromptList | TokenIds | TokenIdsList
 
-    def prompt_list(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_reason_per_shape(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """A refused prompt gets the reason for the shape it came in (a list
+        of strings, of token ids...), not one line per shape it is not."""
+        try:
+            return handler(value)
+        except ValidationError:
+            shape = _prompt_shape(value)
+            if shape is None:
+                raise ValueError(
+                    "must be a string, a list of strings, a list of token ids "
+                    "or a list of such lists"
+                ) from None
+            try:
+                shape.validate_python(value, context=info.context)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                reason = str(first.get("ctx", {}).get("error") or first["msg"])
+                raise ValueError(f"item {where}: {reason}" if where else reason) from None
+            raise
+
+    def prompt_list(self) -> list[str | tuple[int, ...]]:
+        """Each prompt: its text, or its token ids as a tuple."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [tuple(self.prompt)]  # type: ignore[arg-type]
+        return [item if isinstance(item, str) else tuple(item) for item in self.prompt]
+
+
+_SHAPES = {
+    str: TypeAdapter(Prompt),
+    "strings": TypeAdapter(PromptList),
+    "ids": TypeAdapter(TokenIds),
+    "lists": TypeAdapter(TokenIdsList),
+}
+
+
+def _prompt_shape(value: Any) -> TypeAdapter | None:
+    """The one prompt type ``value`` looks like, by its first item."""
+    if isinstance(value, str):
+        return _SHAPES[str]
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else ""
+    if isinstance(first, str):
+        return _SHAPES["strings"]
+    if isinstance(first, list):
+        return _SHAPES["lists"]
+    return _SHAPES["ids"]
 
 
 class TextPart(BaseModel):

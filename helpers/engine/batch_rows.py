@@ -36,10 +36,16 @@ FIRST_CAPACITY = 256
 """Positions each slot holds at first; the cache doubles when a sequence needs more."""
 
 
-def encode(tokenizer: Any, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Token ids and attention mask of ``prompts``, left-padded, on ``device``."""
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def encode(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Token ids and attention mask of ``prompts``, left-padded with ``pad``
+    (which the mask hides), on ``device``."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def power_of_two_at_least(needed: int, smallest: int) -> int:
@@ -61,7 +67,8 @@ class PaddedRows:
     """
 
     def __init__(self, model: Decoder, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
+        self.pad = tokenizer.pad_token_id or 0
         self.folds_prefills = isinstance(model, SegmentDecoder)
         self.clear()
 
@@ -69,8 +76,8 @@ class PaddedRows:
         self.cache: Any = None
         self.mask = self.positions = self.logits = torch.empty(0)
 
-    def admit(self, prompts: list[str]) -> list[int]:
-        """Prefill ``prompts`` as new rows; returns their lengths in tokens."""
+    def admit(self, prompts: list[list[int]]) -> list[int]:
+        """Prefill ``prompts`` (token ids) as new rows; returns their lengths in tokens."""
         ids, mask, positions = self._encode(prompts)
         cache = self.model.new_cache()
         output = self.model(
@@ -82,9 +89,9 @@ class PaddedRows:
         )
         return self._add_rows(cache, mask, positions, output.logits)
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+    def _encode(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """Token ids, mask and position ids of new rows."""
-        ids, mask = encode(self.tokenizer, prompts, self.model.device)
+        ids, mask = encode(prompts, self.pad, self.model.device)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _add_rows(
@@ -127,7 +134,7 @@ class PaddedRows:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
 
-    def decode(self, tokens: list[int], prompts: list[str] | None = None) -> list[int]:
+    def decode(self, tokens: list[int], prompts: list[list[int]] | None = None) -> list[int]:
         """One token for every row; with ``prompts`` (where ``folds_prefills``)
         the same pass prefills them as new rows after the others. Returns the
         new rows' lengths in tokens."""
@@ -179,7 +186,7 @@ class SlotRows:
     prefilled in passes of their own."""
 
     def __init__(self, model: SlotDecoder, tokenizer: Any, slots: int, graphs: bool) -> None:
-        self.model, self.tokenizer, self.slots = model, tokenizer, slots
+        self.model, self.slots = model, slots
         self.device = model.device
         self.cache = model.new_slot_cache(slots, FIRST_CAPACITY)
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
@@ -191,10 +198,10 @@ class SlotRows:
         self.next_position: list[int] = []  # row -> where its next token goes
         self.logits = torch.empty(0)
 
-    def admit(self, prompts: list[str]) -> list[int]:
+    def admit(self, prompts: list[list[int]]) -> list[int]:
         busy = set(self.slot_of)
         slots = [slot for slot in range(self.slots) if slot not in busy][: len(prompts)]
-        ids, mask = encode(self.tokenizer, prompts, self.device)
+        ids, mask = encode(prompts, self.pad, self.device)
         lengths = mask.sum(-1).tolist()
         self._make_room(max(lengths))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.capacity)

@@ -43,10 +43,16 @@ TextCallback = Callable[[str], None]
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt, formatted for the model, and how to sample its completion."""
+    """One prompt, formatted for the model (text, or token ids as a tuple),
+    and how to sample its completion."""
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     sampling: Sampling
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str | tuple[int, ...]) -> list[int]:
+    """A prompt's token ids: tokenized text, or the ids it came as."""
+    return list(prompt) if isinstance(prompt, tuple) else tokenizer(prompt)["input_ids"]
 
 
 @dataclass
@@ -66,6 +72,7 @@ class BatchStats:
 @dataclass
 class _Sequence:
     request: GenerationRequest
+    prompt_ids: list[int]
     future: Future[Completion]
     sampler: Sampler
     text: TextStream
@@ -168,11 +175,13 @@ class ContinuousBatcher:
         as it is final, and all of them before the future resolves.
         """
         future: Future[Completion] = Future()
-        sampler = Sampler(request.sampling, self.device)
+        # Tokenized here, on the caller's thread, not on the decode thread.
+        prompt_ids = prompt_token_ids(self.tokenizer, request.prompt)
+        sampler = Sampler(request.sampling, self.device, prompt_ids)
         # Decoding every token costs a little per row per step; only a stream
         # or a stop string needs it.
         text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
-        self._waiting.put(_Sequence(request, future, sampler, text, on_text))
+        self._waiting.put(_Sequence(request, prompt_ids, future, sampler, text, on_text))
         return future
 
     def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
@@ -257,14 +266,20 @@ class ContinuousBatcher:
             if sequence.future.cancelled():
                 self.stats.cancelled += 1
                 continue
-            sampler = sequence.sampler
-            token = greedy[row] if sampler.greedy else sampler.pick(logits[row])
-            ended = token in self.eos_token_ids
+            sampler, sampling = sequence.sampler, sequence.request.sampling
+            if sampler.greedy and not sampler.changes_logits:
+                token = greedy[row]
+            else:
+                token = sampler.pick(logits[row])
+            ended = token in sampling.stop_token_ids or (
+                token in self.eos_token_ids and not sampling.ignore_eos
+            )
             if not ended:
+                sampler.record(token)
                 sequence.emit(sequence.text.append(token))
                 self.stats.generated_tokens += 1
                 ended = sequence.text.stopped
-            if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
+            if ended or len(sequence.text.tokens) >= sampling.max_new_tokens:
                 self._finish(sequence, "stop" if ended else "length")
             else:
                 keep.append(row)
@@ -279,7 +294,7 @@ class ContinuousBatcher:
             self._sequences = [self._sequences[row] for row in keep]
             self._rows.keep(keep)
         if fold:
-            lengths = self._rows.decode(next_tokens, [s.request.prompt for s in arrivals])
+            lengths = self._rows.decode(next_tokens, [s.prompt_ids for s in arrivals])
             self._joined(arrivals, lengths)
             self.stats.folded_prefills += 1
         else:
@@ -288,7 +303,7 @@ class ContinuousBatcher:
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """One prefill for all ``sequences``; they join the batch's rows."""
-        self._joined(sequences, self._rows.admit([s.request.prompt for s in sequences]))
+        self._joined(sequences, self._rows.admit([s.prompt_ids for s in sequences]))
         self.stats.forward_passes += 1
 
     def _joined(self, sequences: list[_Sequence], lengths: list[int]) -> None:

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from helpers.engine import gguf_checkpoint
-from helpers.engine.batcher import BatchStats, ContinuousBatcher, GenerationRequest, TextCallback
+from helpers.engine.batcher import (
+    BatchStats,
+    ContinuousBatcher,
+    GenerationRequest,
+    TextCallback,
+    prompt_token_ids,
+)
 from helpers.engine.cpu_linear import prepack_pieces
 from helpers.engine.cpu_weights import quantize_linear_layers
 from helpers.engine.decoder import Decoder, TransformersDecoder
@@ -41,7 +47,7 @@ from helpers.engine.hub import is_hub_id, snapshot_directory
 from helpers.engine.int8_linear import Int8Linear
 from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
-from helpers.protocol import Completion, PromptTooLongError, Sampling
+from helpers.protocol import Completion, PromptTooLongError, Sampling, TokenIdError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ __all__ = [
     "PromptTooLongError",
     "Sampling",
     "TextCallback",
+    "TokenIdError",
 ]
 
 
@@ -280,21 +287,45 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    def request(self, prompt: str, sampling: Sampling) -> GenerationRequest:
-        """A request for ``prompt``, formatted already, refused with
-        :class:`~helpers.protocol.PromptTooLongError` before any work if it
-        cannot fit."""
+    def request(self, prompt: str | tuple[int, ...], sampling: Sampling) -> GenerationRequest:
+        """A request for ``prompt`` (text formatted already, or token ids),
+        refused before any work if it cannot fit
+        (:class:`~helpers.protocol.PromptTooLongError`) or names a token the
+        model does not have (:class:`~helpers.protocol.TokenIdError`)."""
         request = GenerationRequest(prompt, sampling)
         self.check_fits(request)
+        self.check_token_ids(request)
         return request
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse a request whose prompt plus new tokens exceed the context."""
-        needed = self.count_tokens(request.prompt) + request.sampling.max_new_tokens
+        prompt = prompt_token_ids(self.tokenizer, request.prompt)
+        needed = len(prompt) + request.sampling.max_new_tokens
         if needed > self.context_length:
             raise PromptTooLongError(
                 f"prompt tokens plus max_new_tokens ({needed}) exceed the model's "
                 f"context length ({self.context_length})"
+            )
+
+    def check_token_ids(self, request: GenerationRequest) -> None:
+        """Refuse a token id the model has no logit for, naming its field:
+        only here is the vocabulary known."""
+        sampling = request.sampling
+        if isinstance(request.prompt, tuple):
+            self.check_vocabulary("prompt", request.prompt)
+        self.check_vocabulary("logit_bias", [token for token, _ in sampling.logit_bias])
+        self.check_vocabulary("stop_token_ids", sampling.stop_token_ids)
+
+    def check_vocabulary(self, field: str, tokens: Sequence[int]) -> None:
+        """Raise :class:`~helpers.protocol.TokenIdError` naming ``field`` for
+        the first of ``tokens`` outside the model's vocabulary."""
+        vocabulary = self.model.config.vocab_size
+        outside = [token for token in tokens if not 0 <= token < vocabulary]
+        if outside:
+            raise TokenIdError(
+                field,
+                f"{field}: token id {outside[0]} is outside the model's vocabulary "
+                f"(0 to {vocabulary - 1})",
             )
 
     def submit(

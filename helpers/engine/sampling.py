@@ -1,44 +1,107 @@
-"""Choosing the next token for one sequence, with its own parameters and seed."""
+"""Choosing the next token for one sequence, with its own settings and seed.
+
+The order is vLLM's, so a client moving between the two gets the same
+distribution for the same settings: the logits are first changed by what
+this sequence did (``repetition_penalty`` over the prompt and the
+completion, ``presence_penalty`` and ``frequency_penalty`` over the
+completion, as OpenAI defines them) and by ``logit_bias``; then greedy takes
+the argmax, or sampling divides by the temperature and keeps the ``top_k``
+tokens, the ``top_p`` nucleus and those within ``min_p`` of the likeliest.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
 
 import torch
 
-
-class SamplingParams(Protocol):
-    temperature: float
-    top_p: float
-    seed: int | None
+from helpers.protocol import Sampling
 
 
 class Sampler:
-    """Greedy at temperature 0, else nucleus (top-p) sampling.
+    """One sequence's token picker. Each sequence has its own, with its own
+    generator, so a seeded request draws the same tokens whatever else shares
+    its batch."""
 
-    Each sequence has its own sampler, so a seeded request draws the same
-    tokens whatever else shares its batch.
-    """
-
-    def __init__(self, request: SamplingParams, device: str) -> None:
-        self.temperature = request.temperature
-        self.top_p = request.top_p
+    def __init__(self, sampling: Sampling, device: str | torch.device, prompt_ids: Sequence[int]):
+        """``prompt_ids`` is used only by ``repetition_penalty``."""
+        self.sampling = sampling
+        self.device = device
         self.generator: torch.Generator | None = None
-        if request.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        if sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self._penalized = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0
+        self._repetition = sampling.repetition_penalty != 1
+        self._prompt_ids = list(prompt_ids) if self._repetition else []
+        self._counts: torch.Tensor | None = None  # completion tokens, per vocabulary id
+        self._seen: torch.Tensor | None = None  # prompt and completion tokens
+        self._pending: list[int] = []  # picked, not yet in the tensors above
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.sampling.temperature == 0
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether the logits are changed before the pick: a row without it
+        can take its greedy token from the whole batch's argmax."""
+        return self._penalized or self._repetition or bool(self.sampling.logit_bias)
 
     def pick(self, logits: torch.Tensor) -> int:
+        """The next token from this row's fp32 logits (left unchanged)."""
+        if self.changes_logits:
+            logits = self._changed(logits)
         if self.greedy:
             return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
+        return int(torch.multinomial(self._probabilities(logits), 1, generator=self.generator))
+
+    def record(self, token: int) -> None:
+        """Count a token the sequence produced, for the penalties."""
+        if self._penalized or self._repetition:
+            self._pending.append(token)
+
+    def _changed(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        sampling = self.sampling
+        if self._penalized or self._repetition:
+            self._catch_up(logits.shape[-1])
+        if self._repetition and self._seen is not None:
+            seen = logits[self._seen]
+            penalty = sampling.repetition_penalty
+            logits[self._seen] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        if self._penalized and self._counts is not None:
+            logits -= sampling.frequency_penalty * self._counts
+            logits -= sampling.presence_penalty * (self._counts > 0).float()
+        for token, bias in sampling.logit_bias:
+            logits[token] += bias
+        return logits
+
+    def _catch_up(self, vocabulary: int) -> None:
+        """Fold the tokens picked since the last call into the count tensors."""
+        if self._counts is None:
+            self._counts = torch.zeros(vocabulary, device=self.device)
+            self._seen = torch.zeros(vocabulary, dtype=torch.bool, device=self.device)
+            self._seen[torch.tensor(self._prompt_ids, dtype=torch.long, device=self.device)] = True
+        if self._pending:
+            tokens = torch.tensor(self._pending, dtype=torch.long, device=self.device)
+            self._counts.index_add_(0, tokens, torch.ones(len(tokens), device=self.device))
+            assert self._seen is not None
+            self._seen[tokens] = True
+            self._pending = []
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        sampling = self.sampling
+        logits = logits / sampling.temperature
+        if 0 < sampling.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, sampling.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if sampling.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if sampling.min_p > 0:
+            probs = probs.masked_fill(probs < sampling.min_p * probs.max(), 0.0)
+        return probs

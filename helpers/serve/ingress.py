@@ -27,13 +27,17 @@ from helpers.api.openai_responses import OpenAIFormat, model_card
 from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from helpers.api.openapi_docs import ERROR_RESPONSES, STREAMED, json_body, with_request_models
 from helpers.api.request_checks import check_api_key, read_json
+from helpers.api.sampling_controls import SamplingControls
 from helpers.api.sse import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
+from helpers.api.token_schema import DetokenizeRequest, TokenizeRequest
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta
-from helpers.serve.model_calls import open_stream, read_replica_states
+from helpers.serve.model_calls import call_model, open_stream, read_replica_states
+from helpers.serve.model_errors import RequestFields
 
 REPLICA_COUNT_TTL_S = 1.0
 ENGINE_INFO_TIMEOUT_S = 5.0
+GENERATE_FIELDS = RequestFields("prompt", controls="generation_kwargs.")
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -77,6 +81,7 @@ class Ingress:
     @app.post(
         "/generate",
         response_model=GenerateResponse,
+        response_model_exclude_none=True,
         responses=STREAMED,
         openapi_extra=json_body(GenerateRequest),
     )
@@ -88,13 +93,19 @@ class Ingress:
             max_new_tokens=asked.max_new_tokens or self.config.max_new_tokens,
             temperature=self.config.temperature if asked.temperature is None else asked.temperature,
             top_p=self.config.top_p if asked.top_p is None else asked.top_p,
+            **asked.model_dump(include=set(SamplingControls.model_fields)),
         )
         texts = parsed.prompt_list()
         prompts = [Prompt(text=text) for text in texts]
-        sampling = Sampling(**used.model_dump())
+        sampling = Sampling(
+            max_new_tokens=used.max_new_tokens,
+            temperature=used.temperature,
+            top_p=used.top_p,
+            **asked.controls(),
+        )
         if parsed.stream:
-            return await self._stream(prompts, sampling, GenerateStream(), "prompt")
-        completions = await self._complete(prompts, sampling, "prompt")
+            return await self._stream(prompts, sampling, GenerateStream(), GENERATE_FIELDS)
+        completions = await self._complete(prompts, sampling, GENERATE_FIELDS)
         return GenerateResponse(
             model=self.config.model_id,
             prompts=texts,
@@ -118,8 +129,13 @@ class Ingress:
     async def completions(self, request: Request) -> Any:
         """OpenAI's completions: the prompt is completed as raw text, no template."""
         parsed = await self._parse(request, CompletionRequest, default_param="prompt")
-        prompts = [Prompt(text=text, raw=True) for text in parsed.prompt_list()]
-        return await self._openai(parsed, parsed.max_tokens, prompts, chat=False, param="prompt")
+        prompts = [
+            Prompt(text=prompt, raw=True) if isinstance(prompt, str) else Prompt(token_ids=prompt)
+            for prompt in parsed.prompt_list()
+        ]
+        return await self._openai(
+            parsed, parsed.max_tokens, prompts, chat=False, fields=RequestFields("prompt")
+        )
 
     @app.post(
         "/v1/chat/completions", responses=STREAMED, openapi_extra=json_body(ChatCompletionRequest)
@@ -129,8 +145,30 @@ class Ingress:
         parsed = await self._parse(request, ChatCompletionRequest, default_param="messages")
         prompt = Prompt(messages=tuple(m.as_pair() for m in parsed.messages))
         return await self._openai(
-            parsed, parsed.token_limit(), [prompt], chat=True, param="messages"
+            parsed, parsed.token_limit(), [prompt], chat=True, fields=RequestFields("messages")
         )
+
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        """vLLM's ``/tokenize``: the ids a prompt or a chat is read as, their
+        count and the model's context length."""
+        parsed = await self._parse(request, TokenizeRequest, default_param="prompt")
+        self._check_model(parsed.model)
+        if parsed.messages is not None:
+            prompt = Prompt(messages=tuple(m.as_pair() for m in parsed.messages))
+            fields = RequestFields("messages")
+        else:
+            prompt, fields = Prompt(text=parsed.prompt or "", raw=True), RequestFields("prompt")
+        call = self.llm.tokenize.remote(prompt, parsed.add_special_tokens)
+        return await call_model(call, fields, self.config.request_timeout_s)
+
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
+    async def detokenize(self, request: Request) -> dict[str, str]:
+        """vLLM's ``/detokenize``: the text of token ids."""
+        parsed = await self._parse(request, DetokenizeRequest, default_param="tokens")
+        self._check_model(parsed.model)
+        call = self.llm.detokenize.remote(parsed.tokens)
+        return await call_model(call, RequestFields("tokens"), self.config.request_timeout_s)
 
     async def _openai(
         self,
@@ -139,7 +177,7 @@ class Ingress:
         prompts: list[Prompt],
         *,
         chat: bool,
-        param: str,
+        fields: RequestFields,
     ) -> Any:
         self._check_model(parsed.model)
         sampling = Sampling(
@@ -150,11 +188,12 @@ class Ingress:
             top_p=self.config.top_p if parsed.top_p is None else parsed.top_p,
             seed=parsed.seed,
             stop=parsed.stop_strings(),
+            **parsed.controls(),
         )
         shape = OpenAIFormat(parsed.model, chat=chat, include_usage=parsed.include_usage())
         if parsed.stream:
-            return await self._stream(prompts, sampling, shape, param)
-        return shape.response(await self._complete(prompts, sampling, param))
+            return await self._stream(prompts, sampling, shape, fields)
+        return shape.response(await self._complete(prompts, sampling, fields))
 
     async def _parse(self, request: Request, model: type[Body], default_param: str) -> Body:
         """Key, content type, size, JSON, then fields: each refused with its own 4xx."""
@@ -179,31 +218,31 @@ class Ingress:
             )
 
     async def _complete(
-        self, prompts: list[Prompt], sampling: Sampling, param: str
+        self, prompts: list[Prompt], sampling: Sampling, fields: RequestFields
     ) -> list[Completion]:
         """Whole replies, gathered from the model's stream of completions."""
         completions: dict[int, Completion] = {}
-        async for batch in await self._open_stream(prompts, sampling, param, text=False):
+        async for batch in await self._open_stream(prompts, sampling, fields, text=False):
             completions.update((d.index, d.completion) for d in batch if d.completion)
         return [completions[index] for index in range(len(prompts))]
 
     async def _stream(
-        self, prompts: list[Prompt], sampling: Sampling, shape: StreamFormat, param: str
+        self, prompts: list[Prompt], sampling: Sampling, shape: StreamFormat, fields: RequestFields
     ) -> StreamingResponse:
-        deltas = await self._open_stream(prompts, sampling, param, text=True)
+        deltas = await self._open_stream(prompts, sampling, fields, text=True)
         return StreamingResponse(
             sse_body(deltas, shape), media_type="text/event-stream", headers=SSE_HEADERS
         )
 
     async def _open_stream(
-        self, prompts: list[Prompt], sampling: Sampling, param: str, text: bool
+        self, prompts: list[Prompt], sampling: Sampling, fields: RequestFields, text: bool
     ) -> AsyncIterator[list[TextDelta]]:
         return await open_stream(
             self.llm,
             prompts,
             sampling,
             text=text,
-            param=param,
+            fields=fields,
             timeout_s=self.config.request_timeout_s,
         )
 

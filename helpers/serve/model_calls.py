@@ -1,8 +1,10 @@
 """Calls from the ingress to the model deployment: how they wait, end and fail.
 
-Every call goes through ``LLMServer.stream``, whole replies too (its
-docstring says why). The ingress waits for the stream's first, empty item, the
-sign that a replica accepted the prompts: a cold start happens in that wait,
+Every completion goes through ``LLMServer.stream``, whole replies too (its
+docstring says why); ``/tokenize`` and ``/detokenize`` are plain calls
+(:func:`call_model`) that wait, end and fail the same way. The ingress waits
+for the stream's first, empty item, the sign that a replica accepted the
+prompts: a cold start happens in that wait,
 and a refusal (a prompt too long, a full queue, a deployment that cannot
 start) is still a proper HTTP status. ``REQUEST_TIMEOUT_S`` bounds the whole
 call, and however a call ends, it is cancelled, so the replica stops decoding.
@@ -16,11 +18,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from helpers.api.errors import ApiError
 from helpers.protocol import Prompt, Sampling, TextDelta
-from helpers.serve.model_errors import model_error
+from helpers.serve.model_errors import RequestFields, model_error
 
 MODEL_DEPLOYMENT = "LLMServer"
 GAVE_UP = {"DEPLOY_FAILED", "REPLICA_STARTUP_FAILED"}
@@ -64,7 +66,7 @@ def state_name(state: Any) -> str:
 
 
 async def _until_deadline(
-    deltas: DeploymentResponseGenerator, deadline: float, param: str, timeout_s: float
+    deltas: DeploymentResponseGenerator, deadline: float, fields: RequestFields, timeout_s: float
 ) -> AsyncIterator[list[TextDelta]]:
     """Pass the replica's stream on until it ends or the deadline passes.
 
@@ -80,37 +82,42 @@ async def _until_deadline(
             except StopAsyncIteration:
                 return
             except Exception as err:
-                raise model_error(err, param, timeout_s) or err from None
+                raise model_error(err, fields, timeout_s) or err from None
     finally:
         _cancel(deltas)
 
 
-def _cancel(deltas: DeploymentResponseGenerator) -> None:
+def _cancel(call: DeploymentResponse | DeploymentResponseGenerator) -> None:
     """Cancel a model call, best effort: a call that already failed re-raises
     its error from ``cancel()``, and has nothing left to cancel anyway."""
     with contextlib.suppress(Exception):
-        deltas.cancel()
+        call.cancel()
 
 
 async def _accepted(deltas: DeploymentResponseGenerator, deadline: float) -> None:
-    """Wait for the stream's first (empty) item: a replica took the request.
-
-    A cold start happens here. If Serve gives up starting replicas meanwhile,
-    fail with its reason rather than wait until the deadline.
-    """
-    loop = asyncio.get_running_loop()
+    """Wait for the stream's first (empty) item: a replica took the request."""
     first = asyncio.ensure_future(deltas.__anext__())
     try:
-        while not first.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            await asyncio.wait({first}, timeout=min(START_CHECK_INTERVAL_S, remaining))
-            if not first.done() and (failure := await asyncio.to_thread(model_start_failure)):
-                raise ApiError(503, f"the model deployment failed to start: {failure}")
-        first.result()
+        await _result_while_starting(first, deadline)
     finally:
         first.cancel()
+
+
+async def _result_while_starting(pending: asyncio.Future, deadline: float) -> Any:
+    """``pending``'s result, waited for until ``deadline``.
+
+    A cold start happens in this wait. If Serve gives up starting replicas
+    meanwhile, fail with its reason rather than wait until the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    while not pending.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError
+        await asyncio.wait({pending}, timeout=min(START_CHECK_INTERVAL_S, remaining))
+        if not pending.done() and (failure := await asyncio.to_thread(model_start_failure)):
+            raise ApiError(503, f"the model deployment failed to start: {failure}")
+    return pending.result()
 
 
 async def open_stream(
@@ -119,13 +126,13 @@ async def open_stream(
     sampling: Sampling,
     *,
     text: bool,
-    param: str,
+    fields: RequestFields,
     timeout_s: float,
 ) -> AsyncIterator[list[TextDelta]]:
     """Call ``LLMServer.stream`` and return its deltas once a replica accepted.
 
     Failures become the ``ApiError`` that fits (see :mod:`helpers.serve.model_errors`);
-    ``param`` names the field a too-long prompt came in.
+    ``fields`` names where a too-long prompt or an unknown token id came in.
     """
     deadline = asyncio.get_running_loop().time() + timeout_s
     deltas: DeploymentResponseGenerator = llm.options(stream=True).stream.remote(
@@ -135,5 +142,23 @@ async def open_stream(
         await _accepted(deltas, deadline)
     except Exception as err:
         _cancel(deltas)
-        raise model_error(err, param, timeout_s) or err from None
-    return _until_deadline(deltas, deadline, param, timeout_s)
+        raise model_error(err, fields, timeout_s) or err from None
+    return _until_deadline(deltas, deadline, fields, timeout_s)
+
+
+async def call_model(call: DeploymentResponse, fields: RequestFields, timeout_s: float) -> Any:
+    """The result of a plain (not streamed) call to the model deployment,
+    with a stream's deadline, cold-start watch and error answers."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pending = asyncio.ensure_future(_awaited(call))
+    try:
+        return await _result_while_starting(pending, deadline)
+    except Exception as err:
+        _cancel(call)
+        raise model_error(err, fields, timeout_s) or err from None
+    finally:
+        pending.cancel()
+
+
+async def _awaited(call: DeploymentResponse) -> Any:
+    return await call

@@ -9,11 +9,13 @@ a client can act on: fix the request (400), retry later (503 with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from helpers.api.errors import ApiError
-from helpers.protocol import PromptTooLongError
+from helpers.protocol import PromptTooLongError, TokenIdError
 
 RETRY_AFTER_S = 2
 """Suggested wait before retrying a 503: about one decode of a short reply here."""
@@ -23,10 +25,24 @@ def retry_later(message: str) -> ApiError:
     return ApiError(503, message, None, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def model_error(err: BaseException, param: str, timeout_s: float) -> ApiError | None:
+@dataclass(frozen=True)
+class RequestFields:
+    """Where an endpoint's prompt and sampling controls sit in its body, so
+    that a refusal only a replica can make names the field as sent."""
+
+    prompt: str
+    controls: str = ""
+    """The controls' prefix: ``generation_kwargs.`` for ``/generate``."""
+
+
+def model_error(err: BaseException, fields: RequestFields, timeout_s: float) -> ApiError | None:
     """The answer for a known failure of a model call, or None for an unknown one."""
     if isinstance(err, PromptTooLongError):
-        return ApiError(400, f"{param}: {getattr(err, 'cause', err)}", param)
+        return ApiError(400, f"{fields.prompt}: {getattr(err, 'cause', err)}", fields.prompt)
+    if isinstance(err, TokenIdError):
+        cause = getattr(err, "cause", err)
+        field = fields.controls + cause.field
+        return ApiError(400, f"{fields.controls}{cause.message}", field)
     if isinstance(err, TimeoutError):
         return ApiError(408, f"the request took longer than REQUEST_TIMEOUT_S ({timeout_s:g} s)")
     if isinstance(err, BackPressureError):

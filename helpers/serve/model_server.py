@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -139,6 +139,19 @@ class LLMServer:
         """Which implementation, dtype and device serve the model (``EngineInfo``)."""
         return self.engine.info.as_dict()
 
+    def tokenize(self, prompt: Prompt, add_special_tokens: bool) -> dict[str, Any]:
+        """``POST /tokenize``: the ids the model reads for ``prompt`` (messages
+        rendered with the chat template, text as it is), in vLLM's shape."""
+        text = self._render(prompt)
+        assert isinstance(text, str)
+        tokens = self.engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"count": len(tokens), "max_model_len": self.engine.context_length, "tokens": tokens}
+
+    def detokenize(self, tokens: list[int]) -> dict[str, str]:
+        """``POST /detokenize``: the text of ``tokens``, special tokens included."""
+        self.engine.check_vocabulary("tokens", tokens)
+        return {"prompt": self.engine.tokenizer.decode(tokens, skip_special_tokens=False)}
+
     def batch_stats(self) -> dict[str, int]:
         """Batching counters of this replica, for tests and curious users."""
         return asdict(self.engine.stats)
@@ -165,7 +178,10 @@ class LLMServer:
     def _requests(self, prompts: list[Prompt], sampling: Sampling) -> list[GenerationRequest]:
         return [self.engine.request(self._render(prompt), sampling) for prompt in prompts]
 
-    def _render(self, prompt: Prompt) -> str:
+    def _render(self, prompt: Prompt) -> str | tuple[int, ...]:
+        """What the engine reads: token ids as sent, or the prompt's text."""
+        if prompt.token_ids:
+            return prompt.token_ids
         if prompt.messages:
             return self.engine.render_chat(
                 [{"role": role, "content": content} for role, content in prompt.messages]

@@ -178,6 +178,89 @@ def test_a_list_of_prompts_gets_one_choice_each(client: openai.OpenAI, model: st
     assert [c.text for c in reply.choices] == alone
 
 
+def test_top_k_one_through_the_client_gives_the_greedy_text(
+    client: openai.OpenAI, model: str
+) -> None:
+    """vLLM's ``top_k`` goes in ``extra_body``, as with vLLM."""
+    args = {"model": model, "prompt": COUNTING, "max_tokens": 12}
+    greedy = client.completions.create(temperature=0, **args).choices[0].text
+    top_one = client.completions.create(temperature=1.5, seed=4, extra_body={"top_k": 1}, **args)
+    assert top_one.choices[0].text == greedy
+
+
+def test_logit_bias_and_penalties_stream_as_they_answer_whole(
+    client: openai.OpenAI, model: str, tokenizer
+) -> None:
+    """The client's own ``logit_bias`` and ``frequency_penalty``: a banned
+    token never appears, and the streamed text is the whole text."""
+    comma = tokenizer(",", add_special_tokens=False)["input_ids"][0]
+    args = {
+        "messages": COLOURS,
+        "max_tokens": 24,
+        "temperature": 0,
+        "logit_bias": {str(comma): -100},
+        "frequency_penalty": 0.5,
+    }
+    whole = client.chat.completions.create(model=model, **args).choices[0].message.content
+    plain = client.chat.completions.create(
+        model=model, messages=COLOURS, max_tokens=24, temperature=0
+    )
+    assert "," in plain.choices[0].message.content and "," not in whole
+    streamed, _ = streamed_chat(client, model, **args)
+    assert streamed == whole
+
+
+def test_async_stop_token_ids_and_ignore_eos(model: str, tokenizer) -> None:
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+
+    async def both() -> tuple[openai.types.Completion, openai.types.Completion]:
+        async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused") as client:
+            args = {"model": model, "max_tokens": 16, "temperature": 0}
+            stopped = client.completions.create(
+                prompt="List three colours:\n1.", extra_body={"stop_token_ids": [newline]}, **args
+            )
+            endless = client.completions.create(
+                prompt="Hi", extra_body={"ignore_eos": True}, **args
+            )
+            return await asyncio.gather(stopped, endless)
+
+    stopped, endless = asyncio.run(both())
+    assert stopped.choices[0].finish_reason == "stop" and "\n" not in stopped.choices[0].text
+    assert endless.choices[0].finish_reason == "length"
+    assert endless.usage.completion_tokens == 16
+
+
+def test_tokenize_counts_what_the_model_reads(model: str, tokenizer) -> None:
+    """vLLM's shapes; the chat form counts the template around the messages."""
+    reply = httpx.post(f"{BASE_URL}/tokenize", json={"model": model, "prompt": COUNTING})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["tokens"] == tokenizer(COUNTING)["input_ids"] and body["count"] == len(
+        body["tokens"]
+    )
+    assert body["max_model_len"] == 8192
+    chat = httpx.post(f"{BASE_URL}/tokenize", json={"model": model, "messages": COLOURS}).json()
+    rendered = tokenizer.apply_chat_template(COLOURS, add_generation_prompt=True, tokenize=False)
+    assert chat["tokens"] == tokenizer(rendered)["input_ids"]
+    back = httpx.post(f"{BASE_URL}/detokenize", json={"model": model, "tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": COUNTING}
+
+
+def test_a_prompt_sent_as_token_ids_gets_the_answer_its_text_gets(
+    client: openai.OpenAI, model: str, tokenizer
+) -> None:
+    """The client sends ``prompt`` as a list of ints, or a list of such lists."""
+    ids = tokenizer(COUNTING)["input_ids"]
+    args = {"model": model, "max_tokens": 10, "temperature": 0}
+    as_text = client.completions.create(prompt=COUNTING, **args)
+    as_ids = client.completions.create(prompt=ids, **args)
+    assert as_ids.choices[0].text == as_text.choices[0].text
+    assert as_ids.usage.prompt_tokens == len(ids)
+    both = client.completions.create(prompt=[ids, tokenizer("Hi")["input_ids"]], **args)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == as_text.choices[0].text
+
+
 BAD_CALLS = [
     pytest.param({"model": "gpt-4o"}, openai.NotFoundError, "model", id="unknown model"),
     pytest.param({"n": 2}, openai.BadRequestError, "n", id="n above 1"),
@@ -189,6 +272,17 @@ BAD_CALLS = [
     pytest.param({"stop": list("abcde")}, openai.BadRequestError, "stop", id="five stops"),
     pytest.param({"prompt": "word " * 9000}, openai.BadRequestError, "prompt", id="too long"),
     pytest.param({"extra_body": {"best_of": 3}}, openai.BadRequestError, "best_of", id="unknown"),
+    pytest.param(
+        {"logit_bias": {"49152": 5}}, openai.BadRequestError, "logit_bias", id="bias off vocab"
+    ),
+    pytest.param(
+        {"extra_body": {"stop_token_ids": [10**6]}},
+        openai.BadRequestError,
+        "stop_token_ids",
+        id="stop id off vocab",
+    ),
+    pytest.param({"extra_body": {"top_k": -5}}, openai.BadRequestError, "top_k", id="top_k"),
+    pytest.param({"presence_penalty": 2.5}, openai.BadRequestError, "presence_penalty", id="pp"),
     pytest.param(
         {"prompt": "word " * 9000, "stream": True},
         openai.BadRequestError,

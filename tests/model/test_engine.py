@@ -7,7 +7,13 @@ import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine.cpu_linear import PrepackedLinear, can_prepack
-from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
+from helpers.engine.engine import (
+    Engine,
+    GenerationRequest,
+    PromptTooLongError,
+    Sampling,
+    TokenIdError,
+)
 
 PROMPTS = [
     "The capital of France is",
@@ -31,6 +37,18 @@ def test_a_prompt_completes_the_same_alone_and_inside_a_batch(engine: Engine) ->
     alone = [engine.generate([greedy(p)])[0].text for p in PROMPTS]
     batched = [c.text for c in engine.generate([greedy(p) for p in PROMPTS])]
     assert batched == alone
+
+
+def test_a_prompt_sent_as_token_ids_completes_as_its_text(engine: Engine) -> None:
+    ids = tuple(engine.tokenizer(PROMPTS[2])["input_ids"])
+    as_text, as_ids = engine.generate(
+        [greedy(PROMPTS[2]), engine.request(ids, greedy("").sampling)]
+    )
+    assert as_ids == as_text and as_ids.prompt_tokens == len(ids)
+    vocabulary = engine.model.config.vocab_size
+    with pytest.raises(TokenIdError, match=f"prompt: token id {vocabulary} is outside") as caught:
+        engine.request((1, vocabulary), greedy("").sampling)
+    assert caught.value.field == "prompt"
 
 
 def test_completions_hold_only_the_new_tokens(engine: Engine) -> None:

@@ -53,13 +53,49 @@ def test_stop_takes_a_string_or_up_to_four() -> None:
         ({"top_p": 0}, "top_p"),
         ({"seed": "7"}, "seed"),
         ({"stream": "yes"}, "stream"),
-        ({"logit_bias": {}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"prompt": ["a"] * 5}, "prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": [1, -2, 3]}, "prompt"),
+        ({"prompt": [[1, 2]] * 5}, "prompt"),
     ],
 )
 def test_completion_fields_out_of_range_are_refused_by_name(fields: dict, param: str) -> None:
     assert refused_field(completion, **fields).startswith(param)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("hi", ["hi"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2, 3], [(1, 2, 3)]),
+        ([[1, 2], [3]], [(1, 2), (3,)]),
+    ],
+    ids=["text", "texts", "token ids", "lists of token ids"],
+)
+def test_a_completion_prompt_comes_as_text_or_token_ids(prompt: Any, expected: list) -> None:
+    assert completion(prompt=prompt).prompt_list() == expected
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ([], "at least 1 item"),
+        (["a", 7], "item 1: Input should be a valid string"),
+        ([3, "a"], "item 1: Input should be a valid integer"),
+        ([[1, "x"]], "item 0.1: Input should be a valid integer"),
+        ([-1], "item 0: Input should be greater than or equal to 0"),
+        ([["a"]], "item 0.0: Input should be a valid integer"),
+        (["a"] * 5, "must be at most 4 prompts (MAX_PROMPTS)"),
+        ({"text": "a"}, "must be a string, a list of strings, a list of token ids"),
+    ],
+)
+def test_a_refused_prompt_gets_the_reason_for_its_own_shape(prompt: Any, reason: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        completion(prompt=prompt)
+    errors = caught.value.errors()
+    assert len(errors) == 1 and errors[0]["loc"] == ("prompt",)
+    assert reason in errors[0]["msg"]
 
 
 def test_stream_options_need_stream() -> None:

@@ -12,7 +12,7 @@ from ray.serve.exceptions import BackPressureError
 from helpers.api.errors import EXCEPTION_HANDLERS
 from helpers.api.request_checks import check_api_key, read_json
 from helpers.protocol import PromptTooLongError
-from helpers.serve.model_errors import RETRY_AFTER_S, model_error
+from helpers.serve.model_errors import RETRY_AFTER_S, RequestFields, model_error
 
 KEY = "test-key-0123456789abcdef"
 LIMIT = 8192
@@ -145,11 +145,11 @@ def test_unreadable_bodies_get_400(open_client: TestClient, raw: bytes, message:
 def test_model_failures_map_to_statuses_a_client_can_act_on(
     error: Exception, status: int, retry: bool
 ) -> None:
-    mapped = model_error(error, "prompt", 30)
+    mapped = model_error(error, RequestFields("prompt"), 30)
     assert mapped is not None and mapped.status == status
     assert (mapped.headers or {}).get("Retry-After") == (str(RETRY_AFTER_S) if retry else None)
     assert "Traceback" not in mapped.message
 
 
 def test_an_unknown_failure_is_left_to_the_500_handler() -> None:
-    assert model_error(ValueError("boom"), "prompt", 30) is None
+    assert model_error(ValueError("boom"), RequestFields("prompt"), 30) is None
