@@ -33,6 +33,9 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Return each completion token's log probability with this many likeliest
+    alternatives (0 for none); None returns none."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,24 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One completion token's log probability under the model (its
+    log-softmax before any sampling control changed the logits) and, where
+    asked, the likeliest tokens in its place, each as its text."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """Every completion token's, in order, when the request asked for them."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,10 @@ class TextDelta:
     index: int
     text: str
     completion: Completion | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens decoded since the last delta, when asked for. A token's text
+    may come in a later delta than its entry (text is held back while it
+    might begin a stop string or end mid-character)."""
 
 
 class PromptTooLongError(ValueError):

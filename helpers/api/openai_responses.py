@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from helpers.protocol import Completion, TextDelta
+from helpers.protocol import Completion, TextDelta, TokenLogprob
 
 OWNED_BY = "ray-serve-llm-kit"
 
@@ -51,13 +51,14 @@ class OpenAIFormat:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._completions: dict[int, Completion] = {}
+        self._text_offsets: dict[int, int] = {}  # per choice, where its next token's text starts
 
     def response(self, completions: Sequence[Completion]) -> dict[str, Any]:
         choices = [
             {
                 "index": index,
                 **self._content(completion.text, final=True),
-                "logprobs": None,
+                "logprobs": self._logprobs(index, completion.logprobs),
                 "finish_reason": completion.finish_reason,
             }
             for index, completion in enumerate(completions)
@@ -71,8 +72,10 @@ class OpenAIFormat:
 
     def events(self, delta: TextDelta) -> list[dict[str, Any]]:
         events = []
-        if delta.text:
-            events.append(self._chunk(delta.index, self._content(delta.text, final=False), None))
+        if delta.text or delta.logprobs:
+            content = self._content(delta.text, final=False)
+            logprobs = self._logprobs(delta.index, delta.logprobs or None)
+            events.append(self._chunk(delta.index, content, None, logprobs))
         if delta.completion is not None:
             self._completions[delta.index] = delta.completion
             empty = {"delta": {}} if self.chat else {"text": ""}
@@ -99,7 +102,45 @@ class OpenAIFormat:
             return {"message": {"role": "assistant", "content": text}}
         return {"delta": {"content": text}}
 
-    def _chunk(self, index: int, content: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        choice = {"index": index, **content, "logprobs": None, "finish_reason": finish}
+    def _logprobs(
+        self, index: int, entries: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any] | None:
+        """OpenAI's ``logprobs`` of one choice, or of the tokens one chunk
+        adds: chat's ``content`` list, or the completions API's four lists,
+        whose ``text_offset`` counts on across a stream's chunks."""
+        if entries is None:
+            return None
+        if self.chat:
+            return {"content": [_chat_entry(entry) for entry in entries]}
+        offsets, at = [], self._text_offsets.get(index, 0)
+        for entry in entries:
+            offsets.append(at)
+            at += len(entry.token)
+        self._text_offsets[index] = at
+        return {
+            "tokens": [entry.token for entry in entries],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [dict(entry.top) for entry in entries],
+            "text_offset": offsets,
+        }
+
+    def _chunk(
+        self,
+        index: int,
+        content: dict[str, Any],
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish}
         extra = {"usage": None} if self.include_usage else {}
         return {**self._header(chunk=True), "choices": [choice], **extra}
+
+
+def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:
+    """A token in chat's ``logprobs.content``, its alternatives alike."""
+
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    top = [token(text, logprob) for text, logprob in entry.top]
+    return {**token(entry.token, entry.logprob), "top_logprobs": top}

@@ -39,6 +39,9 @@ from helpers.api.fields import (
 from helpers.api.sampling_controls import SamplingControls
 
 MAX_STOP_STRINGS = 4
+MAX_CHAT_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+"""OpenAI's limits on the alternatives listed per token."""
 StopString = Annotated[StrictStr, Field(min_length=1)]
 
 
@@ -96,6 +99,11 @@ class CompletionRequest(_SamplingFields):
     text; each prompt may come as token ids instead, as OpenAI documents."""
 
     prompt: Prompt | PromptList | TokenIds | TokenIdsList
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's entry lists, or None for no entries."""
+        return self.logprobs
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -181,6 +189,19 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: TokenCount | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_CHAT_LOGPROBS)] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("is only allowed when logprobs is true")
+        return value
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's entry lists, or None for no entries."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         """OpenAI deprecated ``max_tokens`` for chat in favour of this name."""

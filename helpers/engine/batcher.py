@@ -26,7 +26,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,10 +35,13 @@ from helpers.engine.batch_rows import PaddedRows, SlotRows
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
-from helpers.protocol import Completion, Sampling
+from helpers.protocol import Completion, Sampling, TokenLogprob
 
 TextCallback = Callable[[str], None]
 """Receives each piece of new text, on the decode thread; it must not block."""
+LogprobCallback = Callable[[TokenLogprob], None]
+"""Receives each token's log probability entry as the token is decoded (its
+text may come in a later piece), on the decode thread; it must not block."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,18 @@ class _Sequence:
     sampler: Sampler
     text: TextStream
     on_text: TextCallback | None
+    on_logprob: LogprobCallback | None = None
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def emit(self, delta: str) -> None:
         if delta and self.on_text is not None:
             self.on_text(delta)
+
+    def add_logprob(self, logprob: TokenLogprob) -> None:
+        self.logprobs.append(logprob)
+        if self.on_logprob is not None:
+            self.on_logprob(logprob)
 
 
 @dataclass
@@ -167,12 +177,17 @@ class ContinuousBatcher:
         return self._thread.is_alive() and not self._stopping.is_set()
 
     def submit(
-        self, request: GenerationRequest, on_text: TextCallback | None = None
+        self,
+        request: GenerationRequest,
+        on_text: TextCallback | None = None,
+        on_logprob: LogprobCallback | None = None,
     ) -> Future[Completion]:
         """Queue a request; cancelling the future drops it at the next step.
 
         ``on_text`` streams the completion: it gets each piece of text as soon
-        as it is final, and all of them before the future resolves.
+        as it is final, and all of them before the future resolves;
+        ``on_logprob`` gets each token's entry, when the request asked for
+        log probabilities.
         """
         future: Future[Completion] = Future()
         # Tokenized here, on the caller's thread, not on the decode thread.
@@ -181,7 +196,8 @@ class ContinuousBatcher:
         # Decoding every token costs a little per row per step; only a stream
         # or a stop string needs it.
         text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
-        self._waiting.put(_Sequence(request, prompt_ids, future, sampler, text, on_text))
+        sequence = _Sequence(request, prompt_ids, future, sampler, text, on_text, on_logprob)
+        self._waiting.put(sequence)
         return future
 
     def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
@@ -276,6 +292,8 @@ class ContinuousBatcher:
             )
             if not ended:
                 sampler.record(token)
+                if sampling.logprobs is not None:
+                    sequence.add_logprob(self._token_logprob(sampler, logits[row], token))
                 sequence.emit(sequence.text.append(token))
                 self.stats.generated_tokens += 1
                 ended = sequence.text.stopped
@@ -321,8 +339,16 @@ class ContinuousBatcher:
             prompt_tokens=sequence.prompt_tokens,
             completion_tokens=len(sequence.text.tokens),
             finish_reason=reason,
+            logprobs=None
+            if sequence.request.sampling.logprobs is None
+            else tuple(sequence.logprobs),
         )
         _settle(sequence.future, result=completion)
+
+    def _token_logprob(self, sampler: Sampler, logits: torch.Tensor, token: int) -> TokenLogprob:
+        value, top = sampler.logprobs(logits, token)
+        text = self.tokenizer.decode
+        return TokenLogprob(text([token]), value, tuple((text([t]), v) for t, v in top))
 
 
 def _settle(

@@ -34,6 +34,7 @@ from helpers.engine.batcher import (
     BatchStats,
     ContinuousBatcher,
     GenerationRequest,
+    LogprobCallback,
     TextCallback,
     prompt_token_ids,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "Completion",
     "Engine",
     "GenerationRequest",
+    "LogprobCallback",
     "ModelLoadError",
     "PromptTooLongError",
     "Sampling",
@@ -329,13 +331,17 @@ class Engine:
             )
 
     def submit(
-        self, request: GenerationRequest, on_text: TextCallback | None = None
+        self,
+        request: GenerationRequest,
+        on_text: TextCallback | None = None,
+        on_logprob: LogprobCallback | None = None,
     ) -> Future[Completion]:
         """Queue one request into the running batch; resolves to its completion.
 
-        ``on_text``, if given, receives the completion's text piece by piece.
+        ``on_text``, if given, receives the completion's text piece by piece,
+        and ``on_logprob`` each token's log probability entry, when asked for.
         """
-        return self._batcher.submit(request, on_text)
+        return self._batcher.submit(request, on_text, on_logprob)
 
     def probe(self) -> None:
         """Raise unless this engine can still serve: the decode loop runs and a

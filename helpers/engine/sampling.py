@@ -55,6 +55,19 @@ class Sampler:
             return int(logits.argmax())
         return int(torch.multinomial(self._probabilities(logits), 1, generator=self.generator))
 
+    def logprobs(self, logits: torch.Tensor, token: int) -> tuple[float, list[tuple[int, float]]]:
+        """``token``'s log probability under this row's logits as the model
+        gave them (before any control above), and the ``logprobs``
+        likeliest tokens with theirs."""
+        values = torch.log_softmax(logits, dim=-1)
+        count = self.sampling.logprobs or 0
+        if not count:
+            return float(values[token]), []
+        top = torch.topk(values, count)
+        return float(values[token]), list(
+            zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        )
+
     def record(self, token: int) -> None:
         """Count a token the sequence produced, for the penalties."""
         if self._penalized or self._repetition:

@@ -188,6 +188,7 @@ class Ingress:
             top_p=self.config.top_p if parsed.top_p is None else parsed.top_p,
             seed=parsed.seed,
             stop=parsed.stop_strings(),
+            logprobs=parsed.logprob_count(),
             **parsed.controls(),
         )
         shape = OpenAIFormat(parsed.model, chat=chat, include_usage=parsed.include_usage())

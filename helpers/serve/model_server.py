@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from helpers.config import ServeConfig
-from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogprob
 
 if TYPE_CHECKING:  # the engine (torch) is imported by a replica only, when it starts
     from helpers.engine.engine import GenerationRequest, LoadTimes
@@ -170,8 +170,15 @@ class LLMServer:
                 error = done.exception()
                 deliver(error if error else TextDelta(index, "", done.result()))
 
-        on_text = (lambda piece: deliver(TextDelta(index, piece))) if text else None
-        future = self.engine.submit(request, on_text)
+        def on_text(piece: str) -> None:
+            deliver(TextDelta(index, piece))
+
+        def on_logprob(logprob: TokenLogprob) -> None:
+            deliver(TextDelta(index, "", logprobs=(logprob,)))
+
+        future = self.engine.submit(
+            request, on_text if text else None, on_logprob if text else None
+        )
         future.add_done_callback(on_done)
         return future
 

@@ -306,6 +306,22 @@ BAD_INPUT = [
     ),
     ("chat tools", "POST", "/v1/chat/completions", chat(tools=[]), 400, "tools"),
     (
+        "chat top_logprobs alone",
+        "POST",
+        "/v1/chat/completions",
+        chat(top_logprobs=2),
+        400,
+        "top_logprobs",
+    ),
+    (
+        "chat top_logprobs 21",
+        "POST",
+        "/v1/chat/completions",
+        chat(logprobs=True, top_logprobs=21),
+        400,
+        "top_logprobs",
+    ),
+    (
         "chat max_completion_tokens 17",
         "POST",
         "/v1/chat/completions",

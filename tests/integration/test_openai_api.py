@@ -261,6 +261,34 @@ def test_a_prompt_sent_as_token_ids_gets_the_answer_its_text_gets(
     assert both.choices[0].text == as_text.choices[0].text
 
 
+def test_chat_logprobs_stream_as_they_answer_whole(client: openai.OpenAI, model: str) -> None:
+    args = {"messages": COLOURS, "max_tokens": 12, "temperature": 0, "logprobs": True}
+    whole = client.chat.completions.create(model=model, top_logprobs=2, **args).choices[0]
+    entries = whole.logprobs.content
+    assert len(entries) == 12 and "".join(e.token for e in entries) == whole.message.content
+    assert all(e.top_logprobs[0].token == e.token and len(e.top_logprobs) == 2 for e in entries)
+    assert all(e.logprob <= 0 and bytes(e.bytes).decode() == e.token for e in entries)
+    _, chunks = streamed_chat(client, model, top_logprobs=2, **args)
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+
+
+def test_completion_logprobs_list_the_alternatives(client: openai.OpenAI, model: str) -> None:
+    reply = client.completions.create(
+        model=model, prompt=COUNTING, max_tokens=6, temperature=0, logprobs=2
+    )
+    logprobs = reply.choices[0].logprobs
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert len(logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert [len(top) for top in logprobs.top_logprobs] == [2] * 6
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
 BAD_CALLS = [
     pytest.param({"model": "gpt-4o"}, openai.NotFoundError, "model", id="unknown model"),
     pytest.param({"n": 2}, openai.BadRequestError, "n", id="n above 1"),
@@ -282,6 +310,7 @@ BAD_CALLS = [
         id="stop id off vocab",
     ),
     pytest.param({"extra_body": {"top_k": -5}}, openai.BadRequestError, "top_k", id="top_k"),
+    pytest.param({"logprobs": 6}, openai.BadRequestError, "logprobs", id="six logprobs"),
     pytest.param({"presence_penalty": 2.5}, openai.BadRequestError, "presence_penalty", id="pp"),
     pytest.param(
         {"prompt": "word " * 9000, "stream": True},

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+import torch
 
 from helpers.engine.engine import Engine, GenerationRequest, Sampling, TokenIdError
 
@@ -99,3 +100,44 @@ def test_a_token_id_outside_the_vocabulary_is_refused_by_its_field(
     engine.request(
         COLOURS, replace(GREEDY, **{field: ((0, 1.0),) if field == "logit_bias" else (0,)})
     )
+
+
+def independent_greedy(engine: Engine, prompt: str, steps: int) -> list[tuple[str, float]]:
+    """Greedy tokens and their log probabilities from a full forward pass over
+    the whole sequence at every step: no cache, no batch, no sampler."""
+    ids = engine.tokenizer(prompt)["input_ids"]
+    found = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = engine.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            values = torch.log_softmax(logits, dim=-1)
+            token = int(values.argmax())
+            found.append((engine.tokenizer.decode([token]), float(values[token])))
+            ids.append(token)
+    return found
+
+
+def test_logprobs_are_the_models_own_from_an_independent_forward_pass(engine: Engine) -> None:
+    asked = replace(GREEDY, max_new_tokens=8, logprobs=3)
+    others = [GenerationRequest("Hi", replace(asked, temperature=1.0, seed=2, top_k=5))]
+    completion = engine.generate([GenerationRequest(COLOURS, asked), *others])[0]
+    assert completion.logprobs is not None and len(completion.logprobs) == 8
+    expected = independent_greedy(engine, COLOURS, 8)
+    for entry, (token, logprob) in zip(completion.logprobs, expected, strict=True):
+        assert entry.token == token
+        assert entry.logprob == pytest.approx(logprob, abs=1e-3)
+        assert len(entry.top) == 3 and entry.top[0] == (entry.token, entry.logprob)
+        assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+    assert "".join(entry.token for entry in completion.logprobs) == completion.text
+    assert engine.generate([GenerationRequest(COLOURS, GREEDY)])[0].logprobs is None
+
+
+def test_logprobs_are_taken_before_the_controls_change_the_logits(engine: Engine) -> None:
+    """A token forced by logit_bias keeps its own, low, log probability."""
+    token = completion_ids(engine, " ray")[-1]
+    forced = replace(GREEDY, max_new_tokens=3, logit_bias=((token, 100.0),), logprobs=1)
+    completion = engine.generate([GenerationRequest(COLOURS, forced)])[0]
+    assert completion.logprobs is not None
+    assert [entry.token for entry in completion.logprobs] == [engine.tokenizer.decode([token])] * 3
+    first = completion.logprobs[0]  # after it, the model itself expects " ray" again
+    assert first.logprob < first.top[0][1] and first.top[0][0] == " Red"

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from helpers.api.openai_responses import OpenAIFormat
 from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
-from helpers.protocol import Completion, TextDelta
+from helpers.protocol import Completion, TextDelta, TokenLogprob
 
 LIMITS = {"max_new_tokens": 64, "max_prompts": 4}
 MODEL = "served-model"
@@ -186,3 +186,72 @@ def test_streamed_completions_carry_each_prompts_index() -> None:
         (0, "a"),
     ]
     assert all("usage" not in e for e in events) and shape.closing() == []
+
+
+@pytest.mark.parametrize(
+    ("make", "fields", "param"),
+    [
+        (chat, {"top_logprobs": 2}, "top_logprobs"),
+        (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (chat, {"logprobs": 1}, "logprobs"),
+        (completion, {"logprobs": 6}, "logprobs"),
+        (completion, {"logprobs": True}, "logprobs"),
+        (completion, {"logprobs": -1}, "logprobs"),
+    ],
+)
+def test_logprobs_out_of_range_are_refused_by_name(make, fields: dict, param: str) -> None:
+    assert refused_field(make, **fields) == param
+
+
+def test_logprobs_ask_for_entries_with_that_many_alternatives() -> None:
+    assert chat().logprob_count() is None and completion().logprob_count() is None
+    assert chat(logprobs=True).logprob_count() == 0
+    assert chat(logprobs=True, top_logprobs=20).logprob_count() == 20
+    assert completion(logprobs=0).logprob_count() == 0
+    assert completion(logprobs=5).logprob_count() == 5
+
+
+HELLO = (TokenLogprob("Hel", -0.5, (("Hel", -0.5), ("Hi", -1.5))), TokenLogprob("lo é", -0.25))
+
+
+def test_chat_logprobs_have_openais_content_shape() -> None:
+    done = Completion("Hello é", 3, 2, "length", logprobs=HELLO)
+    choice = OpenAIFormat(MODEL, chat=True).response([done])["choices"][0]
+    assert choice["logprobs"] == {
+        "content": [
+            {
+                "token": "Hel",
+                "logprob": -0.5,
+                "bytes": [72, 101, 108],
+                "top_logprobs": [
+                    {"token": "Hel", "logprob": -0.5, "bytes": [72, 101, 108]},
+                    {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]},
+                ],
+            },
+            {
+                "token": "lo é",
+                "logprob": -0.25,
+                "bytes": [108, 111, 32, 195, 169],
+                "top_logprobs": [],
+            },
+        ]
+    }
+
+
+def test_completion_logprobs_have_the_legacy_lists_and_stream_their_offsets_on() -> None:
+    whole = OpenAIFormat(MODEL, chat=False).response(
+        [Completion("Hello é", 3, 2, "length", logprobs=HELLO)]
+    )
+    expected = {
+        "tokens": ["Hel", "lo é"],
+        "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{"Hel": -0.5, "Hi": -1.5}, {}],
+        "text_offset": [0, 3],
+    }
+    assert whole["choices"][0]["logprobs"] == expected
+    stream = OpenAIFormat(MODEL, chat=False)
+    first = stream.events(TextDelta(0, "Hel", logprobs=HELLO[:1]))[0]["choices"][0]["logprobs"]
+    second = stream.events(TextDelta(0, "", logprobs=HELLO[1:]))[0]["choices"][0]
+    assert first["text_offset"] == [0] and second["logprobs"]["text_offset"] == [3]
+    assert second["text"] == "" and second["logprobs"]["tokens"] == ["lo é"]
+    assert OpenAIFormat(MODEL, chat=False).response([DONE])["choices"][0]["logprobs"] is None
