@@ -53,6 +53,11 @@ class Prompt:
     messages: tuple[tuple[str, str], ...] = ()
     token_ids: tuple[int, ...] = ()
     """``/v1/completions``'s prompt sent as token ids, fed to the model as they are."""
+    echo: bool = False
+    """The completion begins with the prompt (``/v1/completions``'s ``echo``)."""
+    choice: int = 0
+    """Which of the prompt's ``n`` choices this is: a seeded request's choice
+    ``i`` samples with ``seed + i``, so the choices differ and each repeats."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class TokenLogprob:
     asked, the likeliest tokens in its place, each as its text."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None for a prompt's first token, which nothing comes before."""
     top: tuple[tuple[str, float], ...] = ()
 
 

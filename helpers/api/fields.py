@@ -45,6 +45,10 @@ TokenIdsList = Annotated[
 TokenCount = Annotated[
     StrictInt, Field(ge=1), AfterValidator(_at_most("max_new_tokens", "MAX_NEW_TOKENS"))
 ]
+TokenCountOrNone = Annotated[
+    StrictInt, Field(ge=0), AfterValidator(_at_most("max_new_tokens", "MAX_NEW_TOKENS"))
+]
+"""A completion's ``max_tokens``, where 0 (only the prompt, echoed) is allowed."""
 # StrictFloat accepts ints (1 is a fine temperature) but refuses "0.5" and true.
 Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)]

@@ -31,8 +31,10 @@ def model_card(model_id: str, created: int, engine: dict[str, Any] | None) -> di
     }
 
 
-def usage(completions: Sequence[Completion]) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in completions)
+def usage(completions: Sequence[Completion], choices: int = 1) -> dict[str, int]:
+    """Tokens counted as OpenAI counts them: each prompt once, however many
+    ``choices`` it has (they come together, a prompt's choices side by side)."""
+    prompt = sum(c.prompt_tokens for c in completions[::choices])
     completion = sum(c.completion_tokens for c in completions)
     return {
         "prompt_tokens": prompt,
@@ -44,10 +46,13 @@ def usage(completions: Sequence[Completion]) -> dict[str, int]:
 class OpenAIFormat:
     """Builds one request's response, or its stream chunks (a ``StreamFormat``)."""
 
-    def __init__(self, model: str, *, chat: bool, include_usage: bool = False) -> None:
+    def __init__(
+        self, model: str, *, chat: bool, include_usage: bool = False, choices: int = 1
+    ) -> None:
         self.model = model
         self.chat = chat
         self.include_usage = include_usage
+        self.choices = choices
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._completions: dict[int, Completion] = {}
@@ -63,12 +68,14 @@ class OpenAIFormat:
             }
             for index, completion in enumerate(completions)
         ]
-        return {**self._header(chunk=False), "choices": choices, "usage": usage(completions)}
+        counted = usage(completions, self.choices)
+        return {**self._header(chunk=False), "choices": choices, "usage": counted}
 
     def opening(self) -> list[dict[str, Any]]:
         if not self.chat:
             return []
-        return [self._chunk(0, {"delta": {"role": "assistant", "content": ""}}, None)]
+        opening = {"delta": {"role": "assistant", "content": ""}}
+        return [self._chunk(index, opening, None) for index in range(self.choices)]
 
     def events(self, delta: TextDelta) -> list[dict[str, Any]]:
         events = []
@@ -86,7 +93,8 @@ class OpenAIFormat:
         if not self.include_usage:
             return []
         completions = [self._completions[i] for i in sorted(self._completions)]
-        return [{**self._header(chunk=True), "choices": [], "usage": usage(completions)}]
+        counted = usage(completions, self.choices)
+        return [{**self._header(chunk=True), "choices": [], "usage": counted}]
 
     def _header(self, chunk: bool) -> dict[str, Any]:
         if self.chat:
@@ -120,7 +128,8 @@ class OpenAIFormat:
         return {
             "tokens": [entry.token for entry in entries],
             "token_logprobs": [entry.logprob for entry in entries],
-            "top_logprobs": [dict(entry.top) for entry in entries],
+            # null for an echoed prompt's first token, as for its logprob
+            "top_logprobs": [None if e.logprob is None else dict(e.top) for e in entries],
             "text_offset": offsets,
         }
 

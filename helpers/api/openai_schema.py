@@ -26,12 +26,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from helpers.api.fields import (
     Prompt,
     PromptList,
     Temperature,
     TokenCount,
+    TokenCountOrNone,
     TokenIds,
     TokenIdsList,
     TopP,
@@ -39,6 +41,8 @@ from helpers.api.fields import (
 from helpers.api.sampling_controls import SamplingControls
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8
+"""Most choices (``n``) per prompt; their prompt is prefilled once."""
 MAX_CHAT_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 """OpenAI's limits on the alternatives listed per token."""
@@ -60,7 +64,7 @@ class _SamplingFields(SamplingControls):
     top_p: TopP | None = None
     stop: StopString | Annotated[list[StopString], Field(min_length=1)] | None = None
     seed: StrictInt | None = None
-    n: Annotated[StrictInt, Field(ge=1)] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -70,13 +74,6 @@ class _SamplingFields(SamplingControls):
     def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"must hold at most {MAX_STOP_STRINGS} strings")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported; send several requests instead")
         return value
 
     @model_validator(mode="after")
@@ -99,7 +96,17 @@ class CompletionRequest(_SamplingFields):
     text; each prompt may come as token ids instead, as OpenAI documents."""
 
     prompt: Prompt | PromptList | TokenIds | TokenIdsList
+    max_tokens: TokenCountOrNone | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    echo: StrictBool = False
+
+    @model_validator(mode="after")
+    def _nothing_to_decode_needs_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            error = PydanticCustomError("max_tokens_without_echo", "0 is only allowed with echo")
+            detail = InitErrorDetails(type=error, loc=("max_tokens",), input=0)
+            raise ValidationError.from_exception_data(type(self).__name__, [detail])
+        return self
 
     def logprob_count(self) -> int | None:
         """How many alternatives each token's entry lists, or None for no entries."""

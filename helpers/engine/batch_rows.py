@@ -48,6 +48,15 @@ def encode(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+def distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts, and for each prompt the index of its distinct
+    one. A prompt asked for several choices (``n``) is prefilled once; its
+    other rows copy that row's cache."""
+    first: dict[tuple[int, ...], int] = {}
+    order = [first.setdefault(tuple(prompt), len(first)) for prompt in prompts]
+    return [list(prompt) for prompt in first], order
+
+
 def power_of_two_at_least(needed: int, smallest: int) -> int:
     size = smallest
     while size < needed:
@@ -78,7 +87,8 @@ class PaddedRows:
 
     def admit(self, prompts: list[list[int]]) -> list[int]:
         """Prefill ``prompts`` (token ids) as new rows; returns their lengths in tokens."""
-        ids, mask, positions = self._encode(prompts)
+        unique, order = distinct(prompts)
+        ids, mask, positions = self._encode(unique)
         cache = self.model.new_cache()
         output = self.model(
             input_ids=ids,
@@ -87,7 +97,7 @@ class PaddedRows:
             cache=cache,
             logits_to_keep=1,
         )
-        return self._add_rows(cache, mask, positions, output.logits)
+        return self._add_rows(*_copied(order, cache, mask, positions, output.logits))
 
     def _encode(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """Token ids, mask and position ids of new rows."""
@@ -141,7 +151,8 @@ class PaddedRows:
         self.mask = F.pad(self.mask, (0, 1), value=1)
         step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
         if prompts:
-            ids, mask, positions = self._encode(prompts)
+            unique, order = distinct(prompts)
+            ids, mask, positions = self._encode(unique)
             cache = self.model.new_cache()
             assert isinstance(self.model, SegmentDecoder)
             logits, new_logits = self.model.forward_segments(
@@ -161,7 +172,20 @@ class PaddedRows:
         self.logits = logits[:, -1, :].float()
         if not prompts:
             return []
-        return self._add_rows(cache, mask, positions, new_logits)
+        return self._add_rows(*_copied(order, cache, mask, positions, new_logits))
+
+
+def _copied(
+    order: list[int], cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefilled rows of distinct prompts laid out as ``order`` asks, each
+    repeated prompt's row copied."""
+    if order == list(range(len(order))) and len(order) == mask.shape[0]:
+        return cache, mask, positions, logits
+    index = torch.tensor(order, device=mask.device)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return cache, mask[index], positions[index], logits[index]
 
 
 def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
@@ -201,18 +225,26 @@ class SlotRows:
     def admit(self, prompts: list[list[int]]) -> list[int]:
         busy = set(self.slot_of)
         slots = [slot for slot in range(self.slots) if slot not in busy][: len(prompts)]
-        ids, mask = encode(prompts, self.pad, self.device)
-        lengths = mask.sum(-1).tolist()
-        self._make_room(max(lengths))
+        unique, order = distinct(prompts)
+        prefilled = [slots[order.index(index)] for index in range(len(unique))]
+        ids, mask = encode(unique, self.pad, self.device)
+        self._make_room(int(mask.sum(-1).max()))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.capacity)
         cache = self.cache
         cache.rows = torch.tensor(slots, device=self.device)
         cache.clear_rows()
+        cache.rows = torch.tensor(prefilled, device=self.device)
         cache.leading, cache.columns, cache.width = False, positions, ids.shape[1]
         output = self.model(input_ids=ids, position_ids=positions, cache=cache, logits_to_keep=1)
+        for slot, index in zip(slots, order, strict=True):
+            if slot != prefilled[index]:  # a repeated prompt: copy its prefilled slot
+                for layer in cache.layers:
+                    layer.keys[slot] = layer.keys[prefilled[index]]
+                    layer.values[slot] = layer.values[prefilled[index]]
+        lengths = [int(length) for length in mask.sum(-1)[order].tolist()]
         self.slot_of += slots
         self.next_position += lengths
-        new_logits = output.logits[:, -1, :].float()
+        new_logits = output.logits[:, -1, :].float()[torch.tensor(order, device=self.device)]
         self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
         return lengths
 

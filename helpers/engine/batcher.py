@@ -26,6 +26,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,9 @@ class BatchStats:
     generated_tokens: int = 0
     largest_batch: int = 0
     cancelled: int = 0
+    shared_prefills: int = 0
+    """Rows that copied the prefill of an identical prompt admitted with them
+    (a request's ``n`` choices) instead of computing their own."""
 
 
 @dataclass
@@ -155,6 +159,8 @@ class ContinuousBatcher:
         self._new_chores: queue.SimpleQueue[_Chore] = queue.SimpleQueue()
         self._chores: collections.deque[_Chore] = collections.deque()  # decode thread only
         self._stopping = threading.Event()
+        # Held while a group is submitted, and while the loop takes arrivals.
+        self._arriving = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
         # A daemon thread killed inside torch at exit aborts the interpreter
@@ -200,13 +206,22 @@ class ContinuousBatcher:
         self._waiting.put(sequence)
         return future
 
-    def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
+    def together(self) -> AbstractContextManager[object]:
+        """Requests submitted inside this block join the batch in the same
+        step (where it has room for them all), so identical prompts, a
+        request's ``n`` choices, share one prefill."""
+        return self._arriving
+
+    def between_steps(
+        self, pieces: Sequence[Callable[[], None]], wake: bool = False
+    ) -> Future[None]:
         """Run ``pieces`` in order on the decode thread: one between two decode
         steps while sequences decode, all that are left once the engine is
         idle. Resolves when the last has run, or with the error of the first
         that raised (the pieces after it are dropped). A loop asleep, with
         nothing submitted, starts them after the next request's first step,
-        so that request's first token never waits for them.
+        so that request's first token never waits for them; with ``wake``
+        (work a caller waits for) it starts them at once.
 
         Why pieces: work queued for an idle moment never runs on a replica
         that starts under load and stays busy, while running it all at once
@@ -217,6 +232,8 @@ class ContinuousBatcher:
         """
         done: Future[None] = Future()
         self._new_chores.put(_Chore(list(pieces), done))
+        if wake:
+            self._waiting.put(None)  # an empty arrival: the loop goes round once
         return done
 
     def _run(self) -> None:
@@ -251,11 +268,12 @@ class ContinuousBatcher:
         """Waiting sequences that fit; blocks only when nothing is running."""
         room = self.max_batch_size - len(self._sequences)
         arrivals: list[_Sequence | None] = [] if self._sequences else [self._waiting.get()]
-        while len(arrivals) < room:
-            try:
-                arrivals.append(self._waiting.get_nowait())
-            except queue.Empty:
-                break
+        with self._arriving:
+            while len(arrivals) < room:
+                try:
+                    arrivals.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
         live = [s for s in arrivals if s is not None and not s.future.cancelled()]
         self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
         return live
@@ -330,6 +348,7 @@ class ContinuousBatcher:
             sequence.prompt_tokens = length
         self._sequences += sequences
         self.stats.prefills += 1
+        self.stats.shared_prefills += len(sequences) - len({tuple(s.prompt_ids) for s in sequences})
         self.stats.sequences += len(sequences)
 
     def _finish(self, sequence: _Sequence, reason: str) -> None:

@@ -21,8 +21,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,19 @@ from helpers.engine.hub import is_hub_id, snapshot_directory
 from helpers.engine.int8_linear import Int8Linear
 from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
-from helpers.protocol import Completion, PromptTooLongError, Sampling, TokenIdError
+from helpers.protocol import (
+    Completion,
+    PromptTooLongError,
+    Sampling,
+    TokenIdError,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
+
+SCORING_CHUNK = 256
+"""Prompt tokens scored per forward pass by :meth:`Engine.prompt_logprobs`:
+their logits (a vocabulary's worth each) are all that is held at once."""
 
 __all__ = [
     "Completion",
@@ -309,6 +320,12 @@ class Engine:
                 f"context length ({self.context_length})"
             )
 
+    def together(self) -> AbstractContextManager[object]:
+        """Requests submitted inside this block are admitted in one step, so
+        a request's ``n`` choices share one prefill
+        (:meth:`ContinuousBatcher.together`)."""
+        return self._batcher.together()
+
     def check_token_ids(self, request: GenerationRequest) -> None:
         """Refuse a token id the model has no logit for, naming its field:
         only here is the vocabulary known."""
@@ -363,9 +380,55 @@ class Engine:
         (all at once when idle); see :meth:`ContinuousBatcher.between_steps`."""
         return self._batcher.between_steps(pieces)
 
+    def prompt_logprobs(
+        self, prompt: str | tuple[int, ...], top: int
+    ) -> Future[tuple[TokenLogprob, ...]]:
+        """Each prompt token's log probability given the tokens before it
+        (None for the first), with ``top`` alternatives: how evaluation
+        harnesses score a text (``echo`` with ``logprobs``).
+
+        The pass runs on the decode thread between two steps, where the model
+        is free, in chunks of :data:`SCORING_CHUNK` tokens through a cache of
+        its own, so a long prompt's logits never sit in memory at once."""
+        ids = prompt_token_ids(self.tokenizer, prompt)
+        scored: Future[tuple[TokenLogprob, ...]] = Future()
+
+        def score() -> None:
+            with torch.inference_mode():
+                scored.set_result(tuple(self._score(ids, top)))
+
+        def failed(done: Future[None]) -> None:
+            if done.exception() is not None and not scored.done():
+                scored.set_exception(done.exception())  # type: ignore[arg-type]
+
+        self._batcher.between_steps([score], wake=True).add_done_callback(failed)
+        return scored
+
+    def _score(self, ids: list[int], top: int) -> Iterator[TokenLogprob]:
+        text = self.tokenizer.decode
+        yield TokenLogprob(text([ids[0]]), None)
+        cache = self.model.new_cache()
+        tokens = torch.tensor([ids], device=self.device)
+        for start in range(0, len(ids) - 1, SCORING_CHUNK):
+            chunk = tokens[:, start : start + SCORING_CHUNK]
+            mask = torch.ones(1, start + chunk.shape[1], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=chunk, attention_mask=mask, cache=cache).logits[0]
+            values = torch.log_softmax(logits.float(), dim=-1)
+            # Position i predicts token start + i + 1.
+            targets = tokens[0, start + 1 : start + 1 + chunk.shape[1]]
+            chosen = values[: len(targets)].gather(1, targets[:, None])[:, 0].tolist()
+            best = values[: len(targets)].topk(top) if top else None
+            for i, token in enumerate(targets.tolist()):
+                alternatives = ()
+                if best is not None:
+                    pairs = zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)
+                    alternatives = tuple((text([t]), v) for t, v in pairs)
+                yield TokenLogprob(text([token]), chosen[i], alternatives)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Complete ``requests`` (blocking); completions hold only the new text."""
-        futures = [self.submit(request) for request in requests]
+        with self.together():
+            futures = [self.submit(request) for request in requests]
         return [future.result() for future in futures]
 
     @property

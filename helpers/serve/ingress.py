@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -130,7 +131,9 @@ class Ingress:
         """OpenAI's completions: the prompt is completed as raw text, no template."""
         parsed = await self._parse(request, CompletionRequest, default_param="prompt")
         prompts = [
-            Prompt(text=prompt, raw=True) if isinstance(prompt, str) else Prompt(token_ids=prompt)
+            Prompt(text=prompt, raw=True, echo=parsed.echo)
+            if isinstance(prompt, str)
+            else Prompt(token_ids=prompt, echo=parsed.echo)
             for prompt in parsed.prompt_list()
         ]
         return await self._openai(
@@ -181,7 +184,7 @@ class Ingress:
     ) -> Any:
         self._check_model(parsed.model)
         sampling = Sampling(
-            max_new_tokens=max_tokens or self.config.max_new_tokens,
+            max_new_tokens=self.config.max_new_tokens if max_tokens is None else max_tokens,
             temperature=self.config.temperature
             if parsed.temperature is None
             else parsed.temperature,
@@ -191,10 +194,26 @@ class Ingress:
             logprobs=parsed.logprob_count(),
             **parsed.controls(),
         )
-        shape = OpenAIFormat(parsed.model, chat=chat, include_usage=parsed.include_usage())
+        self._check_token_budget(parsed.n, sampling.max_new_tokens, len(prompts))
+        choices = [replace(prompt, choice=i) for prompt in prompts for i in range(parsed.n)]
+        shape = OpenAIFormat(
+            parsed.model, chat=chat, include_usage=parsed.include_usage(), choices=parsed.n
+        )
         if parsed.stream:
-            return await self._stream(prompts, sampling, shape, fields)
-        return shape.response(await self._complete(prompts, sampling, fields))
+            return await self._stream(choices, sampling, shape, fields)
+        return shape.response(await self._complete(choices, sampling, fields))
+
+    def _check_token_budget(self, n: int, max_tokens: int, prompts: int) -> None:
+        """A request may ask for as many tokens as MAX_PROMPTS prompts of
+        MAX_NEW_TOKENS each, however it spreads them over ``n`` and prompts."""
+        budget = self.config.max_new_tokens * self.config.max_prompts
+        if n * max_tokens * prompts > budget:
+            raise ApiError(
+                400,
+                f"n: {n} choices x {max_tokens} tokens x {prompts} prompts asks for more than "
+                f"{budget} tokens in all (MAX_NEW_TOKENS x MAX_PROMPTS)",
+                "n",
+            )
 
     async def _parse(self, request: Request, model: type[Body], default_param: str) -> Body:
         """Key, content type, size, JSON, then fields: each refused with its own 4xx."""

@@ -20,13 +20,46 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogprob
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A prompt that its completion repeats (``echo``): its text, its length
+    in tokens and, where asked, its tokens' log probabilities."""
+
+    text: str
+    tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None
+
+    def opening(self, index: int) -> TextDelta:
+        """The prompt, streamed before the completion's first token."""
+        return TextDelta(index, self.text, logprobs=self.logprobs or ())
+
+    def around(self, delta: TextDelta) -> TextDelta:
+        """``delta``, with its completion (if it holds one) begun by the prompt."""
+        if delta.completion is None:
+            return delta
+        completion = delta.completion
+        logprobs = completion.logprobs
+        if logprobs is not None:
+            logprobs = (self.logprobs or ()) + logprobs
+        whole = replace(completion, text=self.text + completion.text, logprobs=logprobs)
+        return replace(delta, completion=whole)
+
+    def nothing_more(self, index: int, streamed: bool) -> TextDelta:
+        """The whole answer when no token is to be decoded (``max_tokens`` 0)."""
+        logprobs = None if self.logprobs is None else ()
+        nothing = Completion("", self.tokens, 0, "length", logprobs)
+        opening = self.opening(index) if streamed else TextDelta(index, "")
+        return self.around(replace(opening, completion=nothing))
+
 
 if TYPE_CHECKING:  # the engine (torch) is imported by a replica only, when it starts
     from helpers.engine.engine import GenerationRequest, LoadTimes
@@ -98,8 +131,19 @@ class LLMServer:
         both happen before the ingress answers), the deadline, cancellation,
         and what a failure turns into. A replica that dies mid-call fails the
         call at once; nothing is replayed on another replica.
+
+        Prompts that ``echo`` (all of a request's or none) come first, each as
+        its own delta (with its tokens' log probabilities where asked), and
+        their completions' text and log probabilities begin with them;
+        ``max_new_tokens`` 0 then decodes nothing.
         """
         requests = self._requests(prompts, sampling)
+        echo = any(prompt.echo for prompt in prompts)
+        echoes = [await self._echo(request, sampling) for request in requests] if echo else []
+        if echoes and sampling.max_new_tokens == 0:
+            yield []
+            yield [echoed.nothing_more(index, text) for index, echoed in enumerate(echoes)]
+            return
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
 
@@ -107,8 +151,11 @@ class LLMServer:
             with contextlib.suppress(RuntimeError):  # the replica's loop has closed
                 loop.call_soon_threadsafe(arrived.put_nowait, item)
 
-        futures = [self._submit(i, r, deliver, text) for i, r in enumerate(requests)]
+        with self.engine.together():  # a prompt's n choices share its prefill
+            futures = [self._submit(i, r, deliver, text) for i, r in enumerate(requests)]
         yield []
+        if echoes and text:
+            yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
         try:
             remaining = len(futures)
             while remaining:
@@ -120,10 +167,25 @@ class LLMServer:
                         raise item
                 deltas = [item for item in batch if isinstance(item, TextDelta)]
                 remaining -= sum(1 for delta in deltas if delta.completion is not None)
+                if echoes:
+                    deltas = [echoes[delta.index].around(delta) for delta in deltas]
                 yield deltas
         finally:
             for future in futures:
                 future.cancel()
+
+    async def _echo(self, request: GenerationRequest, sampling: Sampling) -> Echo:
+        """A prompt as its echoed completion begins with it."""
+        prompt = request.prompt
+        if isinstance(prompt, tuple):
+            text, tokens = self.engine.tokenizer.decode(list(prompt)), len(prompt)
+        else:
+            text, tokens = prompt, self.engine.count_tokens(prompt)
+        logprobs = None
+        if sampling.logprobs is not None:
+            scored = self.engine.prompt_logprobs(prompt, sampling.logprobs)
+            logprobs = await asyncio.wrap_future(scored)
+        return Echo(text, tokens, logprobs)
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising makes Serve replace the
@@ -183,7 +245,10 @@ class LLMServer:
         return future
 
     def _requests(self, prompts: list[Prompt], sampling: Sampling) -> list[GenerationRequest]:
-        return [self.engine.request(self._render(prompt), sampling) for prompt in prompts]
+        return [
+            self.engine.request(self._render(prompt), _for_choice(sampling, prompt.choice))
+            for prompt in prompts
+        ]
 
     def _render(self, prompt: Prompt) -> str | tuple[int, ...]:
         """What the engine reads: token ids as sent, or the prompt's text."""
@@ -198,3 +263,10 @@ class LLMServer:
             if prompt.raw
             else self.engine.format_prompt(prompt.text, self.config.prompt_format)
         )
+
+
+def _for_choice(sampling: Sampling, choice: int) -> Sampling:
+    """A seeded request's choice ``i`` samples with ``seed + i``."""
+    if not choice or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=sampling.seed + choice)

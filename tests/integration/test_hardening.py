@@ -192,18 +192,18 @@ BAD_INPUT = [
             "/generate",
             {"json": gen(**{key: value})},
             400,
-            f"generation_kwargs.{key}",
+            f"generation_kwargs.{key}{where[0] if where else ''}",
         )
-        for key, value in (
+        for key, value, *where in (
             ("top_k", -2),
             ("min_p", 1.5),
             ("presence_penalty", -3),
             ("frequency_penalty", 2.5),
             ("repetition_penalty", 0),
             ("logit_bias", {"one": 1}),
-            ("logit_bias", {"5": 500}),
+            ("logit_bias", {"5": 500}, ".5"),
             ("logit_bias", {"49152": 1}),  # past the embedded vocabulary: the replica says so
-            ("stop_token_ids", [-1]),
+            ("stop_token_ids", [-1], ".0"),
             ("stop_token_ids", [49152]),
             ("ignore_eos", "yes"),
         )
@@ -282,7 +282,15 @@ BAD_INPUT = [
     ("v1 max_tokens '2'", "POST", "/v1/completions", v1(max_tokens="2"), 400, "max_tokens"),
     ("v1 temperature 3", "POST", "/v1/completions", v1(temperature=3), 400, "temperature"),
     ("v1 top_p 0", "POST", "/v1/completions", v1(top_p=0), 400, "top_p"),
-    ("v1 n 2", "POST", "/v1/completions", v1(n=2), 400, "n"),
+    ("v1 n 9", "POST", "/v1/completions", v1(n=9), 400, "n"),
+    (
+        "v1 n past the budget",
+        "POST",
+        "/v1/completions",
+        v1(n=8, max_tokens=16, prompt=["a"] * 3),
+        400,
+        "n",
+    ),
     ("v1 five stops", "POST", "/v1/completions", v1(stop=list("abcde")), 400, "stop"),
     ("v1 best_of", "POST", "/v1/completions", v1(best_of=2), 400, "best_of"),
     ("v1 over the context", "POST", "/v1/completions", v1(prompt=LONG), 400, "prompt"),

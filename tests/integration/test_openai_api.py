@@ -289,9 +289,80 @@ def test_completion_logprobs_list_the_alternatives(client: openai.OpenAI, model:
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
 
 
+def test_echo_scores_the_prompt_as_an_independent_model_does(
+    client: openai.OpenAI, model: str, deployed_app: ServeConfig, tokenizer
+) -> None:
+    """How evaluation harnesses score a text: ``echo`` with ``max_tokens: 0``
+    and ``logprobs``, held to transformers' own model on the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helpers.engine.embedded_model import converted_dir
+
+    text = "The capital of France is Paris."
+    reply = client.completions.create(
+        model=model, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.text == text and reply.usage.completion_tokens == 0
+    ids = tokenizer(text)["input_ids"]
+    assert choice.logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    reference = AutoModelForCausalLM.from_pretrained(converted_dir(deployed_app.model_cache_dir))
+    with torch.inference_mode():
+        logits = reference(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    for position, logprob in enumerate(choice.logprobs.token_logprobs[1:]):
+        assert logprob == pytest.approx(float(expected[position, ids[position + 1]]), abs=2e-3)
+    echoed = client.completions.create(
+        model=model, prompt=ids, max_tokens=4, echo=True, temperature=0
+    )
+    plain = client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0)
+    assert echoed.choices[0].text == text + plain.choices[0].text
+    streamed = client.completions.create(
+        model=model, prompt=text, max_tokens=4, echo=True, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.choices[0].text
+
+
+def test_n_choices_share_one_prefill_and_count_the_prompt_once(
+    client: openai.OpenAI, model: str
+) -> None:
+    before = batch_stats()["shared_prefills"]
+    args = {"model": model, "prompt": COUNTING, "max_tokens": 8, "temperature": 1.0, "n": 3}
+    reply = client.completions.create(seed=5, **args)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.text for c in reply.choices]
+    assert len(set(texts)) > 1, "each choice samples with its own seed"
+    assert [c.text for c in client.completions.create(seed=5, **args).choices] == texts
+    assert batch_stats()["shared_prefills"] >= before + 4
+    alone = client.completions.create(model=model, prompt=COUNTING, max_tokens=1)
+    assert reply.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert 8 < reply.usage.completion_tokens <= 3 * 8, "every choice's tokens counted"
+
+
+def test_n_choices_stream_side_by_side(client: openai.OpenAI, model: str) -> None:
+    args = {"messages": COLOURS, "max_tokens": 6, "temperature": 0, "n": 2}
+    whole = client.chat.completions.create(model=model, **args)
+    texts = [c.message.content for c in whole.choices]
+    assert texts[0] == texts[1], "greedy: both choices alike"
+    _, chunks = streamed_chat(client, model, **args)
+    by_index = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            by_index[choice.index] += choice.delta.content or ""
+    assert [by_index[0], by_index[1]] == texts
+
+
 BAD_CALLS = [
     pytest.param({"model": "gpt-4o"}, openai.NotFoundError, "model", id="unknown model"),
-    pytest.param({"n": 2}, openai.BadRequestError, "n", id="n above 1"),
+    pytest.param({"n": 9}, openai.BadRequestError, "n", id="n above 8"),
+    pytest.param(
+        {"n": 8, "max_tokens": 64, "prompt": ["a", "b"]},
+        openai.BadRequestError,
+        "n",
+        id="past the token budget",
+    ),
     pytest.param({"temperature": 3}, openai.BadRequestError, "temperature", id="hot"),
     pytest.param({"top_p": 1.5}, openai.BadRequestError, "top_p", id="top_p"),
     pytest.param(
@@ -311,6 +382,7 @@ BAD_CALLS = [
     ),
     pytest.param({"extra_body": {"top_k": -5}}, openai.BadRequestError, "top_k", id="top_k"),
     pytest.param({"logprobs": 6}, openai.BadRequestError, "logprobs", id="six logprobs"),
+    pytest.param({"max_tokens": 0}, openai.BadRequestError, "max_tokens", id="0 without echo"),
     pytest.param({"presence_penalty": 2.5}, openai.BadRequestError, "presence_penalty", id="pp"),
     pytest.param(
         {"prompt": "word " * 9000, "stream": True},

@@ -79,3 +79,41 @@ def test_a_slot_is_cleared_for_its_next_sequence(engines: tuple[Engine, Engine])
         for layer in cache.layers:
             layer.values[:, :, 40] = float("nan")  # past the sequence, inside the width read
     assert slotted.generate([greedy(PROMPTS[0], 8)])[0].text == alone
+
+
+@pytest.mark.parametrize("layout", ["padded", "slots"])
+def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
+    engines: tuple[Engine, Engine], layout: str
+) -> None:
+    """A request's ``n`` choices: one prefill, the other rows copied from it,
+    each then decoding exactly as the prompt admitted alone does."""
+    engine = engines[layout == "slots"]
+    rows_type = type(engine._batcher._rows)
+    model, tokenizer = engine.model, engine.tokenizer
+    rows = (
+        rows_type(model, tokenizer) if layout == "padded" else rows_type(model, tokenizer, 4, False)
+    )
+    alone = (
+        rows_type(model, tokenizer) if layout == "padded" else rows_type(model, tokenizer, 4, False)
+    )
+    repeated, other = (tokenizer(p)["input_ids"] for p in PROMPTS[:2])
+    with torch.inference_mode():
+        calls = []
+        forward = model.forward
+        model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
+        try:
+            lengths = rows.admit([repeated, other, repeated, repeated])
+        finally:
+            del model.forward
+        assert calls == [2], "two distinct prompts, one pass"
+        assert lengths == [len(repeated), len(other), len(repeated), len(repeated)]
+        alone.admit([repeated])
+        for _ in range(3):
+            tokens = rows.logits.argmax(-1).tolist()
+            assert tokens[0] == tokens[2] == tokens[3] == int(alone.logits[0].argmax())
+            assert torch.equal(rows.logits[0], rows.logits[2])
+            assert torch.equal(rows.logits[0], rows.logits[3])
+            # Alone, the rows' sums run in another order: the same up to rounding.
+            torch.testing.assert_close(rows.logits[0], alone.logits[0], rtol=0, atol=1e-3)
+            rows.decode(tokens)
+            alone.decode([tokens[0]])

@@ -1,5 +1,7 @@
-"""The sampling controls on the real embedded model, in both batch layouts:
-each row's settings are its own, whatever shares its batch."""
+"""The sampling controls on the real embedded model: each row's settings are
+its own, whatever shares its batch (in both batch layouts); the controls'
+effects, which no layout changes, on the padded one alone, to keep the
+suite's time."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers.engine.engine import Engine, GenerationRequest, Sampling, TokenIdError
+from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling, TokenIdError
 
 COLOURS = "List three colours:\n1."
 GREEDY = Sampling(24, temperature=0.0, top_p=1.0)
+padded_only = pytest.mark.parametrize("engine", ["padded"], indirect=True)
 
 
 def completion_ids(engine: Engine, text: str) -> list[int]:
@@ -38,12 +41,14 @@ def test_each_rows_controls_leave_its_neighbours_text_alone(engine: Engine) -> N
     assert len({c.text for c in alone[:2] + alone[4:]}) == 3, "the controls changed nothing"
 
 
+@padded_only
 def test_top_k_one_gives_the_greedy_text_at_any_temperature(engine: Engine) -> None:
     greedy = engine.generate([GenerationRequest(COLOURS, GREEDY)])[0]
     top_one = replace(GREEDY, temperature=1.8, top_k=1, seed=11)
     assert engine.generate([GenerationRequest(COLOURS, top_one)])[0].text == greedy.text
 
 
+@padded_only
 def test_a_logit_bias_of_100_makes_its_token_every_token(engine: Engine) -> None:
     token = completion_ids(engine, " ray")[-1]
     forced = replace(GREEDY, max_new_tokens=6, logit_bias=((token, 100.0),))
@@ -51,6 +56,7 @@ def test_a_logit_bias_of_100_makes_its_token_every_token(engine: Engine) -> None
     assert completion.text == engine.tokenizer.decode([token] * 6)
 
 
+@padded_only
 def test_a_stop_token_id_ends_the_completion_without_it(engine: Engine) -> None:
     greedy = engine.generate([GenerationRequest(COLOURS, GREEDY)])[0]
     newline = 198  # "\n" in this vocabulary; the greedy list has several
@@ -61,6 +67,7 @@ def test_a_stop_token_id_ends_the_completion_without_it(engine: Engine) -> None:
     assert completion.text == greedy.text.split("\n")[0]
 
 
+@padded_only
 def test_ignore_eos_decodes_past_the_end_of_sequence(engine: Engine) -> None:
     prompt = engine.format_prompt("Reply with the single word: yes", "chat")
     short = engine.generate([GenerationRequest(prompt, replace(GREEDY, max_new_tokens=48))])[0]
@@ -71,6 +78,7 @@ def test_ignore_eos_decodes_past_the_end_of_sequence(engine: Engine) -> None:
     assert completion.text.startswith(short.text)
 
 
+@padded_only
 @pytest.mark.parametrize(
     "penalty",
     [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 1.8}],
@@ -88,6 +96,7 @@ def test_a_penalty_makes_the_greedy_text_repeat_itself_less(engine: Engine, pena
     assert most_repeated(text) < most_repeated(plain.text)
 
 
+@padded_only
 @pytest.mark.parametrize("field", ["logit_bias", "stop_token_ids"])
 def test_a_token_id_outside_the_vocabulary_is_refused_by_its_field(
     engine: Engine, field: str
@@ -132,6 +141,7 @@ def test_logprobs_are_the_models_own_from_an_independent_forward_pass(engine: En
     assert engine.generate([GenerationRequest(COLOURS, GREEDY)])[0].logprobs is None
 
 
+@padded_only
 def test_logprobs_are_taken_before_the_controls_change_the_logits(engine: Engine) -> None:
     """A token forced by logit_bias keeps its own, low, log probability."""
     token = completion_ids(engine, " ray")[-1]
@@ -141,3 +151,30 @@ def test_logprobs_are_taken_before_the_controls_change_the_logits(engine: Engine
     assert [entry.token for entry in completion.logprobs] == [engine.tokenizer.decode([token])] * 3
     first = completion.logprobs[0]  # after it, the model itself expects " ray" again
     assert first.logprob < first.top[0][1] and first.top[0][0] == " Red"
+
+
+@padded_only
+def test_a_prompts_logprobs_are_one_forward_pass_over_it(engine: Engine) -> None:
+    """Scored in chunks of 256 through a cache, between decode steps, a
+    prompt longer than a chunk gets the log probabilities of one full pass."""
+    prompt = " ".join(f"{i} green bottles" for i in range(80))
+    ids = engine.tokenizer(prompt)["input_ids"]
+    assert len(ids) > SCORING_CHUNK
+    idle = engine.prompt_logprobs(prompt, 2).result(timeout=120)  # the loop wakes for it
+    busy = engine.submit(GenerationRequest(COLOURS, replace(GREEDY, max_new_tokens=24)))
+    entries = engine.prompt_logprobs(prompt, 2).result(timeout=120)  # between two steps
+    busy.result(timeout=120)
+    assert entries == idle
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    assert len(entries) == len(ids) and entries[0].logprob is None and entries[0].top == ()
+    assert "".join(entry.token for entry in entries) == prompt
+    for position, entry in enumerate(entries[1:]):
+        assert entry.logprob == pytest.approx(
+            float(expected[position, ids[position + 1]]), abs=1e-3
+        )
+        best = expected[position].topk(2)
+        assert [text for text, _ in entry.top] == [
+            engine.tokenizer.decode([t]) for t in best.indices.tolist()
+        ]

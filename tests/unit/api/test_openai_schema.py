@@ -46,7 +46,8 @@ def test_stop_takes_a_string_or_up_to_four() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
         ({"max_tokens": 65}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": 2.5}, "temperature"),
@@ -255,3 +256,22 @@ def test_completion_logprobs_have_the_legacy_lists_and_stream_their_offsets_on()
     assert first["text_offset"] == [0] and second["logprobs"]["text_offset"] == [3]
     assert second["text"] == "" and second["logprobs"]["tokens"] == ["lo é"]
     assert OpenAIFormat(MODEL, chat=False).response([DONE])["choices"][0]["logprobs"] is None
+
+
+def test_max_tokens_0_is_only_for_echo() -> None:
+    assert refused_field(completion, max_tokens=0) == "max_tokens"
+    assert completion(max_tokens=0, echo=True).max_tokens == 0
+    assert refused_field(completion, echo="yes") == "echo"
+    assert refused_field(chat, echo=True) == "echo"
+
+
+def test_usage_counts_each_prompt_once_however_many_choices() -> None:
+    """Two prompts of 5 and 3 tokens, two choices each, side by side."""
+    done = [Completion("a", 5, 2, "stop"), Completion("b", 5, 4, "length")]
+    done += [Completion("c", 3, 1, "stop"), Completion("d", 3, 3, "length")]
+    body = OpenAIFormat(MODEL, chat=False, choices=2).response(done)
+    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 10, "total_tokens": 18}
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    chat = OpenAIFormat(MODEL, chat=True, choices=3)
+    assert [c["choices"][0]["index"] for c in chat.opening()] == [0, 1, 2]
+    assert completion(n=8).n == 8
