@@ -9,6 +9,7 @@ not give the same logits and pass unnoticed.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.config import ServeConfig
-from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
 from helpers.engine.llama import llama_config, load_llama
 from tests.family_checkpoints import FAMILIES, build_checkpoint
 
@@ -103,11 +104,9 @@ def test_the_engine_decodes_transformers_greedy_text(
     assert got == expected
 
 
-def test_a_checkpoint_the_decoder_does_not_run_names_transformers_and_why(
-    checkpoints: dict[str, Path], tmp_path: Path
-) -> None:
-    """Qwen2's per-layer sliding windows are left to transformers, and the
-    engine says so, with the reason."""
+def transformers_path(checkpoints: dict[str, Path], tmp_path: Path) -> Path:
+    """The Qwen2 checkpoint with per-layer sliding windows, which the kit's
+    decoder leaves to transformers."""
     directory = tmp_path / "qwen2-sliding"
     directory.mkdir()
     for file in checkpoints["qwen2"].iterdir():
@@ -116,12 +115,62 @@ def test_a_checkpoint_the_decoder_does_not_run_names_transformers_and_why(
     config |= {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
     config.pop("layer_types", None)
     (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_checkpoint_the_decoder_does_not_run_names_transformers_and_why(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen2's per-layer sliding windows are left to transformers, and the
+    engine says so, with the reason."""
+    directory = transformers_path(checkpoints, tmp_path)
     engine = Engine.load(str(directory), tmp_path / "cache", cpu_threads=2)
     assert engine.info.implementation == "transformers"
     assert engine.info.architecture == "qwen2"
     assert "sliding window" in (engine.info.fallback_reason or "")
     [completion] = engine.generate([GenerationRequest(PROMPTS[1], Sampling(4, 0.0, 1.0))])
     assert completion.completion_tokens == 4 or completion.finish_reason == "stop"
+
+
+def test_request_controls_and_logprobs_hold_on_the_transformers_path(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same sampler, scoring and shared prefills serve transformers'
+    models: held to transformers' own forward pass, without the engine."""
+    directory = transformers_path(checkpoints, tmp_path)
+    engine = Engine.load(str(directory), tmp_path / "cache", cpu_threads=2)
+    assert engine.info.implementation == "transformers"
+    greedy = Sampling(6, 0.0, 1.0, logprobs=2, ignore_eos=True)
+    top_one = replace(greedy, temperature=1.5, seed=3, top_k=1)
+    prompt = PROMPTS[0]
+    plain, repeated, sampled = engine.generate(
+        [
+            GenerationRequest(prompt, greedy),
+            GenerationRequest(prompt, greedy),
+            GenerationRequest(prompt, top_one),
+        ]
+    )
+    assert plain == repeated and sampled.text == plain.text
+    assert engine.stats.shared_prefills >= 2
+    reference = transformers_model(directory)
+    ids = engine.tokenizer(prompt)["input_ids"]
+    with torch.inference_mode():
+        for entry in plain.logprobs or ():
+            values = torch.log_softmax(reference(torch.tensor([ids])).logits[0, -1], dim=-1)
+            token = int(values.argmax())
+            assert entry.token == engine.tokenizer.decode([token])
+            assert entry.logprob == pytest.approx(float(values[token]), abs=1e-4)
+            ids.append(token)
+    long_prompt = " ".join([PROMPTS[1]] * 20)
+    scored = engine.prompt_logprobs(long_prompt, 1).result(timeout=120)
+    long_ids = engine.tokenizer(long_prompt)["input_ids"]
+    assert len(long_ids) > SCORING_CHUNK and len(scored) == len(long_ids)
+    with torch.inference_mode():
+        values = torch.log_softmax(reference(torch.tensor([long_ids])).logits[0], dim=-1)
+    for position, entry in enumerate(scored[1:]):
+        assert entry.logprob == pytest.approx(
+            float(values[position, long_ids[position + 1]]), abs=1e-4
+        )
 
 
 def mlp_outputs(directory: Path, ids: torch.Tensor) -> list[torch.Tensor]:
