@@ -148,6 +148,34 @@ def test_the_same_seed_gives_the_same_text(client: openai.OpenAI, model: str) ->
     assert len({sample(seed) for seed in (1, 2, 3)}) > 1
 
 
+def test_a_seeded_request_gives_its_text_alone_and_among_other_settings(model: str) -> None:
+    """Through the server: its neighbours in the batch sample with other
+    controls, and its own text does not move."""
+    mine = {"prompt": COUNTING, "temperature": 1.0, "seed": 8, "extra_body": {"top_k": 20}}
+    others = [
+        {"prompt": "Hi", "temperature": 0.7, "seed": 1, "frequency_penalty": 1.5},
+        {"prompt": COUNTING, "temperature": 0, "logit_bias": {"28": -100}},
+        {
+            "prompt": "Ray",
+            "temperature": 1.2,
+            "extra_body": {"min_p": 0.2, "repetition_penalty": 1.4},
+        },
+    ]
+
+    async def replies(requests: list[dict]) -> list:
+        async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused") as client:
+            return await asyncio.gather(
+                *(client.completions.create(model=model, max_tokens=12, **r) for r in requests)
+            )
+
+    alone = asyncio.run(replies([mine]))[0].choices[0].text
+    passes = batch_stats()["forward_passes"]
+    together = asyncio.run(replies([mine, *others]))
+    assert together[0].choices[0].text == alone
+    tokens = sum(reply.usage.completion_tokens for reply in together)
+    assert batch_stats()["forward_passes"] - passes < tokens, "they shared batches"
+
+
 def test_include_usage_adds_a_last_chunk_with_the_usage(client: openai.OpenAI, model: str) -> None:
     _, chunks = streamed_chat(
         client,
