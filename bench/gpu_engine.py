@@ -306,6 +306,12 @@ def main() -> None:
         default=4,
         help="requests the walkthrough loop runs, one after another (it is slow)",
     )
+    parser.add_argument(
+        "--check-prompts",
+        type=int,
+        default=8,
+        help="prompts the slots-against-padded text check decodes (half as many long ones)",
+    )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ready_from:
@@ -330,10 +336,11 @@ def main() -> None:
         padded = Engine(
             slots.model, slots.tokenizer, model_id="padded", max_batch_size=largest, slots=False
         )
-        agree = same_text(slots, padded)
+        checked, long_checked = args.check_prompts, max(1, args.check_prompts // 2)
+        agree = same_text(slots, padded, count=checked)
         # Prompts just short of the slot cache's first capacity: it grows, and
         # its graphs are captured again, while these decode.
-        grown = same_text(slots, padded, count=4, tokens=32, words=LONG_PROMPT_WORDS)
+        grown = same_text(slots, padded, count=long_checked, tokens=32, words=LONG_PROMPT_WORDS)
         started = time.perf_counter()
         with HealthChecks(slots) as checks:  # as Serve's, while graphs are captured
             for batch in args.batches:  # the first pass of each shape captures its graphs
@@ -346,10 +353,10 @@ def main() -> None:
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
         loop = loop_tokens_per_s(directory, args.device, args.loop_requests, args.max_tokens)
     graphs = "CUDA graphs" if args.device == "cuda" else "eager"
-    print(f"same greedy text from slots and the padded cache: {agree} of 8 prompts")
+    print(f"same greedy text from slots and the padded cache: {agree} of {checked} prompts")
     print(
         f"the same past the slots' first capacity ({LONG_PROMPT_WORDS}-word prompts, "
-        f"32 tokens each): {grown} of 4 prompts"
+        f"32 tokens each): {grown} of {long_checked} prompts"
     )
     print(f"first pass at each batch size ({graphs}, captured then): {first_passes:.2f} s")
     print(f"health checks during that pass, on another thread: {checks.summary()}")

@@ -23,6 +23,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
             "4",
             "--loop-requests",
             "1",
+            "--check-prompts",
+            "2",  # the 240-word prompts dominate the run on CPU
         ],
         cwd=REPO,
         capture_output=True,
@@ -33,10 +35,10 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     ready = re.findall(r"ready ([\d.]+) s after a fresh process started", result.stdout)
     assert len(ready) == 2 and all(float(seconds) > 0 for seconds in ready)
     assert re.search(r"first token, one request on an idle engine: [\d.]+ ms", result.stdout)
-    agree = re.search(r"same greedy text from slots and the padded cache: (\d) of 8", result.stdout)
-    assert agree and int(agree.group(1)) == 8  # on CPU, in fp32, the layouts agree exactly
-    grown = re.search(r"past the slots' first capacity \(240-word .*: (\d) of 4", result.stdout)
-    assert grown and int(grown.group(1)) == 4
+    agree = re.search(r"same greedy text from slots and the padded cache: (\d) of 2", result.stdout)
+    assert agree and int(agree.group(1)) == 2  # on CPU, in fp32, the layouts agree exactly
+    grown = re.search(r"past the slots' first capacity \(240-word .*: (\d) of 1", result.stdout)
+    assert grown and int(grown.group(1)) == 1
     assert re.search(
         r"health checks during that pass, on another thread: \d+ passed$", result.stdout, re.M
     )
