@@ -17,6 +17,7 @@ sequence, so every server does the same work for the same prompt.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -171,6 +172,29 @@ def completion_body(server: Server, index: int, max_tokens: int) -> dict:
         "max_tokens": max_tokens,
         "temperature": 0,
     }
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The closed-loop load of :func:`measure`, for a benchmark's command line."""
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=1, help="measurements per server start")
+
+
+def measure(server: Server, args: argparse.Namespace) -> list[Outcome]:
+    """Start ``server``, warm it up, and drive ``args.runs`` loads through it."""
+    with server.started():
+        warm_up(server, args.concurrency)
+        outcomes = []
+        for _ in range(args.runs):
+            outcomes.append(drive(server, args.concurrency, args.requests, args.max_tokens))
+            print(outcomes[-1].row(), flush=True)
+    return outcomes
+
+
+def mean_tokens_per_s(outcomes: list[Outcome]) -> float:
+    return sum(o.tokens_per_s for o in outcomes) / len(outcomes)
 
 
 def drive(server: Server, concurrency: int, total: int, max_tokens: int) -> Outcome:

@@ -49,7 +49,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.results_file import provenance, record_section
-from bench.servers import HEADER, Outcome, Server, drive, servers, warm_up
+from bench.servers import (
+    HEADER,
+    Outcome,
+    add_load_options,
+    mean_tokens_per_s,
+    measure,
+    servers,
+)
 from helpers.config import ServeConfig
 
 QWEN2_5_0_5B: dict[str, Any] = {
@@ -72,26 +79,9 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 """Qwen's, at its ids: 293 below the vocabulary's end (151643 to 151645)."""
 
 
-def measure(server: Server, args: argparse.Namespace) -> list[Outcome]:
-    with server.started():
-        warm_up(server, args.concurrency)
-        outcomes = []
-        for _ in range(args.runs):
-            outcomes.append(drive(server, args.concurrency, args.requests, args.max_tokens))
-            print(outcomes[-1].row(), flush=True)
-    return outcomes
-
-
-def mean_tokens_per_s(outcomes: list[Outcome]) -> float:
-    return sum(o.tokens_per_s for o in outcomes) / len(outcomes)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=1, help="measurements per server start")
+    add_load_options(parser)
     parser.add_argument(
         "--rounds", type=int, default=2, help="turns of each server, in the order ABBA..."
     )

@@ -322,6 +322,15 @@ VARIABLES: tuple[Variable, ...] = (
         _custom_resources,
         "resources_per_replica",
     ),
+    Variable(
+        "LLM_METRICS",
+        "on",
+        "Export the kit's LLM metrics (tokens, first-token latency, batch, cold starts) "
+        "through Ray's metrics system, beside Serve's own; off records none of them.",
+        "on or off",
+        _choice("on", "off"),
+        "llm_metrics",
+    ),
 )
 
 
@@ -351,6 +360,7 @@ class ServeConfig:
     max_queued_requests: int
     request_timeout_s: float
     resources_per_replica: dict[str, float]
+    llm_metrics: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:

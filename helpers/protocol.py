@@ -7,7 +7,7 @@ loading the engine's dependencies only to name its data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,16 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """Seconds from a sequence's submission to the engine until its first
+    token was sampled, and until it ended: what the replica's latency
+    metrics observe, whether or not the reply was streamed."""
+
+    first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     prompt_tokens: int
@@ -80,6 +90,8 @@ class Completion:
     finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
     logprobs: tuple[TokenLogprob, ...] | None = None
     """Every completion token's, in order, when the request asked for them."""
+    timing: Timing | None = field(default=None, compare=False)
+    """When the engine decoded it; two completions with equal text are equal."""
 
 
 @dataclass(frozen=True)

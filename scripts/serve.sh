@@ -10,7 +10,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 started_cluster=0
 if ! ray status >/dev/null 2>&1; then
-  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1
+  # Metrics for Prometheus on a fixed port (README: "Metrics").
+  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --metrics-export-port=8080
   started_cluster=1
 fi
 

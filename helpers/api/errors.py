@@ -49,21 +49,40 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "invalid_request_error"),
-            "param": param,
-            "code": None,
-        }
-    }
+REQUEST_ID_HEADER = "x-request-id"
+"""Serve's proxy keeps a client's id here, or makes one, and returns it in
+the response's headers; error bodies repeat it."""
+
+
+def request_id(request: Request) -> str | None:
+    return request.headers.get(REQUEST_ID_HEADER)
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object, with the request's id where known (a client
+    quoting it finds the replica's log lines about that request)."""
+    error = {"message": message, "type": error_type(status), "param": param, "code": None}
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    request: Request,
+    status: int,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+    body = error_body(status, message, param, request_id(request))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def validation_error_to_api_error(
@@ -114,26 +133,27 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-async def _on_api_error(_: Request, err: Exception) -> JSONResponse:
+async def _on_api_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, ApiError)
-    return error_response(err.status, err.message, err.param, err.headers)
+    return error_response(request, err.status, err.message, err.param, err.headers)
 
 
-async def _on_http_error(_: Request, err: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, StarletteHTTPException)
-    return error_response(err.status_code, str(err.detail), headers=err.headers)
+    return error_response(request, err.status_code, str(err.detail), headers=err.headers)
 
 
-async def _on_request_validation(_: Request, err: Exception) -> JSONResponse:
+async def _on_request_validation(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestValidationError)
     refusal = _first_problem(err.errors(), default_param="body")
-    return error_response(refusal.status, refusal.message, refusal.param)
+    return error_response(request, refusal.status, refusal.message, refusal.param)
 
 
-async def _on_unexpected(_: Request, err: Exception) -> JSONResponse:
+async def _on_unexpected(request: Request, err: Exception) -> JSONResponse:
     # The traceback goes to the replica's log (Serve logs it); the client
     # learns only that the fault was ours.
-    return error_response(500, "internal error: the server could not complete the request")
+    message = "internal error: the server could not complete the request"
+    return error_response(request, 500, message)
 
 
 EXCEPTION_HANDLERS = {

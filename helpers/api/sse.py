@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from helpers.api.errors import ApiError, error_body
@@ -64,12 +64,17 @@ class GenerateStream:
 
 
 async def sse_body(
-    deltas: AsyncIterator[list[TextDelta]], stream_format: StreamFormat
+    deltas: AsyncIterator[list[TextDelta]],
+    stream_format: StreamFormat,
+    request_id: str | None = None,
+    on_error: Callable[[int], None] | None = None,
 ) -> AsyncIterator[str]:
     """The response body; ``deltas`` has already yielded its acceptance signal.
 
     When the client disconnects, Starlette stops iterating this generator,
-    which closes ``deltas``; the model replica then drops the prompts.
+    which closes ``deltas``; the model replica then drops the prompts. A
+    failure is sent as an error event carrying ``request_id`` and told to
+    ``on_error`` with its status (the response's own status is long gone).
     """
     try:
         for event in stream_format.opening():
@@ -82,7 +87,11 @@ async def sse_body(
             yield sse_event(event)
         yield SSE_DONE
     except ApiError as err:  # a known failure: a timeout, a replica that died
-        yield sse_event(error_body(err.status, err.message, err.param))
+        if on_error:
+            on_error(err.status)
+        yield sse_event(error_body(err.status, err.message, err.param, request_id))
     except Exception:
         logger.exception("a stream failed after its response started")
-        yield sse_event(error_body(500, "internal error: the stream ended early"))
+        if on_error:
+            on_error(500)
+        yield sse_event(error_body(500, "internal error: the stream ended early", None, request_id))

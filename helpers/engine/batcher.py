@@ -24,6 +24,7 @@ import atexit
 import collections
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import AbstractContextManager
@@ -36,7 +37,7 @@ from helpers.engine.batch_rows import PaddedRows, SlotRows
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
-from helpers.protocol import Completion, Sampling, TokenLogprob
+from helpers.protocol import Completion, Sampling, Timing, TokenLogprob
 
 TextCallback = Callable[[str], None]
 """Receives each piece of new text, on the decode thread; it must not block."""
@@ -76,6 +77,18 @@ class BatchStats:
     (a request's ``n`` choices) instead of computing their own."""
 
 
+@dataclass(frozen=True)
+class BatchLoad:
+    """How busy the batcher is at one moment, for a replica's gauges."""
+
+    waiting: int
+    """Sequences submitted and not yet in the batch."""
+    rows: int
+    """Sequences in the running batch."""
+    cached_tokens: int
+    """Positions the running rows hold in the KV cache (prompt and output)."""
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
@@ -87,6 +100,8 @@ class _Sequence:
     on_logprob: LogprobCallback | None = None
     prompt_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     def emit(self, delta: str) -> None:
         if delta and self.on_text is not None:
@@ -206,6 +221,16 @@ class ContinuousBatcher:
         self._waiting.put(sequence)
         return future
 
+    def batch_load(self) -> BatchLoad:
+        """A snapshot read from another thread: the decode thread replaces
+        its list of sequences rather than changing it in place."""
+        sequences = self._sequences
+        return BatchLoad(
+            waiting=self._waiting.qsize(),
+            rows=len(sequences),
+            cached_tokens=sum(s.prompt_tokens + len(s.text.tokens) for s in sequences),
+        )
+
     def together(self) -> AbstractContextManager[object]:
         """Requests submitted inside this block join the batch in the same
         step (where it has room for them all), so identical prompts, a
@@ -305,6 +330,8 @@ class ContinuousBatcher:
                 token = greedy[row]
             else:
                 token = sampler.pick(logits[row])
+            if sequence.first_token_at is None:
+                sequence.first_token_at = time.monotonic()
             ended = token in sampling.stop_token_ids or (
                 token in self.eos_token_ids and not sampling.ignore_eos
             )
@@ -353,6 +380,7 @@ class ContinuousBatcher:
 
     def _finish(self, sequence: _Sequence, reason: str) -> None:
         sequence.emit(sequence.text.finish())
+        start, first = sequence.submitted_at, sequence.first_token_at or time.monotonic()
         completion = Completion(
             text=sequence.text.text,
             prompt_tokens=sequence.prompt_tokens,
@@ -361,6 +389,7 @@ class ContinuousBatcher:
             logprobs=None
             if sequence.request.sampling.logprobs is None
             else tuple(sequence.logprobs),
+            timing=Timing(first_token_s=first - start, total_s=time.monotonic() - start),
         )
         _settle(sequence.future, result=completion)
 

@@ -32,6 +32,7 @@ import torch
 
 from helpers.engine import gguf_checkpoint
 from helpers.engine.batcher import (
+    BatchLoad,
     BatchStats,
     ContinuousBatcher,
     GenerationRequest,
@@ -434,6 +435,9 @@ class Engine:
     @property
     def stats(self) -> BatchStats:
         return self._batcher.stats
+
+    def batch_load(self) -> BatchLoad:
+        return self._batcher.batch_load()
 
 
 def describe(model: Decoder, fallback_reason: str | None = None) -> EngineInfo:

@@ -20,7 +20,16 @@ from pathlib import Path
 from helpers.ray_env import RAY_ENV, apply_ray_env
 
 DASHBOARD_URL = "http://127.0.0.1:8265"
-HEAD_ARGS = ("--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1")
+METRICS_EXPORT_PORT = 8080
+"""Where Ray exports its metrics and the kit's, for Prometheus (README); Ray
+picks a random port when none is given, which no scrape config could name."""
+METRICS_URL = f"http://127.0.0.1:{METRICS_EXPORT_PORT}/metrics"
+HEAD_ARGS = (
+    "--head",
+    "--node-ip-address=127.0.0.1",
+    "--dashboard-host=127.0.0.1",
+    f"--metrics-export-port={METRICS_EXPORT_PORT}",
+)
 
 
 def ray_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

@@ -41,6 +41,12 @@ UPSCALE_DELAY_S = 5.0
 The cold start from zero skips this delay entirely."""
 
 
+JSON_LOGS = {"encoding": "JSON"}
+"""Serve's structured logs: each line a JSON object that carries the
+``request_id`` of the request it is about (the id the response's
+``x-request-id`` header and error bodies show), in the replica's log file."""
+
+
 def autoscaling_config(config: ServeConfig) -> dict[str, Any]:
     delay = max(config.idle_timeout_s - LOOK_BACK_PERIOD_S, MIN_DOWNSCALE_DELAY_S)
     return {
@@ -83,6 +89,7 @@ def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+        "logging_config": JSON_LOGS,
         "ray_actor_options": {
             "num_cpus": config.num_cpus_per_replica,
             "num_gpus": config.num_gpus_per_replica,
@@ -103,4 +110,5 @@ def ingress_options(config: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 0},
         "max_ongoing_requests": 1000,
         "graceful_shutdown_timeout_s": config.request_timeout_s,
+        "logging_config": JSON_LOGS,
     }

@@ -22,7 +22,12 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from helpers.api.errors import EXCEPTION_HANDLERS, ApiError, validation_error_to_api_error
+from helpers.api.errors import (
+    EXCEPTION_HANDLERS,
+    ApiError,
+    request_id,
+    validation_error_to_api_error,
+)
 from helpers.api.generate_schema import GenerateRequest, GenerateResponse, UsedGenerationKwargs
 from helpers.api.openai_responses import OpenAIFormat, model_card
 from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
@@ -33,6 +38,7 @@ from helpers.api.sse import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
 from helpers.api.token_schema import DetokenizeRequest, TokenizeRequest
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+from helpers.serve.llm_metrics import CountLLMRequests, IngressMetrics, note_stream_failure
 from helpers.serve.model_calls import call_model, open_stream, read_replica_states
 from helpers.serve.model_errors import RequestFields
 
@@ -49,6 +55,7 @@ app = FastAPI(
     exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     responses=ERROR_RESPONSES,
 )
+app.add_middleware(CountLLMRequests)
 app.openapi = with_request_models(  # type: ignore[method-assign]
     app, [GenerateRequest, CompletionRequest, ChatCompletionRequest]
 )
@@ -65,6 +72,7 @@ class Ingress:
         self._replicas: dict[str, int] = {}
         self._replicas_read_at = float("-inf")
         self._engine: dict[str, Any] | None = None
+        CountLLMRequests.metrics = IngressMetrics() if config.llm_metrics == "on" else None
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -105,7 +113,7 @@ class Ingress:
             **asked.controls(),
         )
         if parsed.stream:
-            return await self._stream(prompts, sampling, GenerateStream(), GENERATE_FIELDS)
+            return await self._stream(request, prompts, sampling, GenerateStream(), GENERATE_FIELDS)
         completions = await self._complete(prompts, sampling, GENERATE_FIELDS)
         return GenerateResponse(
             model=self.config.model_id,
@@ -136,8 +144,9 @@ class Ingress:
             else Prompt(token_ids=prompt, echo=parsed.echo)
             for prompt in parsed.prompt_list()
         ]
+        fields = RequestFields("prompt")
         return await self._openai(
-            parsed, parsed.max_tokens, prompts, chat=False, fields=RequestFields("prompt")
+            request, parsed, parsed.max_tokens, prompts, chat=False, fields=fields
         )
 
     @app.post(
@@ -147,8 +156,9 @@ class Ingress:
         """OpenAI's chat completions: the messages go through the chat template."""
         parsed = await self._parse(request, ChatCompletionRequest, default_param="messages")
         prompt = Prompt(messages=tuple(m.as_pair() for m in parsed.messages))
+        fields = RequestFields("messages")
         return await self._openai(
-            parsed, parsed.token_limit(), [prompt], chat=True, fields=RequestFields("messages")
+            request, parsed, parsed.token_limit(), [prompt], chat=True, fields=fields
         )
 
     @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
@@ -175,6 +185,7 @@ class Ingress:
 
     async def _openai(
         self,
+        request: Request,
         parsed: CompletionRequest | ChatCompletionRequest,
         max_tokens: int | None,
         prompts: list[Prompt],
@@ -200,7 +211,7 @@ class Ingress:
             parsed.model, chat=chat, include_usage=parsed.include_usage(), choices=parsed.n
         )
         if parsed.stream:
-            return await self._stream(choices, sampling, shape, fields)
+            return await self._stream(request, choices, sampling, shape, fields)
         return shape.response(await self._complete(choices, sampling, fields))
 
     def _check_token_budget(self, n: int, max_tokens: int, prompts: int) -> None:
@@ -247,12 +258,21 @@ class Ingress:
         return [completions[index] for index in range(len(prompts))]
 
     async def _stream(
-        self, prompts: list[Prompt], sampling: Sampling, shape: StreamFormat, fields: RequestFields
+        self,
+        request: Request,
+        prompts: list[Prompt],
+        sampling: Sampling,
+        shape: StreamFormat,
+        fields: RequestFields,
     ) -> StreamingResponse:
         deltas = await self._open_stream(prompts, sampling, fields, text=True)
-        return StreamingResponse(
-            sse_body(deltas, shape), media_type="text/event-stream", headers=SSE_HEADERS
+        body = sse_body(
+            deltas,
+            shape,
+            request_id(request),
+            on_error=lambda status: note_stream_failure(request, status),
         )
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _open_stream(
         self, prompts: list[Prompt], sampling: Sampling, fields: RequestFields, text: bool

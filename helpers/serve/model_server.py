@@ -27,6 +27,7 @@ import psutil
 
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogprob
+from helpers.serve.llm_metrics import ReplicaMetrics
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,18 @@ class ReplicaStartup:
     ready: float
     engine: LoadTimes
 
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase, and in all, as the cold-start metrics label them."""
+        engine = self.engine
+        return {
+            "process": self.init_started - self.process_started,
+            "imports": engine.imports_s,
+            "tokenizer": engine.tokenizer_s,
+            "weights": engine.weights_s,
+            "warm_up": engine.warm_up_s,
+            "total": self.ready - self.process_started,
+        }
+
     def summary(self) -> str:
         engine = self.engine
         return (
@@ -112,6 +125,10 @@ class LLMServer:
             psutil.Process().create_time(), init_started, time.time(), self.engine.load_times
         )
         logger.info("model replica %s", self.startup.summary())
+        self.metrics = ReplicaMetrics() if config.llm_metrics == "on" else None
+        if self.metrics:
+            self.metrics.started(self.startup.phases())
+            self.metrics.sample_every(self._batch_sample)
 
     async def stream(
         self, prompts: list[Prompt], sampling: Sampling, text: bool = True
@@ -137,6 +154,16 @@ class LLMServer:
         their completions' text and log probabilities begin with them;
         ``max_new_tokens`` 0 then decodes nothing.
         """
+        deltas = self._deltas(prompts, sampling, text)
+        if self.metrics:
+            deltas = self.metrics.watched(deltas)
+        async with contextlib.aclosing(deltas):  # closing this closes the engine's side
+            async for batch in deltas:
+                yield batch
+
+    async def _deltas(
+        self, prompts: list[Prompt], sampling: Sampling, text: bool
+    ) -> AsyncIterator[list[TextDelta]]:
         requests = self._requests(prompts, sampling)
         echo = any(prompt.echo for prompt in prompts)
         echoes = [await self._echo(request, sampling) for request in requests] if echo else []
@@ -217,6 +244,11 @@ class LLMServer:
     def batch_stats(self) -> dict[str, int]:
         """Batching counters of this replica, for tests and curious users."""
         return asdict(self.engine.stats)
+
+    def _batch_sample(self) -> tuple[int, int, int, int]:
+        """What the batch gauges show: waiting, rows, cached tokens, cancelled so far."""
+        load = self.engine.batch_load()
+        return load.waiting, load.rows, load.cached_tokens, self.engine.stats.cancelled
 
     def _submit(
         self,

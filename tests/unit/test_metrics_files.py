@@ -1,0 +1,62 @@
+"""What Prometheus, Grafana and a Prometheus operator are given names the
+metrics the kit really exports, on the port the kit really opens."""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from helpers.notebook.cluster import HEAD_ARGS, METRICS_EXPORT_PORT
+from helpers.serve.llm_metrics import IngressMetrics, ReplicaMetrics
+
+REPO = Path(__file__).resolve().parents[2]
+SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+
+
+def exported_names() -> set[str]:
+    """Every metric the kit defines, as Prometheus shows it (Ray adds ``ray_``)."""
+    metrics = [*vars(IngressMetrics()).values(), *vars(ReplicaMetrics()).values()]
+    return {f"ray_{m._name}" for m in metrics if hasattr(m, "_name")}
+
+
+def base_name(sample: str) -> str:
+    for suffix in SUFFIXES:
+        if sample.endswith(suffix):
+            return sample.removesuffix(suffix)
+    return sample
+
+
+def test_the_grafana_dashboard_plots_only_metrics_the_kit_exports() -> None:
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "llm-dashboard.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {base_name(name) for e in expressions for name in re.findall(r"ray_llm_\w+", e)}
+    assert used, "the dashboard plots none of the kit's metrics"
+    assert used <= exported_names(), used - exported_names()
+    assert exported_names() - used == set(), "a metric the dashboard leaves out"
+
+
+def test_the_readme_scrape_config_targets_the_port_ray_is_started_with() -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("scrape_configs:")[1].split("```")[0]
+    config = yaml.safe_load("scrape_configs:" + block)
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{METRICS_EXPORT_PORT}"]
+    assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in HEAD_ARGS
+    serve_script = (REPO / "scripts" / "serve.sh").read_text()
+    assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in serve_script
+
+
+def test_kuberay_exposes_the_metrics_port_to_a_prometheus_operator() -> None:
+    (service,) = yaml.safe_load_all((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        assert group["rayStartParams"]["metrics-export-port"] == str(METRICS_EXPORT_PORT)
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"containerPort": METRICS_EXPORT_PORT, "name": "metrics"} in container["ports"]
+    (monitor,) = yaml.safe_load_all((REPO / "deploy" / "kuberay" / "podmonitor.yaml").read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
