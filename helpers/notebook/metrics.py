@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +26,7 @@ from helpers.notebook.client import LLMClient, Reply
 from helpers.notebook.cluster import METRICS_URL
 
 Labels = frozenset[tuple[str, str]]
+BURST_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,16 @@ def wait_for_total(
         time.sleep(1)
 
 
+TOKENS = "ray_llm_completion_tokens_total"
+REQUESTS = "ray_llm_requests_total"
+FIRST_TOKEN = "ray_llm_time_to_first_token_seconds"
+PANELS = {
+    "first_token_s": "first token, mean s",
+    "tokens_per_s": "output tokens/s",
+    "batch_rows": "batch rows",
+}
+
+
 @dataclass
 class BurstWatch:
     """Scrapes taken while a burst of requests ran, and what the burst sent."""
@@ -88,28 +99,50 @@ class BurstWatch:
         return self.scrapes[-1].total(name, **labels) - self.scrapes[0].total(name, **labels)
 
     def series(self) -> dict[str, list[float]]:
-        """Per scrape interval: seconds since the start, mean first-token
-        latency, output tokens per second, and batch rows at the end."""
-        start = self.scrapes[0].taken_at
-        out: dict[str, list[float]] = {"seconds": [], "first_token_s": [], "tokens_per_s": []}
-        out["batch_rows"] = []
+        """Per scrape after the first: seconds since the first, and each of
+        :data:`PANELS` over the interval before it (batch rows: at its end)."""
+        out: dict[str, list[float]] = {key: [] for key in ("seconds", *PANELS)}
         for before, after in zip(self.scrapes, self.scrapes[1:], strict=False):
-            span = after.taken_at - before.taken_at
-            firsts = _grew(before, after, "ray_llm_time_to_first_token_seconds_count")
-            waited = _grew(before, after, "ray_llm_time_to_first_token_seconds_sum")
-            out["seconds"].append(after.taken_at - start)
+            firsts = _grew(before, after, f"{FIRST_TOKEN}_count")
+            waited = _grew(before, after, f"{FIRST_TOKEN}_sum")
+            out["seconds"].append(after.taken_at - self.scrapes[0].taken_at)
             out["first_token_s"].append(waited / firsts if firsts else float("nan"))
-            out["tokens_per_s"].append(_grew(before, after, TOKENS) / span)
+            out["tokens_per_s"].append(
+                _grew(before, after, TOKENS) / (after.taken_at - before.taken_at)
+            )
             out["batch_rows"].append(after.total("ray_llm_batch_rows"))
         return out
 
 
-TOKENS = "ray_llm_completion_tokens_total"
-DONE = "ray_llm_requests_total"
-
-
 def _grew(before: Scrape, after: Scrape, name: str) -> float:
     return after.total(name) - before.total(name)
+
+
+class BurstPlot:
+    """:data:`PANELS` side by side, redrawn in place after every scrape."""
+
+    def __init__(self) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        self.figure, axes = plt.subplots(1, len(PANELS), figsize=(12, 3))
+        self.lines = {}
+        for ax, (key, title) in zip(axes, PANELS.items(), strict=True):
+            ax.set_title(title)
+            ax.set_xlabel("seconds")
+            (self.lines[key],) = ax.plot([], [], marker="o")
+        self.figure.tight_layout()
+        plt.close(self.figure)  # shown through the display handle only
+        self.handle = display(self.figure, display_id=True)
+
+    def update(self, watch: BurstWatch) -> None:
+        series = watch.series()
+        for key, line in self.lines.items():
+            line.set_data(series["seconds"], series[key])
+            line.axes.relim()
+            line.axes.autoscale_view()
+        if self.handle is not None:
+            self.handle.update(self.figure)
 
 
 def watch_burst(
@@ -118,45 +151,27 @@ def watch_burst(
     concurrency: int = 8,
     max_tokens: int = 32,
     interval_s: float = 1.0,
+    on_scrape: Callable[[BurstWatch], None] | None = None,
 ) -> BurstWatch:
     """Send ``requests`` streamed chats, ``concurrency`` at a time, scraping
-    every ``interval_s`` until the burst ended and its last completion
-    reached the export port."""
-    first = scrape()
-    scrapes = [first]
+    every ``interval_s`` (and calling ``on_scrape``) until the burst ended and
+    its last request reached the export port."""
     messages = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
+    watch = BurstWatch([scrape()], [])
+    counted = watch.scrapes[0].total(REQUESTS, outcome="completed") + requests
     with ThreadPoolExecutor(concurrency) as pool:
         sent = [
             pool.submit(client.stream_chat, messages, lambda _: None, max_tokens, 0.0)
             for _ in range(requests)
         ]
-        while not all(future.done() for future in sent):
+        while watch.scrapes[-1].total(REQUESTS, outcome="completed") < counted:
+            if any(future.done() and future.exception() for future in sent):
+                break  # its error is raised below
+            if time.monotonic() - watch.scrapes[0].taken_at > BURST_TIMEOUT_S:
+                raise TimeoutError(f"the burst's requests never all reached {METRICS_URL}")
             time.sleep(interval_s)
-            scrapes.append(scrape())
-    replies = [future.result() for future in sent]
-    counted = first.total(DONE, outcome="completed") + requests
-    while scrapes[-1].total(DONE, outcome="completed") < counted:
-        time.sleep(interval_s)
-        scrapes.append(scrape())
-        if scrapes[-1].taken_at - first.taken_at > 120:
-            raise TimeoutError("the burst's requests never all reached the metrics")
-    return BurstWatch(scrapes, replies)
-
-
-def plot_burst(watch: BurstWatch) -> Any:
-    """First-token latency, output tokens/s and batch rows over the burst."""
-    import matplotlib.pyplot as plt
-
-    series = watch.series()
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3))
-    panels = [
-        ("first_token_s", "first token, mean s"),
-        ("tokens_per_s", "output tokens/s"),
-        ("batch_rows", "batch rows"),
-    ]
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.plot(series["seconds"], series[key], marker="o")
-        ax.set_title(label)
-        ax.set_xlabel("seconds")
-    figure.tight_layout()
-    return figure
+            watch.scrapes.append(scrape())
+            if on_scrape:
+                on_scrape(watch)
+    watch.replies = [future.result() for future in sent]
+    return watch

@@ -78,7 +78,8 @@ def assert_clean_error(response: requests.Response, status: int, param: str | No
     assert response.status_code == status, response.text[:300]
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     if param is not None:
         assert error["param"] == param
         assert param.split(".")[-1] in error["message"]
