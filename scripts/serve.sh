@@ -10,8 +10,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 started_cluster=0
 if ! ray status >/dev/null 2>&1; then
-  # Metrics for Prometheus on a fixed port (README: "Metrics").
-  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --metrics-export-port=8080
+  # Metrics for Prometheus on 8080, or a free port where 8080 is taken (README: "Metrics").
+  metrics_port="$(python -c 'from helpers.notebook.cluster import metrics_export_port as p; print(p())')"
+  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --metrics-export-port="$metrics_port"
+  echo "Metrics for Prometheus: http://127.0.0.1:$metrics_port/metrics"
   started_cluster=1
 fi
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,29 @@ DASHBOARD_URL = "http://127.0.0.1:8265"
 METRICS_EXPORT_PORT = 8080
 """Where Ray exports its metrics and the kit's, for Prometheus (README); Ray
 picks a random port when none is given, which no scrape config could name."""
-METRICS_URL = f"http://127.0.0.1:{METRICS_EXPORT_PORT}/metrics"
-HEAD_ARGS = (
-    "--head",
-    "--node-ip-address=127.0.0.1",
-    "--dashboard-host=127.0.0.1",
-    f"--metrics-export-port={METRICS_EXPORT_PORT}",
-)
+HEAD_ARGS = ("--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1")
+
+
+def metrics_export_port() -> int:
+    """:data:`METRICS_EXPORT_PORT`, or a free port when something else holds
+    it (Colab's own web app listens on 8080): Ray's metrics agent cannot
+    share a port, and without it the node does not start."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", METRICS_EXPORT_PORT))
+            return METRICS_EXPORT_PORT
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+
+def metrics_url() -> str:
+    """The local node's metrics endpoint, as the running cluster reports it."""
+    import ray
+
+    connect()
+    node = next(n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == "127.0.0.1")
+    return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
 
 
 def ray_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -75,7 +92,8 @@ def start_cluster() -> bool:
     if cluster_running():
         return False
     ensure_auth_token()
-    result = ray_command("start", *HEAD_ARGS, timeout_s=300)
+    port = f"--metrics-export-port={metrics_export_port()}"
+    result = ray_command("start", *HEAD_ARGS, port, timeout_s=300)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{result.stderr[-2000:]}")
     return True

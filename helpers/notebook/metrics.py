@@ -1,7 +1,7 @@
 """Read the kit's metrics the way Prometheus does: from the node's export port.
 
 Ray exports every process's metrics on the head node's metrics-export port,
-which the kit fixes (``cluster.METRICS_EXPORT_PORT``), in Prometheus's text
+which the kit fixes where it is free (``cluster.metrics_export_port``), in Prometheus's text
 format. A scrape here is a plain HTTP GET, parsed with ``prometheus_client``
 (Ray's own dependency), and summed over the labels a question leaves open:
 ``total(scrape(), "ray_llm_requests_total", endpoint="/generate")`` adds up
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.notebook.client import LLMClient, Reply
-from helpers.notebook.cluster import METRICS_URL
+from helpers.notebook.cluster import metrics_url
 
 Labels = frozenset[tuple[str, str]]
 BURST_TIMEOUT_S = 300
@@ -49,9 +49,9 @@ class Scrape:
         return {name for name, _ in self.samples if name.startswith(prefix)}
 
 
-def scrape(url: str = METRICS_URL, timeout_s: float = 10) -> Scrape:
-    """Every sample the export port shows now."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+def scrape(url: str | None = None, timeout_s: float = 10) -> Scrape:
+    """Every sample the export port (``url``, by default the local node's) shows now."""
+    with urllib.request.urlopen(url or metrics_url(), timeout=timeout_s) as response:
         text = response.read().decode()
     samples: dict[tuple[str, Labels], float] = {}
     for family in text_string_to_metric_families(text):
@@ -62,7 +62,7 @@ def scrape(url: str = METRICS_URL, timeout_s: float = 10) -> Scrape:
 
 
 def wait_for_total(
-    name: str, at_least: float, timeout_s: float = 60, url: str = METRICS_URL, **labels: str
+    name: str, at_least: float, timeout_s: float = 60, url: str | None = None, **labels: str
 ) -> Scrape:
     """Scrape until ``name`` (summed over ``labels``) reaches ``at_least``;
     the last scrape. Raises TimeoutError naming what it saw."""
@@ -168,7 +168,7 @@ def watch_burst(
             if any(future.done() and future.exception() for future in sent):
                 break  # its error is raised below
             if time.monotonic() - watch.scrapes[0].taken_at > BURST_TIMEOUT_S:
-                raise TimeoutError(f"the burst's requests never all reached {METRICS_URL}")
+                raise TimeoutError(f"the burst's requests never all reached {metrics_url()}")
             time.sleep(interval_s)
             watch.scrapes.append(scrape())
             if on_scrape:

@@ -7,8 +7,8 @@ cannot see is what an LLM server is judged by: tokens, the first token's
 latency, the time per output token, how full the batch is, how a streamed
 request really ended (its status is 200 before any token exists), and what a
 cold start costs. Those are here. Ray exports them with the prefix ``ray_``
-beside Serve's own, on each node's metrics-export port (``make serve`` fixes
-it: ``helpers.notebook.cluster.METRICS_EXPORT_PORT``), and adds the
+beside Serve's own, on each node's metrics-export port (``make serve`` and the
+notebooks ask for 8080: ``helpers.notebook.cluster.metrics_export_port``), and adds the
 ``deployment``, ``replica`` and ``application`` labels. No label carries request
 content: endpoints are the app's fixed routes, errors go by status and type.
 

@@ -143,8 +143,9 @@ def run_all_cells(page: Any) -> None:
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
 
-def wait_for_check(page: Any, timeout_s: float) -> str:
-    """Wait for the check cell's "OK:" line; fail at once on a cell's error."""
+def wait_for_check(page: Any, timeout_s: float, begins: str = "OK:") -> str:
+    """Wait for an output that ``begins`` so, by default the check cell's
+    "OK:" line; fail at once on a cell's error."""
     outputs = page.locator(".jp-Notebook:visible .jp-OutputArea-output")
     errors = page.locator(".jp-Notebook:visible [data-mime-type='application/vnd.jupyter.error']")
     deadline = time.monotonic() + timeout_s
@@ -152,7 +153,7 @@ def wait_for_check(page: Any, timeout_s: float) -> str:
         if errors.count():
             raise AssertionError(f"a cell failed:\n{errors.first.inner_text()[-3000:]}")
         for text in outputs.all_inner_texts():
-            if text.startswith("OK:"):
+            if text.startswith(begins):
                 return text
         time.sleep(2)
-    raise AssertionError(f"no check cell said OK within {timeout_s:.0f} s")
+    raise AssertionError(f"no output began {begins!r} within {timeout_s:.0f} s")

@@ -109,9 +109,11 @@ def watch_reply(box: Any, on_first_text: Any) -> list[str]:
 
 
 def test_the_scale_down_notebook_draws_its_plot(lab: Lab, page: Any) -> None:
+    """Up to the first plot, drawn live while the model scales to zero: what
+    follows draws the same way, and nbmake runs the notebook to its end."""
     open_notebook(page, lab, "notebooks/05_watch_scale_to_zero.ipynb")
     run_all_cells(page)
-    wait_for_check(page, NOTEBOOK_TIMEOUT_S)
+    wait_for_check(page, NOTEBOOK_TIMEOUT_S, begins="reached zero after")
     images = page.locator(".jp-Notebook:visible .jp-RenderedImage img")
     assert images.count() >= 1, "no plot rendered as an image"
     plot = images.first

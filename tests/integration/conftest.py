@@ -14,7 +14,7 @@ import requests
 from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
-from helpers.notebook.cluster import METRICS_EXPORT_PORT
+from helpers.notebook.cluster import metrics_export_port
 from helpers.serve.app import build_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def ray_cluster() -> Iterator[None]:
         address="local",
         num_cpus=2,
         _node_ip_address="127.0.0.1",
-        _metrics_export_port=METRICS_EXPORT_PORT,
+        _metrics_export_port=metrics_export_port(),
         namespace="serve",
         log_to_driver=False,
     )

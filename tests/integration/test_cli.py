@@ -72,29 +72,6 @@ def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: li
     assert not http_up()
 
 
-def test_serve_run_on_a_running_cluster_then_serve_delete(background: list) -> None:
-    """``serve delete`` from a shell that sourced nothing finds the cluster on
-    127.0.0.1 and sends its token."""
-    started = ray_command("start", *HEAD_ARGS)
-    assert started.returncode == 0, started.stderr
-    server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
-    wait_for(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
-    assert ask_for_a_haiku().strip()
-    deleted = subprocess.run(
-        [cli_path("serve"), "delete", APP_NAME],
-        env=bare,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert deleted.returncode == 0, deleted.stderr
-    assert APP_NAME not in serve_command("status").stdout
-    interrupt(server)
-    assert cluster_running(), "serve run must leave a cluster it did not start running"
-    assert ray_command("stop").returncode == 0
-
-
 def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
     assert not cluster_running()
     server = start(background, "scripts/serve.sh")
@@ -113,7 +90,13 @@ def test_the_committed_serve_config_is_what_serve_build_gives() -> None:
     )
 
 
-def test_serve_deploy_of_the_committed_config_serves(background: list) -> None:
+def test_serve_deploy_then_serve_run_on_a_running_cluster_and_serve_delete(
+    background: list,
+) -> None:
+    """On one cluster started with ``ray start``: ``serve deploy`` of the
+    committed config serves; then ``serve run`` serves, and ``serve delete``
+    from a shell that sourced nothing finds the cluster on 127.0.0.1 and sends
+    its token; Ctrl-C on ``serve run`` leaves the cluster it did not start."""
     assert not cluster_running()
     started = ray_command("start", *HEAD_ARGS)
     assert started.returncode == 0, started.stderr
@@ -123,4 +106,20 @@ def test_serve_deploy_of_the_committed_config_serves(background: list) -> None:
     assert ask_for_a_haiku().strip()
     assert APP_NAME in serve_command("status").stdout
     assert serve_command("delete", APP_NAME).returncode == 0
+
+    server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
+    wait_for(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
+    assert ask_for_a_haiku().strip()
+    deleted = subprocess.run(
+        [cli_path("serve"), "delete", APP_NAME],
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    assert APP_NAME not in serve_command("status").stdout
+    interrupt(server)
+    assert cluster_running(), "serve run must leave a cluster it did not start running"
     assert ray_command("stop").returncode == 0

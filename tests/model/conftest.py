@@ -3,6 +3,10 @@ import pytest
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine.engine import Engine
 
+padded_only = pytest.mark.parametrize("engine", ["padded"], indirect=True)
+"""For a test of what the layout cannot change (sampling, the kernels): the
+slots layout is held to the padded one by tests of its own."""
+
 
 @pytest.fixture(scope="session", params=["padded", "slots"])
 def engine(request: pytest.FixtureRequest) -> Engine:

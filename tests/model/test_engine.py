@@ -15,6 +15,8 @@ from helpers.engine.engine import (
     TokenIdError,
 )
 
+from .conftest import padded_only
+
 PROMPTS = [
     "The capital of France is",
     "Write a haiku about Ray Serve.",
@@ -77,6 +79,7 @@ def test_an_end_of_sequence_token_stops_with_reason_stop(engine: Engine) -> None
     assert completion.completion_tokens < 64
 
 
+@padded_only
 def test_sampling_with_a_seed_is_reproducible(engine: Engine) -> None:
     def sample(seed: int) -> str:
         request = GenerationRequest(

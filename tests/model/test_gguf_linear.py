@@ -14,6 +14,8 @@ from helpers.engine.engine import Engine, GenerationRequest, Sampling
 from helpers.engine.gguf_linear import GgufLinear
 from helpers.engine.llama import llama_config, load_llama
 
+from .conftest import padded_only
+
 needs_kernels = pytest.mark.skipif(
     not gguf_linear.cpu_can_run(), reason="the kernels need an x86-64 CPU with AVX2, FMA, F16C"
 )
@@ -144,6 +146,7 @@ def test_without_the_kernels_the_model_loads_its_fp32_weights(
 
 
 @needs_kernels
+@padded_only
 def test_blocks_decode_the_text_fp32_weights_do(engine: Engine) -> None:
     """The kernels add in another order than an fp32 matrix product; the
     greedy text must not notice."""

@@ -13,9 +13,10 @@ import torch
 
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling, TokenIdError
 
+from .conftest import padded_only
+
 COLOURS = "List three colours:\n1."
 GREEDY = Sampling(24, temperature=0.0, top_p=1.0)
-padded_only = pytest.mark.parametrize("engine", ["padded"], indirect=True)
 
 
 def completion_ids(engine: Engine, text: str) -> list[int]:

@@ -3,11 +3,12 @@ metrics the kit really exports, on the port the kit really opens."""
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import yaml
 
-from helpers.notebook.cluster import HEAD_ARGS, METRICS_EXPORT_PORT
+from helpers.notebook.cluster import METRICS_EXPORT_PORT, metrics_export_port
 from helpers.serve.llm_metrics import IngressMetrics, ReplicaMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,9 +43,24 @@ def test_the_readme_scrape_config_targets_the_port_ray_is_started_with() -> None
     config = yaml.safe_load("scrape_configs:" + block)
     (job,) = config["scrape_configs"]
     assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{METRICS_EXPORT_PORT}"]
-    assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in HEAD_ARGS
     serve_script = (REPO / "scripts" / "serve.sh").read_text()
-    assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in serve_script
+    assert "metrics_export_port" in serve_script
+    assert '--metrics-export-port="$metrics_port"' in serve_script
+
+
+def test_the_metrics_port_is_8080_unless_something_holds_it() -> None:
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", METRICS_EXPORT_PORT))
+            was_free = True
+        except OSError:  # a cluster of the user's, say
+            was_free = False
+        other = metrics_export_port()
+        assert other != METRICS_EXPORT_PORT
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", other))  # free, as promised
+    if was_free:
+        assert metrics_export_port() == METRICS_EXPORT_PORT
 
 
 def test_kuberay_exposes_the_metrics_port_to_a_prometheus_operator() -> None:
