@@ -24,9 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.notebook.client import LLMClient, Reply
 from helpers.notebook.cluster import metrics_url
+from helpers.ray_env import RAY_ENV
 
 Labels = frozenset[tuple[str, str]]
 BURST_TIMEOUT_S = 300
+REPORT_INTERVAL_S = int(RAY_ENV["RAY_metrics_report_interval_ms"]) / 1000
+"""How often Ray's processes report their metrics to the export port."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,29 @@ def scrape(url: str | None = None, timeout_s: float = 10) -> Scrape:
             key = (sample.name, frozenset(sample.labels.items()))
             samples[key] = samples.get(key, 0.0) + sample.value
     return Scrape(samples, time.monotonic())
+
+
+def settled_scrape(url: str | None = None, timeout_s: float = 30) -> Scrape:
+    """A scrape once the kit's counts stopped moving: two scrapes a report
+    interval apart agree. A baseline taken before that may still miss a
+    request that was answered but not yet reported, and count it later."""
+    last = scrape(url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(REPORT_INTERVAL_S + 0.5)
+        now = scrape(url)
+        if _counts(now) == _counts(last):
+            return now
+        last = now
+    raise TimeoutError(f"the kit's metrics kept moving for {timeout_s:.0f} s")
+
+
+def _counts(scraped: Scrape) -> dict[tuple[str, Labels], float]:
+    return {
+        key: value
+        for key, value in scraped.samples.items()
+        if key[0].startswith("ray_llm_") and key[0].endswith(("_total", "_count"))
+    }
 
 
 def wait_for_total(
@@ -157,7 +183,7 @@ def watch_burst(
     every ``interval_s`` (and calling ``on_scrape``) until the burst ended and
     its last request reached the export port."""
     messages = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
-    watch = BurstWatch([scrape()], [])
+    watch = BurstWatch([settled_scrape()], [])
     counted = watch.scrapes[0].total(REQUESTS, outcome="completed") + requests
     with ThreadPoolExecutor(concurrency) as pool:
         sent = [

@@ -2,12 +2,17 @@
 local Ray cluster with the embedded model, plus raw HTTP for the SSE framing.
 
 Tests run in file order; the first one meets the model at zero replicas.
+Next, on the same deployment, the kit's metrics: Ray's metrics-export port
+scraped before and after known requests, and the cold start the first test
+caused; then request ids, in responses and in the replica's JSON log.
 """
 
 import asyncio
 import json
 import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +21,7 @@ from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.engine.engine import load_tokenizer
+from helpers.notebook.metrics import Scrape, scrape, settled_scrape, wait_for_total
 from helpers.notebook.polling import wait_for
 
 from .conftest import BASE_URL, model_replicas_running
@@ -37,6 +43,12 @@ def test_config() -> ServeConfig:
             "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "120",
         }
     )
+
+
+@pytest.fixture(scope="module")
+def before_any_request(deployed_app: ServeConfig) -> Scrape:
+    """The metrics before the module's first request, which starts the model."""
+    return scrape()
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +78,98 @@ def streamed_chat(client: openai.OpenAI, model: str, **kwargs) -> tuple[str, lis
 
 
 def test_a_stream_at_zero_replicas_waits_for_the_cold_start(
-    client: openai.OpenAI, model: str
+    client: openai.OpenAI, model: str, before_any_request: Scrape
 ) -> None:
     assert model_replicas_running() == 0
     text, chunks = streamed_chat(client, model, messages=COLOURS, max_tokens=8, temperature=0)
     assert text.strip()
     assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
     assert model_replicas_running() == 1
+
+
+COLD_START_PHASES = ("process", "imports", "tokenizer", "weights", "warm_up", "total")
+
+
+def completion(http: httpx.Client, model: str, **body) -> httpx.Response:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 6, **body}
+    return http.post("/v1/completions", json={"temperature": 0, **body})
+
+
+def grown(before: Scrape, name: str, by: float, **labels: str) -> float:
+    """How much ``name`` grew since ``before``, once it grew by ``by`` (Ray
+    reports every few seconds, so a count is waited for, then checked)."""
+    start = before.total(name, **labels)
+    with_timeout = wait_for_total(name, start + by, timeout_s=60, **labels)
+    return with_timeout.total(name, **labels) - start
+
+
+def test_the_metrics_count_exactly_what_was_sent_and_the_cold_start(
+    deployed_app: ServeConfig, before_any_request: Scrape
+) -> None:
+    model = deployed_app.model_id
+    before = settled_scrape()
+    with httpx.Client(base_url=BASE_URL, timeout=120) as http:
+        whole = [completion(http, model).json() for _ in range(2)]
+        streamed = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        refused = [completion(http, model, max_tokens=-1), completion(http, "not-this-model")]
+    assert [r.status_code for r in refused] == [400, 404]
+    usage = [reply["usage"] for reply in whole]
+    usage.append(json.loads(streamed.text.split("data: ")[-2])["usage"])
+
+    requests = "ray_llm_requests_total"
+    assert grown(before, requests, 2, endpoint="/v1/completions", outcome="completed") == 2
+    assert grown(before, requests, 1, endpoint="/v1/chat/completions", outcome="completed") == 1
+    assert grown(before, requests, 2, endpoint="/v1/completions", outcome="client_error") == 2
+    errors = "ray_llm_errors_total"
+    assert grown(before, errors, 1, status="400", type="invalid_request_error") == 1
+    assert grown(before, errors, 1, status="404", type="not_found_error") == 1
+
+    for kind in ("prompt_tokens", "completion_tokens"):
+        sent = sum(u[kind] for u in usage)
+        assert grown(before, f"ray_llm_{kind}_total", sent) == sent
+    assert grown(before, "ray_llm_time_to_first_token_seconds_count", 3) == 3
+    assert grown(before, "ray_llm_e2e_request_latency_seconds_count", 3) == 3
+
+    assert grown(before_any_request, "ray_llm_cold_starts_total", 1) == 1
+    for phase in COLD_START_PHASES:
+        assert grown(before_any_request, "ray_llm_cold_start_seconds_count", 1, phase=phase) == 1
+
+
+def test_every_response_carries_its_request_id_and_so_does_the_replica_log(
+    deployed_app: ServeConfig,
+) -> None:
+    mine = f"metrics-test-{uuid.uuid4().hex}"
+    with httpx.Client(base_url=BASE_URL, timeout=120) as http:
+        answered = completion(http, deployed_app.model_id)
+        refused = http.post(
+            "/v1/completions",
+            json={"model": deployed_app.model_id, "prompt": "x", "top_p": 7},
+            headers={"x-request-id": f"{mine}-refused"},
+        )
+        served = http.post(
+            "/v1/completions",
+            json={"model": deployed_app.model_id, "prompt": "x", "max_tokens": 2},
+            headers={"x-request-id": mine},
+        )
+    assert answered.headers.get("x-request-id")  # Serve made one up
+    assert refused.status_code == 400
+    assert refused.headers["x-request-id"] == f"{mine}-refused"
+    assert refused.json()["error"]["request_id"] == f"{mine}-refused"
+    assert served.status_code == 200 and served.headers["x-request-id"] == mine
+
+    logs = Path("/tmp/ray/session_latest/logs/serve").glob("replica_*LLMServer*.log")
+    lines = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    about_mine = [line for line in lines if line.get("request_id") == mine]
+    assert about_mine, "no JSON line of the model replica's log names the request's id"
 
 
 def test_models_lists_the_served_model(client: openai.OpenAI, model: str) -> None:
