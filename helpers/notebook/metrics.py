@@ -181,7 +181,7 @@ def watch_burst(
 ) -> BurstWatch:
     """Send ``requests`` streamed chats, ``concurrency`` at a time, scraping
     every ``interval_s`` (and calling ``on_scrape``) until the burst ended and
-    its last request reached the export port."""
+    every replica reported its part."""
     messages = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
     watch = BurstWatch([settled_scrape()], [])
     counted = watch.scrapes[0].total(REQUESTS, outcome="completed") + requests
@@ -200,4 +200,7 @@ def watch_burst(
             if on_scrape:
                 on_scrape(watch)
     watch.replies = [future.result() for future in sent]
+    # The ingress's count arrived; each model replica reports its own tokens
+    # on its own schedule, so the last scrape waits until they all have.
+    watch.scrapes.append(settled_scrape())
     return watch
