@@ -69,6 +69,8 @@ class Server:
     cold_env: dict[str, str] = field(default_factory=dict)
     ray_app: bool = False
     """A Ray Serve app: ``/healthz`` counts its model replicas."""
+    spare_worker: bool = False
+    """Its stopping model replicas leave a spare process (``SPARE_WORKER``)."""
     stop_timeout_s: float = 120
     """How long Ctrl-C may take: a Serve app deletes itself and stops Ray."""
 
@@ -111,6 +113,7 @@ def servers(
             env=app_env,
             cold_env=idle,
             ray_app=True,
+            spare_worker=True,
         ),
         "baseline": Server(
             "baseline",

@@ -331,6 +331,16 @@ VARIABLES: tuple[Variable, ...] = (
         _choice("on", "off"),
         "llm_metrics",
     ),
+    Variable(
+        "SPARE_WORKER",
+        "on",
+        "Keep one model-replica process started, with torch and the kit imported, "
+        "after the model scales to zero, so the next cold start skips them; it holds "
+        "memory but no CPU, GPU or model. off: every replica starts a new process.",
+        "on or off",
+        _choice("on", "off"),
+        "spare_worker",
+    ),
 )
 
 
@@ -361,6 +371,7 @@ class ServeConfig:
     request_timeout_s: float
     resources_per_replica: dict[str, float]
     llm_metrics: str
+    spare_worker: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:

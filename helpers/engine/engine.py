@@ -220,9 +220,12 @@ class Engine:
         dtype: str = "auto",
         cpu_weights: str = "auto",
         slots: bool | None = None,
+        tokenizer: Any | None = None,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, ``DTYPE`` and CPU threads) and run
-        one warm-up pass, timing each step into ``load_times``.
+        one warm-up pass, timing each step into ``load_times``. A ``tokenizer``
+        loaded ahead for this very model (by a spare replica process) is used
+        as it is.
 
         On CPU in float32 the kit's decoder stores linear layers as
         ``CPU_WEIGHTS`` says: ``auto`` keeps a GGUF model's 4-bit blocks (the
@@ -248,7 +251,8 @@ class Engine:
             logger.info("MODEL_ID=%r runs on transformers: %s", model_id, fallback_reason)
             _import_model_code(source)
         marks.append(time.perf_counter())
-        tokenizer = _tokenizer_from(model_id, source)
+        if tokenizer is None:
+            tokenizer = _tokenizer_from(model_id, source)
         marks.append(time.perf_counter())
         on_cpu_fp32 = (device, torch_dtype) == ("cpu", torch.float32)
         if llama is not None:

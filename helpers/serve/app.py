@@ -21,6 +21,7 @@ from ray.serve import Application
 from helpers.config import ServeConfig
 from helpers.engine.errors import ModelLoadError
 from helpers.engine.hub import is_hub_id, snapshot_directory
+from helpers.serve import spare_worker
 from helpers.serve.deployment_options import ingress_options, model_deployment_options
 from helpers.serve.ingress import Ingress
 from helpers.serve.model_calls import MODEL_DEPLOYMENT
@@ -32,14 +33,16 @@ def build_app(config: ServeConfig, model_server: type = LLMServer) -> Applicatio
 
     A hub ``MODEL_ID`` is downloaded first (:func:`fetch_hub_model`).
     ``model_server`` lets the benchmark put its walkthrough-style baseline
-    behind the very same ingress and replica settings.
+    behind the very same ingress and replica settings. The spare process's key
+    is taken here, once, so every node agrees on it.
     """
     fetch_hub_model(config.model_id)
+    spare_key = spare_worker.spare_key(config) if config.spare_worker == "on" else None
     model = serve.deployment(
-        model_server, name=MODEL_DEPLOYMENT, **model_deployment_options(config)
+        model_server, name=MODEL_DEPLOYMENT, **model_deployment_options(config, spare_key)
     )
     ingress = serve.deployment(Ingress, name="Ingress", **ingress_options(config))
-    return ingress.bind(model.bind(config), config)
+    return ingress.bind(model.bind(config), config, spare_key)
 
 
 def fetch_hub_model(model_id: str) -> Path | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from helpers.config import ServeConfig
+from helpers.serve import spare_worker
 
 LOOK_BACK_PERIOD_S = 12.0
 """Window over which Ray averages ongoing requests. Short, so the last request
@@ -73,14 +74,23 @@ that cannot load fails the same way every time; Ray's default of 20 attempts
 would keep a deploy (and any request waiting on it) retrying for minutes."""
 
 
-def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
+def model_deployment_options(config: ServeConfig, spare_key: str | None = None) -> dict[str, Any]:
     """Options for the LLMServer deployment: resources, autoscaling, limits, health.
 
     Past ``max_ongoing_requests`` per replica, requests queue in the ingress's
     handle; past ``max_queued_requests`` there, Serve refuses them at once and
     the ingress answers 503. A stopping replica (scale-down, redeploy) waits up
     to ``REQUEST_TIMEOUT_S`` for the requests it holds, so none is cut short.
+    With a ``spare_key`` (``SPARE_WORKER=on``), the replicas' runtime env
+    prepares and matches spare processes (:mod:`helpers.serve.spare_worker`).
     """
+    actor_options: dict[str, Any] = {
+        "num_cpus": config.num_cpus_per_replica,
+        "num_gpus": config.num_gpus_per_replica,
+        "resources": dict(config.resources_per_replica),
+    }
+    if spare_key:
+        actor_options["runtime_env"] = spare_worker.runtime_env(spare_key, config)
     return {
         "autoscaling_config": autoscaling_config(config),
         "max_ongoing_requests": config.ongoing_limit,
@@ -90,11 +100,7 @@ def model_deployment_options(config: ServeConfig) -> dict[str, Any]:
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         "logging_config": JSON_LOGS,
-        "ray_actor_options": {
-            "num_cpus": config.num_cpus_per_replica,
-            "num_gpus": config.num_gpus_per_replica,
-            "resources": dict(config.resources_per_replica),
-        },
+        "ray_actor_options": actor_options,
     }
 
 

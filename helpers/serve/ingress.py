@@ -38,6 +38,7 @@ from helpers.api.sse import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
 from helpers.api.token_schema import DetokenizeRequest, TokenizeRequest
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+from helpers.serve import spare_worker
 from helpers.serve.llm_metrics import CountLLMRequests, IngressMetrics, note_stream_failure
 from helpers.serve.model_calls import call_model, open_stream, read_replica_states
 from helpers.serve.model_errors import RequestFields
@@ -65,14 +66,29 @@ app.openapi = with_request_models(  # type: ignore[method-assign]
 class Ingress:
     """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
 
-    def __init__(self, llm: DeploymentHandle, config: ServeConfig) -> None:
+    def __init__(
+        self, llm: DeploymentHandle, config: ServeConfig, spare_key: str | None = None
+    ) -> None:
         self.llm = llm
         self.config = config
+        self.spare_key = spare_key
+        if spare_key:
+            spare_worker.hold_key(spare_key, self._replica_id())
         self.started = int(time.time())
         self._replicas: dict[str, int] = {}
         self._replicas_read_at = float("-inf")
         self._engine: dict[str, Any] | None = None
         CountLLMRequests.metrics = IngressMetrics() if config.llm_metrics == "on" else None
+
+    def __del__(self) -> None:
+        """Serve calls this when the app is deleted or redeployed: spare model
+        processes made for this deployment have nothing more to wait for."""
+        if self.spare_key:
+            spare_worker.release_key(self.spare_key, self._replica_id())
+
+    @staticmethod
+    def _replica_id() -> str:
+        return serve.get_replica_context().replica_id.unique_id
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -85,7 +101,16 @@ class Ingress:
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,
             "engine": await self._engine_info(),
+            "spare_worker": self._spare_worker(),
         }
+
+    def _spare_worker(self) -> dict[str, Any]:
+        """Whether a spare model process waits on this node (``SPARE_WORKER``):
+        ``ready`` with its pid, ``none``, or ``off``."""
+        if not self.spare_key:
+            return {"state": "off", "pid": None}
+        pid = spare_worker.spare_pid(self.spare_key)
+        return {"state": "ready" if pid else "none", "pid": pid}
 
     @app.post(
         "/generate",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -27,6 +28,7 @@ import psutil
 
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogprob
+from helpers.serve import spare_worker
 from helpers.serve.llm_metrics import ReplicaMetrics
 
 
@@ -120,6 +122,7 @@ class LLMServer:
             max_batch_size=config.max_batch_size,
             dtype=config.dtype,
             cpu_weights=config.cpu_weights,
+            tokenizer=spare_worker.take_tokenizer(config),
         )
         self.startup = ReplicaStartup(
             psutil.Process().create_time(), init_started, time.time(), self.engine.load_times
@@ -213,6 +216,13 @@ class LLMServer:
             scored = self.engine.prompt_logprobs(prompt, sampling.logprobs)
             logprobs = await asyncio.wrap_future(scored)
         return Echo(text, tokens, logprobs)
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (a scale-down, a delete):
+        with ``SPARE_WORKER=on``, a process for the next replica starts now,
+        and has imported what it needs by the time a request wakes the model."""
+        if os.environ.get(spare_worker.KEY_VARIABLE):
+            spare_worker.ask_for_spare()
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising makes Serve replace the

@@ -15,6 +15,7 @@ from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.cluster import metrics_export_port
+from helpers.notebook.polling import wait_for
 from helpers.serve.app import build_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +98,30 @@ def _is_loopback(ip: str) -> bool:
 
 def model_replicas_running() -> int:
     return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["model_replicas"]["running"]
+
+
+SPARE_READY_TIMEOUT_S = 90
+"""A spare imports torch and the kit after the replica before it stopped: a
+few seconds here, more on a busy machine."""
+
+
+def ready_spare_pid() -> int:
+    """The pid of the spare model process, once ``/healthz`` says one waits."""
+
+    def spare() -> dict:
+        return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["spare_worker"]
+
+    wait_for(lambda: spare()["state"] == "ready", SPARE_READY_TIMEOUT_S, "a ready spare process")
+    return spare()["pid"]
+
+
+def process_title(pid: int) -> str | None:
+    """What Ray calls the process now (``ray::IDLE``, ``ray::ServeReplica:...``),
+    or None once it has exited."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline()).split(maxsplit=1)[0]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
+        return None
 
 
 @pytest.fixture(scope="session")

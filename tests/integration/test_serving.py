@@ -7,20 +7,26 @@ again, and delete the app with the walkthrough's command.
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
+import psutil
 import pytest
 import requests
 from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.polling import wait_for
+from helpers.serve import spare_worker
+from helpers.serve.app import build_app
 
 from .conftest import (
     BASE_URL,
     IDLE_TIMEOUT_S,
     model_replicas_running,
+    process_title,
     ray_listeners_off_loopback,
+    ready_spare_pid,
 )
 
 HAIKU = {
@@ -184,17 +190,55 @@ def test_the_model_scales_to_zero_while_healthz_is_polled(deployed_app: ServeCon
     print(f"model replica gone {time.monotonic() - last_request:.1f} s after the last request")
 
 
-def test_a_request_at_zero_replicas_is_answered(deployed_app: ServeConfig) -> None:
+GREEDY = {
+    "prompt": "Name three colours.",
+    "generation_kwargs": {"max_new_tokens": 16, "temperature": 0},
+}
+REPLICA_TITLE = "ray::ServeReplica:RayServeLLM:LLMServer"
+SPARE_EXIT_TIMEOUT_S = 30
+
+
+def spare_at_zero() -> int:
+    """The ready spare's pid, once the model has scaled to zero."""
     wait_for(lambda: model_replicas_running() == 0, IDLE_TIMEOUT_S + 60, "zero replicas")
-    response = post_generate(HAIKU)
-    assert response.status_code == 200
-    assert response.json()["completions"][0].strip()
+    pid = ready_spare_pid()
+    assert process_title(pid) == "ray::IDLE"
+    return pid
+
+
+def test_a_request_at_zero_replicas_runs_in_the_spare_and_gets_the_warm_text(
+    deployed_app: ServeConfig,
+) -> None:
+    spare = spare_at_zero()
+    cold = post_generate(GREEDY)
+    assert cold.status_code == 200
     assert model_replicas_running() == 1
+    assert process_title(spare) == REPLICA_TITLE
+    warm = post_generate(GREEDY)
+    assert cold.json()["completions"][0].strip()
+    assert cold.json()["completions"] == warm.json()["completions"]
 
 
-def test_serve_delete_removes_the_app(deployed_app: ServeConfig) -> None:
+def test_a_redeploy_with_another_configuration_never_meets_the_old_spare(
+    deployed_app: ServeConfig,
+) -> None:
+    old_spare = spare_at_zero()
+    old_key = psutil.Process(old_spare).environ()[spare_worker.KEY_VARIABLE]
+    changed = replace(deployed_app, max_new_tokens=deployed_app.max_new_tokens + 1)
+    serve.run(build_app(changed), name=APP_NAME, route_prefix="/")
+    wait_for(
+        lambda: process_title(old_spare) is None, SPARE_EXIT_TIMEOUT_S, "the old spare to exit"
+    )
+    assert post_generate(GREEDY).status_code == 200
+    (replica,) = [p for p in psutil.process_iter() if process_title(p.pid) == REPLICA_TITLE]
+    assert replica.environ()[spare_worker.KEY_VARIABLE] != old_key
+
+
+def test_serve_delete_removes_the_app_and_its_spare(deployed_app: ServeConfig) -> None:
+    spare = spare_at_zero()
     result = subprocess.run(
         ["serve", "delete", APP_NAME], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
     assert APP_NAME not in serve.status().applications
+    wait_for(lambda: process_title(spare) is None, SPARE_EXIT_TIMEOUT_S, "the spare to exit")

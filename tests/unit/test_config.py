@@ -36,6 +36,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "NUM_GPUS_PER_REPLICA": ["one", "-1", "8.5", "nan", "inf"],
     "NUM_CPUS_PER_REPLICA": ["two", "0", "0.05", "257", "nan", "inf"],
     "LLM_METRICS": ["", "yes", "true"],
+    "SPARE_WORKER": ["", "1", "spare"],
     "RESOURCES_PER_REPLICA": [
         "llm_node",
         "[1]",
@@ -143,6 +144,7 @@ OVERRIDES = [
     ("NUM_CPUS_PER_REPLICA", "0.1", "num_cpus_per_replica", 0.1),
     ("RESOURCES_PER_REPLICA", "", "resources_per_replica", {}),
     ("LLM_METRICS", "OFF", "llm_metrics", "off"),
+    ("SPARE_WORKER", "Off", "spare_worker", "off"),
     ("RESOURCES_PER_REPLICA", '{"llm_node": 1}', "resources_per_replica", {"llm_node": 1.0}),
     ("RESOURCES_PER_REPLICA", '{"b": 0.5, "a": 2}', "resources_per_replica", {"a": 2.0, "b": 0.5}),
     ("MIN_REPLICAS", "1", "min_replicas", 1),
@@ -273,6 +275,7 @@ NON_DEFAULT_ENV = {
     "MAX_QUEUED_REQUESTS": "-1",
     "REQUEST_TIMEOUT_S": "30",
     "LLM_METRICS": "off",
+    "SPARE_WORKER": "off",
 }
 
 
