@@ -11,8 +11,9 @@ request right after is the warm figure. Before each cycle, a fresh ``python -c
 "import torch"`` is timed too: the yardstick of the target (a cold start in at
 most half of it), measured on the same host in the same minute.
 
-With ``SPARE_WORKER=on`` (the default), a cycle also waits until ``/healthz``
-says a spare process is ready, as it is after any idle time longer than its
+With ``SPARE_WORKER=on`` (the default), one unmeasured request comes first (a
+spare is left by a replica that stops), and each cycle also waits until
+``/healthz`` says a spare is ready, as it is after any idle time longer than its
 imports; ``SPARE_WORKER=off python -m bench.cold_start`` measures without.
 
 For a Serve app, the replica that answered then says when its process started
@@ -37,9 +38,9 @@ import requests
 
 from bench.servers import IDLE_TIMEOUT_S, Server, servers, stream
 from helpers.config import ServeConfig
+from helpers.notebook.cold_start import wait_for_spare
 
 SCALE_DOWN_TIMEOUT_S = 180
-SPARE_TIMEOUT_S = 120
 TARGET_RATIO = 0.5
 """The cold start's median over ``import torch``'s: at most this (issue 27)."""
 PARTS = (
@@ -122,26 +123,16 @@ def wait_until_idle(server: Server) -> None:
             raise RuntimeError(f"{server.name}: the model did not scale to zero")
         time.sleep(1)
     if server.spare_worker:
-        wait_for_spare(server)
+        wait_for_spare(server.url)
     time.sleep(2)  # a replica that just stopped has released its CPU
-
-
-def wait_for_spare(server: Server) -> None:
-    """Until the app's spare process is ready, where it keeps one."""
-    deadline = time.monotonic() + SPARE_TIMEOUT_S
-    while True:
-        state = requests.get(f"{server.url}/healthz", timeout=10).json()["spare_worker"]["state"]
-        if state in ("ready", "off"):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{server.name}: no spare process after {SPARE_TIMEOUT_S} s")
-        time.sleep(1)
 
 
 def measure(server: Server, cycles: int) -> list[ColdStart]:
     """``cycles`` cold starts of ``server``, each printed as it comes."""
     results = []
     with server.started(cold=True):
+        if server.spare_worker:
+            stream(server, 0, 8)  # a spare comes from a replica that stopped: run one first
         for cycle in range(1, cycles + 1):
             wait_until_idle(server)
             torch_s = import_torch_s()

@@ -127,15 +127,3 @@ class LivePlot:
     def mark(self, second: float, label: str) -> None:
         self.axes.axvline(second, linestyle="--", color="grey")
         self.axes.annotate(label, (second, self.axes.get_ylim()[1] - 0.4), fontsize=8)
-
-
-def plot_latencies(latencies: dict[str, float]) -> Any:
-    """Bar chart of named latencies, e.g. cold against warm."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3))
-    bars = axes.bar(list(latencies), list(latencies.values()), color=["tab:blue", "tab:orange"])
-    axes.bar_label(bars, fmt="%.2f s")
-    axes.set_ylabel("seconds")
-    axes.set_title("Request latency")
-    return figure

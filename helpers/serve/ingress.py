@@ -78,6 +78,8 @@ class Ingress:
         self._replicas: dict[str, int] = {}
         self._replicas_read_at = float("-inf")
         self._engine: dict[str, Any] | None = None
+        self._start: dict[str, Any] | None = None
+        self._start_read_for: dict[str, int] | None = None
         CountLLMRequests.metrics = IngressMetrics() if config.llm_metrics == "on" else None
 
     def __del__(self) -> None:
@@ -101,6 +103,7 @@ class Ingress:
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,
             "engine": await self._engine_info(),
+            "model_start": await self._model_start(),
             "spare_worker": self._spare_worker(),
         }
 
@@ -321,6 +324,21 @@ class Ingress:
             with contextlib.suppress(Exception):  # a replica going away: ask next time
                 self._engine = await asyncio.wait_for(call, ENGINE_INFO_TIMEOUT_S)
         return self._engine
+
+    async def _model_start(self) -> dict[str, Any] | None:
+        """How a running model replica started (``ReplicaStartup.as_dict``):
+        asked again whenever the replica counts change, and kept at zero
+        replicas, so the last cold start can be read after it. Like
+        :meth:`_engine_info`, it never asks at zero replicas."""
+        states = await self._model_replica_states()
+        if not states["running"]:
+            self._start_read_for = None
+        elif states != self._start_read_for:
+            call = self.llm.startup_times.remote()
+            with contextlib.suppress(Exception):  # a replica going away: ask next time
+                self._start = (await asyncio.wait_for(call, ENGINE_INFO_TIMEOUT_S)).as_dict()
+                self._start_read_for = dict(states)
+        return self._start
 
     async def _model_replica_states(self) -> dict[str, int]:
         """Replica counts by state, read from the Serve controller at most once a second."""

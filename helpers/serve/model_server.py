@@ -74,12 +74,19 @@ logger = logging.getLogger("ray.serve")
 class ReplicaStartup:
     """When this replica's process started and its model became ready (Unix
     time, seconds), and where the engine's part went. A cold-start benchmark
-    lines these up with when its request was sent and answered."""
+    lines these up with when its request was sent and answered.
+
+    In a process that waited as a spare (``SPARE_WORKER``), Python, Ray, torch
+    and the kit were imported before anyone asked for a replica; for the cold
+    start that process began when the replica did, so ``process_started`` is
+    ``init_started`` there and ``spare`` says why.
+    """
 
     process_started: float
     init_started: float
     ready: float
     engine: LoadTimes
+    spare: bool = False
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase, and in all, as the cold-start metrics label them."""
@@ -94,14 +101,18 @@ class ReplicaStartup:
         }
 
     def summary(self) -> str:
-        engine = self.engine
+        phases = self.phases()
+        before_init = "in a spare process" if self.spare else "Python, Ray, the kit, torch"
         return (
-            f"ready {self.ready - self.process_started:.2f} s after its process started: "
-            f"{self.init_started - self.process_started:.2f} s until __init__ (Python, Ray, "
-            f"the kit, torch), then imports {engine.imports_s:.2f} s, tokenizer "
-            f"{engine.tokenizer_s:.2f} s, weights {engine.weights_s:.2f} s, warm-up "
-            f"{engine.warm_up_s:.2f} s"
+            f"ready {phases['total']:.2f} s after its process started: "
+            f"{phases['process']:.2f} s until __init__ ({before_init}), then imports "
+            f"{phases['imports']:.2f} s, tokenizer {phases['tokenizer']:.2f} s, weights "
+            f"{phases['weights']:.2f} s, warm-up {phases['warm_up']:.2f} s"
         )
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``/healthz``: the Unix times, the engine's seconds, and ``spare``."""
+        return asdict(self)
 
 
 class LLMServer:
@@ -124,8 +135,10 @@ class LLMServer:
             cpu_weights=config.cpu_weights,
             tokenizer=spare_worker.take_tokenizer(config),
         )
+        spare = spare_worker.waited_as_spare()
+        process_started = init_started if spare else psutil.Process().create_time()
         self.startup = ReplicaStartup(
-            psutil.Process().create_time(), init_started, time.time(), self.engine.load_times
+            process_started, init_started, time.time(), self.engine.load_times, spare
         )
         logger.info("model replica %s", self.startup.summary())
         self.metrics = ReplicaMetrics() if config.llm_metrics == "on" else None

@@ -81,6 +81,9 @@ KIT_SOURCE = Path(__file__).resolve().parents[1]
 _tokenizers: dict[str, Any] = {}
 """Loaded by :func:`prepare`, taken by the replica's constructor."""
 
+_waited = threading.Event()
+"""Set once this process holds the spare's lock: it waited for a replica."""
+
 
 def spare_key(config: ServeConfig) -> str:
     """A digest of the configuration and the kit's source files as they are
@@ -109,6 +112,11 @@ def prepare() -> None:
         importlib.import_module(module)
     _load_tokenizer(os.environ.get(MODEL_VARIABLE))
     threading.Thread(target=_wait_as_spare, args=(key,), name="spare-worker", daemon=True).start()
+
+
+def waited_as_spare() -> bool:
+    """Whether this process waited as the spare before Ray gave it a replica."""
+    return _waited.is_set()
 
 
 def take_tokenizer(config: ServeConfig) -> Any | None:
@@ -178,6 +186,8 @@ def _wait_as_spare(key: str) -> None:
     while not _wait_for_replica(CHECK_EVERY_S):
         if lock is None:
             lock = _try_lock(key)
+            if lock is not None:
+                _waited.set()
         if lock is None:
             unlocked_s += CHECK_EVERY_S
             if unlocked_s >= SURPLUS_WAIT_S:

@@ -15,7 +15,7 @@ from ray import serve
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.cluster import metrics_export_port
-from helpers.notebook.polling import wait_for
+from helpers.notebook.cold_start import wait_for_spare
 from helpers.serve.app import build_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,19 +100,11 @@ def model_replicas_running() -> int:
     return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["model_replicas"]["running"]
 
 
-SPARE_READY_TIMEOUT_S = 90
-"""A spare imports torch and the kit after the replica before it stopped: a
-few seconds here, more on a busy machine."""
-
-
 def ready_spare_pid() -> int:
     """The pid of the spare model process, once ``/healthz`` says one waits."""
-
-    def spare() -> dict:
-        return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["spare_worker"]
-
-    wait_for(lambda: spare()["state"] == "ready", SPARE_READY_TIMEOUT_S, "a ready spare process")
-    return spare()["pid"]
+    spare = wait_for_spare(BASE_URL)
+    assert spare["state"] == "ready", spare
+    return spare["pid"]
 
 
 def process_title(pid: int) -> str | None:

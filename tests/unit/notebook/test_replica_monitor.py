@@ -6,9 +6,8 @@ import time
 from collections.abc import Iterable
 
 import matplotlib
-import pytest
 
-from helpers.notebook.replica_monitor import ReplicaMonitor, ReplicaTimeline, plot_latencies
+from helpers.notebook.replica_monitor import ReplicaMonitor, ReplicaTimeline
 
 matplotlib.use("Agg")
 
@@ -115,37 +114,3 @@ def test_watch_sleeps_interval_between_samples() -> None:
     ]
     assert len(gaps) == 2
     assert all(gap >= 0.045 for gap in gaps)
-
-
-# -- plot_latencies --------------------------------------------------------------------------
-
-
-def test_plot_latencies_draws_two_labelled_bars() -> None:
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
-    figure = plot_latencies({"cold": 4.5, "warm": 0.25})
-    try:
-        assert isinstance(figure, Figure)
-        (axes,) = figure.axes
-        bars = axes.patches
-        assert len(bars) == 2
-        assert [bar.get_height() for bar in bars] == [4.5, 0.25]
-        assert [label.get_text() for label in axes.get_xticklabels()] == ["cold", "warm"]
-        assert sorted(text.get_text() for text in axes.texts) == ["0.25 s", "4.50 s"]
-        assert axes.get_ylabel() == "seconds"
-        assert axes.get_title() == "Request latency"
-        figure.canvas.draw()  # renders headless with Agg
-    finally:
-        plt.close(figure)
-
-
-@pytest.mark.parametrize("latencies", [{"only": 1.0}, {"a": 1.0, "b": 2.0, "c": 3.0}])
-def test_plot_latencies_other_sizes(latencies: dict[str, float]) -> None:
-    import matplotlib.pyplot as plt
-
-    figure = plot_latencies(latencies)
-    try:
-        assert len(figure.axes[0].patches) == len(latencies)
-    finally:
-        plt.close(figure)

@@ -1,0 +1,67 @@
+"""Unit tests for helpers.notebook.cold_start: a cold start's phases from /healthz."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.notebook.cold_start import cold_start, plot_cold_start
+
+ENGINE = {"imports_s": 0.01, "tokenizer_s": 0.5, "weights_s": 0.2, "warm_up_s": 0.1}
+
+
+def model_start(process: float, init: float, ready: float, spare: bool) -> dict:
+    return {
+        "process_started": process,
+        "init_started": init,
+        "ready": ready,
+        "engine": ENGINE,
+        "spare": spare,
+    }
+
+
+def test_a_new_process_splits_into_consecutive_phases_that_add_up() -> None:
+    cold = cold_start(model_start(100.5, 103.5, 104.4, spare=False), 100.0, 5.0)
+    assert cold.phases == pytest.approx(
+        {
+            "Serve and Ray: a process": 0.5,
+            "Python, Ray, torch, the kit": 3.01,
+            "tokenizer": 0.5,
+            "weights": 0.2,
+            "warm-up pass": 0.1,
+            "registered, routed, first token": 0.69,
+        }
+    )
+    assert cold.total_s == pytest.approx(5.0)
+    assert not cold.spare
+
+
+def test_a_spare_process_imported_nothing_after_the_request() -> None:
+    cold = cold_start(model_start(100.4, 100.4, 100.6, spare=True), 100.0, 1.2)
+    assert cold.phases["Serve and Ray: a process"] == pytest.approx(0.4)
+    assert cold.phases["Python, Ray, torch, the kit"] == pytest.approx(0.01)
+    assert cold.total_s == pytest.approx(1.2)
+    assert cold.spare
+
+
+def test_a_process_older_than_the_request_starts_no_phase_before_it() -> None:
+    cold = cold_start(model_start(90.0, 101.0, 101.9, spare=False), 100.0, 2.5)
+    assert cold.phases["Serve and Ray: a process"] == 0
+    assert cold.phases["Python, Ray, torch, the kit"] == pytest.approx(1.01)
+    assert cold.total_s == pytest.approx(2.5)
+
+
+def test_the_plot_stacks_every_phase_beside_the_warm_request() -> None:
+    import matplotlib.pyplot as plt
+
+    cold = cold_start(model_start(100.4, 100.4, 100.6, spare=True), 100.0, 1.2)
+    figure = plot_cold_start(cold, 0.08)
+    try:
+        (axes,) = figure.axes
+        widths = [bar.get_width() for bar in axes.patches]
+        assert widths[:-1] == pytest.approx(list(cold.phases.values()))
+        assert widths[-1] == 0.08
+        assert [label.get_text() for label in axes.get_yticklabels()] == ["cold", "warm"]
+        assert "spare process" in axes.get_title()
+        figure.canvas.draw()
+    finally:
+        plt.close(figure)
