@@ -34,11 +34,12 @@ import sys
 import time
 from dataclasses import dataclass
 
+import psutil
 import requests
 
 from bench.servers import IDLE_TIMEOUT_S, Server, servers, stream
 from helpers.config import ServeConfig
-from helpers.notebook.cold_start import wait_for_spare
+from helpers.notebook.cold_start import spare_state, wait_for_spare
 
 SCALE_DOWN_TIMEOUT_S = 180
 TARGET_RATIO = 0.5
@@ -55,8 +56,8 @@ PARTS = (
 HEADER = (
     "| server | cycle | cold: first token s | "
     + " | ".join(PARTS)
-    + " | warm: first token s | import torch s |\n|"
-    + "---|" * (len(PARTS) + 5)
+    + " | warm: first token s | import torch s | spare at rest MB |\n|"
+    + "---|" * (len(PARTS) + 6)
 )
 
 
@@ -68,14 +69,23 @@ class ColdStart:
     warm_s: float
     parts: list[float] | None  # PARTS, in seconds; None when nobody could say
     import_torch_s: float
+    spare_rss_mb: float | None  # the waiting spare's resident memory; None without one
 
     def row(self) -> str:
         parts = self.parts or [float("nan")] * len(PARTS)
         cells = " | ".join(f"{part:.2f}" for part in parts)
         return (
             f"| {self.server} | {self.cycle} | {self.cold_s:.2f} | {cells} | {self.warm_s:.3f} "
-            f"| {self.import_torch_s:.2f} |"
+            f"| {self.import_torch_s:.2f} | {self.spare_rss_mb or float('nan'):.0f} |"
         )
+
+
+def spare_rss_mb(server: Server) -> float | None:
+    """Resident memory of the spare process that waits at zero replicas."""
+    if not server.spare_worker:
+        return None
+    pid = spare_state(server.url)["pid"]
+    return psutil.Process(pid).memory_info().rss / 2**20 if pid else None
 
 
 def import_torch_s() -> float:
@@ -135,6 +145,7 @@ def measure(server: Server, cycles: int) -> list[ColdStart]:
             stream(server, 0, 8)  # a spare comes from a replica that stopped: run one first
         for cycle in range(1, cycles + 1):
             wait_until_idle(server)
+            rss_mb = spare_rss_mb(server)
             torch_s = import_torch_s()
             cold = stream(server, 0, 8)
             warm = stream(server, 0, 8)
@@ -147,7 +158,13 @@ def measure(server: Server, cycles: int) -> list[ColdStart]:
                     parts = breakdown(cold.sent, cold.first_token_s, startup)
             results.append(
                 ColdStart(
-                    server.name, cycle, cold.first_token_s, warm.first_token_s, parts, torch_s
+                    server.name,
+                    cycle,
+                    cold.first_token_s,
+                    warm.first_token_s,
+                    parts,
+                    torch_s,
+                    rss_mb,
                 )
             )
             print(results[-1].row(), flush=True)
