@@ -234,8 +234,8 @@ class LLMServer:
         """Serve calls this when it stops the replica (a scale-down, a delete):
         with ``SPARE_WORKER=on``, a process for the next replica starts now,
         and has imported what it needs by the time a request wakes the model."""
-        if os.environ.get(spare_worker.KEY_VARIABLE):
-            spare_worker.ask_for_spare()
+        if key := os.environ.get(spare_worker.KEY_VARIABLE):
+            spare_worker.ask_for_spare(key)
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising makes Serve replace the

@@ -65,23 +65,30 @@ def _run_with_registered_names(run: Any) -> Any:
 
 
 def prestart_worker_like_this_one(keep_alive_s: int) -> None:
-    """Ask this node's raylet to start one idle Python worker for this
-    process's job and runtime env, and to keep it ``keep_alive_s`` seconds
-    rather than reap it as idle. Ray's public API has no such call; its own
-    core worker makes it only for tasks, not actors."""
+    """Ask this node's raylet to start one idle Python worker with this
+    process's runtime env, and to keep it ``keep_alive_s`` seconds rather than
+    reap it as idle. Ray's public API has no such call; its own core worker
+    makes it only for tasks, not actors.
+
+    The worker is for no job in particular (the nil job id), so any job may
+    be given it. Serve creates replicas in the job that started its
+    controller, and a worker bound to that job would die with it: in the
+    notebooks, that job is a kernel that has since exited."""
     import ray
+    from ray import JobID
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
 
-    context = ray.get_runtime_context()
     node = ray._private.worker.global_worker.node
     request = node_manager_pb2.PrestartWorkersRequest(
         language=common_pb2.PYTHON,
-        job_id=bytes.fromhex(context.get_job_id()),
+        job_id=JobID.nil().binary(),
         keep_alive_duration_secs=keep_alive_s,
         num_workers=1,
     )
-    request.runtime_env_info.serialized_runtime_env = context.get_runtime_env_string()
+    request.runtime_env_info.serialized_runtime_env = (
+        ray.get_runtime_context().get_runtime_env_string()
+    )
     channel = init_grpc_channel(f"{node.node_ip_address}:{node.node_manager_port}")
     try:
         node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)

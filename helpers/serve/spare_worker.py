@@ -12,9 +12,9 @@ before the worker accepts work. So:
    and carries :data:`KEY_VARIABLE`: a digest of the configuration and the
    kit's source (:func:`spare_key`).
 2. A model replica that stops (a scale-down) asks its node for one process
-   with its own job and runtime env (:func:`ask_for_spare`). In it,
-   :func:`prepare` imports what a replica needs, then waits.
-3. The next replica Ray starts for the same job and runtime env is given that
+   with its own runtime env (:func:`ask_for_spare`). In it, :func:`prepare`
+   imports what a replica needs, then waits.
+3. The next replica Ray starts with the same runtime env is given that
    process, and its constructor runs at once.
 
 What keeps it correct:
@@ -126,12 +126,14 @@ def take_tokenizer(config: ServeConfig) -> Any | None:
     return _tokenizers.pop(model, None)
 
 
-def ask_for_spare() -> None:
+def ask_for_spare(key: str) -> None:
     """From a stopping model replica: one process like this one, for whichever
-    replica comes next. Best effort: a failure costs the next cold start its
-    head start, nothing else."""
+    replica comes next, unless the app is going away (its ingress no longer
+    holds the key: ``serve delete``). Best effort: a failure costs the next
+    cold start its head start, nothing else."""
     try:
-        ray_private.prestart_worker_like_this_one(KEEP_ALIVE_S)
+        if ray_private.kv_has_prefix(f"{KV_PREFIX}{key}/"):
+            ray_private.prestart_worker_like_this_one(KEEP_ALIVE_S)
     except Exception as err:  # never fail a replica's shutdown over it
         logger.warning("no spare model process: %s", err)
 

@@ -26,7 +26,17 @@ from helpers.notebook.polling import wait_for
 from helpers.serve.config_file import CONFIG_PATH, render, serve_config
 from tests.shell import unsourced_env
 
-from .conftest import BASE_URL, http_up, interrupt, ray_listeners_off_loopback, start
+from .conftest import (
+    BASE_URL,
+    IDLE_TIMEOUT_S,
+    http_up,
+    interrupt,
+    model_replicas_running,
+    process_title,
+    ray_listeners_off_loopback,
+    ready_spare_pid,
+    start,
+)
 
 bare = unsourced_env()
 
@@ -72,16 +82,22 @@ def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: li
     assert not http_up()
 
 
-def test_make_serve_tears_down_the_cluster_it_started(background: list) -> None:
+def test_make_serve_tears_down_the_cluster_it_started_and_the_spare(background: list) -> None:
+    """Ctrl-C: ``serve delete RayServeLLM``, then ``ray stop``; the spare
+    process the stopped replica left goes with them."""
     assert not cluster_running()
-    server = start(background, "scripts/serve.sh")
+    idle = {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S)}
+    server = start(background, "scripts/serve.sh", env=idle)
     wait_for(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
     assert ask_for_a_haiku().strip()
     assert ray_listeners_off_loopback() == []  # the proxy, the dashboard, the GCS, ...
+    wait_for(lambda: model_replicas_running() == 0, IDLE_TIMEOUT_S + 60, "zero replicas")
+    spare = ready_spare_pid()
     interrupt(server)
     assert not http_up()
     time.sleep(2)
     assert not cluster_running(), "Ctrl-C on make serve must stop the cluster it started"
+    assert process_title(spare) is None, "the spare process outlived the teardown"
 
 
 def test_the_committed_serve_config_is_what_serve_build_gives() -> None:
