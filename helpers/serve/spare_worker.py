@@ -97,8 +97,7 @@ def spare_key(config: ServeConfig) -> str:
 
 def runtime_env(key: str, config: ServeConfig) -> dict[str, Any]:
     """The model deployment's runtime env (Serve merges the app's env vars in)."""
-    model = json.dumps([config.model_id, str(config.model_cache_dir)])
-    env_vars = {KEY_VARIABLE: key, MODEL_VARIABLE: model}
+    env_vars = {KEY_VARIABLE: key, MODEL_VARIABLE: _model_of(config)}
     return ray_private.with_setup_hook({"env_vars": env_vars}, SETUP_HOOK)
 
 
@@ -122,8 +121,7 @@ def waited_as_spare() -> bool:
 def take_tokenizer(config: ServeConfig) -> Any | None:
     """The tokenizer this process loaded ahead for ``config``'s model, once;
     None in a process that loaded none."""
-    model = json.dumps([config.model_id, str(config.model_cache_dir)])
-    return _tokenizers.pop(model, None)
+    return _tokenizers.pop(_model_of(config), None)
 
 
 def ask_for_spare(key: str) -> None:
@@ -165,6 +163,11 @@ def spare_pid(key: str) -> int | None:
             return int(text) if text.isdigit() else None
         fcntl.flock(file, fcntl.LOCK_UN)
     return None
+
+
+def _model_of(config: ServeConfig) -> str:
+    """:data:`MODEL_VARIABLE`'s value for ``config``."""
+    return json.dumps([config.model_id, str(config.model_cache_dir)])
 
 
 def _load_tokenizer(model: str | None) -> None:
