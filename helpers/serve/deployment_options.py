@@ -6,18 +6,17 @@ silently ignores. Ray Serve 2.60 judges load on ongoing requests averaged over
 ``look_back_period_s``; once that average says a replica is not needed, it
 waits ``downscale_delay_s`` (N -> N-1) or ``downscale_to_zero_delay_s``
 (1 -> 0) before stopping it. A finished request stays in the average for one
-look-back window, so a replica idles for about window + delay: the delays are
-the idle timeout less the window.
+look-back window, so a replica idles for about window + delay: the window is
+half the idle timeout (within bounds) and the delays are the rest.
 
 Load reaches the controller every ``metrics_interval_s``, 10 s by default. In
 Ray Serve 2.60 that field, although marked deprecated in favour of two
 environment variables, is still what handles and replicas read (``router.py``
-and ``replica.py``); the variables are defined but unused. It matters most for
-the cold start: at zero replicas a queued request triggers an immediate push,
-but that push carries averages of points recorded every interval, which need
-not include the request yet, so the scale-up from zero waited for the next
-regular push, seconds after the request (``python -m bench.cold_start``
-measures it; figures in ``bench/RESULTS.md``). Hence one second.
+and ``replica.py``); the variables are defined but unused. It sets the cold
+start's first wait: at zero replicas a queued request triggers an immediate
+push, but that push carries the points the handle recorded every interval,
+which do not include the request yet, so Serve scales up from zero only on
+the first push after the next recorded point (decision record 0026).
 """
 
 from __future__ import annotations
@@ -27,15 +26,19 @@ from typing import Any
 from helpers.config import ServeConfig
 from helpers.serve import spare_worker
 
-LOOK_BACK_PERIOD_S = 12.0
-"""Window over which Ray averages ongoing requests. Short, so the last request
-stops counting soon after it ends (Ray's default of 30 s adds up to 30 s to
-every scale-down), and longer than ``metrics_interval_s``, which Ray requires."""
+MAX_LOOK_BACK_PERIOD_S = 12.0
+"""The longest window over which Ray averages ongoing requests (Ray's default
+is 30 s, which adds up to 30 s to every scale-down)."""
+
+MIN_LOOK_BACK_PERIOD_S = 1.0
+"""The shortest: several load reports long, and Ray requires it to be longer
+than ``metrics_interval_s``."""
 
 MIN_DOWNSCALE_DELAY_S = 1.0
 
-METRICS_INTERVAL_S = 1.0
-"""How often handles and replicas record and report load to the controller (Ray: 10 s)."""
+METRICS_INTERVAL_S = 0.25
+"""How often handles and replicas record and report load to the controller
+(Ray: 10 s). Short, because a scale-up from zero waits for it."""
 
 UPSCALE_DELAY_S = 5.0
 """How long load must stay high before adding a replica (Ray's default is 30 s).
@@ -48,8 +51,18 @@ JSON_LOGS = {"encoding": "JSON"}
 ``x-request-id`` header and error bodies show), in the replica's log file."""
 
 
+def look_back_period_s(config: ServeConfig) -> float:
+    """Half the idle timeout, within bounds: a window shorter than the timeout,
+    so a short timeout (the notebooks' 5 s) is honoured rather than stretched
+    by the window, and long enough to smooth the load the autoscaler adds
+    replicas for."""
+    half = config.idle_timeout_s / 2
+    return min(MAX_LOOK_BACK_PERIOD_S, max(half, MIN_LOOK_BACK_PERIOD_S))
+
+
 def autoscaling_config(config: ServeConfig) -> dict[str, Any]:
-    delay = max(config.idle_timeout_s - LOOK_BACK_PERIOD_S, MIN_DOWNSCALE_DELAY_S)
+    look_back = look_back_period_s(config)
+    delay = max(config.idle_timeout_s - look_back, MIN_DOWNSCALE_DELAY_S)
     return {
         "min_replicas": config.min_replicas,
         "max_replicas": config.max_replicas,
@@ -57,7 +70,7 @@ def autoscaling_config(config: ServeConfig) -> dict[str, Any]:
         "downscale_delay_s": delay,
         "downscale_to_zero_delay_s": delay,
         "upscale_delay_s": UPSCALE_DELAY_S,
-        "look_back_period_s": LOOK_BACK_PERIOD_S,
+        "look_back_period_s": look_back,
         "metrics_interval_s": METRICS_INTERVAL_S,
     }
 

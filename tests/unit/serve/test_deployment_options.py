@@ -7,8 +7,8 @@ from ray.serve.config import AutoscalingConfig
 
 from helpers.config import ServeConfig
 from helpers.serve.deployment_options import (
-    LOOK_BACK_PERIOD_S,
     MIN_DOWNSCALE_DELAY_S,
+    MIN_LOOK_BACK_PERIOD_S,
     autoscaling_config,
     model_deployment_options,
 )
@@ -38,6 +38,8 @@ CONFIGS = [
         {"MIN_REPLICAS": "0", "MAX_REPLICAS": "1", "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "15"},
         id="short-idle-scale-to-zero",
     ),
+    pytest.param({"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "4"}, id="the-tests-idle-timeout"),
+    pytest.param({"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": "1"}, id="shortest-idle-timeout"),
 ]
 
 
@@ -50,7 +52,8 @@ def test_idle_replicas_stop_after_the_idle_timeout_not_before(
     assert options["downscale_delay_s"] == options["downscale_to_zero_delay_s"]
     assert idle_span(options) >= config.idle_timeout_s
     assert (
-        idle_span(options) <= max(config.idle_timeout_s, LOOK_BACK_PERIOD_S) + MIN_DOWNSCALE_DELAY_S
+        idle_span(options)
+        <= max(config.idle_timeout_s, MIN_LOOK_BACK_PERIOD_S) + MIN_DOWNSCALE_DELAY_S
     )
 
 
@@ -143,8 +146,12 @@ def test_model_deployment_options_resources_follow_the_environment() -> None:
     assert options["max_ongoing_requests"] > 8
 
 
-def test_load_reaches_the_controller_every_second() -> None:
-    # Ray 2.60's handles and replicas push at this interval (10 s by default),
-    # and a scale-up from zero waited for the next push.
-    options = autoscaling_config(ServeConfig.from_env({}))
-    assert AutoscalingConfig(**options).metrics_interval_s == 1.0
+@pytest.mark.parametrize("environ", CONFIGS)
+def test_load_reaches_the_controller_within_a_quarter_second_and_each_window_holds_several_reports(
+    environ: dict[str, str],
+) -> None:
+    # Ray 2.60's handles record and push at this interval (10 s by default),
+    # and a scale-up from zero waits for the first push after the next record.
+    ray_config = AutoscalingConfig(**autoscaling_config(ServeConfig.from_env(environ)))
+    assert ray_config.metrics_interval_s <= 0.25
+    assert ray_config.look_back_period_s >= 4 * ray_config.metrics_interval_s
