@@ -16,8 +16,8 @@ spare is left by a replica that stops), and each cycle also waits until
 ``/healthz`` says a spare is ready, as it is after any idle time longer than its
 imports; ``SPARE_WORKER=off python -m bench.cold_start`` measures without.
 
-For a Serve app, the replica that answered then says when its process started
-and where its start went (``LLMServer.startup_times``), which splits the wait
+For a Serve app, ``/healthz`` then says when the replica that answered started
+its process and where its start went (``model_start``), which splits the wait
 into consecutive parts: Serve and Ray starting the replica's process; Python,
 Ray, the kit and torch loading in it; the engine's imports, tokenizer,
 weights and warm-up pass; and the rest (the replica registering with Serve,
@@ -27,7 +27,6 @@ the request being routed to it, the prefill).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -95,16 +94,9 @@ def import_torch_s() -> float:
     return time.perf_counter() - started
 
 
-def replica_startup() -> dict:
-    """Ask the running model replica, from a short-lived process (see bench.replica_startup)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.replica_startup"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def model_start(server: Server) -> dict:
+    """How the running model replica's start went, as ``/healthz`` reports it."""
+    return requests.get(f"{server.url}/healthz", timeout=10).json()["model_start"]
 
 
 def breakdown(sent: float, first_token_s: float, startup: dict) -> list[float]:
@@ -151,10 +143,10 @@ def measure(server: Server, cycles: int) -> list[ColdStart]:
             warm = stream(server, 0, 8)
             parts = None
             if server.ray_app:
-                startup = replica_startup()
-                # A replica that became ready after the first token is not the
-                # one that answered (the answering one had already stopped).
-                if startup["ready"] <= cold.sent + cold.first_token_s:
+                startup = model_start(server)
+                # A replica that became ready before the request, or after its
+                # first token, is not the one that answered it.
+                if startup and cold.sent < startup["ready"] <= cold.sent + cold.first_token_s:
                     parts = breakdown(cold.sent, cold.first_token_s, startup)
             results.append(
                 ColdStart(

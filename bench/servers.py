@@ -43,12 +43,8 @@ THEIRS_URL = "http://127.0.0.1:8001"
 START_TIMEOUT_S = 300
 WARM_UP_TIMEOUT_S = 180
 IDLE_TIMEOUT_S = 5
-"""Idle time after which the cold-start runs let transformers serve drop its model."""
-SERVE_IDLE_TIMEOUT_S = 20
-"""The same for the Serve apps: long enough that the replica which answered the
-cold request is still up when ``bench.replica_startup`` (a Ray driver, about
-10 s to connect) asks it how its start went. Ray adds its 12 s look-back
-window, so a replica stops about 20 s after its last request."""
+"""Idle time after which the cold-start runs let a server drop its model: the
+Serve apps stop their model replica, transformers serve unloads its model."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +96,7 @@ def servers(
     app_model = model_dir if model else config.model_id
     app_env = {**({"MODEL_ID": model_dir} if model else {}), **(app_env or {})}
     layout = f"{config.max_replicas} x {config.num_cpus_per_replica:g} CPU"
-    idle = {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(SERVE_IDLE_TIMEOUT_S)}
+    idle = {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S)}
     transformers = str(Path(sys.executable).parent / "transformers")
     return {
         "app": Server(

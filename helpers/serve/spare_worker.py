@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import importlib
 import json
@@ -110,6 +111,11 @@ def prepare() -> None:
     for module in PRELOADED:
         importlib.import_module(module)
     _load_tokenizer(os.environ.get(MODEL_VARIABLE))
+    # Serve collects garbage and freezes what survives once a replica's
+    # constructor returns, before it reports the replica ready; done here, that
+    # full scan of everything imported happens before any request waits for it.
+    gc.collect()
+    gc.freeze()
     threading.Thread(target=_wait_as_spare, args=(key,), name="spare-worker", daemon=True).start()
 
 
