@@ -42,6 +42,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -66,14 +67,14 @@ PROMPT_WORDS = 32
 LONG_PROMPT_WORDS = 240
 
 
-def random_state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def random_state(shape: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Weights of the checkpoint's names and shapes, drawn as transformers
     initialises a Llama (normal, std 0.02; norms at one)."""
-    hidden, inner = SHAPE["hidden_size"], SHAPE["intermediate_size"]
-    head_dim = hidden // SHAPE["num_attention_heads"]
-    kv = SHAPE["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": (SHAPE["vocab_size"], hidden)}
-    for i in range(SHAPE["num_hidden_layers"]):
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = hidden // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (shape["vocab_size"], hidden)}
+    for i in range(shape["num_hidden_layers"]):
         layer = f"model.layers.{i}."
         shapes |= {
             layer + "self_attn.q_proj.weight": (hidden, hidden),
@@ -88,22 +89,23 @@ def random_state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
     norms = [
         f"model.layers.{i}.{n}"
-        for i in range(SHAPE["num_hidden_layers"])
+        for i in range(shape["num_hidden_layers"])
         for n in ("input_layernorm.weight", "post_attention_layernorm.weight")
     ]
     state |= {name: torch.ones(hidden) for name in [*norms, "model.norm.weight"]}
     return {name: tensor.to(dtype) for name, tensor in state.items()}
 
 
-def write_checkpoint(directory: Path) -> None:
+def write_checkpoint(directory: Path, layers: int) -> None:
     """A Llama checkpoint and word-level tokenizer, as the converted embedded
     model is laid out: what both ``Engine.load`` and transformers read."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    save_file(random_state(torch.float16), str(directory / "model.safetensors"))
+    shape = {**SHAPE, "num_hidden_layers": layers}
+    save_file(random_state(shape, torch.float16), str(directory / "model.safetensors"))
     config = {
-        **SHAPE,
+        **shape,
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "hidden_act": "silu",
@@ -312,6 +314,12 @@ def main() -> None:
         default=8,
         help="prompts the slots-against-padded text check decodes (half as many long ones)",
     )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=SHAPE["num_hidden_layers"],
+        help="decoder layers (the embedded model's 30 by default; fewer for a quick run)",
+    )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ready_from:
@@ -319,7 +327,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="random-smollm2-") as folder:
         directory = Path(folder)
-        write_checkpoint(directory)
+        write_checkpoint(directory, args.layers)
         name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(f"device: {name}, torch {torch.__version__}, {sys.executable}")
         for _ in range(2):
