@@ -207,7 +207,7 @@ VARIABLES: tuple[Variable, ...] = (
         "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S",
         "60",
         "Seconds without traffic before a model replica is stopped "
-        "(becomes Ray's downscale delays).",
+        "(becomes Ray's look-back window and downscale delays).",
         "number in [1, 86400]",
         _number(float, 1.0, 86400.0),
         "idle_timeout_s",

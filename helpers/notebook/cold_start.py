@@ -38,11 +38,16 @@ def spare_state(base_url: str) -> dict[str, Any]:
 
 
 def wait_for_spare(base_url: str, timeout_s: float = SPARE_TIMEOUT_S) -> dict[str, Any]:
-    """Until a spare process is ready, or the app keeps none (``SPARE_WORKER=off``)."""
-    wait_for(
-        lambda: spare_state(base_url)["state"] in ("ready", "off"), timeout_s, "a spare process"
-    )
-    return spare_state(base_url)
+    """Until a spare process is ready, or the app keeps none (``SPARE_WORKER=off``):
+    the state that said so."""
+    seen: dict[str, Any] = {}
+
+    def settled() -> bool:
+        seen.update(spare_state(base_url))
+        return seen["state"] in ("ready", "off")
+
+    wait_for(settled, timeout_s, "a spare process")
+    return seen
 
 
 def cold_start(model_start: dict[str, Any], sent_at: float, first_text_s: float) -> ColdStart:

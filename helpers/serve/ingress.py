@@ -12,7 +12,7 @@ gathered into one reply.
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -319,26 +319,32 @@ class Ingress:
         once, and only while a replica runs: asking at zero replicas would
         start one. None until then; every replica loads the same way, so
         the first answer holds."""
-        if self._engine is None and (await self._model_replica_states())["running"]:
-            call = self.llm.engine_info.remote()
-            with contextlib.suppress(Exception):  # a replica going away: ask next time
-                self._engine = await asyncio.wait_for(call, ENGINE_INFO_TIMEOUT_S)
+        if self._engine is None:
+            self._engine = await self._ask_running_replica(self.llm.engine_info.remote)
         return self._engine
 
     async def _model_start(self) -> dict[str, Any] | None:
         """How a running model replica started (``ReplicaStartup.as_dict``):
         asked again whenever the replica counts change, and kept at zero
-        replicas, so the last cold start can be read after it. Like
-        :meth:`_engine_info`, it never asks at zero replicas."""
+        replicas, so the last cold start can be read after it."""
         states = await self._model_replica_states()
         if not states["running"]:
             self._start_read_for = None
         elif states != self._start_read_for:
-            call = self.llm.startup_times.remote()
-            with contextlib.suppress(Exception):  # a replica going away: ask next time
-                self._start = (await asyncio.wait_for(call, ENGINE_INFO_TIMEOUT_S)).as_dict()
-                self._start_read_for = dict(states)
+            start = await self._ask_running_replica(self.llm.startup_times.remote)
+            if start is not None:
+                self._start, self._start_read_for = start.as_dict(), dict(states)
         return self._start
+
+    async def _ask_running_replica(self, ask: Callable[[], Any]) -> Any | None:
+        """What ``ask()`` (a call to the model deployment) returns, if a model
+        replica runs: None at zero replicas, where the call would wake the
+        model, and None when the replica goes away meanwhile (ask next time)."""
+        if not (await self._model_replica_states())["running"]:
+            return None
+        with contextlib.suppress(Exception):
+            return await asyncio.wait_for(ask(), ENGINE_INFO_TIMEOUT_S)
+        return None
 
     async def _model_replica_states(self) -> dict[str, int]:
         """Replica counts by state, read from the Serve controller at most once a second."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
-from helpers.notebook.cold_start import cold_start, plot_cold_start
+from helpers.notebook.cold_start import cold_start, plot_cold_start, wait_for_spare
 
 ENGINE = {"imports_s": 0.01, "tokenizer_s": 0.5, "weights_s": 0.2, "warm_up_s": 0.1}
 
@@ -65,3 +70,36 @@ def test_the_plot_stacks_every_phase_beside_the_warm_request() -> None:
         figure.canvas.draw()
     finally:
         plt.close(figure)
+
+
+@pytest.fixture
+def healthz_server() -> Iterator[tuple[str, list[dict]]]:
+    """A loopback server whose ``/healthz`` says no spare waits, then that one does;
+    it keeps every answer it gave."""
+    states = iter([{"state": "none", "pid": None}] + [{"state": "ready", "pid": 4242}] * 10)
+    answered: list[dict] = []
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answered.append(next(states))
+            body = json.dumps({"status": "ok", "spare_worker": answered[-1]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", answered
+    server.shutdown()
+
+
+def test_waiting_for_the_spare_returns_the_state_that_ended_the_wait(
+    healthz_server: tuple[str, list[dict]],
+) -> None:
+    url, answered = healthz_server
+    assert wait_for_spare(url, timeout_s=30) == {"state": "ready", "pid": 4242}
+    assert [state["state"] for state in answered] == ["none", "ready"]  # no read after it
