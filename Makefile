@@ -17,7 +17,7 @@ TORCH := torch==2.13.0
 # the kit or Jupyter uses (jsonschema issue #1428). jsonschema skips the check
 # when the package is absent, so setup removes it.
 
-.PHONY: setup browser serve test test-unit test-model test-integration test-notebooks lint lab bench bench-generate bench-ttft bench-versus bench-versus-llamacpp soak model-path clean
+.PHONY: setup browser serve test test-unit test-model test-integration test-notebooks lint lab bench bench-generate bench-ttft bench-versus bench-versus-llamacpp bench-structured soak model-path clean
 
 setup: $(STAMP)
 	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
@@ -85,6 +85,9 @@ bench-versus: setup
 # Builds llama.cpp's llama-server once (CMake and a C++ compiler), then takes turns with it.
 bench-versus-llamacpp: setup
 	$(PY) -m bench.versus_llamacpp
+
+bench-structured: setup
+	$(PY) -m bench.structured_output
 
 soak: setup
 	$(PY) -m bench.soak

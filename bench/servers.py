@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -192,15 +193,30 @@ def measure(server: Server, args: argparse.Namespace) -> list[Outcome]:
     return outcomes
 
 
+def taking_turns(first: str, second: str, rounds: int) -> Iterator[str]:
+    """``first, second, second, first, ...`` for ``rounds`` rounds: a steady
+    drift in this machine's speed then weighs on both sides alike, where one
+    turn each would put it all in their ratio."""
+    for round_ in range(rounds):
+        yield from (first, second) if round_ % 2 == 0 else (second, first)
+
+
 def mean_tokens_per_s(outcomes: list[Outcome]) -> float:
     return sum(o.tokens_per_s for o in outcomes) / len(outcomes)
 
 
-def drive(server: Server, concurrency: int, total: int, max_tokens: int) -> Outcome:
-    """``total`` whole completions from ``concurrency`` closed-loop clients."""
+def drive(
+    server: Server,
+    concurrency: int,
+    total: int,
+    max_tokens: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Outcome:
+    """``total`` whole completions from ``concurrency`` closed-loop clients,
+    each body with the fields ``extra`` adds."""
 
     def one(index: int) -> tuple[float, int] | None:
-        body = completion_body(server, index, max_tokens)
+        body = {**completion_body(server, index, max_tokens), **(extra or {})}
         started = time.perf_counter()
         try:
             response = requests.post(f"{server.url}/v1/completions", json=body, timeout=600)

@@ -30,7 +30,16 @@ from collections.abc import Sequence
 from bench.llama_server import BuildToolsMissing, ensure_built
 from bench.llama_server import server as llama_server
 from bench.results_file import provenance, record_section
-from bench.servers import HEADER, Outcome, Server, drive, mean_tokens_per_s, servers, warm_up
+from bench.servers import (
+    HEADER,
+    Outcome,
+    Server,
+    drive,
+    mean_tokens_per_s,
+    servers,
+    taking_turns,
+    warm_up,
+)
 from helpers.config import ServeConfig
 
 TARGETS = {1: 0.8, 16: 1.0}
@@ -88,11 +97,9 @@ def main() -> None:
     print(HEADER, flush=True)
     ours: list[Outcome] = []
     theirs: list[Outcome] = []
-    for round_ in range(args.rounds):
-        order = ["app", "llamacpp"] if round_ % 2 == 0 else ["llamacpp", "app"]
-        for key in order:
-            outcomes = measure(both[key], args.concurrency, args.max_tokens)
-            (ours if key == "app" else theirs).extend(outcomes)
+    for key in taking_turns("app", "llamacpp", args.rounds):
+        outcomes = measure(both[key], args.concurrency, args.max_tokens)
+        (ours if key == "app" else theirs).extend(outcomes)
     table = ratio_table(ours, theirs, args.concurrency)
     print(f"\n{table}")
     record_section(

@@ -56,6 +56,7 @@ from bench.servers import (
     mean_tokens_per_s,
     measure,
     servers,
+    taking_turns,
 )
 from helpers.config import ServeConfig
 
@@ -111,10 +112,8 @@ def main() -> None:
     print(HEADER, flush=True)
     ours: list[Outcome] = []
     theirs: list[Outcome] = []
-    for round_ in range(args.rounds):
-        order = ["app", "transformers"] if round_ % 2 == 0 else ["transformers", "app"]
-        for key in order:
-            (ours if key == "app" else theirs).extend(measure(both[key], args))
+    for key in taking_turns("app", "transformers", args.rounds):
+        (ours if key == "app" else theirs).extend(measure(both[key], args))
     ratio = mean_tokens_per_s(ours) / mean_tokens_per_s(theirs)
     summary = (
         f"app / transformers serve --continuous-batching = {ratio:.2f}x output tokens/s "

@@ -11,6 +11,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What a completion must match, token by token: a JSON schema, as text
+    (``{"type": "object"}`` for any object). ``field`` names the request
+    field it came from, for a refusal."""
+
+    json_schema: str
+    field: str = "response_format"
+
+
+@dataclass(frozen=True)
 class Sampling:
     """How to pick tokens and when to stop: the only knobs that reach the engine.
 
@@ -36,6 +46,8 @@ class Sampling:
     logprobs: int | None = None
     """Return each completion token's log probability with this many likeliest
     alternatives (0 for none); None returns none."""
+    grammar: Grammar | None = None
+    """Hold the completion to this grammar; it ends when the grammar is whole."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +123,9 @@ class PromptTooLongError(ValueError):
     """The prompt plus the tokens asked for do not fit the model's context."""
 
 
-class TokenIdError(ValueError):
-    """A token id in request field ``field`` is outside the model's vocabulary,
-    which only a model replica knows."""
+class FieldError(ValueError):
+    """Request field ``field`` was refused by a check only a model replica
+    can make: it alone holds the vocabulary and the tokenizer."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(field, message)
@@ -121,3 +133,11 @@ class TokenIdError(ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class TokenIdError(FieldError):
+    """A token id in the field is outside the model's vocabulary."""
+
+
+class GrammarError(FieldError):
+    """The field's schema cannot be compiled into a grammar for the model."""

@@ -38,7 +38,9 @@ from helpers.api.fields import (
     TokenIdsList,
     TopP,
 )
+from helpers.api.response_format import ResponseFormat
 from helpers.api.sampling_controls import SamplingControls
+from helpers.protocol import Grammar
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 8
@@ -68,6 +70,7 @@ class _SamplingFields(SamplingControls):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -89,6 +92,9 @@ class _SamplingFields(SamplingControls):
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def grammar(self) -> Grammar | None:
+        return None if self.response_format is None else self.response_format.grammar()
 
 
 class CompletionRequest(_SamplingFields):

@@ -35,6 +35,7 @@ import torch
 
 from helpers.engine.batch_rows import PaddedRows, SlotRows
 from helpers.engine.decoder import Decoder, SlotDecoder
+from helpers.engine.grammar import Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import Completion, Sampling, Timing, TokenLogprob
@@ -157,6 +158,8 @@ class ContinuousBatcher:
         self.eos_token_ids = eos_token_ids
         self.max_batch_size = max_batch_size
         self.stats = BatchStats()
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, sorted(eos_token_ids))
+        self._masks = MaskWorker()
         has_slots = isinstance(model, SlotDecoder)
         if slots and not has_slots:
             raise ValueError("slots need a SlotDecoder, such as the kit's own Llama")
@@ -213,7 +216,9 @@ class ContinuousBatcher:
         future: Future[Completion] = Future()
         # Tokenized here, on the caller's thread, not on the decode thread.
         prompt_ids = prompt_token_ids(self.tokenizer, request.prompt)
-        sampler = Sampler(request.sampling, self.device, prompt_ids)
+        grammar = request.sampling.grammar
+        constraint = None if grammar is None else self.grammars.constraint(grammar)
+        sampler = Sampler(request.sampling, self.device, prompt_ids, constraint)
         # Decoding every token costs a little per row per step; only a stream
         # or a stop string needs it.
         text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
@@ -317,6 +322,7 @@ class ContinuousBatcher:
             return
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
         logits = self._rows.logits
+        self._masks.wait()
         next_tokens, keep = [], []
         # Greedy rows take their argmax from one batched call: one transfer
         # from the device per step rather than one per row.
@@ -342,6 +348,9 @@ class ContinuousBatcher:
                 sequence.emit(sequence.text.append(token))
                 self.stats.generated_tokens += 1
                 ended = sequence.text.stopped
+                if sampler.constraint is not None:
+                    sampler.constraint.advance(token)
+                    ended = ended or sampler.constraint.complete
             if ended or len(sequence.text.tokens) >= sampling.max_new_tokens:
                 self._finish(sequence, "stop" if ended else "length")
             else:
@@ -356,6 +365,8 @@ class ContinuousBatcher:
         if len(keep) < len(self._sequences):
             self._sequences = [self._sequences[row] for row in keep]
             self._rows.keep(keep)
+        # The kept rows' next masks, computed while the step below runs.
+        self._masks.start([s.sampler.constraint for s in self._sequences if s.sampler.constraint])
         if fold:
             lengths = self._rows.decode(next_tokens, [s.prompt_ids for s in arrivals])
             self._joined(arrivals, lengths)

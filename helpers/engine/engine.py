@@ -52,6 +52,8 @@ from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import (
     Completion,
+    Grammar,
+    GrammarError,
     PromptTooLongError,
     Sampling,
     TokenIdError,
@@ -68,6 +70,8 @@ __all__ = [
     "Completion",
     "Engine",
     "GenerationRequest",
+    "Grammar",
+    "GrammarError",
     "LogprobCallback",
     "ModelLoadError",
     "PromptTooLongError",
@@ -308,11 +312,14 @@ class Engine:
     def request(self, prompt: str | tuple[int, ...], sampling: Sampling) -> GenerationRequest:
         """A request for ``prompt`` (text formatted already, or token ids),
         refused before any work if it cannot fit
-        (:class:`~helpers.protocol.PromptTooLongError`) or names a token the
-        model does not have (:class:`~helpers.protocol.TokenIdError`)."""
+        (:class:`~helpers.protocol.PromptTooLongError`), names a token the
+        model does not have (:class:`~helpers.protocol.TokenIdError`) or asks
+        for a grammar that does not compile (:class:`~helpers.protocol.GrammarError`)."""
         request = GenerationRequest(prompt, sampling)
         self.check_fits(request)
         self.check_token_ids(request)
+        if sampling.grammar is not None:
+            self._batcher.grammars.check(sampling.grammar)
         return request
 
     def check_fits(self, request: GenerationRequest) -> None:

@@ -4,7 +4,8 @@ The order is vLLM's, so a client moving between the two gets the same
 distribution for the same settings: the logits are first changed by what
 this sequence did (``repetition_penalty`` over the prompt and the
 completion, ``presence_penalty`` and ``frequency_penalty`` over the
-completion, as OpenAI defines them) and by ``logit_bias``; then greedy takes
+completion, as OpenAI defines them) and by ``logit_bias``; a grammar
+(structured output) then refuses what it cannot take; then greedy takes
 the argmax, or sampling divides by the temperature and keeps the ``top_k``
 tokens, the ``top_p`` nucleus and those within ``min_p`` of the likeliest.
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from helpers.engine.grammar import TokenConstraint
 from helpers.protocol import Sampling
 
 
@@ -23,9 +25,17 @@ class Sampler:
     generator, so a seeded request draws the same tokens whatever else shares
     its batch."""
 
-    def __init__(self, sampling: Sampling, device: str | torch.device, prompt_ids: Sequence[int]):
-        """``prompt_ids`` is used only by ``repetition_penalty``."""
+    def __init__(
+        self,
+        sampling: Sampling,
+        device: str | torch.device,
+        prompt_ids: Sequence[int],
+        constraint: TokenConstraint | None = None,
+    ):
+        """``prompt_ids`` is used only by ``repetition_penalty``; ``constraint``
+        holds the sequence to ``sampling.grammar``."""
         self.sampling = sampling
+        self.constraint = constraint
         self.device = device
         self.generator: torch.Generator | None = None
         if sampling.seed is not None:
@@ -45,7 +55,12 @@ class Sampler:
     def changes_logits(self) -> bool:
         """Whether the logits are changed before the pick: a row without it
         can take its greedy token from the whole batch's argmax."""
-        return self._penalized or self._repetition or bool(self.sampling.logit_bias)
+        return (
+            self._penalized
+            or self._repetition
+            or bool(self.sampling.logit_bias)
+            or self.constraint is not None
+        )
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from this row's fp32 logits (left unchanged)."""
@@ -87,6 +102,8 @@ class Sampler:
             logits -= sampling.presence_penalty * (self._counts > 0).float()
         for token, bias in sampling.logit_bias:
             logits[token] += bias
+        if self.constraint is not None:
+            self.constraint.apply(logits)
         return logits
 
     def _catch_up(self, vocabulary: int) -> None:

@@ -231,6 +231,7 @@ class Ingress:
             seed=parsed.seed,
             stop=parsed.stop_strings(),
             logprobs=parsed.logprob_count(),
+            grammar=parsed.grammar(),
             **parsed.controls(),
         )
         self._check_token_budget(parsed.n, sampling.max_new_tokens, len(prompts))

@@ -15,7 +15,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from helpers.api.errors import ApiError
-from helpers.protocol import PromptTooLongError, TokenIdError
+from helpers.protocol import FieldError, PromptTooLongError
 
 RETRY_AFTER_S = 2
 """Suggested wait before retrying a 503: about one decode of a short reply here."""
@@ -39,7 +39,7 @@ def model_error(err: BaseException, fields: RequestFields, timeout_s: float) -> 
     """The answer for a known failure of a model call, or None for an unknown one."""
     if isinstance(err, PromptTooLongError):
         return ApiError(400, f"{fields.prompt}: {getattr(err, 'cause', err)}", fields.prompt)
-    if isinstance(err, TokenIdError):
+    if isinstance(err, FieldError):
         cause = getattr(err, "cause", err)
         field = fields.controls + cause.field
         return ApiError(400, f"{fields.controls}{cause.message}", field)

@@ -13,9 +13,11 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 from ray import serve
 
@@ -65,6 +67,10 @@ def client(deployed_app: ServeConfig) -> Iterator[openai.OpenAI]:
 @pytest.fixture(scope="module")
 def tokenizer(deployed_app: ServeConfig):
     return load_tokenizer(deployed_app.model_id, deployed_app.model_cache_dir)
+
+
+def json_schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 
 def batch_stats() -> dict[str, int]:
@@ -515,7 +521,61 @@ BAD_CALLS = [
         "prompt",
         id="too long, streamed",
     ),
+    pytest.param(
+        {"extra_body": {"response_format": json_schema_format({"type": "nonsense"})}},
+        openai.BadRequestError,
+        "response_format",
+        id="schema the grammar refuses",
+    ),
 ]
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+PERSON_CHAT = [{"role": "user", "content": "Invent a person: name and age."}]
+
+
+def test_structured_output_parses_into_the_clients_own_class(
+    client: openai.OpenAI, model: str
+) -> None:
+    """The openai client's typed helper, whole and streamed: what it parses is
+    a ``Person``, and the stream gives the same text as the whole reply."""
+    args = {"model": model, "messages": PERSON_CHAT, "response_format": Person, "temperature": 0}
+    whole = client.chat.completions.parse(**args).choices[0]
+    assert whole.finish_reason == "stop"
+    assert isinstance(whole.message.parsed, Person)
+    with client.chat.completions.stream(**args) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.message.parsed == whole.message.parsed
+    assert streamed.message.content == whole.message.content
+
+
+def test_async_json_mode_gives_objects_on_both_endpoints(model: str) -> None:
+    json_mode = {"type": "json_object"}
+
+    async def both() -> tuple[Any, Any]:
+        async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused") as client:
+            chat = client.chat.completions.create(
+                model=model, messages=PERSON_CHAT, response_format=json_mode, temperature=0
+            )
+            completion = client.completions.create(
+                model=model,
+                prompt="A person as JSON:",
+                extra_body={"response_format": json_mode},
+                temperature=0,
+            )
+            return await asyncio.gather(chat, completion)
+
+    chat, completion = (reply.choices[0] for reply in asyncio.run(both()))
+    for text, reason in (
+        (chat.message.content, chat.finish_reason),
+        (completion.text, completion.finish_reason),
+    ):
+        assert reason == "stop", text
+        assert isinstance(json.loads(text or ""), dict)
 
 
 @pytest.mark.parametrize(("override", "error", "param"), BAD_CALLS)

@@ -1,0 +1,150 @@
+"""Holding a sequence to a grammar, token by token: structured output.
+
+Why a grammar and not a retry: a small model asked for JSON often writes
+almost-JSON (a trailing comma, a missing brace, prose around it). Masking every
+token the grammar cannot take makes the output parse by construction, whatever
+the model; only ``max_tokens`` can cut it short.
+
+llguidance does the grammar work (decision record 0028): one ``LLTokenizer``
+per engine, built on the first constrained request rather than at load, where
+it would add half a second to every cold start; one matcher per constrained
+sequence. The mask of a sequence's next token is computed on a worker thread
+while the model runs the step whose logits it will mask: llguidance releases
+the GIL, so the two overlap (``MaskWorker``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import llguidance
+import numpy as np
+import torch
+
+from helpers.protocol import Grammar, GrammarError
+
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""JSON on one line, spaced as Python's ``json.dumps`` spaces it. Free
+whitespace lets a small model loop on newlines until ``max_tokens``."""
+LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+"""llguidance's default budgets, which bound a hostile schema's cost; its
+messages without the parser's internals, which reach the client."""
+
+
+class Grammars:
+    """Compiles requests' grammars against one model's tokenizer."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        """``vocab_size`` is the width of the model's logits, which may exceed
+        the tokenizer's vocabulary: the ids past it are never allowed."""
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos_token_ids = sorted(eos_token_ids)
+        self._built: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the vocabulary, built once, on first use."""
+        with self._lock:
+            if self._built is None:
+                self._built = llguidance.LLTokenizer(
+                    _tokenizer_json(self._tokenizer),
+                    n_vocab=self._vocab_size,
+                    eos_token=self._eos_token_ids,
+                )
+            return self._built
+
+    def check(self, grammar: Grammar) -> None:
+        """Raise :class:`~helpers.protocol.GrammarError` naming the request's
+        field when the grammar cannot be compiled for this model."""
+        error = llguidance.LLMatcher.validate_grammar(
+            _source(grammar), self.tokenizer, limits=LIMITS
+        )
+        if error:
+            raise GrammarError(grammar.field, f"{grammar.field}: {error}")
+
+    def constraint(self, grammar: Grammar) -> TokenConstraint:
+        """A fresh matcher for one sequence, its first mask computed."""
+        matcher = llguidance.LLMatcher(self.tokenizer, _source(grammar), log_level=0, limits=LIMITS)
+        if matcher.is_error():
+            raise GrammarError(grammar.field, f"{grammar.field}: {matcher.get_error()}")
+        constraint = TokenConstraint(matcher, self._vocab_size)
+        constraint.compute_mask()
+        return constraint
+
+
+class TokenConstraint:
+    """One sequence's matcher and the mask of the token it may take next."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+        self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+
+    def compute_mask(self) -> None:
+        """Fill the mask for the next token (any thread; the GIL is released)."""
+        self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set to minus infinity, in place, the logits of every token the
+        grammar refuses next."""
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self._vocab_size]
+        refused = allowed == 0
+        if logits.device.type == "cpu":
+            np.copyto(logits.numpy(), np.float32("-inf"), where=refused)
+        else:
+            logits.masked_fill_(torch.from_numpy(refused).to(logits.device), float("-inf"))
+
+    def advance(self, token: int) -> None:
+        """Take the sampled token. The mask allowed it, so a refusal here is
+        a bug in the grammar library, and raises."""
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+
+    @property
+    def complete(self) -> bool:
+        """The grammar can take no more tokens: the output is whole."""
+        return self._matcher.is_stopped()
+
+
+class MaskWorker:
+    """Computes the next masks of a batch's constrained rows on one thread
+    while the decode thread runs the forward pass."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def start(self, constraints: Sequence[TokenConstraint]) -> None:
+        if not constraints:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        self._pending = self._pool.submit(_compute_masks, list(constraints))
+
+    def wait(self) -> None:
+        """Block until the masks started last are ready (re-raising their error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _compute_masks(constraints: list[TokenConstraint]) -> None:
+    for constraint in constraints:
+        constraint.compute_mask()
+
+
+def _source(grammar: Grammar) -> str:
+    """llguidance's grammar for a request's constraint."""
+    return llguidance.LLMatcher.grammar_from_json_schema(grammar.json_schema, defaults=JSON_LAYOUT)
+
+
+def _tokenizer_json(tokenizer: Any) -> str:
+    """The ``tokenizers`` definition behind the kit's tokenizer or a
+    transformers fast tokenizer, as the engine encodes with it."""
+    backend = getattr(tokenizer, "backend", None) or tokenizer.backend_tokenizer
+    return backend.to_str()

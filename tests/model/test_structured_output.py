@@ -1,0 +1,92 @@
+"""Structured output on the real embedded model: a grammar holds every token,
+so the text parses and the schema accepts it, greedy or sampled, alone or
+among unconstrained rows. On the padded layout alone: the grammar acts in the
+sampler, which both layouts share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import jsonschema
+import pytest
+
+from helpers.engine.engine import Engine, Grammar, GrammarError, Sampling
+
+from .conftest import padded_only
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "colour", "hobbies"],
+    "additionalProperties": False,
+}
+ASK = "Describe a fictional person as JSON: name, age, favourite colour and hobbies."
+GREEDY = Sampling(64, temperature=0.0, top_p=1.0)
+
+
+def chat(engine: Engine, text: str) -> str:
+    return engine.render_chat([{"role": "user", "content": text}])
+
+
+def held_to(schema: dict) -> Grammar:
+    return Grammar(json.dumps(schema))
+
+
+@padded_only
+def test_greedy_output_parses_against_the_schema_and_leaves_free_rows_alone(
+    engine: Engine,
+) -> None:
+    """A free row's text is the same beside a constrained one as alone; the
+    constrained one is valid, which the same prompt without it is not."""
+    constrained = engine.request(chat(engine, ASK), replace(GREEDY, grammar=held_to(PERSON)))
+    free = engine.request(chat(engine, ASK), replace(GREEDY, max_new_tokens=40))
+    alone = engine.generate([free])[0]
+    held, beside = engine.generate([constrained, free])
+    assert beside.text == alone.text
+    assert held.finish_reason == "stop"
+    jsonschema.validate(json.loads(held.text), PERSON)
+    with pytest.raises((ValueError, jsonschema.ValidationError)):
+        jsonschema.validate(json.loads(alone.text), PERSON)
+
+
+@padded_only
+def test_sampled_outputs_all_parse_whatever_the_seed(engine: Engine) -> None:
+    sampled = Sampling(64, temperature=1.0, top_p=1.0, grammar=held_to(PERSON))
+    requests = [engine.request(chat(engine, ASK), replace(sampled, seed=s)) for s in range(4)]
+    completions = engine.generate(requests)
+    for completion in completions:
+        assert completion.finish_reason == "stop"
+        jsonschema.validate(json.loads(completion.text), PERSON)
+    assert len({c.text for c in completions}) > 1, "the seeds changed nothing"
+
+
+@padded_only
+def test_a_grammar_cut_by_max_tokens_ends_with_length(engine: Engine) -> None:
+    cut = replace(GREEDY, max_new_tokens=5, grammar=held_to(PERSON))
+    completion = engine.generate([engine.request(chat(engine, ASK), cut)])[0]
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 5
+    assert completion.text.startswith('{"name": "')
+
+
+@padded_only
+@pytest.mark.parametrize(
+    ("schema", "reason"),
+    [
+        ({"type": "nonsense"}, "nonsense"),
+        ({"$ref": "#/$defs/missing"}, "missing"),
+        ({"type": "string", "pattern": "(unclosed"}, ""),
+    ],
+)
+def test_a_schema_that_does_not_compile_names_the_field(
+    engine: Engine, schema: dict, reason: str
+) -> None:
+    with pytest.raises(GrammarError, match=f"^response_format: .*{reason}") as caught:
+        engine.request("Hi", replace(GREEDY, grammar=held_to(schema)))
+    assert caught.value.field == "response_format"

@@ -1,0 +1,60 @@
+"""``response_format`` on both OpenAI endpoints, without a server: what grammar
+each format asks the engine for, and which shapes are refused by name."""
+
+import json
+from typing import Any
+
+import pytest
+
+from helpers.api.response_format import MAX_SCHEMA_BYTES
+from helpers.protocol import Grammar
+
+from .test_openai_schema import chat, completion, refused_field
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def schema_format(schema: Any = PERSON, **extra: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, **extra}}
+
+
+@pytest.mark.parametrize("make", [chat, completion])
+def test_each_format_asks_for_its_grammar(make) -> None:
+    assert make().grammar() is None
+    assert make(response_format={"type": "text"}).grammar() is None
+    assert make(response_format={"type": "json_object"}).grammar() == Grammar('{"type":"object"}')
+    held = make(response_format=schema_format(strict=True, description="who")).grammar()
+    assert held is not None and json.loads(held.json_schema) == PERSON
+    assert held.field == "response_format"
+
+
+def test_a_json_schema_without_a_schema_accepts_any_json() -> None:
+    no_schema = {"type": "json_schema", "json_schema": {"name": "anything"}}
+    assert chat(response_format=no_schema).grammar() == Grammar("{}")
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param"),
+    [
+        ({"type": "yaml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format"),
+        ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format"),
+        (schema_format() | {"schema": PERSON}, "response_format.schema"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": PERSON}},
+            "response_format.json_schema.name",
+        ),
+        (schema_format(strict="yes"), "response_format.json_schema.strict"),
+        (schema_format(schema=[1]), "response_format.json_schema.schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a b"}},
+            "response_format.json_schema.name",
+        ),
+        (
+            schema_format(schema={"enum": ["x" * 100] * (MAX_SCHEMA_BYTES // 100)}),
+            "response_format.json_schema",
+        ),
+    ],
+)
+def test_bad_formats_are_refused_by_name(response_format: dict, param: str) -> None:
+    assert refused_field(chat, response_format=response_format) == param
