@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+"""What the model writes around each tool call, a JSON object with its
+``name`` and ``arguments``: the tags Qwen's chat templates (and Hermes')
+teach, for every model. The engine's grammar writes them, the ingress reads
+them."""
+
 
 @dataclass(frozen=True)
 class Grammar:
-    """What a completion must match, token by token: a JSON schema, as text
-    (``{"type": "object"}`` for any object). ``field`` names the request
-    field it came from, for a refusal."""
+    """What a completion must match, token by token. ``kind`` ``json_schema``:
+    ``source`` is a JSON schema, as text (``{"type": "object"}`` for any
+    object). ``tool_calls``: ``source`` is ``{"functions": [{"name",
+    "parameters"}], "choice": "auto" | "required" | a function's name,
+    "parallel": bool}`` as text. ``field`` names the request field it came
+    from, for a refusal."""
 
-    json_schema: str
+    source: str
+    kind: str = "json_schema"
     field: str = "response_format"
 
 
@@ -51,6 +62,38 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call: one an assistant turn carries, or one the model wrote."""
+
+    id: str
+    name: str
+    arguments: str
+    """A JSON object, as text."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn, as the chat template reads it."""
+
+    role: str
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant turn's calls."""
+    tool_call_id: str = ""
+    """A ``tool`` turn's answer to this call."""
+
+
+@dataclass(frozen=True)
+class Function:
+    """A tool the model may call, as the prompt describes it."""
+
+    name: str
+    description: str
+    parameters: str
+    """Its arguments' JSON schema, as text."""
+
+
+@dataclass(frozen=True)
 class Prompt:
     """What a client asked to complete, before the model's formatting.
 
@@ -62,7 +105,9 @@ class Prompt:
 
     text: str = ""
     raw: bool = False
-    messages: tuple[tuple[str, str], ...] = ()
+    messages: tuple[Message, ...] = ()
+    tools: tuple[Function, ...] = ()
+    """The functions the chat's prompt offers (``tools``, unless ``tool_choice`` is none)."""
     token_ids: tuple[int, ...] = ()
     """``/v1/completions``'s prompt sent as token ids, fed to the model as they are."""
     echo: bool = False

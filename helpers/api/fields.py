@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, StrictFloat, StrictInt, StrictStr, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 def _at_most(
@@ -26,6 +36,14 @@ def _at_most(
         return value
 
     return check
+
+
+def refused(model: type[BaseModel], field: str, message: str) -> ValidationError:
+    """An error located at ``field``, for a check a model makes on the whole
+    body: the refusal names the field a client has to change."""
+    error = PydanticCustomError("refused", message)
+    detail = InitErrorDetails(type=error, loc=(field,), input=None)
+    return ValidationError.from_exception_data(model.__name__, [detail])
 
 
 Prompt = Annotated[StrictStr, Field(min_length=1)]

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from helpers.api.tool_calls import ToolCallReader, openai_call, split_tool_calls
 from helpers.protocol import Completion, TextDelta, TokenLogprob
 
 OWNED_BY = "ray-serve-llm-kit"
@@ -47,10 +48,20 @@ class OpenAIFormat:
     """Builds one request's response, or its stream chunks (a ``StreamFormat``)."""
 
     def __init__(
-        self, model: str, *, chat: bool, include_usage: bool = False, choices: int = 1
+        self,
+        model: str,
+        *,
+        chat: bool,
+        include_usage: bool = False,
+        choices: int = 1,
+        tool_calls: bool = False,
     ) -> None:
+        """``tool_calls``: the reply may call the request's tools, which are
+        read out of its text into ``tool_calls`` (:mod:`helpers.api.tool_calls`)."""
         self.model = model
         self.chat = chat
+        self.tool_calls = tool_calls
+        self._readers: dict[int, ToolCallReader] = {}  # per choice, when streaming calls
         self.include_usage = include_usage
         self.choices = choices
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -68,6 +79,13 @@ class OpenAIFormat:
             }
             for index, completion in enumerate(completions)
         ]
+        if self.tool_calls:
+            for choice, completion in zip(choices, completions, strict=True):
+                content, calls = split_tool_calls(completion.text)
+                choice["message"]["content"] = content
+                if calls:
+                    choice["message"]["tool_calls"] = [openai_call(call) for call in calls]
+                    choice["finish_reason"] = _finish(completion, called=True)
         counted = usage(completions, self.choices)
         return {**self._header(chunk=False), "choices": choices, "usage": counted}
 
@@ -78,6 +96,8 @@ class OpenAIFormat:
         return [self._chunk(index, opening, None) for index in range(self.choices)]
 
     def events(self, delta: TextDelta) -> list[dict[str, Any]]:
+        if self.tool_calls:
+            return self._tool_call_events(delta)
         events = []
         if delta.text or delta.logprobs:
             content = self._content(delta.text, final=False)
@@ -87,6 +107,27 @@ class OpenAIFormat:
             self._completions[delta.index] = delta.completion
             empty = {"delta": {}} if self.chat else {"text": ""}
             events.append(self._chunk(delta.index, empty, delta.completion.finish_reason))
+        return events
+
+    def _tool_call_events(self, delta: TextDelta) -> list[dict[str, Any]]:
+        """A chat delta whose text may hold calls: its content as far as it
+        cannot be a call, then each call that closed, whole."""
+        reader = self._readers.setdefault(delta.index, ToolCallReader())
+        text, closed = reader.feed(delta.text)
+        if delta.completion is not None:
+            text += reader.finish()
+        events = []
+        if text or delta.logprobs:
+            logprobs = self._logprobs(delta.index, delta.logprobs or None)
+            events.append(self._chunk(delta.index, {"delta": {"content": text}}, None, logprobs))
+        first = len(reader.calls) - len(closed)
+        for number, call in enumerate(closed, start=first):
+            calls = {"delta": {"tool_calls": [openai_call(call, number)]}}
+            events.append(self._chunk(delta.index, calls, None))
+        if delta.completion is not None:
+            self._completions[delta.index] = delta.completion
+            finish = _finish(delta.completion, called=bool(reader.calls))
+            events.append(self._chunk(delta.index, {"delta": {}}, finish))
         return events
 
     def closing(self) -> list[dict[str, Any]]:
@@ -143,6 +184,13 @@ class OpenAIFormat:
         choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish}
         extra = {"usage": None} if self.include_usage else {}
         return {**self._header(chunk=True), "choices": [choice], **extra}
+
+
+def _finish(completion: Completion, called: bool) -> str:
+    """OpenAI's ``tool_calls`` for a reply that ended on its calls."""
+    return (
+        "tool_calls" if called and completion.finish_reason == "stop" else completion.finish_reason
+    )
 
 
 def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:

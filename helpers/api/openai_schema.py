@@ -26,7 +26,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from helpers.api.fields import (
     Prompt,
@@ -37,10 +36,12 @@ from helpers.api.fields import (
     TokenIds,
     TokenIdsList,
     TopP,
+    refused,
 )
 from helpers.api.response_format import ResponseFormat
 from helpers.api.sampling_controls import SamplingControls
-from helpers.protocol import Grammar
+from helpers.api.tools import ToolCallIn, ToolFields
+from helpers.protocol import Grammar, Message
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 8
@@ -109,9 +110,7 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _nothing_to_decode_needs_echo(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
-            error = PydanticCustomError("max_tokens_without_echo", "0 is only allowed with echo")
-            detail = InitErrorDetails(type=error, loc=("max_tokens",), input=0)
-            raise ValidationError.from_exception_data(type(self).__name__, [detail])
+            raise refused(type(self), "max_tokens", "0 is only allowed with echo")
         return self
 
     def logprob_count(self) -> int | None:
@@ -182,22 +181,38 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One turn. ``developer`` is OpenAI's newer name for ``system``."""
+    """One turn. ``developer`` is OpenAI's newer name for ``system``. An
+    assistant turn may carry the tool calls it made instead of text; a
+    ``tool`` turn answers one of them, by its id."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: StrictStr | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1)] | None = None
+    tool_call_id: StrictStr | None = None
 
-    def as_pair(self) -> tuple[str, str]:
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise refused(type(self), "tool_calls", "only an assistant turn makes tool calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise refused(type(self), "tool_call_id", "a tool turn, and only one, needs it")
+        if self.content is None and self.tool_calls is None:
+            raise refused(type(self), "content", "is required, unless the turn makes tool calls")
+        return self
+
+    def as_message(self) -> Message:
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, str):
-            return role, self.content
-        return role, "".join(part.text for part in self.content)
+        content = self.content or ""
+        if not isinstance(content, str):
+            content = "".join(part.text for part in content)
+        calls = tuple(call.as_call() for call in self.tool_calls or ())
+        return Message(role, content, calls, self.tool_call_id or "")
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields):
     """``POST /v1/chat/completions``: messages rendered with the chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -215,6 +230,19 @@ class ChatCompletionRequest(_SamplingFields):
     def logprob_count(self) -> int | None:
         """How many alternatives each token's entry lists, or None for no entries."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> ChatCompletionRequest:
+        if self.tool_grammar() is not None and super().grammar() is not None:
+            raise refused(
+                type(self), "response_format", "JSON output and tool calls cannot be combined"
+            )
+        return self
+
+    def grammar(self) -> Grammar | None:
+        """The tools' grammar, else ``response_format``'s, else None."""
+        tools = self.tool_grammar()
+        return tools if tools is not None else super().grammar()
 
     def token_limit(self) -> int | None:
         """OpenAI deprecated ``max_tokens`` for chat in favour of this name."""

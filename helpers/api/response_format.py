@@ -17,7 +17,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    model_validator,
+)
 
 from helpers.protocol import Grammar
 
@@ -28,6 +36,16 @@ ANY_OBJECT = {"type": "object"}
 """``json_object``: any JSON object, as OpenAI's JSON mode promises."""
 
 
+def _small_enough(schema: dict[str, Any]) -> dict[str, Any]:
+    if len(compact(schema)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"must be at most {MAX_SCHEMA_BYTES} bytes as compact JSON")
+    return schema
+
+
+Schema = Annotated[dict[str, Any], AfterValidator(_small_enough)]
+"""A JSON schema a client sends: a response format's, or a tool's parameters."""
+
+
 class JsonSchema(BaseModel):
     """OpenAI's ``response_format.json_schema``."""
 
@@ -35,15 +53,9 @@ class JsonSchema(BaseModel):
 
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: StrictStr | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: Schema = Field(default_factory=dict, alias="schema")
     """An empty schema accepts any JSON value, as JSON Schema defines it."""
     strict: StrictBool | None = None
-
-    @model_validator(mode="after")
-    def _bounded(self) -> JsonSchema:
-        if len(_compact(self.schema_)) > MAX_SCHEMA_BYTES:
-            raise ValueError(f"schema must be at most {MAX_SCHEMA_BYTES} bytes as compact JSON")
-        return self
 
 
 class ResponseFormat(BaseModel):
@@ -63,11 +75,12 @@ class ResponseFormat(BaseModel):
     def grammar(self) -> Grammar | None:
         """What the engine holds the output to; None for free text."""
         if self.type == "json_object":
-            return Grammar(_compact(ANY_OBJECT))
+            return Grammar(compact(ANY_OBJECT))
         if self.json_schema is not None:
-            return Grammar(_compact(self.json_schema.schema_))
+            return Grammar(compact(self.json_schema.schema_))
         return None
 
 
-def _compact(schema: dict[str, Any]) -> str:
+def compact(schema: dict[str, Any]) -> str:
+    """JSON without spaces: what a size limit counts, and what a replica is sent."""
     return json.dumps(schema, separators=(",", ":"))

@@ -40,6 +40,7 @@ from helpers.engine.batcher import (
     TextCallback,
     prompt_token_ids,
 )
+from helpers.engine.chat_prompt import chat_turns, template_renders_tools
 from helpers.engine.cpu_linear import prepack_pieces
 from helpers.engine.cpu_weights import quantize_linear_layers
 from helpers.engine.decoder import Decoder, TransformersDecoder
@@ -52,8 +53,10 @@ from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import (
     Completion,
+    Function,
     Grammar,
     GrammarError,
+    Message,
     PromptTooLongError,
     Sampling,
     TokenIdError,
@@ -292,9 +295,11 @@ class Engine:
             return text
         return self.render_chat([{"role": "user", "content": text}])
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         """A conversation as the model was trained to read it, ending where the
-        assistant's next turn begins.
+        assistant's next turn begins; ``tools`` go to a template that renders them.
 
         A model without a chat template (a base model such as opt-125m) gets
         plain ``role: content`` lines, which base models continue sensibly.
@@ -303,8 +308,17 @@ class Engine:
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join([*lines, "assistant:"])
         return self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+            [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=False
         )
+
+    def render_conversation(
+        self, messages: Sequence[Message], functions: Sequence[Function] = ()
+    ) -> str:
+        """A client's chat and the functions it offers, written for this
+        model's template (:mod:`helpers.engine.chat_prompt`)."""
+        native = template_renders_tools(self.tokenizer.chat_template)
+        turns, tools = chat_turns(messages, functions, native)
+        return self.render_chat(turns, tools)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

@@ -1,4 +1,4 @@
-"""Holding a sequence to a grammar, token by token: structured output.
+"""Holding a sequence to a grammar, token by token: structured output and tool calls.
 
 Why a grammar and not a retry: a small model asked for JSON often writes
 almost-JSON (a trailing comma, a missing brace, prose around it). Masking every
@@ -15,6 +15,8 @@ the GIL, so the two overlap (``MaskWorker``).
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +26,7 @@ import llguidance
 import numpy as np
 import torch
 
-from helpers.protocol import Grammar, GrammarError
+from helpers.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Grammar, GrammarError
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """JSON on one line, spaced as Python's ``json.dumps`` spaces it. Free
@@ -140,7 +142,39 @@ def _compute_masks(constraints: list[TokenConstraint]) -> None:
 
 def _source(grammar: Grammar) -> str:
     """llguidance's grammar for a request's constraint."""
-    return llguidance.LLMatcher.grammar_from_json_schema(grammar.json_schema, defaults=JSON_LAYOUT)
+    if grammar.kind == "tool_calls":
+        return llguidance.LLMatcher.grammar_from_lark(tool_calls_lark(json.loads(grammar.source)))
+    return llguidance.LLMatcher.grammar_from_json_schema(grammar.source, defaults=JSON_LAYOUT)
+
+
+def tool_calls_lark(spec: dict[str, Any]) -> str:
+    """Tool calls as a Lark grammar: each call a JSON object between the
+    tags, ``{"name": ..., "arguments": ...}``, its arguments held to that
+    function's parameters; with ``auto``, text that never opens a call is
+    the other way out."""
+    choice = spec["choice"]
+    shapes = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in spec["functions"]
+        if choice in ("auto", "required") or f["name"] == choice
+    ]
+    call = {"anyOf": shapes, "x-guidance": JSON_LAYOUT}
+    calls = 'call ("\\n" call)*' if spec["parallel"] else "call"
+    open_tag, close_tag = json.dumps(TOOL_CALL_OPEN + "\n"), json.dumps("\n" + TOOL_CALL_CLOSE)
+    rules = [
+        f"start: {'TEXT | calls' if choice == 'auto' else 'calls'}",
+        f"calls: {calls}",
+        f"call: {open_tag} %json {json.dumps(call)} {close_tag}",
+    ]
+    if choice == "auto":
+        never_opens = re.escape(TOOL_CALL_OPEN)
+        rules.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{never_opens}.*)/")
+    return "\n".join(rules) + "\n"
 
 
 def _tokenizer_json(tokenizer: Any) -> str:

@@ -204,12 +204,9 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat template")
         if tokenize:
             raise NotImplementedError("render the text, then call the tokenizer on it")
+        context = {"tools": None, "documents": None} | self.special | kwargs
         return self._template.render(
-            messages=list(messages),
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **(self.special | kwargs),
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **context
         )
 
 

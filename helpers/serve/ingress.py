@@ -183,7 +183,10 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Any:
         """OpenAI's chat completions: the messages go through the chat template."""
         parsed = await self._parse(request, ChatCompletionRequest, default_param="messages")
-        prompt = Prompt(messages=tuple(m.as_pair() for m in parsed.messages))
+        prompt = Prompt(
+            messages=tuple(m.as_message() for m in parsed.messages),
+            tools=parsed.offered_functions(),
+        )
         fields = RequestFields("messages")
         return await self._openai(
             request, parsed, parsed.token_limit(), [prompt], chat=True, fields=fields
@@ -196,7 +199,7 @@ class Ingress:
         parsed = await self._parse(request, TokenizeRequest, default_param="prompt")
         self._check_model(parsed.model)
         if parsed.messages is not None:
-            prompt = Prompt(messages=tuple(m.as_pair() for m in parsed.messages))
+            prompt = Prompt(messages=tuple(m.as_message() for m in parsed.messages))
             fields = RequestFields("messages")
         else:
             prompt, fields = Prompt(text=parsed.prompt or "", raw=True), RequestFields("prompt")
@@ -237,7 +240,11 @@ class Ingress:
         self._check_token_budget(parsed.n, sampling.max_new_tokens, len(prompts))
         choices = [replace(prompt, choice=i) for prompt in prompts for i in range(parsed.n)]
         shape = OpenAIFormat(
-            parsed.model, chat=chat, include_usage=parsed.include_usage(), choices=parsed.n
+            parsed.model,
+            chat=chat,
+            include_usage=parsed.include_usage(),
+            choices=parsed.n,
+            tool_calls=bool(prompts[0].tools),
         )
         if parsed.stream:
             return await self._stream(request, choices, sampling, shape, fields)

@@ -310,9 +310,7 @@ class LLMServer:
         if prompt.token_ids:
             return prompt.token_ids
         if prompt.messages:
-            return self.engine.render_chat(
-                [{"role": role, "content": content} for role, content in prompt.messages]
-            )
+            return self.engine.render_conversation(prompt.messages, prompt.tools)
         return (
             prompt.text
             if prompt.raw

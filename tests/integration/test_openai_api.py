@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -576,6 +576,97 @@ def test_async_json_mode_gives_objects_on_both_endpoints(model: str) -> None:
     ):
         assert reason == "stop", text
         assert isinstance(json.loads(text or ""), dict)
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    unit: Literal["C", "F"]
+
+
+WEATHER_TOOL = openai.pydantic_function_tool(Weather, name="get_weather")
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_named_tool_call_parses_into_the_clients_own_class(
+    client: openai.OpenAI, model: str
+) -> None:
+    """Whole and streamed, the call's arguments come back as a ``Weather``."""
+    args = {
+        "model": model,
+        "messages": WEATHER_CHAT,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.parse(**args).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    (call,) = whole.message.tool_calls or []
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(call.function.parsed_arguments, Weather)
+    with client.chat.completions.stream(**args) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    (again,) = streamed.message.tool_calls or []
+    assert again.function.parsed_arguments == call.function.parsed_arguments
+
+
+def test_async_a_required_call_then_its_answer_continue_the_chat(model: str) -> None:
+    """The conversation goes on from the call: its answer, as a tool turn, is
+    read and the model replies in text."""
+
+    async def chat() -> tuple[Any, Any]:
+        async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused") as client:
+            asked = await client.chat.completions.create(
+                model=model,
+                messages=WEATHER_CHAT,
+                tools=[WEATHER_TOOL],
+                tool_choice="required",
+                temperature=0,
+                max_tokens=64,
+            )
+            call = (asked.choices[0].message.tool_calls or [])[0]
+            answered = await client.chat.completions.create(
+                model=model,
+                messages=[
+                    *WEATHER_CHAT,
+                    asked.choices[0].message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+                ],
+                tools=[WEATHER_TOOL],
+                tool_choice="none",
+                temperature=0,
+                max_tokens=16,
+            )
+            return asked.choices[0], answered.choices[0]
+
+    asked, answered = asyncio.run(chat())
+    assert asked.message.tool_calls and asked.message.content is None
+    for call in asked.message.tool_calls:
+        Weather.model_validate_json(call.function.arguments)
+    assert answered.message.tool_calls is None and answered.message.content
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "param"),
+    [
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}],
+            "auto",
+            "tools",
+        ),
+        ([WEATHER_TOOL], {"type": "function", "function": {"name": "other"}}, "tool_choice"),
+    ],
+    ids=["parameters the grammar refuses", "choice of no tool"],
+)
+def test_a_malformed_tool_is_refused_by_name(
+    client: openai.OpenAI, model: str, tools: list, choice: Any, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=model, messages=WEATHER_CHAT, tools=tools, tool_choice=choice
+        )
+    assert caught.value.body["param"] == param
 
 
 @pytest.mark.parametrize(("override", "error", "param"), BAD_CALLS)

@@ -1,6 +1,6 @@
-"""Structured output on the real embedded model: a grammar holds every token,
-so the text parses and the schema accepts it, greedy or sampled, alone or
-among unconstrained rows. On the padded layout alone: the grammar acts in the
+"""Structured output and tool calls on the real embedded model: a grammar
+holds every token, so the text parses and the schema accepts it, greedy or
+sampled, alone or among unconstrained rows. On the padded layout alone: the grammar acts in the
 sampler, which both layouts share."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import replace
 import jsonschema
 import pytest
 
+from helpers.api.tool_calls import split_tool_calls
 from helpers.engine.engine import Engine, Grammar, GrammarError, Sampling
+from helpers.protocol import Function, Message
 
 from .conftest import padded_only
 
@@ -90,3 +92,73 @@ def test_a_schema_that_does_not_compile_names_the_field(
     with pytest.raises(GrammarError, match=f"^response_format: .*{reason}") as caught:
         engine.request("Hi", replace(GREEDY, grammar=held_to(schema)))
     assert caught.value.field == "response_format"
+
+
+WEATHER = Function(
+    "get_weather",
+    "The weather now in a city",
+    json.dumps(
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        }
+    ),
+)
+ADD = Function(
+    "add",
+    "Add two numbers",
+    json.dumps(
+        {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        }
+    ),
+)
+
+
+def calls_held_to(choice: str, parallel: bool) -> Grammar:
+    functions = [{"name": f.name, "parameters": json.loads(f.parameters)} for f in (WEATHER, ADD)]
+    spec = {"functions": functions, "choice": choice, "parallel": parallel}
+    return Grammar(json.dumps(spec), kind="tool_calls", field="tools")
+
+
+@padded_only
+@pytest.mark.parametrize(
+    ("choice", "names"), [("required", {"get_weather", "add"}), ("add", {"add"})]
+)
+def test_a_required_or_named_call_parses_against_its_functions_parameters(
+    engine: Engine, choice: str, names: set[str]
+) -> None:
+    """Greedy and sampled, the one call allowed is whole, of the function
+    asked for (any, for ``required``), its arguments valid."""
+    prompt = engine.render_conversation(
+        (Message("user", "What is the weather in Paris?"),), (WEATHER, ADD)
+    )
+    held = replace(GREEDY, grammar=calls_held_to(choice, parallel=False))
+    requests = [engine.request(prompt, replace(held, temperature=t, seed=1)) for t in (0.0, 1.0)]
+    for completion in engine.generate(requests):
+        assert completion.finish_reason == "stop"
+        content, calls = split_tool_calls(completion.text)
+        assert content is None and len(calls) == 1
+        assert calls[0].name in names
+        function = {f.name: f for f in (WEATHER, ADD)}[calls[0].name]
+        jsonschema.validate(json.loads(calls[0].arguments), json.loads(function.parameters))
+
+
+@padded_only
+def test_a_tool_that_does_not_compile_names_tools(engine: Engine) -> None:
+    broken = Function("broken", "", json.dumps({"type": "nonsense"}))
+    spec = {"functions": [{"name": "broken", "parameters": {"type": "nonsense"}}]}
+    grammar = Grammar(
+        json.dumps(spec | {"choice": "auto", "parallel": True}), "tool_calls", "tools"
+    )
+    with pytest.raises(GrammarError, match=r"^tools: ") as caught:
+        engine.request(
+            engine.render_conversation((Message("user", "Hi"),), (broken,)),
+            replace(GREEDY, grammar=grammar),
+        )
+    assert caught.value.field == "tools"

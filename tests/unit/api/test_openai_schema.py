@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from helpers.api.openai_responses import OpenAIFormat
 from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
-from helpers.protocol import Completion, TextDelta, TokenLogprob
+from helpers.protocol import Completion, Message, TextDelta, TokenLogprob
 
 LIMITS = {"max_new_tokens": 64, "max_prompts": 4}
 MODEL = "served-model"
@@ -115,7 +115,10 @@ def test_chat_messages_flatten_text_parts_and_map_developer_to_system() -> None:
             },
         ]
     )
-    assert [m.as_pair() for m in parsed.messages] == [("system", "Be brief."), ("user", "Hi there")]
+    assert [m.as_message() for m in parsed.messages] == [
+        Message("system", "Be brief."),
+        Message("user", "Hi there"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_each_format_asks_for_its_grammar(make) -> None:
     assert make(response_format={"type": "text"}).grammar() is None
     assert make(response_format={"type": "json_object"}).grammar() == Grammar('{"type":"object"}')
     held = make(response_format=schema_format(strict=True, description="who")).grammar()
-    assert held is not None and json.loads(held.json_schema) == PERSON
+    assert held is not None and json.loads(held.source) == PERSON
     assert held.field == "response_format"
 
 
@@ -52,7 +52,7 @@ def test_a_json_schema_without_a_schema_accepts_any_json() -> None:
         ),
         (
             schema_format(schema={"enum": ["x" * 100] * (MAX_SCHEMA_BYTES // 100)}),
-            "response_format.json_schema",
+            "response_format.json_schema.schema",
         ),
     ],
 )

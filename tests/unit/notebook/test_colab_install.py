@@ -33,7 +33,14 @@ COLAB_JUPYTER = {
     "notebook": "6.5.7",
     "ipywidgets": "7.7.1",
 }
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PLATFORMS = (
+    "manylinux_2_35_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+)
+"""Wheels Colab's Ubuntu 22.04 (glibc 2.35) installs; llguidance ships manylinux_2_31 only."""
 
 
 def normal(name: str) -> str:
