@@ -75,17 +75,20 @@ class ToolCallReader:
         return content, closed
 
     def finish(self) -> str:
-        """What was held back: text that began a tag and never became a call."""
+        """What was held back, at the end: text that looked like the start of
+        a tag. A call cut short by ``max_tokens`` is not content; the reply's
+        ``finish_reason: "length"`` says it was cut."""
         rest, self._held = self._held, ""
-        return rest
+        return "" if rest.startswith(TOOL_CALL_OPEN) else rest
 
 
 def split_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole reply's content (None when it was only calls) and its calls."""
+    """A whole reply's content (None when it was only calls, whole or cut)
+    and its calls."""
     reader = ToolCallReader()
     content, calls = reader.feed(text)
     content += reader.finish()
-    if calls and not content.strip():
+    if not content.strip() and text.strip():
         return None, calls
     return content, calls
 

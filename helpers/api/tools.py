@@ -7,7 +7,7 @@ What each choice asks of the engine (:meth:`ToolFields.tool_grammar`):
 - ``auto`` (the default with tools): text, or tool calls and nothing else;
   a call the model begins is held to its function's parameters.
 - ``required``: one call or more, of any function.
-- a named function: calls of that function only.
+- a named function: one call of that function, as OpenAI makes it.
 
 ``parallel_tool_calls: false`` allows one call at most. The calls are written
 between ``<tool_call>`` tags (:data:`~helpers.protocol.TOOL_CALL_OPEN`) and

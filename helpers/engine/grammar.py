@@ -142,21 +142,54 @@ def _compute_masks(constraints: list[TokenConstraint]) -> None:
 
 def _source(grammar: Grammar) -> str:
     """llguidance's grammar for a request's constraint."""
+    spec = json.loads(grammar.source)
     if grammar.kind == "tool_calls":
-        return llguidance.LLMatcher.grammar_from_lark(tool_calls_lark(json.loads(grammar.source)))
-    return llguidance.LLMatcher.grammar_from_json_schema(grammar.source, defaults=JSON_LAYOUT)
+        return llguidance.LLMatcher.grammar_from_lark(tool_calls_lark(spec))
+    return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(spec), defaults=JSON_LAYOUT)
+
+
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else")
+"""Where JSON Schema nests schemas: by name, in lists, one."""
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with every object that lists its ``properties`` closed to
+    others, unless it says otherwise, as xgrammar's strict mode (vLLM's
+    default) reads schemas. Left open, a small model fills an object with
+    keys copied from the schema itself until ``max_tokens``. Only where
+    JSON Schema puts schemas: a ``const`` or an ``enum`` is data, kept as is."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            closed[key] = {name: closed_objects(sub) for name, sub in schema[key].items()}
+    for key in SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            closed[key] = [closed_objects(sub) for sub in schema[key]]
+    for key in SUBSCHEMAS:
+        if key in schema:
+            closed[key] = closed_objects(schema[key])
+    if isinstance(schema.get("properties"), dict):
+        closed.setdefault("additionalProperties", False)
+    return closed
 
 
 def tool_calls_lark(spec: dict[str, Any]) -> str:
     """Tool calls as a Lark grammar: each call a JSON object between the
     tags, ``{"name": ..., "arguments": ...}``, its arguments held to that
     function's parameters; with ``auto``, text that never opens a call is
-    the other way out."""
+    the other way out. A named function is called once, as OpenAI does."""
     choice = spec["choice"]
     shapes = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": closed_objects(f["parameters"]),
+            },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -164,7 +197,8 @@ def tool_calls_lark(spec: dict[str, Any]) -> str:
         if choice in ("auto", "required") or f["name"] == choice
     ]
     call = {"anyOf": shapes, "x-guidance": JSON_LAYOUT}
-    calls = 'call ("\\n" call)*' if spec["parallel"] else "call"
+    several = spec["parallel"] and choice in ("auto", "required")
+    calls = 'call ("\\n" call)*' if several else "call"
     open_tag, close_tag = json.dumps(TOOL_CALL_OPEN + "\n"), json.dumps("\n" + TOOL_CALL_CLOSE)
     rules = [
         f"start: {'TEXT | calls' if choice == 'auto' else 'calls'}",

@@ -647,6 +647,25 @@ def test_async_a_required_call_then_its_answer_continue_the_chat(model: str) -> 
     assert answered.message.tool_calls is None and answered.message.content
 
 
+def test_langchain_reads_structured_output_and_tool_calls(model: str) -> None:
+    """A second widely used client: LangChain's OpenAI chat model, whose
+    ``with_structured_output`` sends a ``json_schema`` and whose
+    ``bind_tools`` a named tool choice."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=f"{BASE_URL}/v1", api_key="unused", model=model, temperature=0, max_tokens=64
+    )
+    structured = llm.with_structured_output(Person)
+    person = structured.invoke("Invent a person: name and age.")
+    assert isinstance(person, Person)
+    assert list(structured.stream("Invent a person: name and age."))[-1] == person
+    message = llm.bind_tools([Weather], tool_choice="Weather").invoke("Weather in Rome?")
+    (call,) = message.tool_calls
+    assert call["name"] == "Weather"
+    Weather.model_validate(call["args"])
+
+
 @pytest.mark.parametrize(
     ("tools", "choice", "param"),
     [

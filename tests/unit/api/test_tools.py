@@ -110,8 +110,8 @@ def test_a_reply_of_calls_has_no_content_and_each_call_its_own_id() -> None:
     ]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
     assert split_tool_calls("Sunny, 21 <tool> degrees") == ("Sunny, 21 <tool> degrees", [])
-    cut = CALL[:40]
-    assert split_tool_calls(cut) == (cut, [])
+    assert split_tool_calls(CALL[:40]) == (None, [])
+    assert split_tool_calls(f"{CALL}\n{SECOND[:30]}")[0] is None
 
 
 @pytest.mark.parametrize("size", [1, 3, 7, 200])
