@@ -94,6 +94,12 @@ def _ongoing_limit(raw: str) -> int | None:
     return _number(int, 1, 10_000)(raw)
 
 
+def _memory_fraction(raw: str) -> float | None:
+    if raw.strip().lower() == "auto":
+        return None
+    return _number(float, 0.05, 1.0)(raw)
+
+
 def _queue_limit(raw: str) -> int:
     value = _number(int, -1, 100_000)(raw)
     if value == 0:
@@ -170,6 +176,17 @@ VARIABLES: tuple[Variable, ...] = (
         "number in [0, 8]",
         _number(float, 0.0, 8.0),
         "num_gpus_per_replica",
+    ),
+    Variable(
+        "GPU_MEMORY_FRACTION",
+        "auto",
+        "Share of its GPU's memory a model replica keeps to, weights and KV cache "
+        "together: it sizes its KV cache, and if need be its batch, to fit. auto: 0.9 "
+        "times NUM_GPUS_PER_REPLICA (at most 0.9), so replicas that share a GPU "
+        "(NUM_GPUS_PER_REPLICA=0.5) each keep to their part. Ignored on CPU.",
+        "auto, or a number in [0.05, 1]",
+        _memory_fraction,
+        "gpu_memory_fraction",
     ),
     Variable(
         "NUM_CPUS_PER_REPLICA",
@@ -353,6 +370,7 @@ class ServeConfig:
     temperature: float
     top_p: float
     num_gpus_per_replica: float
+    gpu_memory_fraction: float | None
     num_cpus_per_replica: float
     min_replicas: int
     max_replicas: int
@@ -421,6 +439,13 @@ class ServeConfig:
         never let a batch fill.
         """
         return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def gpu_memory_share(self) -> float:
+        """``GPU_MEMORY_FRACTION``, with auto worked out."""
+        if self.gpu_memory_fraction is not None:
+            return self.gpu_memory_fraction
+        return 0.9 * min(1.0, self.num_gpus_per_replica or 1.0)
 
     @property
     def torch_threads(self) -> int:

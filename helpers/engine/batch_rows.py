@@ -209,10 +209,20 @@ class SlotRows:
     """A decode step here has fixed shapes (a captured graph): prompts are
     prefilled in passes of their own."""
 
-    def __init__(self, model: SlotDecoder, tokenizer: Any, slots: int, graphs: bool) -> None:
-        self.model, self.slots = model, slots
+    def __init__(
+        self,
+        model: SlotDecoder,
+        tokenizer: Any,
+        slots: int,
+        graphs: bool,
+        max_positions: int | None = None,
+    ) -> None:
+        """``max_positions`` caps how far the cache's columns grow (a GPU
+        replica's memory budget, :mod:`helpers.engine.kv_budget`); the engine
+        refuses a request that would need more."""
+        self.model, self.slots, self.max_positions = model, slots, max_positions
         self.device = model.device
-        self.cache = model.new_slot_cache(slots, FIRST_CAPACITY)
+        self.cache = model.new_slot_cache(slots, self._capped(FIRST_CAPACITY))
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
         self.pad = tokenizer.pad_token_id or 0
         self.clear()
@@ -281,9 +291,15 @@ class SlotRows:
         captured over the old one are dropped with it)."""
         if positions <= self.cache.capacity:
             return
-        self.cache = self.cache.grown(power_of_two_at_least(positions, self.cache.capacity))
+        capacity = self._capped(power_of_two_at_least(positions, self.cache.capacity))
+        if positions > capacity:
+            raise ValueError(f"{positions} positions are past this cache's cap of {capacity}")
+        self.cache = self.cache.grown(capacity)
         if self.graphs is not None:
             self.graphs.clear()
+
+    def _capped(self, capacity: int) -> int:
+        return capacity if self.max_positions is None else min(capacity, self.max_positions)
 
 
 class DecodeStep:

@@ -148,11 +148,12 @@ class ContinuousBatcher:
         eos_token_ids: set[int],
         max_batch_size: int,
         slots: bool | None = None,
+        max_positions: int | None = None,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots replayed as CUDA graphs for a model that offers a slot
         cache on a GPU, else a padded cache; True runs slots eagerly, as
-        tests do on CPU."""
+        tests do on CPU. ``max_positions`` caps the slots' length."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -166,7 +167,7 @@ class ContinuousBatcher:
         on_gpu = model.device.type == "cuda" and has_slots
         if slots or (slots is None and on_gpu):
             self._rows: PaddedRows | SlotRows = SlotRows(
-                model, tokenizer, max_batch_size, graphs=on_gpu
+                model, tokenizer, max_batch_size, graphs=on_gpu, max_positions=max_positions
             )
         else:
             self._rows = PaddedRows(model, tokenizer)

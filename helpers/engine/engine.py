@@ -49,6 +49,7 @@ from helpers.engine.errors import ModelLoadError
 from helpers.engine.gguf_linear import GgufLinear
 from helpers.engine.hub import is_hub_id, snapshot_directory
 from helpers.engine.int8_linear import Int8Linear
+from helpers.engine.kv_budget import KVPlan, gpu_kv_plan
 from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import (
@@ -198,17 +199,29 @@ class Engine:
         model_id: str,
         max_batch_size: int = 16,
         slots: bool | None = None,
+        kv_plan: KVPlan | None = None,
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
-        ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says."""
+        ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says;
+        ``kv_plan`` bounds a slot cache's sequences and their length (a GPU
+        replica's share of memory): fewer rows, and a shorter context."""
         self.model_id = model_id
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context_length = _context_length(model.config)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.kv_plan = kv_plan
+        if kv_plan is not None:
+            max_batch_size = min(max_batch_size, kv_plan.slots)
+            self.context_length = min(self.context_length, kv_plan.positions)
         self._batcher = ContinuousBatcher(
-            model, tokenizer, self.eos_token_ids, max_batch_size, slots
+            model,
+            tokenizer,
+            self.eos_token_ids,
+            max_batch_size,
+            slots,
+            max_positions=None if kv_plan is None else kv_plan.positions,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None
@@ -228,6 +241,7 @@ class Engine:
         cpu_weights: str = "auto",
         slots: bool | None = None,
         tokenizer: Any | None = None,
+        gpu_memory_fraction: float = 0.9,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, ``DTYPE`` and CPU threads) and run
         one warm-up pass, timing each step into ``load_times``. A ``tokenizer``
@@ -245,6 +259,10 @@ class Engine:
         so the time it takes stays out of a cold start and
         reaches a replica that starts under load. ``tuned`` resolves when it
         is done.
+
+        On a GPU the kit's decoder keeps its slot cache within
+        ``gpu_memory_fraction`` of the device (``GPU_MEMORY_FRACTION``;
+        :mod:`helpers.engine.kv_budget`), weights included.
         """
         marks = [time.perf_counter()]
         if cpu_threads is not None:
@@ -270,8 +288,18 @@ class Engine:
         else:
             model = _transformers_model(source, torch_dtype, device)
         marks.append(time.perf_counter())
+        on_gpu_slots = device == "cuda" and llama is not None and slots is not False
         engine = cls(
-            model, tokenizer, model_id=model_id, max_batch_size=max_batch_size, slots=slots
+            model,
+            tokenizer,
+            model_id=model_id,
+            max_batch_size=max_batch_size,
+            slots=slots,
+            kv_plan=gpu_kv_plan(
+                model, gpu_memory_fraction, max_batch_size, _context_length(model.config)
+            )
+            if on_gpu_slots
+            else None,
         )
         engine.info = describe(model, fallback_reason)
         engine.probe()
@@ -341,9 +369,14 @@ class Engine:
         prompt = prompt_token_ids(self.tokenizer, request.prompt)
         needed = len(prompt) + request.sampling.max_new_tokens
         if needed > self.context_length:
+            what = (
+                "the model's context length"
+                if self.context_length == _context_length(self.model.config)
+                else "the positions this replica's share of its GPU holds (GPU_MEMORY_FRACTION)"
+            )
             raise PromptTooLongError(
-                f"prompt tokens plus max_new_tokens ({needed}) exceed the model's "
-                f"context length ({self.context_length})"
+                f"prompt tokens plus max_new_tokens ({needed}) exceed {what} "
+                f"({self.context_length})"
             )
 
     def together(self) -> AbstractContextManager[object]:

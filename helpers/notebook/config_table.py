@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -51,25 +52,47 @@ def config_markdown(config: ServeConfig, environ: Mapping[str, str] | None = Non
     return "\n".join([header, *lines])
 
 
-def gpu_advice() -> str:
-    """Suggest ``NUM_GPUS_PER_REPLICA=1`` on a GPU; warn, never fail, without one."""
-    name = gpu_name()
-    if name:
-        return f"GPU found ({name}): set NUM_GPUS_PER_REPLICA=1 to serve on it."
+def gpu_advice(max_replicas: int) -> str:
+    """Suggest the ``NUM_GPUS_PER_REPLICA`` that lets ``max_replicas`` run on
+    this machine's GPUs at once; warn, never fail, without one."""
+    names = gpu_names()
+    if names:
+        share = gpus_per_replica(len(names), max_replicas)
+        shared = f", so MAX_REPLICAS={max_replicas} replicas share them" if share < 1 else ""
+        return f"GPU found ({names[0]}): set NUM_GPUS_PER_REPLICA={share:g} to serve on it{shared}."
     message = "No GPU found: the model runs on the CPU (fine for the embedded 135M model)."
     warnings.warn(message, stacklevel=2)
     return message
 
 
+def gpus_per_replica(gpus: float, max_replicas: int) -> float:
+    """The share of a GPU each replica asks for, so that ``max_replicas`` of
+    them fit ``gpus`` at once: a whole one where there are enough, else an
+    equal part of what there is (0.5 each for two replicas on Colab's one
+    GPU), rounded down to the 1/10,000 Ray counts in.
+
+    Why a share: with a whole GPU each, a burst that scales out to a second
+    replica waits for a second GPU that does not exist. Each replica keeps
+    its KV cache within its share of the memory (``GPU_MEMORY_FRACTION``)."""
+    share = min(1.0, gpus / max_replicas)
+    return math.floor(share * 10_000) / 10_000
+
+
 def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name, as ``nvidia-smi`` gives it: asked of the
+    """The first NVIDIA GPU's name."""
+    names = gpu_names()
+    return names[0] if names else None
+
+
+def gpu_names() -> list[str]:
+    """Each NVIDIA GPU's name, as ``nvidia-smi`` gives it: asked of the
     driver's tool rather than torch, which a notebook's kernel never loads."""
     if shutil.which("nvidia-smi") is None:
-        return None
+        return []
     query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
     try:
         result = subprocess.run(query, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    names = result.stdout.strip().splitlines() if result.returncode == 0 else []
-    return names[0].strip() if names else None
+        return []
+    lines = result.stdout.strip().splitlines() if result.returncode == 0 else []
+    return [line.strip() for line in lines if line.strip()]

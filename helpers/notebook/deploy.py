@@ -13,6 +13,7 @@ from typing import Any
 
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.cluster import connect
+from helpers.notebook.config_table import gpus_per_replica
 from helpers.notebook.polling import wait_for
 from helpers.serve.app import build_app
 from helpers.serve.model_calls import MODEL_DEPLOYMENT, state_name
@@ -24,14 +25,15 @@ def deploy(overrides: Mapping[str, str] | None = None) -> ServeConfig:
 
     ``overrides`` are environment variables (``{"MAX_REPLICAS": "2"}``); they
     are also written into this process's environment so later cells see them.
-    On a cluster with a GPU (Colab's GPU runtime), replicas ask for one unless
-    ``NUM_GPUS_PER_REPLICA`` says otherwise.
+    On a cluster with GPUs (Colab's GPU runtime), replicas ask for a share of
+    one that lets ``MAX_REPLICAS`` of them run at once (``gpus_per_replica``
+    in :mod:`helpers.notebook.config_table`), unless ``NUM_GPUS_PER_REPLICA``
+    says otherwise.
     """
 
     connect()
     os.environ.update(overrides or {})
-    if "NUM_GPUS_PER_REPLICA" not in os.environ and _gpu_present():
-        os.environ["NUM_GPUS_PER_REPLICA"] = "1"
+    _share_the_gpus()
     config = ServeConfig.from_env()
     run_app(config)
     return config
@@ -64,12 +66,27 @@ def _summary(message: str) -> str:
     return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
 
 
-def _gpu_present() -> bool:
-    """Whether Ray found a GPU in the cluster (asked of Ray rather than torch,
-    which a notebook kernel never imports)."""
+_chosen_share: str | None = None
+"""The NUM_GPUS_PER_REPLICA this module last set: worked out again at the next
+deploy (MAX_REPLICAS may have changed), where a user's own value is kept."""
+
+
+def _share_the_gpus() -> None:
+    global _chosen_share
+    if os.environ.get("NUM_GPUS_PER_REPLICA", _chosen_share) != _chosen_share:
+        return  # the user's
+    gpus = _cluster_gpus()
+    if gpus > 0:
+        share = gpus_per_replica(gpus, ServeConfig.from_env().max_replicas)
+        _chosen_share = os.environ["NUM_GPUS_PER_REPLICA"] = f"{share:g}"
+
+
+def _cluster_gpus() -> float:
+    """GPUs Ray found in the cluster (asked of Ray rather than torch, which a
+    notebook kernel never imports)."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return ray.cluster_resources().get("GPU", 0)
 
 
 def is_deployed() -> bool:

@@ -8,7 +8,8 @@ import torch
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine.batch_rows import FIRST_CAPACITY
-from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
+from helpers.engine.kv_budget import KVPlan
 
 PROMPTS = [
     "The capital of France is",
@@ -117,3 +118,29 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
             torch.testing.assert_close(rows.logits[0], alone.logits[0], rtol=0, atol=1e-3)
             rows.decode(tokens)
             alone.decode([tokens[0]])
+
+
+def test_a_kv_budget_caps_the_slots_and_their_length_and_the_text_stays(
+    engines: tuple[Engine, Engine],
+) -> None:
+    """A replica sharing a GPU (its plan from :mod:`helpers.engine.kv_budget`):
+    no more rows than its slots, no column past its positions, a request that
+    would need more refused by name, and the text the padded cache gives."""
+    padded, slotted = engines
+    plan = KVPlan(slots=2, positions=FIRST_CAPACITY + 40)
+    budgeted = Engine(
+        slotted.model,
+        slotted.tokenizer,
+        model_id=EMBEDDED_MODEL_ID,
+        max_batch_size=4,
+        slots=True,
+        kv_plan=plan,
+    )
+    assert budgeted.context_length == plan.positions
+    long_prompt = "Count on: " + ", ".join(str(n) for n in range(62))
+    requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24), greedy(PROMPTS[1], 24)]
+    assert budgeted.generate(requests) == padded.generate(requests)
+    assert budgeted.stats.largest_batch == plan.slots
+    assert budgeted._batcher._rows.cache.capacity == plan.positions
+    with pytest.raises(PromptTooLongError, match=r"share of its GPU holds \(GPU_MEMORY_FRACTION\)"):
+        budgeted.check_fits(greedy(long_prompt, plan.positions))

@@ -62,6 +62,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "API_KEY": ["short", "x" * 15, "sixteen chars with spaces", "\u00e9" * 20, "k" * 513],
     "MAX_BODY_BYTES": ["big", "1023", "67108865", "1.5", "nan"],
     "MAX_ONGOING_REQUESTS": ["many", "0", "10001", "2.5", "nan", ""],
+    "GPU_MEMORY_FRACTION": ["most", "0", "0.04", "1.5", "nan", ""],
     "MAX_QUEUED_REQUESTS": ["lots", "0", "-2", "100001", "1.5", "nan"],
     "REQUEST_TIMEOUT_S": ["soon", "0", "0.5", "86401", "nan", "inf"],
 }
@@ -251,12 +252,27 @@ def test_torch_threads(cpus: str, threads: int) -> None:
     assert isinstance(config.torch_threads, int)
 
 
+@pytest.mark.parametrize(
+    ("environ", "share"),
+    [
+        pytest.param({}, 0.9, id="cpu"),
+        pytest.param({"NUM_GPUS_PER_REPLICA": "1"}, 0.9, id="one-gpu"),
+        pytest.param({"NUM_GPUS_PER_REPLICA": "0.5"}, 0.45, id="half-a-gpu"),
+        pytest.param({"NUM_GPUS_PER_REPLICA": "2"}, 0.9, id="two-gpus"),
+        pytest.param({"NUM_GPUS_PER_REPLICA": "0.5", "GPU_MEMORY_FRACTION": "0.3"}, 0.3, id="set"),
+    ],
+)
+def test_a_replicas_gpu_memory_share_follows_its_gpu_share(environ: dict, share: float) -> None:
+    assert ServeConfig.from_env(environ).gpu_memory_share == pytest.approx(share)
+
+
 NON_DEFAULT_ENV = {
     "MODEL_ID": "HuggingFaceTB/SmolLM2-360M-Instruct",
     "MAX_NEW_TOKENS": "64",
     "TEMPERATURE": "0",
     "TOP_P": "0.5",
     "NUM_GPUS_PER_REPLICA": "1",
+    "GPU_MEMORY_FRACTION": "0.6",
     "NUM_CPUS_PER_REPLICA": "2.5",
     "RESOURCES_PER_REPLICA": '{"llm_node": 1}',
     "MIN_REPLICAS": "1",

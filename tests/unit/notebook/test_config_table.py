@@ -110,7 +110,7 @@ def fake_nvidia_smi(folder: Path, prints: str, exit_code: int = 0) -> str:
 def test_gpu_advice_without_a_gpu_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
     with pytest.warns(UserWarning, match="No GPU found") as record:
-        message = gpu_advice()
+        message = gpu_advice(max_replicas=2)
     assert message.startswith("No GPU found")
     assert "CPU" in message
     assert "NUM_GPUS_PER_REPLICA" not in message
@@ -127,7 +127,7 @@ def test_a_driver_that_finds_no_gpu_counts_as_none(
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
 def test_gpu_advice_on_this_cpu_only_machine() -> None:
     with pytest.warns(UserWarning):
-        message = gpu_advice()
+        message = gpu_advice(max_replicas=2)
     assert message == (
         "No GPU found: the model runs on the CPU (fine for the embedded 135M model)."
     )
@@ -137,9 +137,17 @@ def test_gpu_advice_with_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "Fake GPU\nFake GPU\n"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a GPU must not warn
-        message = gpu_advice()
-    assert "NUM_GPUS_PER_REPLICA=1" in message
+        message = gpu_advice(max_replicas=2)
+    assert "NUM_GPUS_PER_REPLICA=1 to serve on it." in message
     assert "(Fake GPU)" in message
+
+
+def test_one_gpu_is_shared_by_max_replicas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "Tesla T4\n"))
+    assert gpu_advice(max_replicas=2) == (
+        "GPU found (Tesla T4): set NUM_GPUS_PER_REPLICA=0.5 to serve on it, "
+        "so MAX_REPLICAS=2 replicas share them."
+    )
 
 
 def test_the_api_key_is_never_shown() -> None:
