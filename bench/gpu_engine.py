@@ -1,26 +1,30 @@
 """The replicas' engine on a GPU, without Ray: load time, first token, tokens/s.
 
     python -m bench.gpu_engine                  (--help for the knobs)
+    python -m bench.gpu_engine --shape qwen3-0.6b
 
 GPU machines often have no Ray and cannot download weights, so this writes a
-checkpoint of the embedded model's shape (SmolLM2-135M: hidden 576, MLP 1536,
-30 layers, 9 query and 3 key/value heads, vocabulary 49,152, tied embeddings)
-with random weights, and a word-level tokenizer over the same vocabulary, to a
-temporary folder. The engine then loads it exactly as a replica loads the
-embedded model (``Engine.load``: the kit's own Llama and tokenizer, half
-precision on the GPU), and the walkthrough's loop loads it with transformers.
-Random weights decode at the speed real ones do; the text is nonsense, and a
-row that happens to draw the end-of-sequence token stops early, so tokens/s
-counts the tokens produced.
+checkpoint with random weights to a temporary folder: of the embedded model's
+shape (SmolLM2-135M) by default, or with ``--shape`` of Qwen2.5-0.5B,
+Qwen3-0.6B or Llama-3.2-1B, each with its family's own layers (q/k/v biases,
+q/k norms, llama3 RoPE scaling), and a word-level tokenizer of one word per
+id. The engine then loads it exactly as a replica loads a model
+(``Engine.load``: the kit's own Llama and tokenizer, half precision on the GPU,
+its slot cache within ``GPU_MEMORY_FRACTION``), and the walkthrough's loop
+loads it with transformers. Random weights decode at the speed real ones do;
+the text is nonsense, and a row that happens to draw the end-of-sequence token
+stops early, so tokens/s counts the tokens produced.
 
 Measured in one run:
 - readiness, in a fresh process as a replica starts: seconds from the
   interpreter's start until the engine has loaded and run its warm-up pass,
   with ``Engine.load``'s own breakdown;
 - the first streamed token of one request on an idle engine;
-- output tokens/s with 1, 8, 32 and 64 sequences submitted together, the
+- output tokens/s with 1, 8, 64 and 256 sequences submitted together, the
   milliseconds each batched step took, and the model's forward pass alone at
   the largest batch (the rest of a step is the batcher's own work);
+- nano-vllm's workload (:data:`NANO_VLLM`), on a GPU;
+- the GPU's peak memory;
 - against the walkthrough's loop: one transformers ``generate`` call per
   request, in turn.
 
@@ -51,6 +55,7 @@ from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E
 IMPORTED = time.perf_counter()
 
 SHAPE = {
+    "model_type": "llama",
     "hidden_size": 576,
     "intermediate_size": 1536,
     "num_hidden_layers": 30,
@@ -62,71 +67,110 @@ SHAPE = {
     "rope_theta": 100000.0,
     "rms_norm_eps": 1e-5,
 }
-EOS = SHAPE["vocab_size"] - 1
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": SHAPE,
+    # Qwen2.5-0.5B-Instruct's config.json: q/k/v biases, theta 1e6.
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+    },
+    # Qwen3-0.6B's: q/k norms, head_dim 128 wider than hidden / heads.
+    "qwen3-0.6b": {
+        "model_type": "qwen3",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
+    # Llama-3.2-1B's: llama3 RoPE scaling, theta 5e5.
+    "llama3.2-1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+}
+"""The real models' shapes, weights aside: the embedded model's and the
+families a Colab or cluster user would serve (issue 23)."""
+NANO_VLLM = {"requests": 256, "shortest": 100, "longest": 1024}
+"""nano-vllm's published workload: 256 requests, prompt and output lengths
+uniform in 100 to 1,024 tokens, the end-of-sequence token ignored."""
 PROMPT_WORDS = 32
 LONG_PROMPT_WORDS = 240
 
 
-def random_state(shape: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Weights of the checkpoint's names and shapes, drawn as transformers
-    initialises a Llama (normal, std 0.02; norms at one)."""
-    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
-    head_dim = hidden // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": (shape["vocab_size"], hidden)}
-    for i in range(shape["num_hidden_layers"]):
-        layer = f"model.layers.{i}."
-        shapes |= {
-            layer + "self_attn.q_proj.weight": (hidden, hidden),
-            layer + "self_attn.k_proj.weight": (kv, hidden),
-            layer + "self_attn.v_proj.weight": (kv, hidden),
-            layer + "self_attn.o_proj.weight": (hidden, hidden),
-            layer + "mlp.gate_proj.weight": (inner, hidden),
-            layer + "mlp.up_proj.weight": (inner, hidden),
-            layer + "mlp.down_proj.weight": (hidden, inner),
-        }
-    generator = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
-    norms = [
-        f"model.layers.{i}.{n}"
-        for i in range(shape["num_hidden_layers"])
-        for n in ("input_layernorm.weight", "post_attention_layernorm.weight")
-    ]
-    state |= {name: torch.ones(hidden) for name in [*norms, "model.norm.weight"]}
-    return {name: tensor.to(dtype) for name, tensor in state.items()}
+EOS_OF_PROMPTS = SHAPE["vocab_size"] - 1
+"""Prompts draw their words below this id, which every shape's vocabulary has."""
 
 
-def write_checkpoint(directory: Path, layers: int) -> None:
-    """A Llama checkpoint and word-level tokenizer, as the converted embedded
-    model is laid out: what both ``Engine.load`` and transformers read."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def checkpoint_config(shape_name: str, layers: int) -> Any:
+    """transformers' config of ``shape_name`` with ``layers`` layers, the
+    vocabulary's last id as the end-of-sequence token."""
+    from transformers import AutoConfig
 
-    shape = {**SHAPE, "num_hidden_layers": layers}
-    save_file(random_state(shape, torch.float16), str(directory / "model.safetensors"))
-    config = {
-        **shape,
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_act": "silu",
-        "bos_token_id": 0,
-        "eos_token_id": EOS,
-        "pad_token_id": EOS,
-        "torch_dtype": "float16",
-    }
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
-    # One word per token id (w0 ... w49151): no files to fetch.
-    tokenizer = Tokenizer(
-        models.WordLevel({f"w{i}": i for i in range(SHAPE["vocab_size"])}, unk_token="w1")
+    shape = {**SHAPES[shape_name], "num_hidden_layers": layers}
+    eos = shape["vocab_size"] - 1
+    return AutoConfig.for_model(
+        shape.pop("model_type"), **shape, bos_token_id=0, eos_token_id=eos, pad_token_id=eos
     )
+
+
+def write_checkpoint(directory: Path, shape_name: str, layers: int) -> None:
+    """A checkpoint of ``shape_name`` with random weights (transformers'
+    own initialisation of that family, in float16) and a word-level
+    tokenizer of one word per id, with the vocabulary's last id as the
+    end-of-sequence token: what both ``Engine.load`` and transformers read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = checkpoint_config(shape_name, layers)
+    vocab = config.vocab_size
+    eos = vocab - 1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos)
+    model.save_pretrained(directory)
+    # One word per token id (w0 ... w<vocab - 1>): no files to fetch.
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer.save(str(directory / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": f"w{EOS}",
-        "pad_token": f"w{EOS}",
+        "eos_token": f"w{eos}",
+        "pad_token": f"w{eos}",
         "padding_side": "left",
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
@@ -180,7 +224,10 @@ def readiness(directory: Path, device: str) -> dict[str, float]:
 
 def prompts(count: int, seed: int = 0, words: int = PROMPT_WORDS) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(f"w{rng.randint(2, EOS - 1)}" for _ in range(words)) for _ in range(count)]
+    return [
+        " ".join(f"w{rng.randint(2, EOS_OF_PROMPTS - 1)}" for _ in range(words))
+        for _ in range(count)
+    ]
 
 
 def synchronize(device: str) -> None:
@@ -249,7 +296,7 @@ def forward_ms(engine: Engine, batch: int, past: int, steps: int = 20) -> float:
     ``past``-token cache, as the batcher calls it, minus the batcher."""
     model, device = engine.model, engine.device
     cache = model.new_cache()
-    tokens = torch.randint(2, EOS, (batch, past), device=device)
+    tokens = torch.randint(2, EOS_OF_PROMPTS, (batch, past), device=device)
     mask = torch.ones(batch, past, dtype=torch.long, device=device)
     with torch.inference_mode():
         model(input_ids=tokens, attention_mask=mask, cache=cache)
@@ -277,10 +324,30 @@ def loop_tokens_per_s(directory: Path, device: str, requests: int, max_tokens: i
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.inference_mode():
             output = model.generate(
-                **inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=EOS
+                **inputs,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
         tokens += output.shape[1] - inputs["input_ids"].shape[1]
     return tokens / (time.perf_counter() - started)
+
+
+def nano_vllm_run(engine: Engine, requests: int, shortest: int, longest: int) -> tuple[int, float]:
+    """nano-vllm's workload (:data:`NANO_VLLM`), all submitted at once: the
+    output tokens and the seconds they took."""
+    rng = random.Random(0)
+    work = [
+        GenerationRequest(
+            prompts(1, seed=index, words=rng.randint(shortest, longest))[0],
+            Sampling(rng.randint(shortest, longest), temperature=0.0, top_p=1.0, ignore_eos=True),
+        )
+        for index in range(requests)
+    ]
+    started = time.perf_counter()
+    futures = [engine.submit(request) for request in work]
+    tokens = sum(future.result().completion_tokens for future in futures)
+    return tokens, time.perf_counter() - started
 
 
 def first_token_s(engine: Engine) -> float:
@@ -300,7 +367,8 @@ def first_token_s(engine: Engine) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
         "--loop-requests",
@@ -317,19 +385,35 @@ def main() -> None:
     parser.add_argument(
         "--layers",
         type=int,
-        default=SHAPE["num_hidden_layers"],
-        help="decoder layers (the embedded model's 30 by default; fewer for a quick run)",
+        help="decoder layers (the shape's own by default; fewer for a quick run)",
+    )
+    parser.add_argument(
+        "--nano-vllm-requests",
+        type=int,
+        help=f"requests of nano-vllm's workload ({NANO_VLLM['requests']} on a GPU, none on CPU)",
+    )
+    parser.add_argument(
+        "--nano-vllm-lengths",
+        type=int,
+        nargs=2,
+        default=[NANO_VLLM["shortest"], NANO_VLLM["longest"]],
+        help="the workload's shortest and longest prompt and output",
     )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ready_from:
         report_readiness(args.ready_from, args.device)
         return
-    with tempfile.TemporaryDirectory(prefix="random-smollm2-") as folder:
+    layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
+    workload = args.nano_vllm_requests
+    if workload is None:
+        workload = NANO_VLLM["requests"] if args.device == "cuda" else 0
+    with tempfile.TemporaryDirectory(prefix=f"random-{args.shape}-") as folder:
         directory = Path(folder)
-        write_checkpoint(directory, args.layers)
+        write_checkpoint(directory, args.shape, layers)
         name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(f"device: {name}, torch {torch.__version__}, {sys.executable}")
+        print(f"model: {args.shape}'s shape, {layers} layers, random weights", flush=True)
         for _ in range(2):
             ready = readiness(directory, args.device)
             print(
@@ -359,6 +443,7 @@ def main() -> None:
         engine_run(padded, largest, 8)
         padded_row = engine_run(padded, largest, args.max_tokens)
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
+        nano = nano_vllm_run(slots, workload, *args.nano_vllm_lengths) if workload else None
         loop = loop_tokens_per_s(directory, args.device, args.loop_requests, args.max_tokens)
     graphs = "CUDA graphs" if args.device == "cuda" else "eager"
     print(f"same greedy text from slots and the padded cache: {agree} of {checked} prompts")
@@ -378,6 +463,13 @@ def main() -> None:
         f"padded cache, eager (the CPU layout), {largest} sequences: "
         f"{padded_row[0]:.0f} tok/s, {padded_row[1]:.2f} ms per step"
     )
+    if nano is not None:
+        shortest, longest = args.nano_vllm_lengths
+        print(
+            f"nano-vllm's workload ({workload} requests, prompts and outputs of {shortest} to "
+            f"{longest} tokens, EOS ignored, {largest} at once): {nano[0]} tokens in "
+            f"{nano[1]:.2f} s, {nano[0] / nano[1]:.0f} output tok/s"
+        )
     print(f"| sequences | engine tok/s (slots, {graphs}) | ms per step | versus the loop |")
     print("|---|---|---|---|")
     for batch, tok_s, step_ms in rows:

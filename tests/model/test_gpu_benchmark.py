@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.gpu_engine import SHAPES, checkpoint_config
+from helpers.engine.llama import llama_config
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -27,6 +32,11 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
             "2",  # the 240-word prompts dominate the run on CPU
             "--layers",
             "4",  # the same code paths as 30 layers, in a fraction of the time
+            "--nano-vllm-requests",
+            "3",
+            "--nano-vllm-lengths",
+            "4",
+            "12",
         ],
         cwd=REPO,
         capture_output=True,
@@ -45,6 +55,37 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
         r"health checks during that pass, on another thread: \d+ passed$", result.stdout, re.M
     )
     assert re.search(r"walkthrough loop \(1 requests in turn\): [1-9]\d* tok/s", result.stdout)
+    nano = re.search(r"nano-vllm's workload \(3 requests, .*: (\d+) tokens in", result.stdout)
+    assert nano and 3 * 4 <= int(nano.group(1)) <= 3 * 12  # EOS ignored: every length in full
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in rows] == [1, 2]
     assert all(int(tok_s) > 0 for _, tok_s in rows)
+
+
+@pytest.mark.parametrize("shape", sorted(set(SHAPES) - {"smollm2-135m"}))
+def test_each_family_shape_is_one_the_kits_decoder_runs(shape: str, tmp_path: Path) -> None:
+    """Qwen2.5-0.5B, Qwen3-0.6B and Llama-3.2-1B as the GPU benchmark
+    configures them: the kit's Llama reads each, its family's parts included,
+    rather than leaving it to transformers. Their weights are transformers'
+    own models of that family, which tests/model/test_families.py holds the
+    kit's decoder to; the run above writes and decodes one."""
+    checkpoint_config(shape, layers=1).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # the config is what is read here
+    config = llama_config(tmp_path)
+    expected = SHAPES[shape]
+    head_dim = expected.get("head_dim", expected["hidden_size"] // expected["num_attention_heads"])
+    assert (config.family, config.hidden_size, config.head_dim, config.vocab_size) == (
+        expected["model_type"],
+        expected["hidden_size"],
+        head_dim,
+        expected["vocab_size"],
+    )
+    parts = (config.qkv_bias, config.qk_norm, config.rope_scaling.kind)
+    assert (
+        parts
+        == {
+            "qwen2.5-0.5b": (True, False, "default"),
+            "qwen3-0.6b": (False, True, "default"),
+            "llama3.2-1b": (False, False, "llama3"),
+        }[shape]
+    )
