@@ -13,8 +13,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
-from helpers.api.fields import TokenIds
+from helpers.api.fields import TokenIds, refused
 from helpers.api.openai_schema import ChatMessage
+from helpers.api.tools import Tools, functions_of
+from helpers.protocol import Function
 
 MAX_DETOKENIZE_TOKENS = 1_000_000
 """Far past any context; it bounds the work, MAX_BODY_BYTES bounds it sooner."""
@@ -28,13 +30,20 @@ class TokenizeRequest(BaseModel):
     model: StrictStr
     prompt: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: Tools | None = None
+    """Offered with ``messages``: counted as the chat's prompt renders them."""
     add_special_tokens: StrictBool = True
 
     @model_validator(mode="after")
     def _exactly_one_prompt_field(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a chat)")
+        if self.tools is not None and self.messages is None:
+            raise refused(type(self), "tools", "only with messages")
         return self
+
+    def functions(self) -> tuple[Function, ...]:
+        return functions_of(self.tools)
 
 
 class DetokenizeRequest(BaseModel):

@@ -81,10 +81,21 @@ class ToolCallIn(BaseModel):
         return ToolCall(self.id, self.function.name, self.function.arguments)
 
 
+Tools = Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)]
+
+
+def functions_of(tools: list[Tool] | None) -> tuple[Function, ...]:
+    """What crosses to the replica of each tool: its function, parameters as text."""
+    return tuple(
+        Function(t.function.name, t.function.description, compact(t.function.parameters))
+        for t in tools or []
+    )
+
+
 class ToolFields(BaseModel):
     """The chat request's tool fields, checked against each other."""
 
-    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tools: Tools | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
 
@@ -104,12 +115,7 @@ class ToolFields(BaseModel):
 
     def offered_functions(self) -> tuple[Function, ...]:
         """The functions the prompt describes: none when ``tool_choice`` is none."""
-        if self.tool_choice == "none":
-            return ()
-        return tuple(
-            Function(t.function.name, t.function.description, compact(t.function.parameters))
-            for t in self.tools or []
-        )
+        return () if self.tool_choice == "none" else functions_of(self.tools)
 
     def tool_grammar(self) -> Grammar | None:
         """The grammar the engine holds the reply to, None for free text."""

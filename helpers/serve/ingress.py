@@ -199,7 +199,8 @@ class Ingress:
         parsed = await self._parse(request, TokenizeRequest, default_param="prompt")
         self._check_model(parsed.model)
         if parsed.messages is not None:
-            prompt = Prompt(messages=tuple(m.as_message() for m in parsed.messages))
+            messages = tuple(m.as_message() for m in parsed.messages)
+            prompt = Prompt(messages=messages, tools=parsed.functions())
             fields = RequestFields("messages")
         else:
             prompt, fields = Prompt(text=parsed.prompt or "", raw=True), RequestFields("prompt")

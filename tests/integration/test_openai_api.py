@@ -611,9 +611,10 @@ def test_a_named_tool_call_parses_into_the_clients_own_class(
     assert again.function.parsed_arguments == call.function.parsed_arguments
 
 
-def test_async_a_required_call_then_its_answer_continue_the_chat(model: str) -> None:
+def test_async_a_required_call_then_its_answer_continue_the_chat(model: str, tokenizer) -> None:
     """The conversation goes on from the call: its answer, as a tool turn, is
-    read and the model replies in text."""
+    read and the model replies in text. ``/tokenize`` counts the prompt with
+    its tools as the reply's usage does."""
 
     async def chat() -> tuple[Any, Any]:
         async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused") as client:
@@ -638,10 +639,19 @@ def test_async_a_required_call_then_its_answer_continue_the_chat(model: str) -> 
                 temperature=0,
                 max_tokens=16,
             )
+            asked_usage.append(asked.usage.prompt_tokens)
             return asked.choices[0], answered.choices[0]
 
+    asked_usage: list[int] = []
     asked, answered = asyncio.run(chat())
     assert asked.message.tool_calls and asked.message.content is None
+    counted = httpx.post(
+        f"{BASE_URL}/tokenize",
+        json={"model": model, "messages": WEATHER_CHAT, "tools": [WEATHER_TOOL]},
+    ).json()
+    assert (
+        counted["count"] == asked_usage[0] > len(tokenizer(WEATHER_CHAT[0]["content"])["input_ids"])
+    )
     for call in asked.message.tool_calls:
         Weather.model_validate_json(call.function.arguments)
     assert answered.message.tool_calls is None and answered.message.content

@@ -16,6 +16,16 @@ def refused(model: type, body: dict[str, Any]) -> str:
     return ".".join(str(part) for part in caught.value.errors()[0]["loc"])
 
 
+CLOCK = {"type": "function", "function": {"name": "now"}}
+
+
+def test_a_chat_is_counted_with_the_tools_it_offers() -> None:
+    chat = TokenizeRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": [CLOCK]}
+    )
+    assert [f.name for f in chat.functions()] == ["now"]
+
+
 def test_tokenize_takes_a_prompt_or_messages() -> None:
     text = TokenizeRequest.model_validate({"model": "m", "prompt": "Hello"})
     assert text.prompt == "Hello" and text.add_special_tokens
@@ -35,6 +45,7 @@ def test_tokenize_takes_a_prompt_or_messages() -> None:
         ({"model": "m", "prompt": "a", "add_special_tokens": "no"}, "add_special_tokens"),
         ({"model": "m", "prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),
         ({"prompt": "a"}, "model"),
+        ({"model": "m", "prompt": "a", "tools": [CLOCK]}, "tools"),
     ],
 )
 def test_a_bad_tokenize_body_is_refused_by_field(body: dict, field: str) -> None:
