@@ -35,7 +35,7 @@ import torch
 
 from helpers.engine.batch_rows import PaddedRows, SlotRows
 from helpers.engine.decoder import Decoder, SlotDecoder
-from helpers.engine.grammar import Grammars, MaskWorker
+from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import Completion, Sampling, Timing, TokenLogprob
@@ -54,6 +54,9 @@ class GenerationRequest:
 
     prompt: str | tuple[int, ...]
     sampling: Sampling
+    grammar: CompiledGrammar | None = field(default=None, compare=False)
+    """``sampling.grammar`` compiled (:meth:`Engine.request` does it while it
+    checks the request); the batcher compiles it where it is left out."""
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str | tuple[int, ...]) -> list[int]:
@@ -217,8 +220,10 @@ class ContinuousBatcher:
         future: Future[Completion] = Future()
         # Tokenized here, on the caller's thread, not on the decode thread.
         prompt_ids = prompt_token_ids(self.tokenizer, request.prompt)
-        grammar = request.sampling.grammar
-        constraint = None if grammar is None else self.grammars.constraint(grammar)
+        grammar = request.grammar
+        if grammar is None and request.sampling.grammar is not None:
+            grammar = self.grammars.compile(request.sampling.grammar)
+        constraint = None if grammar is None else grammar.constraint()
         sampler = Sampler(request.sampling, self.device, prompt_ids, constraint)
         # Decoding every token costs a little per row per step; only a stream
         # or a stop string needs it.

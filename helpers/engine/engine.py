@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +210,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context_length = _context_length(model.config)
+        self._context_limit = "the model's context length"
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self.kv_plan = kv_plan
         if kv_plan is not None:
             max_batch_size = min(max_batch_size, kv_plan.slots)
-            self.context_length = min(self.context_length, kv_plan.positions)
+            if kv_plan.positions < self.context_length:
+                self.context_length = kv_plan.positions
+                self._context_limit = (
+                    "the positions this replica's share of its GPU holds (GPU_MEMORY_FRACTION)"
+                )
         self._batcher = ContinuousBatcher(
             model,
             tokenizer,
@@ -360,22 +364,17 @@ class Engine:
         request = GenerationRequest(prompt, sampling)
         self.check_fits(request)
         self.check_token_ids(request)
-        if sampling.grammar is not None:
-            self._batcher.grammars.check(sampling.grammar)
-        return request
+        if sampling.grammar is None:
+            return request
+        return replace(request, grammar=self._batcher.grammars.compile(sampling.grammar))
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse a request whose prompt plus new tokens exceed the context."""
         prompt = prompt_token_ids(self.tokenizer, request.prompt)
         needed = len(prompt) + request.sampling.max_new_tokens
         if needed > self.context_length:
-            what = (
-                "the model's context length"
-                if self.context_length == _context_length(self.model.config)
-                else "the positions this replica's share of its GPU holds (GPU_MEMORY_FRACTION)"
-            )
             raise PromptTooLongError(
-                f"prompt tokens plus max_new_tokens ({needed}) exceed {what} "
+                f"prompt tokens plus max_new_tokens ({needed}) exceed {self._context_limit} "
                 f"({self.context_length})"
             )
 

@@ -60,21 +60,27 @@ class Grammars:
                 )
             return self._built
 
-    def check(self, grammar: Grammar) -> None:
-        """Raise :class:`~helpers.protocol.GrammarError` naming the request's
-        field when the grammar cannot be compiled for this model."""
-        error = llguidance.LLMatcher.validate_grammar(
-            _source(grammar), self.tokenizer, limits=LIMITS
-        )
-        if error:
-            raise GrammarError(grammar.field, f"{grammar.field}: {error}")
-
-    def constraint(self, grammar: Grammar) -> TokenConstraint:
-        """A fresh matcher for one sequence, its first mask computed."""
+    def compile(self, grammar: Grammar) -> CompiledGrammar:
+        """``grammar`` compiled for this model, once per request; raises
+        :class:`~helpers.protocol.GrammarError` naming the request's field
+        when it cannot be."""
         matcher = llguidance.LLMatcher(self.tokenizer, _source(grammar), log_level=0, limits=LIMITS)
         if matcher.is_error():
             raise GrammarError(grammar.field, f"{grammar.field}: {matcher.get_error()}")
-        constraint = TokenConstraint(matcher, self._vocab_size)
+        return CompiledGrammar(matcher, self._vocab_size)
+
+
+class CompiledGrammar:
+    """A grammar's matcher at its start, never advanced: each sequence held
+    to it gets a copy, so a request is compiled once, when it is checked."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+
+    def constraint(self) -> TokenConstraint:
+        """A fresh matcher for one sequence, its first mask computed."""
+        constraint = TokenConstraint(self._matcher.deep_copy(), self._vocab_size)
         constraint.compute_mask()
         return constraint
 

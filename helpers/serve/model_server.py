@@ -181,7 +181,9 @@ class LLMServer:
     async def _deltas(
         self, prompts: list[Prompt], sampling: Sampling, text: bool
     ) -> AsyncIterator[list[TextDelta]]:
-        requests = self._requests(prompts, sampling)
+        # Off the event loop: tokenizing and compiling a grammar take milliseconds
+        # (the first grammar builds llguidance's view of the vocabulary, longer).
+        requests = await asyncio.to_thread(self._requests, prompts, sampling)
         echo = any(prompt.echo for prompt in prompts)
         echoes = [await self._echo(request, sampling) for request in requests] if echo else []
         if echoes and sampling.max_new_tokens == 0:

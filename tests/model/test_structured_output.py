@@ -58,6 +58,19 @@ def test_greedy_output_parses_against_the_schema_and_leaves_free_rows_alone(
 
 
 @padded_only
+def test_one_checked_request_holds_each_of_its_sequences_from_the_start(engine: Engine) -> None:
+    """The grammar is compiled once, when the request is checked; each
+    sequence gets a matcher of its own, so two of them do not share a state."""
+    request = engine.request(
+        chat(engine, ASK), replace(GREEDY, max_new_tokens=12, grammar=held_to(PERSON))
+    )
+    assert request.grammar is not None
+    first, second = engine.generate([request, request])
+    assert first.text == second.text
+    assert first.text.startswith('{"name": "')
+
+
+@padded_only
 def test_sampled_outputs_all_parse_whatever_the_seed(engine: Engine) -> None:
     sampled = Sampling(64, temperature=1.0, top_p=1.0, grammar=held_to(PERSON))
     requests = [engine.request(chat(engine, ASK), replace(sampled, seed=s)) for s in range(4)]
