@@ -34,16 +34,33 @@ enum kind { Q4_1, Q8_0 };
  * pays: 10 to 15% at 24 to 320 rows, nothing at 16 (one thread, here). */
 enum { PANEL_ROWS = 16 };
 
-/* The quants of one column group at position k, as 8 floats. */
+/* The quants of one column group at position k, as 8 floats.
+ *
+ * Q4_1 where AVX512VL is compiled in (the CPU has it): column j's nibble is
+ * masked where it lies, not shifted down, and read as an unsigned integer, so
+ * lane j holds q * 16^j; one instruction fewer per position, where the
+ * products are bound by these instructions. Every sum of such products is
+ * then exactly 16^j times the plain one (a power of two commutes with
+ * rounding), and Q4_1_LANE_SCALE takes it out again with the block's scale:
+ * the result is the same to the bit. */
+#ifdef __AVX512VL__
+#define Q4_1_LANE_SCALE _mm256_setr_ps(1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 0x1p-28f)
+#endif
 static inline __attribute__((always_inline)) __m256 quants(enum kind kind, const uint8_t *col, int k)
 {
     if (kind == Q4_1) {
-        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         int32_t packed;
         memcpy(&packed, col + 4 * (long)k, sizeof packed); /* a plain load, alignment aside */
         __m256i word = _mm256_set1_epi32(packed);
+#ifdef __AVX512VL__
+        const __m256i nibbles = _mm256_setr_epi32(
+            0xF, 0xF0, 0xF00, 0xF000, 0xF0000, 0xF00000, 0xF000000, (int)0xF0000000u);
+        return _mm256_cvtepu32_ps(_mm256_and_si256(word, nibbles));
+#else
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         __m256i q = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(0xF));
         return _mm256_cvtepi32_ps(q);
+#endif
     }
     __m128i bytes = _mm_loadl_epi64((const __m128i *)(col + 8 * (long)k));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
@@ -91,6 +108,9 @@ static inline __attribute__((always_inline)) void tile(
         for (int g = 0; g < NG; g++) {
             const long at = 8 * ((long)(group + g) * blocks + b);
             __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o->d16 + at)));
+#ifdef Q4_1_LANE_SCALE
+            if (kind == Q4_1) d = _mm256_mul_ps(d, Q4_1_LANE_SCALE);
+#endif
             for (int r = 0; r < MR; r++) {
                 __m256 sum = acc[0][g][r];
                 for (int s = 1; s < KS; s++) sum = _mm256_add_ps(sum, acc[s][g][r]);

@@ -71,12 +71,13 @@ class Int8Linear(KernelLinear):
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
 
     def multiply(self, rows: torch.Tensor, out: torch.Tensor, threads: int) -> int:
+        blocks, scales = self.pointers("blocks", "scales")
         return loaded(kernels(), self).q8_0_int8_matmul(
             rows.data_ptr(),
             rows.shape[0],
             self.in_features,
-            self.blocks.data_ptr(),
-            self.scales.data_ptr(),
+            blocks,
+            scales,
             self.out_features,
             out.data_ptr(),
             threads,

@@ -24,18 +24,27 @@ class KernelLinear(nn.Module):
     bias: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+        # Kept lean: a decode step calls this seven times a layer, and at one
+        # row each tensor method here costs about what the product does.
+        if x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} takes fp32 CPU rows of {self.in_features}, "
                 f"not {x.dtype} {x.device.type} rows of {x.shape[-1]}"
             )
-        rows = x.reshape(-1, self.in_features).contiguous()
+        packed = x.dim() == 2 and x.is_contiguous()  # the kit's decoder passes [tokens, hidden]
+        rows = x if packed else x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
         if self.multiply(rows, out, torch.get_num_threads()) != 0:
             raise MemoryError(f"{type(self).__name__}'s kernel could not allocate its scratch")
-        if self.bias is not None:
-            out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        bias = self._buffers["bias"]
+        if bias is not None:
+            out += bias
+        return out if packed else out.view(*x.shape[:-1], self.out_features)
+
+    def pointers(self, *names: str) -> list[int]:
+        """The addresses of buffers ``names``, read from ``_buffers`` directly:
+        ``nn.Module``'s attribute lookup costs microseconds a call."""
+        return [self._buffers[name].data_ptr() for name in names]  # type: ignore[union-attr]
 
     def multiply(self, rows: torch.Tensor, out: torch.Tensor, threads: int) -> int:
         """Write ``rows`` times the weight into ``out`` with ``threads``

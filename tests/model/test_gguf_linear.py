@@ -92,12 +92,36 @@ def test_the_kernels_build_into_the_users_cache_and_a_failed_build_means_fp32(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    gguf_linear.build.cache_clear()
     assert gguf_linear.kernels.__wrapped__() is not None
     assert len(list((tmp_path / "ray-serve-llm" / "kernels").glob("*.so"))) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("CC", "false")
+    gguf_linear.build.cache_clear()
     assert gguf_linear.kernels.__wrapped__() is None
     assert not list(tmp_path.glob("elsewhere/ray-serve-llm/kernels/*"))
+    gguf_linear.build.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.skipif(
+    not gguf_linear.cpu_can_run(("avx512f", "avx512vl")), reason="this CPU has no AVX512VL"
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 40])
+def test_the_avx512_build_gives_the_avx2_builds_q4_1_products_to_the_bit(rows: int) -> None:
+    """Its quants carry a power of 16 per column, taken out with the scale:
+    exact, so the embedded model's text cannot depend on the CPU."""
+    layer = linear_from("Q4_1", random_weight("Q4_1", 40, 96, seed=rows))
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 4
+    products = []
+    for flags in (gguf_linear.AVX2_BUILD, gguf_linear.AVX512_BUILD):
+        library = gguf_linear.build(flags)
+        assert library is not None
+        out = torch.empty(rows, 40)
+        weights = layer.pointers("blocks", "scales", "offsets")
+        assert library.q4_1_matmul(x.data_ptr(), rows, 96, *weights, 40, out.data_ptr(), 1) == 0
+        products.append(out)
+    assert torch.equal(*products)
 
 
 @needs_kernels

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from helpers.config import ServeConfig
 from helpers.engine.decoder import TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted
-from helpers.engine.llama import Llama, Segment, UnsupportedCheckpoint, llama_config, load_llama
+from helpers.engine.llama import (
+    KVCache,
+    Llama,
+    Segment,
+    UnsupportedCheckpoint,
+    llama_config,
+    load_llama,
+)
 from helpers.engine.tokenizer import Tokenizer
 
 TEXTS = [
@@ -167,6 +174,38 @@ def test_a_pass_of_two_segments_gives_the_logits_of_two_passes(converted: Path, 
         step, prefill = together_segments
         assert step.cache.length == step.attention_mask.shape[1]
         assert prefill.cache.length == prefill.input_ids.shape[1]
+
+
+def test_an_unpadded_step_attends_without_a_mask_to_the_same_bit(
+    converted: Path, tokenizers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One new token per row and no padding: the cache gives no mask, and the
+    logits are those of the same step with its all-true mask applied."""
+    config = llama_config(converted)
+    assert config is not None
+    model = load_llama(converted, config, torch.float32, "cpu")
+    ids = tokenizers[0](TEXTS[:1], return_tensors="pt")["input_ids"]
+
+    def step_logits() -> torch.Tensor:
+        cache = model.new_cache()
+        token = model(input_ids=ids, cache=cache).logits[:, -1].argmax(-1)[:, None]
+        return model(input_ids=token, cache=cache).logits
+
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(input_ids=ids, cache=cache)
+        assert cache.mask(None, torch.tensor([[ids.shape[1]]]), 1, None) is None
+        assert cache.mask(None, torch.tensor([[ids.shape[1]]]), 1, ids.shape[1]) is not None
+        unmasked = step_logits()
+        build_mask = KVCache.mask
+
+        def always_a_mask(cache: KVCache, *args: object) -> torch.Tensor:
+            mask = build_mask(cache, *args)  # type: ignore[arg-type]
+            return torch.ones(1, 1, 1, cache.length + 1, dtype=torch.bool) if mask is None else mask
+
+        monkeypatch.setattr(KVCache, "mask", always_a_mask)
+        masked = step_logits()
+    assert torch.equal(unmasked, masked)
 
 
 def write_checkpoint(directory: Path, config: dict, tokenizer_class: str) -> Path:
