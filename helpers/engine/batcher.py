@@ -36,8 +36,6 @@ import torch
 from helpers.engine.batch_rows import PaddedRows, SlotRows
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
-from helpers.engine.idle_cpus import IdleCpus
-from helpers.engine.kernel_linear import lend_threads
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import Completion, Sampling, Timing, TokenLogprob
@@ -276,12 +274,9 @@ class ContinuousBatcher:
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
-        idle_cpus = IdleCpus(self._threads) if self.device.type == "cpu" else None
         while not (self._stopping.is_set() and not self._sequences):
             self._run_chores(idle=not self._sequences and self._waiting.empty())
             arrivals = self._take_arrivals()
-            if idle_cpus is not None:
-                lend_threads(idle_cpus.threads())
             try:
                 with torch.inference_mode():
                     self._advance(arrivals)

@@ -10,7 +10,6 @@ the two from drifting apart.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ class KernelLinear(nn.Module):
         packed = x.dim() == 2 and x.is_contiguous()  # the kit's decoder passes [tokens, hidden]
         rows = x if packed else x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-        if self.multiply(rows, out, getattr(_lent, "threads", 0) or torch.get_num_threads()) != 0:
+        if self.multiply(rows, out, torch.get_num_threads()) != 0:
             raise MemoryError(f"{type(self).__name__}'s kernel could not allocate its scratch")
         bias = self._buffers["bias"]
         if bias is not None:
@@ -51,17 +50,6 @@ class KernelLinear(nn.Module):
         """Write ``rows`` times the weight into ``out`` with ``threads``
         threads; the kernel's status (0, or -1 when out of memory)."""
         raise NotImplementedError
-
-
-_lent = threading.local()
-
-
-def lend_threads(threads: int) -> None:
-    """Let the products this thread runs use ``threads`` threads, more than
-    torch's own where CPUs are idle (:mod:`helpers.engine.idle_cpus`); 0 gives
-    them torch's thread count again. Each column of a product is computed the
-    same way however many threads share them."""
-    _lent.threads = threads
 
 
 def loaded(library: ctypes.CDLL | None, layer: KernelLinear) -> ctypes.CDLL:
