@@ -184,12 +184,14 @@ def kernels() -> ctypes.CDLL | None:
     (:func:`~helpers.engine.native_kernels.compiled`), or None where it cannot
     run (not x86-64 with AVX2/FMA/F16C, no working C compiler): callers keep
     fp32 weights."""
-    return build(AVX512_BUILD if cpu_can_run(("avx512f", "avx512vl")) else AVX2_BUILD)
+    faster = build(AVX512_BUILD) if cpu_can_run(("avx512f", "avx512vl")) else None
+    return faster or build(AVX2_BUILD)  # a compiler without AVX512 still gives the AVX2 build
 
 
 @functools.cache
 def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
-    """``gguf_matmul.c`` compiled with ``flags``, its entry points typed."""
+    """``gguf_matmul.c`` compiled with ``flags``, its entry points typed.
+    :func:`kernels` checks that the CPU runs what the flags ask for."""
     loaded = native_kernels.compiled(_SOURCE, flags, _CPU_FLAGS)
     if loaded is None:
         return None

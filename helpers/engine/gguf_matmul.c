@@ -42,7 +42,9 @@ enum { PANEL_ROWS = 16 };
  * products are bound by these instructions. Every sum of such products is
  * then exactly 16^j times the plain one (a power of two commutes with
  * rounding), and Q4_1_LANE_SCALE takes it out again with the block's scale:
- * the result is the same to the bit. */
+ * the result is the same to the bit. Two cases part, neither met by a model's
+ * activations: a block's partial sum past 1e30 (16^7 times it overflows), and
+ * subnormal partial sums where the thread flushes them to zero. */
 #ifdef __AVX512VL__
 #define Q4_1_LANE_SCALE _mm256_setr_ps(1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 0x1p-28f)
 #endif

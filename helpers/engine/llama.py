@@ -316,11 +316,17 @@ class KVCache:
         new: int,
         window: int | None,
     ) -> torch.Tensor | None:
-        """None where every row's one new token sees every key (no padding,
-        within the window): attention then skips applying a mask, the same
-        result to the bit for less work a layer."""
-        unpadded = attention_mask is None or bool(attention_mask.all())
-        if new == 1 and unpadded and (window is None or self.length < window):
+        """None on CPU where every row's one new token sees every key (no
+        padding, within the window): attention then skips applying a mask,
+        the same result to the bit for less work a layer. A GPU keeps its
+        mask: the check would wait for the device, and attention there may
+        pick another kernel without one."""
+        if (
+            new == 1
+            and position_ids.device.type == "cpu"
+            and (window is None or self.length < window)
+            and (attention_mask is None or bool(attention_mask.all()))
+        ):
             return None
         if attention_mask is None:
             batch = position_ids.shape[0]
@@ -640,9 +646,9 @@ class Llama(nn.Module):
         """Cosines and sines for each row's positions, ``[batch, 1, new, head_dim]``;
         the sines' first half negated, as :func:`_rotate` takes them."""
         freqs = positions[..., None].float() * self.inv_freq
-        cos = torch.cat((freqs, freqs), dim=-1)[:, None].cos().to(dtype)
-        sin = freqs[:, None].sin().to(dtype)
-        return cos, torch.cat((-sin, sin), dim=-1)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        sin, half = angles.sin().to(dtype), freqs.shape[-1]
+        return angles.cos().to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def _attention_mask(mask: torch.Tensor, new: int, window: int | None) -> torch.Tensor:

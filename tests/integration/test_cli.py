@@ -123,9 +123,11 @@ def test_serve_deploy_then_serve_run_on_a_running_cluster_and_serve_delete(
     assert ask_for_a_haiku().strip()
     assert APP_NAME in serve_command("status").stdout
     assert serve_command("delete", APP_NAME).returncode == 0
+    assert APP_NAME not in serve_command("status").stdout
 
     server = start(background, "serve", "run", "ray_serve_app:deployment_graph")
     wait_for(http_up, START_TIMEOUT_S, "serve run to answer /healthz")
+    assert server.poll() is None, "serve run exited"
     assert APP_NAME in serve_command("status").stdout
     deleted = subprocess.run(
         [cli_path("serve"), "delete", APP_NAME],

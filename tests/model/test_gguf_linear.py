@@ -87,12 +87,19 @@ def test_rows_the_kernels_cannot_take_are_refused_not_misread() -> None:
         GgufLinear(48, 8, "Q4_1")
 
 
+@pytest.fixture
+def uncached_builds() -> Iterator[None]:
+    """Builds made afresh here, and none of this test's kept for the next."""
+    gguf_linear.build.cache_clear()
+    yield
+    gguf_linear.build.cache_clear()
+
+
 @needs_kernels
 def test_the_kernels_build_into_the_users_cache_and_a_failed_build_means_fp32(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uncached_builds: None
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    gguf_linear.build.cache_clear()
     assert gguf_linear.kernels.__wrapped__() is not None
     assert len(list((tmp_path / "ray-serve-llm" / "kernels").glob("*.so"))) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
@@ -100,7 +107,22 @@ def test_the_kernels_build_into_the_users_cache_and_a_failed_build_means_fp32(
     gguf_linear.build.cache_clear()
     assert gguf_linear.kernels.__wrapped__() is None
     assert not list(tmp_path.glob("elsewhere/ray-serve-llm/kernels/*"))
-    gguf_linear.build.cache_clear()
+
+
+@needs_kernels
+def test_a_compiler_without_avx512_still_gives_the_avx2_build(
+    monkeypatch: pytest.MonkeyPatch, uncached_builds: None
+) -> None:
+    """On an AVX512 CPU whose compiler refuses the flags, the model keeps its
+    4-bit blocks rather than falling back to fp32 weights."""
+    compile_for_real = gguf_linear.native_kernels.compiled
+
+    def refusing_avx512(source: Path, flags: tuple[str, ...], cpu_flags: tuple[str, ...]):
+        return None if "-mavx512vl" in flags else compile_for_real(source, flags, cpu_flags)
+
+    monkeypatch.setattr(gguf_linear, "cpu_can_run", lambda flags=(): True)
+    monkeypatch.setattr(gguf_linear.native_kernels, "compiled", refusing_avx512)
+    assert gguf_linear.kernels.__wrapped__() is gguf_linear.build(gguf_linear.AVX2_BUILD)
 
 
 @needs_kernels
