@@ -57,6 +57,15 @@ class GenerationRequest:
     grammar: CompiledGrammar | None = field(default=None, compare=False)
     """``sampling.grammar`` compiled (:meth:`Engine.request` does it while it
     checks the request); the batcher compiles it where it is left out."""
+    prompt_ids: tuple[int, ...] | None = field(default=None, compare=False)
+    """The prompt tokenized, once, where :meth:`Engine.request` checked its
+    length; the batcher tokenizes where it is left out."""
+
+    def token_ids(self, tokenizer: Any) -> list[int]:
+        """The prompt's token ids, tokenized with ``tokenizer`` unless known already."""
+        if self.prompt_ids is not None:
+            return list(self.prompt_ids)
+        return prompt_token_ids(tokenizer, self.prompt)
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str | tuple[int, ...]) -> list[int]:
@@ -218,8 +227,9 @@ class ContinuousBatcher:
         log probabilities.
         """
         future: Future[Completion] = Future()
-        # Tokenized here, on the caller's thread, not on the decode thread.
-        prompt_ids = prompt_token_ids(self.tokenizer, request.prompt)
+        # Tokenized by Engine.request, or here on the caller's thread; never on
+        # the decode thread.
+        prompt_ids = request.token_ids(self.tokenizer)
         grammar = request.grammar
         if grammar is None and request.sampling.grammar is not None:
             grammar = self.grammars.compile(request.sampling.grammar)

@@ -361,7 +361,8 @@ class Engine:
         (:class:`~helpers.protocol.PromptTooLongError`), names a token the
         model does not have (:class:`~helpers.protocol.TokenIdError`) or asks
         for a grammar that does not compile (:class:`~helpers.protocol.GrammarError`)."""
-        request = GenerationRequest(prompt, sampling)
+        ids = tuple(prompt_token_ids(self.tokenizer, prompt))
+        request = GenerationRequest(prompt, sampling, prompt_ids=ids)
         self.check_fits(request)
         self.check_token_ids(request)
         if sampling.grammar is None:
@@ -370,8 +371,7 @@ class Engine:
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse a request whose prompt plus new tokens exceed the context."""
-        prompt = prompt_token_ids(self.tokenizer, request.prompt)
-        needed = len(prompt) + request.sampling.max_new_tokens
+        needed = len(request.token_ids(self.tokenizer)) + request.sampling.max_new_tokens
         if needed > self.context_length:
             raise PromptTooLongError(
                 f"prompt tokens plus max_new_tokens ({needed}) exceed {self._context_limit} "

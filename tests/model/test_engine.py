@@ -107,6 +107,23 @@ def test_a_prompt_longer_than_the_context_is_refused(engine: Engine) -> None:
     engine.check_fits(greedy("short prompt", 16))
 
 
+def test_a_checked_request_is_tokenized_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine.request tokenizes the prompt to check its length and keeps the
+    ids, so the replica's event loop never tokenizes it again at submission."""
+    text = engine.format_prompt("Name a colour.", "auto")
+    request = engine.request(text, greedy(text, 4).sampling)
+    assert request.prompt_ids == tuple(engine.tokenizer(text)["input_ids"])
+    expected = engine.generate([request])[0].text
+
+    def tokenized_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the prompt was tokenized a second time")
+
+    monkeypatch.setattr(type(engine.tokenizer), "__call__", tokenized_again)
+    assert engine.generate([request])[0].text == expected
+
+
 def test_concurrent_requests_share_forward_passes(engine: Engine) -> None:
     before = engine.stats.forward_passes, engine.stats.generated_tokens
     completions = engine.generate([greedy(p, 6) for p in PROMPTS])
