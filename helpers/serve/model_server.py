@@ -223,10 +223,8 @@ class LLMServer:
     async def _echo(self, request: GenerationRequest, sampling: Sampling) -> Echo:
         """A prompt as its echoed completion begins with it."""
         prompt = request.prompt
-        if isinstance(prompt, tuple):
-            text, tokens = self.engine.tokenizer.decode(list(prompt)), len(prompt)
-        else:
-            text, tokens = prompt, self.engine.count_tokens(prompt)
+        text = self.engine.tokenizer.decode(list(prompt)) if isinstance(prompt, tuple) else prompt
+        tokens = len(request.token_ids(self.engine.tokenizer))  # checked: already tokenized
         logprobs = None
         if sampling.logprobs is not None:
             scored = self.engine.prompt_logprobs(prompt, sampling.logprobs)
