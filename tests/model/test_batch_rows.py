@@ -112,9 +112,12 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
         for _ in range(3):
             tokens = rows.logits.argmax(-1).tolist()
             assert tokens[0] == tokens[2] == tokens[3] == int(alone.logits[0].argmax())
-            assert torch.equal(rows.logits[0], rows.logits[2])
-            assert torch.equal(rows.logits[0], rows.logits[3])
-            # Alone, the rows' sums run in another order: the same up to rounding.
+            # The same up to rounding: attention's CPU kernel does not always
+            # round two equal rows of one batch alike (seen in the padded
+            # layout on an AMD EPYC host, 4e-5 apart), and alone the sums run
+            # in another order.
+            for row in (2, 3):
+                torch.testing.assert_close(rows.logits[row], rows.logits[0], rtol=0, atol=1e-3)
             torch.testing.assert_close(rows.logits[0], alone.logits[0], rtol=0, atol=1e-3)
             rows.decode(tokens)
             alone.decode([tokens[0]])

@@ -150,7 +150,13 @@ def test_request_controls_and_logprobs_hold_on_the_transformers_path(
             GenerationRequest(prompt, top_one),
         ]
     )
-    assert plain == repeated and sampled.text == plain.text
+    assert plain.text == repeated.text == sampled.text
+    # Two equal rows of one batch need not round alike in attention's CPU
+    # kernel (seen on an AMD EPYC host), so their log probabilities agree
+    # to rounding, their tokens exactly.
+    for mine, theirs in zip(plain.logprobs or (), repeated.logprobs or (), strict=True):
+        assert [t for t, _ in mine.top] == [t for t, _ in theirs.top]
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
     assert engine.stats.shared_prefills >= 2
     reference = transformers_model(directory)
     ids = engine.tokenizer(prompt)["input_ids"]
