@@ -8,14 +8,16 @@ the batcher's row order, and run the model over them:
   by one column per step and rows are left-padded to a common length. No
   memory is reserved ahead and no arithmetic is spent on columns nobody
   reads, which is what matters where the arithmetic is the cost.
-- :class:`SlotRows`, for the kit's own Llama on a GPU: each sequence owns a
-  row ("slot") of a cache reserved ahead, so every decode step has the same
-  shapes and addresses and is replayed as one CUDA graph. A small model's
-  decode step is a thousand small kernels, and launching them one by one
-  from Python costs far more than running them.
+- :class:`PagedRows`, for the kit's own Llama on a GPU: each sequence owns
+  a row ("slot") of a paged cache's block table and the pages it lists, so
+  every decode step has the same shapes and addresses and is replayed as one
+  CUDA graph, while memory follows each sequence's own length. A small
+  model's decode step is a thousand small kernels, and launching them one
+  by one from Python costs far more than running them.
 
-Both take the same calls: ``admit`` prompts (one prefill for all of them),
-``keep`` some rows, ``decode`` one token per row, ``clear``. ``logits`` holds
+Both take the same calls: how many waiting sequences have room
+(``fitting``), ``admit`` prompts (one prefill for all of them), ``keep`` some
+rows, ``decode`` one token per row, ``clear``. ``logits`` holds
 each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
 stale, since the batcher always decodes next.
 """
@@ -28,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers.engine.decoder import Decoder, SegmentDecoder, SlotDecoder
-from helpers.engine.llama import Segment
+from helpers.engine.llama import PAGE_SIZE, Segment, pages_for
 
 SMALLEST_WIDTH = 64
 """Fewest cache columns a decode graph reads; widths double from here."""
-FIRST_CAPACITY = 256
-"""Positions each slot holds at first; the cache doubles when a sequence needs more."""
+FIRST_PAGES = 16
+"""Pages a cache of no fixed size holds at first; it doubles when the
+sequences admitted need more."""
 
 
 def encode(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -75,6 +78,9 @@ class PaddedRows:
     tokens' arithmetic, and the running rows do not stall for it.
     """
 
+    max_positions = None
+    """No limit of its own on a sequence's length."""
+
     def __init__(self, model: Decoder, tokenizer: Any) -> None:
         self.model = model
         self.pad = tokenizer.pad_token_id or 0
@@ -85,8 +91,14 @@ class PaddedRows:
         self.cache: Any = None
         self.mask = self.positions = self.logits = torch.empty(0)
 
-    def admit(self, prompts: list[list[int]]) -> list[int]:
-        """Prefill ``prompts`` (token ids) as new rows; returns their lengths in tokens."""
+    def fitting(self, positions: list[int]) -> int:
+        """All of them: the cache grows a column a step, with no room held ahead."""
+        return len(positions)
+
+    def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
+        """Prefill ``prompts`` (token ids) as new rows; returns their lengths in
+        tokens. ``positions``, what each may reach, matters only to
+        :class:`PagedRows`, which holds room for it."""
         unique, order = distinct(prompts)
         ids, mask, positions = self._encode(unique)
         cache = self.model.new_cache()
@@ -193,8 +205,9 @@ def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
 
 
-class SlotRows:
-    """Rows in fixed slots of a :class:`helpers.engine.llama.SlotCache`.
+class PagedRows:
+    """Rows in slots of a :class:`helpers.engine.llama.PagedCache`, each
+    holding pages for its prompt and its most new tokens from admission on.
 
     A decode step runs over the first ``batch`` slots (the smallest power of
     two that holds every busy slot) and reads ``width`` columns (a power of
@@ -202,7 +215,13 @@ class SlotRows:
     ``graphs`` each shape is captured as a CUDA graph the first time it is
     needed and replayed after that; without (on CPU, in tests) the same step
     runs eagerly. Idle slots in the step decode a padding token into the
-    cache's scratch column, which costs little on a GPU and is never read.
+    cache's scratch page, which costs little on a GPU.
+
+    Why pages are reserved at admission: a sequence admitted is then sure to
+    finish, and no step ever waits for memory or evicts a sequence to find
+    some. The price is room held for new tokens a sequence may not use,
+    paid only while it runs; the batcher keeps a sequence waiting until its
+    pages are free (:meth:`fitting`).
     """
 
     folds_prefills = False
@@ -215,14 +234,17 @@ class SlotRows:
         tokenizer: Any,
         slots: int,
         graphs: bool,
-        max_positions: int | None = None,
+        max_positions: int,
+        pages: int | None = None,
     ) -> None:
-        """``max_positions`` caps how far the cache's columns grow (a GPU
-        replica's memory budget, :mod:`helpers.engine.kv_budget`); the engine
-        refuses a request that would need more."""
-        self.model, self.slots, self.max_positions = model, slots, max_positions
+        """A sequence reaches at most ``max_positions`` positions (prompt and
+        new tokens). ``pages`` fixes the cache's size (a GPU replica's memory
+        budget, :mod:`helpers.engine.kv_budget`); without, it starts at
+        ``FIRST_PAGES`` and doubles when the sequences admitted need more."""
+        self.model, self.slots, self.max_pages = model, slots, pages
+        self.max_positions = max_positions
         self.device = model.device
-        self.cache = model.new_slot_cache(slots, self._capped(FIRST_CAPACITY))
+        self.cache = model.new_paged_cache(slots, pages or FIRST_PAGES, max_positions)
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
         self.pad = tokenizer.pad_token_id or 0
         self.clear()
@@ -231,27 +253,39 @@ class SlotRows:
         self.slot_of: list[int] = []  # row -> slot
         self.next_position: list[int] = []  # row -> where its next token goes
         self.logits = torch.empty(0)
+        self.cache.release_all()
 
-    def admit(self, prompts: list[list[int]]) -> list[int]:
+    def fitting(self, positions: list[int]) -> int:
+        """How many of these sequences, in order, have room now, each needing
+        pages for that many positions (its prompt and most new tokens)."""
+        if self.max_pages is None:  # it grows as they need
+            return len(positions)
+        free, count = len(self.cache.free), 0
+        for needed in map(pages_for, positions):
+            if needed > free:
+                break
+            free -= needed
+            count += 1
+        return count
+
+    def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
+        """Prefill ``prompts`` (token ids) as new rows, each with pages for
+        ``positions`` positions; returns their lengths in tokens."""
         busy = set(self.slot_of)
         slots = [slot for slot in range(self.slots) if slot not in busy][: len(prompts)]
+        self._make_room(sum(map(pages_for, positions)))
+        self.cache.assign(slots, positions)
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
         ids, mask = encode(unique, self.pad, self.device)
-        self._make_room(int(mask.sum(-1).max()))
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.capacity)
-        cache = self.cache
-        cache.rows = torch.tensor(slots, device=self.device)
-        cache.clear_rows()
-        cache.rows = torch.tensor(prefilled, device=self.device)
-        cache.leading, cache.columns, cache.width = False, positions, ids.shape[1]
-        output = self.model(input_ids=ids, position_ids=positions, cache=cache, logits_to_keep=1)
-        for slot, index in zip(slots, order, strict=True):
-            if slot != prefilled[index]:  # a repeated prompt: copy its prefilled slot
-                for layer in cache.layers:
-                    layer.keys[slot] = layer.keys[prefilled[index]]
-                    layer.values[slot] = layer.values[prefilled[index]]
+        places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
+        width = pages_for(ids.shape[1]) * PAGE_SIZE
+        self.cache.select(torch.tensor(prefilled, device=self.device), places, width)
+        output = self.model(input_ids=ids, position_ids=places, cache=self.cache, logits_to_keep=1)
         lengths = [int(length) for length in mask.sum(-1)[order].tolist()]
+        for slot, index, length in zip(slots, order, lengths, strict=True):
+            if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
+                self.cache.copy(prefilled[index], slot, length)
         self.slot_of += slots
         self.next_position += lengths
         new_logits = output.logits[:, -1, :].float()[torch.tensor(order, device=self.device)]
@@ -259,16 +293,17 @@ class SlotRows:
         return lengths
 
     def keep(self, rows: list[int]) -> None:
+        kept = set(rows)
+        self.cache.release([slot for row, slot in enumerate(self.slot_of) if row not in kept])
         self.slot_of = [self.slot_of[row] for row in rows]
         self.next_position = [self.next_position[row] for row in rows]
 
     def decode(self, tokens: list[int]) -> None:
-        self._make_room(max(self.next_position) + 1)
         batch = min(self.slots, power_of_two_at_least(max(self.slot_of) + 1, 1))
         width = power_of_two_at_least(max(self.next_position) + 1, SMALLEST_WIDTH)
-        width = min(width, self.cache.capacity)
+        width = min(width, self.cache.scratch_position)
         step_tokens = [self.pad] * batch
-        step_positions = [self.cache.capacity] * batch  # idle slots write to scratch
+        step_positions = [self.cache.scratch_position] * batch  # idle slots write to scratch
         for slot, token, position in zip(self.slot_of, tokens, self.next_position, strict=True):
             step_tokens[slot], step_positions[slot] = token, position
         logits = self._step(batch, width, step_tokens, step_positions)
@@ -286,20 +321,21 @@ class SlotRows:
             graph = self.graphs[batch, width] = DecodeGraph(self.model, self.cache, batch, width)
         return graph.run(tokens, positions)
 
-    def _make_room(self, positions: int) -> None:
-        """Grow the cache so that ``positions`` positions fit (the graphs
-        captured over the old one are dropped with it)."""
-        if positions <= self.cache.capacity:
+    def _make_room(self, pages: int) -> None:
+        """Double the cache until ``pages`` more pages are free; the graphs
+        captured over the old one are dropped with it. A fixed cache
+        refuses, naming its size."""
+        free = len(self.cache.free)
+        if pages <= free:
             return
-        capacity = self._capped(power_of_two_at_least(positions, self.cache.capacity))
-        if positions > capacity:
-            raise ValueError(f"{positions} positions are past this cache's cap of {capacity}")
-        self.cache = self.cache.grown(capacity)
+        if self.max_pages is not None:
+            raise ValueError(f"{pages} pages are past the {free} this cache has free")
+        total = self.cache.pages
+        while total - self.cache.pages + free < pages:
+            total *= 2
+        self.cache.grow(total)
         if self.graphs is not None:
             self.graphs.clear()
-
-    def _capped(self, capacity: int) -> int:
-        return capacity if self.max_positions is None else min(capacity, self.max_positions)
 
 
 class DecodeStep:
@@ -313,14 +349,8 @@ class DecodeStep:
         self.rows = torch.arange(batch, device=device)
 
     def forward(self) -> torch.Tensor:
-        cache = self.cache
-        cache.rows, cache.leading, cache.columns, cache.width = (
-            self.rows,
-            True,
-            self.positions,
-            self.width,
-        )
-        output = self.model(input_ids=self.tokens, position_ids=self.positions, cache=cache)
+        self.cache.select(self.rows, self.positions, self.width)
+        output = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache)
         return output.logits[:, -1, :].float()
 
     def load(self, tokens: list[int], positions: list[int]) -> None:
@@ -339,7 +369,7 @@ class DecodeGraph(DecodeStep):
     def __init__(self, model: SlotDecoder, cache: Any, batch: int, width: int) -> None:
         super().__init__(model, cache, batch, width)
         self.tokens.fill_(0)
-        self.positions.fill_(cache.capacity)  # warm-up and capture touch scratch only
+        self.positions.fill_(cache.scratch_position)  # warm-up and capture touch scratch only
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # kernels pick their workspaces before capture

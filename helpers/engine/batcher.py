@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import PaddedRows, SlotRows
+from helpers.engine.batch_rows import PaddedRows, PagedRows
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
-from helpers.protocol import Completion, Sampling, Timing, TokenLogprob
+from helpers.protocol import Completion, PromptTooLongError, Sampling, Timing, TokenLogprob
 
 TextCallback = Callable[[str], None]
 """Receives each piece of new text, on the decode thread; it must not block."""
@@ -161,11 +161,14 @@ class ContinuousBatcher:
         max_batch_size: int,
         slots: bool | None = None,
         max_positions: int | None = None,
+        pages: int | None = None,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
-        default slots replayed as CUDA graphs for a model that offers a slot
-        cache on a GPU, else a padded cache; True runs slots eagerly, as
-        tests do on CPU. ``max_positions`` caps the slots' length."""
+        default slots of a paged cache replayed as CUDA graphs for a model
+        that offers one on a GPU, else a padded cache; True runs slots
+        eagerly, as tests do on CPU. ``max_positions`` (by default the
+        model's context) caps a sequence's length in slots, and ``pages``
+        fixes their cache's size."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -178,12 +181,19 @@ class ContinuousBatcher:
             raise ValueError("slots need a SlotDecoder, such as the kit's own Llama")
         on_gpu = model.device.type == "cuda" and has_slots
         if slots or (slots is None and on_gpu):
-            self._rows: PaddedRows | SlotRows = SlotRows(
-                model, tokenizer, max_batch_size, graphs=on_gpu, max_positions=max_positions
+            self._rows: PaddedRows | PagedRows = PagedRows(
+                model,
+                tokenizer,
+                max_batch_size,
+                graphs=on_gpu,
+                max_positions=max_positions or model.config.max_position_embeddings,
+                pages=pages,
             )
         else:
             self._rows = PaddedRows(model, tokenizer)
         self._sequences: list[_Sequence] = []
+        # Taken from the queue, waiting for room in the cache; oldest first.
+        self._held: list[_Sequence] = []
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
         self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
@@ -239,6 +249,16 @@ class ContinuousBatcher:
         # or a stop string needs it.
         text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
         sequence = _Sequence(request, prompt_ids, future, sampler, text, on_text, on_logprob)
+        limit = self._rows.max_positions
+        if limit is not None and _positions(sequence) > limit:
+            # Refused here, alone: raised on the decode thread, it would end the batch.
+            future.set_exception(
+                PromptTooLongError(
+                    f"prompt tokens plus max_new_tokens ({_positions(sequence)}) exceed "
+                    f"the {limit} positions a sequence may have in this cache"
+                )
+            )
+            return future
         self._waiting.put(sequence)
         return future
 
@@ -247,7 +267,7 @@ class ContinuousBatcher:
         its list of sequences rather than changing it in place."""
         sequences = self._sequences
         return BatchLoad(
-            waiting=self._waiting.qsize(),
+            waiting=self._waiting.qsize() + len(self._held),
             rows=len(sequences),
             cached_tokens=sum(s.prompt_tokens + len(s.text.tokens) for s in sequences),
         )
@@ -311,9 +331,14 @@ class ContinuousBatcher:
                 return
 
     def _take_arrivals(self) -> list[_Sequence]:
-        """Waiting sequences that fit; blocks only when nothing is running."""
+        """Waiting sequences that fit, oldest first; blocks only when nothing
+        is running or held. A sequence the rows have no room for yet is held,
+        and the ones after it wait behind it, so none is passed over for
+        long. One the rows could never hold is admitted alone, to be refused."""
         room = self.max_batch_size - len(self._sequences)
-        arrivals: list[_Sequence | None] = [] if self._sequences else [self._waiting.get()]
+        arrivals: list[_Sequence | None] = list(self._held)
+        if not self._sequences and not arrivals:
+            arrivals.append(self._waiting.get())
         with self._arriving:
             while len(arrivals) < room:
                 try:
@@ -322,7 +347,11 @@ class ContinuousBatcher:
                     break
         live = [s for s in arrivals if s is not None and not s.future.cancelled()]
         self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
-        return live
+        fits = self._rows.fitting([_positions(s) for s in live[:room]])
+        if live and not self._sequences:
+            fits = max(fits, 1)
+        self._held = live[fits:]
+        return live[:fits]
 
     def _advance(self, arrivals: list[_Sequence]) -> None:
         """One iteration: admit, sample a token per row, retire ended rows, decode.
@@ -393,7 +422,8 @@ class ContinuousBatcher:
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """One prefill for all ``sequences``; they join the batch's rows."""
-        self._joined(sequences, self._rows.admit([s.prompt_ids for s in sequences]))
+        prompts, positions = [s.prompt_ids for s in sequences], list(map(_positions, sequences))
+        self._joined(sequences, self._rows.admit(prompts, positions))
         self.stats.forward_passes += 1
 
     def _joined(self, sequences: list[_Sequence], lengths: list[int]) -> None:
@@ -424,6 +454,11 @@ class ContinuousBatcher:
         value, top = sampler.logprobs(logits, token)
         text = self.tokenizer.decode
         return TokenLogprob(text([token]), value, tuple((text([t]), v) for t, v in top))
+
+
+def _positions(sequence: _Sequence) -> int:
+    """The most positions a sequence reaches in the cache: its prompt and new tokens."""
+    return len(sequence.prompt_ids) + sequence.request.sampling.max_new_tokens
 
 
 def _settle(

@@ -3,7 +3,7 @@
 A model family joins the kit by meeting :class:`Decoder`: the batch layouts
 (:mod:`helpers.engine.batch_rows`) ask nothing else of it. Two more abilities
 make a model faster where it has them, and are asked for by type: folding
-new prompts into a decode step's pass (:class:`SegmentDecoder`), and a slot
+new prompts into a decode step's pass (:class:`SegmentDecoder`), and a paged
 cache whose steps replay as CUDA graphs (:class:`SlotDecoder`). The kit's own
 Llama (:mod:`helpers.engine.llama`) has both; a transformers causal LM meets
 :class:`Decoder` through :class:`TransformersDecoder`.
@@ -59,10 +59,10 @@ class SegmentDecoder(Decoder, Protocol):
 
 @runtime_checkable
 class SlotDecoder(Decoder, Protocol):
-    """Keeps each sequence in a slot of a cache reserved ahead, so a decode
-    step has fixed shapes and addresses and replays as a CUDA graph."""
+    """Keeps each sequence in a slot of a paged cache, so a decode step has
+    fixed shapes and addresses and replays as a CUDA graph."""
 
-    def new_slot_cache(self, slots: int, capacity: int) -> Any: ...
+    def new_paged_cache(self, slots: int, pages: int, max_positions: int) -> Any: ...
 
 
 class TransformersDecoder(nn.Module):

@@ -203,8 +203,8 @@ class Engine:
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
         ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says;
-        ``kv_plan`` bounds a slot cache's sequences and their length (a GPU
-        replica's share of memory): fewer rows, and a shorter context."""
+        ``kv_plan`` fixes a paged cache's size (a GPU replica's share of
+        memory), which may also shorten the context."""
         self.model_id = model_id
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -212,20 +212,19 @@ class Engine:
         self.context_length = _context_length(model.config)
         self._context_limit = "the model's context length"
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        if kv_plan is not None:
-            max_batch_size = min(max_batch_size, kv_plan.slots)
-            if kv_plan.positions < self.context_length:
-                self.context_length = kv_plan.positions
-                self._context_limit = (
-                    "the positions this replica's share of its GPU holds (GPU_MEMORY_FRACTION)"
-                )
+        if kv_plan is not None and kv_plan.positions < self.context_length:
+            self.context_length = kv_plan.positions
+            self._context_limit = (
+                "the positions this replica's share of its GPU holds (GPU_MEMORY_FRACTION)"
+            )
         self._batcher = ContinuousBatcher(
             model,
             tokenizer,
             self.eos_token_ids,
             max_batch_size,
             slots,
-            max_positions=None if kv_plan is None else kv_plan.positions,
+            max_positions=self.context_length,
+            pages=None if kv_plan is None else kv_plan.pages,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None
@@ -264,7 +263,7 @@ class Engine:
         reaches a replica that starts under load. ``tuned`` resolves when it
         is done.
 
-        On a GPU the kit's decoder keeps its slot cache within
+        On a GPU the kit's decoder keeps its paged cache within
         ``gpu_memory_fraction`` of the device (``GPU_MEMORY_FRACTION``;
         :mod:`helpers.engine.kv_budget`), weights included.
         """
@@ -299,9 +298,7 @@ class Engine:
             model_id=model_id,
             max_batch_size=max_batch_size,
             slots=slots,
-            kv_plan=gpu_kv_plan(
-                model, gpu_memory_fraction, max_batch_size, _context_length(model.config)
-            )
+            kv_plan=gpu_kv_plan(model, gpu_memory_fraction, _context_length(model.config))
             if on_gpu_slots
             else None,
         )

@@ -336,83 +336,153 @@ class KVCache:
         return _attention_mask(attention_mask, new, window)
 
 
-class SlotLayer:
-    """One layer's share of a :class:`SlotCache`."""
+PAGE_SIZE = 16
+"""Positions one page of a :class:`PagedCache` holds."""
 
-    def __init__(self, owner: SlotCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+
+def pages_for(positions: int) -> int:
+    """Pages that hold ``positions`` positions."""
+    return -(-positions // PAGE_SIZE)
+
+
+class PagedLayer:
+    """One layer's pages of a :class:`PagedCache`, ``[pages, PAGE_SIZE, kv_heads, head_dim]``."""
+
+    def __init__(self, owner: PagedCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.owner, self.keys, self.values = owner, keys, values
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens at their positions' columns; return the columns
-        the batch's rows attend over."""
-        rows, columns, width = self.owner.rows, self.owner.columns, self.owner.width
-        # [batch, new] row and column indices around all heads: the indexed
+        """Write the new tokens into their pages; return the batch's rows'
+        keys and values over the columns attention reads, gathered from
+        their pages in order."""
+        owner = self.owner
+        # [batch, new] page and offset indices around all heads: the indexed
         # view is [batch, new, heads, head_dim].
-        self.keys[rows[:, None], :, columns] = keys.transpose(1, 2)
-        self.values[rows[:, None], :, columns] = values.transpose(1, 2)
-        if self.owner.leading:
-            return self.keys[: len(rows), :, :width], self.values[: len(rows), :, :width]
-        return self.keys[rows, :, :width], self.values[rows, :, :width]
+        self.keys[owner.write_pages, owner.write_offsets] = keys.transpose(1, 2)
+        self.values[owner.write_pages, owner.write_offsets] = values.transpose(1, 2)
+        return _gathered(self.keys, owner.read_pages), _gathered(self.values, owner.read_pages)
 
 
-class SlotCache:
-    """Keys and values reserved ahead: each sequence owns one row ("slot") for
-    its whole life and its token at position p lives in column p.
+def _gathered(pool: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, width, head_dim]`` from a layer's pages and each row's
+    page numbers, ``[batch, width / PAGE_SIZE]``."""
+    rows = pool[pages]  # [batch, pages, PAGE_SIZE, heads, head_dim], one copy
+    return rows.view(pages.shape[0], -1, *pool.shape[2:]).transpose(1, 2)
+
+
+class PagedCache:
+    """Keys and values in pages of ``PAGE_SIZE`` positions shared by every
+    sequence; each sequence owns a row ("slot") of a block table that lists
+    its pages, so its token at position p lives at offset p % PAGE_SIZE of
+    page ``table[slot, p // PAGE_SIZE]``.
 
     Why: on a GPU a decode step of a small model is launch-bound (a thousand
     small kernels), and replaying it as one CUDA graph needs every tensor's
-    shape and address fixed in advance. A growing, left-padded cache has
-    neither; this one has both, and needs no attention mask from the caller:
-    a token sees the columns up to its own position in its own row. Column
-    ``capacity`` (the last) takes the writes of padding tokens, which nothing
-    reads.
+    shape and address fixed in advance. The pages and the table keep both
+    fixed while each sequence holds only the pages its own length needs: a
+    cache of one row per sequence, each as long as the longest, would
+    reserve the worst case for all of them. Attention reads each row's
+    pages gathered in order, under a mask of the positions up to each
+    token's own, so the caller passes no attention mask.
 
-    Before each forward pass the caller sets which slots the batch's rows are
-    (``rows``), whether those are simply the first ``len(rows)`` slots
-    (``leading``: read as a view, not a copy) and how many columns attention
-    reads (``width``, more than any position in the batch).
+    Page 0 is scratch. A table's unused entries point at it, and so does its
+    last column: a padding token is placed at ``scratch_position``, whose
+    write lands there. Whatever it holds is read only under the mask.
+
+    Before each forward pass the caller names its rows, their tokens'
+    positions and the columns attention reads (:meth:`select`).
     """
 
     def __init__(
         self,
         config: LlamaConfig,
         slots: int,
-        capacity: int,
+        pages: int,
+        max_positions: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (slots, config.num_key_value_heads, capacity + 1, config.head_dim)
-        self.config, self.capacity = config, capacity
+        self.dtype, self.device = dtype, device
+        self.page_shape = (PAGE_SIZE, config.num_key_value_heads, config.head_dim)
         self.layers = [
-            SlotLayer(
-                self,
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(config.num_hidden_layers)
+            PagedLayer(self, *self._new_pool(pages)) for _ in range(config.num_hidden_layers)
         ]
-        self.rows = torch.arange(slots, device=device)
-        self.leading = True
-        self.width = capacity
-        self.columns = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        columns = pages_for(max_positions)
+        self.scratch_position = columns * PAGE_SIZE
+        self.table = torch.zeros(slots, columns + 1, dtype=torch.long, device=device)
+        self.free = list(range(1, pages + 1))
+        self.owned: dict[int, list[int]] = {}  # slot -> its pages, in order
 
-    def clear_rows(self) -> None:
-        """Zero the slots in ``rows`` before a new sequence moves in: masked
-        columns weigh zero, but zero times a NaN left by the last occupant is
-        NaN, and a padding token sees every column."""
+    def _new_pool(self, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (pages + 1, *self.page_shape)
+        return (
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
+        )
+
+    @property
+    def pages(self) -> int:
+        """Pages for sequences, scratch not counted."""
+        return self.layers[0].keys.shape[0] - 1
+
+        self.owned: dict[int, list[int]] = {}  # slot -> its pages, in order
+    def select(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
+        """Set the next pass: its ``rows`` (slots), each token's position
+        (``[rows, new]``) and the columns attention reads, a multiple of
+        ``PAGE_SIZE``. Tensor arithmetic only, so a CUDA graph captures it."""
+        table = self.table[rows]
+        self.write_pages = table.gather(1, positions // PAGE_SIZE)
+        self.write_offsets = positions % PAGE_SIZE
+        self.read_pages = table[:, : width // PAGE_SIZE]
+        self.width = width
+
+    def assign(self, slots: list[int], positions: list[int]) -> None:
+        """Give each slot zeroed pages for that many positions. Zeroed, as the
+        mask gives a column weight zero, but zero times a NaN left by the
+        last owner is NaN."""
+        table = torch.zeros(len(slots), self.table.shape[1], dtype=torch.long)
+        taken: list[int] = []
+        for row, (slot, count) in enumerate(zip(slots, positions, strict=True)):
+            needed = pages_for(count)
+            if needed > len(self.free):
+                raise ValueError(f"{count} positions need {needed} pages; {len(self.free)} free")
+            self.owned[slot], self.free = self.free[:needed], self.free[needed:]
+            table[row, :needed] = torch.tensor(self.owned[slot])
+            taken += self.owned[slot]
+        self.table[torch.tensor(slots, device=self.device)] = table.to(self.device)
+        pages = torch.tensor(taken, device=self.device)
         for layer in self.layers:
-            layer.keys[self.rows] = 0
-            layer.values[self.rows] = 0
+            layer.keys[pages] = 0
+            layer.values[pages] = 0
 
-    def grown(self, capacity: int) -> SlotCache:
-        """A copy with room for ``capacity`` positions; the caller drops this one."""
-        keys = self.layers[0].keys
-        bigger = SlotCache(self.config, keys.shape[0], capacity, keys.dtype, keys.device)
-        kept = slice(0, self.capacity)
-        for old, new in zip(self.layers, bigger.layers, strict=True):
-            new.keys[:, :, kept] = old.keys[:, :, kept]
-            new.values[:, :, kept] = old.values[:, :, kept]
-        return bigger
+    def release(self, slots: list[int]) -> None:
+        """Return these slots' pages; their table rows point at scratch again."""
+        for slot in slots:
+            self.free += self.owned.pop(slot)
+        if slots:
+            self.table[torch.tensor(slots, device=self.device)] = 0
+
+    def release_all(self) -> None:
+        self.release(list(self.owned))
+
+    def copy(self, source: int, target: int, positions: int) -> None:
+        """Copy the first ``positions`` positions of one slot's pages to another's."""
+        count = pages_for(positions)
+        source_pages = torch.tensor(self.owned[source][:count], device=self.device)
+        target_pages = torch.tensor(self.owned[target][:count], device=self.device)
+        for layer in self.layers:
+            layer.keys[target_pages] = layer.keys[source_pages]
+            layer.values[target_pages] = layer.values[source_pages]
+
+    def grow(self, pages: int) -> None:
+        """Room for ``pages`` pages in all, their contents kept. The layers'
+        tensors move: CUDA graphs captured over the old ones must go."""
+        kept = self.pages + 1
+        for layer in self.layers:
+            keys, values = self._new_pool(pages)
+            keys[:kept], values[:kept] = layer.keys, layer.values
+            layer.keys, layer.values = keys, values
+        self.free += list(range(kept, pages + 1))
 
     def mask(
         self,
@@ -422,14 +492,15 @@ class SlotCache:
         window: int | None,
     ) -> torch.Tensor:
         """``[batch, 1, new, width]``: columns up to each token's own position
-        (and within ``window`` of it). A padding token (at ``capacity``) sees
-        every column, or the last ``window``, so its row of attention is never
-        empty (which would give NaN)."""
+        and within ``window`` of it. A padding token (at ``scratch_position``)
+        sees every column, so its row of attention is never empty: an empty
+        row gives NaN, which its write would leave in the scratch page that
+        every row reads under its mask (and zero times NaN is NaN)."""
         columns = torch.arange(self.width, device=position_ids.device)
         positions = position_ids[:, :, None]
         allowed = columns <= positions
         if window is not None:
-            allowed &= columns > positions - window
+            allowed &= (columns > positions - window) | (positions >= self.scratch_position)
         return allowed[:, None]
 
 
@@ -468,7 +539,7 @@ class Segment:
     """
 
     input_ids: torch.Tensor
-    cache: KVCache | SlotCache
+    cache: KVCache | PagedCache
     position_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     logits_to_keep: int = 0
@@ -509,7 +580,7 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(
-        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
+        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | PagedLayer]
     ) -> torch.Tensor:
         """``x`` is every segment's tokens packed, ``[tokens, hidden]``."""
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -553,7 +624,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | SlotLayer]
+        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | PagedLayer]
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), segments, caches)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -589,16 +660,16 @@ class Llama(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
-    def new_slot_cache(self, slots: int, capacity: int) -> SlotCache:
+    def new_paged_cache(self, slots: int, pages: int, max_positions: int) -> PagedCache:
         weight = self.model.embed_tokens.weight
-        return SlotCache(self.config, slots, capacity, weight.dtype, weight.device)
+        return PagedCache(self.config, slots, pages, max_positions, weight.dtype, weight.device)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | SlotCache | None = None,
+        cache: KVCache | PagedCache | None = None,
         logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Logits for ``input_ids`` given the ``cache`` of the tokens before them.

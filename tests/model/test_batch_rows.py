@@ -1,5 +1,6 @@
-"""The two batch layouts decode the same text: slots (what GPUs replay as CUDA
-graphs, run eagerly here) against the padded cache CPUs use."""
+"""The two batch layouts decode the same text: slots of a paged cache (what
+GPUs replay as CUDA graphs, run eagerly here) against the padded cache CPUs
+use."""
 
 import time
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine.batch_rows import FIRST_CAPACITY
+from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
+from helpers.engine.llama import PAGE_SIZE, pages_for
 
 PROMPTS = [
     "The capital of France is",
@@ -52,13 +54,16 @@ def test_slots_decode_what_the_padded_cache_decodes(engines: tuple[Engine, Engin
     assert staggered(slotted, requests) == expected
 
 
-@pytest.mark.parametrize("numbers", [62, 85], ids=["while-decoding", "at-admission"])
-def test_slots_grow_past_their_first_capacity(engines: tuple[Engine, Engine], numbers: int) -> None:
+def test_the_pages_grow_past_their_first_pool(engines: tuple[Engine, Engine]) -> None:
+    """A long prompt joins a running sequence: the cache doubles, keeping the
+    first sequence's pages as they were."""
     padded, slotted = engines
-    long_prompt = "Count on: " + ", ".join(str(n) for n in range(numbers))
-    assert slotted.count_tokens(long_prompt) + 24 > FIRST_CAPACITY
+    long_prompt = "Count on: " + ", ".join(str(n) for n in range(62))
+    assert slotted.count_tokens(long_prompt) + 24 > FIRST_PAGES * PAGE_SIZE
     requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24)]
+    before = slotted._batcher._rows.cache.pages
     assert staggered(slotted, requests) == staggered(padded, requests)
+    assert slotted._batcher._rows.cache.pages > before
 
 
 def test_a_freed_slot_serves_the_next_sequence_cleanly(engines: tuple[Engine, Engine]) -> None:
@@ -70,15 +75,15 @@ def test_a_freed_slot_serves_the_next_sequence_cleanly(engines: tuple[Engine, En
     assert slotted.generate([greedy(PROMPTS[2], 10)])[0].text == alone
 
 
-def test_a_slot_is_cleared_for_its_next_sequence(engines: tuple[Engine, Engine]) -> None:
-    """Even a NaN left in a slot's masked columns must not reach the next
+def test_pages_are_cleared_for_their_next_sequence(engines: tuple[Engine, Engine]) -> None:
+    """Even a NaN left in a page's masked columns must not reach the next
     sequence there (masked weights are zero, and zero times NaN is NaN)."""
     _, slotted = engines
     alone = slotted.generate([greedy(PROMPTS[0], 8)])[0].text
-    cache = slotted._batcher._rows.cache  # the slot cache the next prompt moves into
-    with torch.inference_mode():  # the decode thread may have made it there
+    cache = slotted._batcher._rows.cache  # the pages the next prompt moves into
+    with torch.inference_mode():  # the decode thread may have made them there
         for layer in cache.layers:
-            layer.values[:, :, 40] = float("nan")  # past the sequence, inside the width read
+            layer.values[1:] = float("nan")  # every page but scratch
     assert slotted.generate([greedy(PROMPTS[0], 8)])[0].text == alone
 
 
@@ -91,24 +96,26 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
     engine = engines[layout == "slots"]
     rows_type = type(engine._batcher._rows)
     model, tokenizer = engine.model, engine.tokenizer
-    rows = (
-        rows_type(model, tokenizer) if layout == "padded" else rows_type(model, tokenizer, 4, False)
-    )
-    alone = (
-        rows_type(model, tokenizer) if layout == "padded" else rows_type(model, tokenizer, 4, False)
+    context = engine.context_length
+    rows, alone = (
+        rows_type(model, tokenizer)
+        if layout == "padded"
+        else rows_type(model, tokenizer, 4, False, context)
+        for _ in range(2)
     )
     repeated, other = (tokenizer(p)["input_ids"] for p in PROMPTS[:2])
+    room = [len(prompt) + 8 for prompt in (repeated, other, repeated, repeated)]
     with torch.inference_mode():
         calls = []
         forward = model.forward
         model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
         try:
-            lengths = rows.admit([repeated, other, repeated, repeated])
+            lengths = rows.admit([repeated, other, repeated, repeated], room)
         finally:
             del model.forward
         assert calls == [2], "two distinct prompts, one pass"
         assert lengths == [len(repeated), len(other), len(repeated), len(repeated)]
-        alone.admit([repeated])
+        alone.admit([repeated], room[:1])
         for _ in range(3):
             tokens = rows.logits.argmax(-1).tolist()
             assert tokens[0] == tokens[2] == tokens[3] == int(alone.logits[0].argmax())
@@ -123,14 +130,18 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
             alone.decode([tokens[0]])
 
 
-def test_a_kv_budget_caps_the_slots_and_their_length_and_the_text_stays(
+def test_a_kv_budget_fixes_the_pages_and_the_text_stays(
     engines: tuple[Engine, Engine],
 ) -> None:
     """A replica sharing a GPU (its plan from :mod:`helpers.engine.kv_budget`):
-    no more rows than its slots, no column past its positions, a request that
-    would need more refused by name, and the text the padded cache gives."""
+    the pages never grow, a sequence waits for pages to free rather than
+    join without them, one that could never fit is refused by name, and the
+    text is the padded cache's."""
     padded, slotted = engines
-    plan = KVPlan(slots=2, positions=FIRST_CAPACITY + 40)
+    long_prompt = "Count on: " + ", ".join(str(n) for n in range(62))
+    requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24), greedy(PROMPTS[1], 24)]
+    needs = [pages_for(slotted.count_tokens(r.prompt) + 24) for r in requests]
+    plan = KVPlan(pages=needs[0] + needs[1], positions=(needs[0] + needs[1]) * PAGE_SIZE)
     budgeted = Engine(
         slotted.model,
         slotted.tokenizer,
@@ -140,10 +151,22 @@ def test_a_kv_budget_caps_the_slots_and_their_length_and_the_text_stays(
         kv_plan=plan,
     )
     assert budgeted.context_length == plan.positions
-    long_prompt = "Count on: " + ", ".join(str(n) for n in range(62))
-    requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24), greedy(PROMPTS[1], 24)]
     assert budgeted.generate(requests) == padded.generate(requests)
-    assert budgeted.stats.largest_batch == plan.slots
-    assert budgeted._batcher._rows.cache.capacity == plan.positions
+    assert budgeted.stats.largest_batch == 2, "the third waited for the first's pages"
+    assert budgeted._batcher._rows.cache.pages == plan.pages
     with pytest.raises(PromptTooLongError, match=r"share of its GPU holds \(GPU_MEMORY_FRACTION\)"):
         budgeted.check_fits(greedy(long_prompt, plan.positions))
+
+
+def test_a_sequence_longer_than_the_pages_can_list_is_refused_alone(
+    engines: tuple[Engine, Engine],
+) -> None:
+    """Submitted unchecked (``check_fits`` skipped), it fails by itself,
+    before the decode thread sees it, and the batch beside it decodes on."""
+    padded, slotted = engines
+    alone = padded.generate([greedy(PROMPTS[0], 16)])[0].text
+    running = slotted.submit(greedy(PROMPTS[0], 16))
+    too_long = slotted.submit(greedy(PROMPTS[1], slotted.context_length))
+    with pytest.raises(PromptTooLongError, match=r"positions a sequence may have in this cache"):
+        too_long.result(timeout=60)
+    assert running.result(timeout=60).text == alone

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.config import ServeConfig
+from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
 from helpers.engine.llama import llama_config, load_llama
 from tests.family_checkpoints import FAMILIES, build_checkpoint
@@ -102,6 +103,29 @@ def test_the_engine_decodes_transformers_greedy_text(
         ]
         expected.append(tokenizer.decode(new, skip_special_tokens=True))
     assert got == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slots_decode_the_padded_text_at_256_sequences(
+    family: str, checkpoints: dict[str, Path]
+) -> None:
+    """256 sequences at once, of many lengths, in slots of a paged cache that
+    grows past its first pages for them: the padded layout's greedy text."""
+    directory, cache = str(checkpoints[family]), ServeConfig.from_env({}).model_cache_dir
+    padded, paged = (
+        Engine.load(directory, cache, cpu_threads=2, prepack=False, slots=s, max_batch_size=256)
+        for s in (False, True)
+    )
+    requests = [
+        GenerationRequest(f"{PROMPTS[i % 3]} {i}" * (1 + i % 4), Sampling(8, 0.0, 1.0))
+        for i in range(256)
+    ]
+    longest = max(len(request.token_ids(paged.tokenizer)) for request in requests)
+    assert longest + 8 <= paged.context_length, "every sequence fits the model's context"
+    expected = [completion.text for completion in padded.generate(requests)]
+    assert [completion.text for completion in paged.generate(requests)] == expected
+    assert paged.stats.largest_batch == padded.stats.largest_batch == 256
+    assert paged._batcher._rows.cache.pages > FIRST_PAGES
 
 
 def transformers_path(checkpoints: dict[str, Path], tmp_path: Path) -> Path:

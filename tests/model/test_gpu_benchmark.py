@@ -49,7 +49,7 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     assert re.search(r"first token, one request on an idle engine: [\d.]+ ms", result.stdout)
     agree = re.search(r"same greedy text from slots and the padded cache: (\d) of 2", result.stdout)
     assert agree and int(agree.group(1)) == 2  # on CPU, in fp32, the layouts agree exactly
-    grown = re.search(r"past the slots' first capacity \(240-word .*: (\d) of 1", result.stdout)
+    grown = re.search(r"the same with long prompts \(240 words, .*: (\d) of 1", result.stdout)
     assert grown and int(grown.group(1)) == 1
     assert re.search(
         r"health checks during that pass, on another thread: \d+ passed$", result.stdout, re.M

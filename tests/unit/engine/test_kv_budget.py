@@ -8,13 +8,13 @@ import torch
 
 from helpers.engine.kv_budget import (
     ACTIVATION_SHARE,
-    MIN_POSITIONS,
     KVBudgetError,
     KVPlan,
     bytes_per_position,
     kv_budget,
     plan_kv,
 )
+from helpers.engine.llama import PAGE_SIZE
 
 GIB = 2**30
 QWEN25_05B = SimpleNamespace(num_hidden_layers=24, num_key_value_heads=2, head_dim=64)
@@ -30,20 +30,19 @@ def test_a_position_holds_keys_and_values_of_every_layer() -> None:
     assert bytes_per_position(LLAMA32_1B, torch.float32) == 16 * 2 * 8 * 64 * 4
 
 
-def test_a_roomy_budget_keeps_every_slot_up_to_the_context() -> None:
-    assert plan_kv(10**12, 1000, 16, 8192) == KVPlan(16, 8192)
-    assert plan_kv(16 * 5000 * 1000, 1000, 16, 8192) == KVPlan(16, 5000)
+def test_the_budget_becomes_pages_and_a_sequence_may_fill_them() -> None:
+    page = 1000 * PAGE_SIZE
+    assert plan_kv(10**12, 1000, 8192) == KVPlan(10**12 // page, 8192)
+    assert plan_kv(300 * page + page - 1, 1000, 8192) == KVPlan(300, 300 * PAGE_SIZE)
+    assert plan_kv(16 * page, 1000, 64) == KVPlan(16, 64)  # a short context: its whole
 
 
-def test_a_tight_budget_drops_slots_before_sequences_get_too_short() -> None:
-    budget = 4 * MIN_POSITIONS * 1000
-    assert plan_kv(budget, 1000, 16, 8192) == KVPlan(4, MIN_POSITIONS)
-    assert plan_kv(budget, 1000, 16, 1024) == KVPlan(8, 1024)  # a short context: its whole
-    assert plan_kv(300 * 1000, 1000, 16, 8192) == KVPlan(1, 300)
+def test_a_budget_too_small_for_one_useful_sequence_is_refused_by_name() -> None:
+    assert plan_kv(16 * 1000 * PAGE_SIZE, 1000, 8192) == KVPlan(16, 256)
     with pytest.raises(KVBudgetError, match="GPU_MEMORY_FRACTION leaves 0 MiB"):
-        plan_kv(100 * 1000, 1000, 16, 8192)
+        plan_kv(15 * 1000 * PAGE_SIZE, 1000, 8192)
     with pytest.raises(KVBudgetError, match="raise GPU_MEMORY_FRACTION"):
-        plan_kv(-5, 1000, 16, 8192)  # the weights alone overrun the share
+        plan_kv(-5, 1000, 8192)  # the weights alone overrun the share
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -51,11 +50,12 @@ def test_a_tight_budget_drops_slots_before_sequences_get_too_short() -> None:
 def test_two_replicas_at_half_a_gpu_fit_it_together(shape: str, total: int) -> None:
     """NUM_GPUS_PER_REPLICA=0.5 and GPU_MEMORY_FRACTION auto (0.45 each):
     the two replicas' weights and full KV caches stay inside the GPU, with
-    room for their activations, and each keeps MAX_BATCH_SIZE slots."""
+    room for their activations, and each holds 16 sequences of 2,048
+    positions at once."""
     config, weights, context = SHAPES[shape]
     per_position = bytes_per_position(config, torch.bfloat16)
     fraction = 0.9 * 0.5
-    plan = plan_kv(kv_budget(fraction, total, int(weights)), per_position, 16, context)
-    one_replica = weights + plan.slots * plan.positions * per_position
+    plan = plan_kv(kv_budget(fraction, total, int(weights)), per_position, context)
+    one_replica = weights + plan.pages * PAGE_SIZE * per_position
     assert 2 * one_replica <= 2 * fraction * total * (1 - ACTIVATION_SHARE) <= 0.9 * total
-    assert plan.slots == 16 and plan.positions >= MIN_POSITIONS
+    assert plan.pages * PAGE_SIZE >= 16 * 2048
