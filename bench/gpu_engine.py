@@ -10,7 +10,7 @@ Qwen3-0.6B or Llama-3.2-1B, each with its family's own layers (q/k/v biases,
 q/k norms, llama3 RoPE scaling), and a word-level tokenizer of one word per
 id. The engine then loads it exactly as a replica loads a model
 (``Engine.load``: the kit's own Llama and tokenizer, half precision on the GPU,
-its slot cache within ``GPU_MEMORY_FRACTION``), and the walkthrough's loop
+its paged KV cache allocated at load within ``GPU_MEMORY_FRACTION``), and the walkthrough's loop
 loads it with transformers. Random weights decode at the speed real ones do;
 the text is nonsense, and a row that happens to draw the end-of-sequence token
 stops early, so tokens/s counts the tokens produced.
@@ -456,7 +456,10 @@ def main() -> None:
     print(f"first token, one request on an idle engine: {first * 1000:.1f} ms")
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
-        print(f"GPU memory at its peak, caches and graphs included: {peak:.2f} GiB")
+        print(
+            f"GPU memory at its peak, caches and graphs included: {peak:.2f} GiB "
+            "(the KV pages take GPU_MEMORY_FRACTION's budget at load)"
+        )
     print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
     print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
     print(

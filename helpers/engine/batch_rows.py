@@ -34,6 +34,8 @@ from helpers.engine.llama import PAGE_SIZE, Segment, pages_for
 
 SMALLEST_WIDTH = 64
 """Fewest cache columns a decode graph reads; widths double from here."""
+PREFILL_TOKENS = 8192
+"""Most padded prompt tokens one prefill pass of the paged layout takes."""
 FIRST_PAGES = 16
 """Pages a cache of no fixed size holds at first; it doubles when the
 sequences admitted need more."""
@@ -58,6 +60,20 @@ def distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     first: dict[tuple[int, ...], int] = {}
     order = [first.setdefault(tuple(prompt), len(first)) for prompt in prompts]
     return [list(prompt) for prompt in first], order
+
+
+def _passes(prompts: list[list[int]]) -> list[slice]:
+    """``prompts`` cut, in order, into runs whose padded tokens stay within
+    ``PREFILL_TOKENS`` (a prompt longer than that alone). Attention over a
+    padded prefill holds ``rows x heads x length x width`` scores, which for
+    256 prompts of a thousand tokens would not fit beside a GPU's pages."""
+    runs, start, longest = [], 0, 0
+    for end, prompt in enumerate(prompts):
+        longest = max(longest, len(prompt))
+        if end > start and (end - start + 1) * longest > PREFILL_TOKENS:
+            runs.append(slice(start, end))
+            start, longest = end, len(prompt)
+    return [*runs, slice(start, len(prompts))]
 
 
 def power_of_two_at_least(needed: int, smallest: int) -> int:
@@ -246,6 +262,7 @@ class PagedRows:
         self.device = model.device
         self.cache = model.new_paged_cache(slots, pages or FIRST_PAGES, max_positions)
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if graphs else None
         self.pad = tokenizer.pad_token_id or 0
         self.clear()
 
@@ -277,20 +294,25 @@ class PagedRows:
         self.cache.assign(slots, positions)
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
-        ids, mask = encode(unique, self.pad, self.device)
-        places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
-        width = pages_for(ids.shape[1]) * PAGE_SIZE
-        self.cache.select(torch.tensor(prefilled, device=self.device), places, width)
-        output = self.model(input_ids=ids, position_ids=places, cache=self.cache, logits_to_keep=1)
-        lengths = [int(length) for length in mask.sum(-1)[order].tolist()]
+        last = [self._prefill(unique[part], prefilled[part]) for part in _passes(unique)]
+        lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
                 self.cache.copy(prefilled[index], slot, length)
         self.slot_of += slots
         self.next_position += lengths
-        new_logits = output.logits[:, -1, :].float()[torch.tensor(order, device=self.device)]
+        new_logits = torch.cat(last)[torch.tensor(order, device=self.device)]
         self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
         return lengths
+
+    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """One pass over ``prompts`` into their ``slots``; each one's last logits."""
+        ids, mask = encode(prompts, self.pad, self.device)
+        places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
+        width = pages_for(ids.shape[1]) * PAGE_SIZE
+        self.cache.select(torch.tensor(slots, device=self.device), places, width)
+        output = self.model(input_ids=ids, position_ids=places, cache=self.cache, logits_to_keep=1)
+        return output.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> None:
         kept = set(rows)
@@ -318,7 +340,8 @@ class PagedRows:
             return step.run(tokens, positions)
         graph = self.graphs.get((batch, width))
         if graph is None:
-            graph = self.graphs[batch, width] = DecodeGraph(self.model, self.cache, batch, width)
+            graph = DecodeGraph(self.model, self.cache, batch, width, self.graph_pool)
+            self.graphs[batch, width] = graph
         return graph.run(tokens, positions)
 
     def _make_room(self, pages: int) -> None:
@@ -366,7 +389,12 @@ class DecodeGraph(DecodeStep):
     """A :class:`DecodeStep` captured as a CUDA graph: each replay launches the
     whole step at once, with the inputs copied into the tensors it captured."""
 
-    def __init__(self, model: SlotDecoder, cache: Any, batch: int, width: int) -> None:
+    def __init__(
+        self, model: SlotDecoder, cache: Any, batch: int, width: int, pool: Any = None
+    ) -> None:
+        """``pool``: a memory pool shared with the other shapes' graphs. They
+        never replay at once, and each step's logits are copied out before
+        the next replay, so their buffers need not add up."""
         super().__init__(model, cache, batch, width)
         self.tokens.fill_(0)
         self.positions.fill_(cache.scratch_position)  # warm-up and capture touch scratch only
@@ -379,7 +407,7 @@ class DecodeGraph(DecodeStep):
         # Serve's health check runs a forward pass of its own on another
         # thread (``Engine.probe``); in the default mode its CUDA calls during
         # a capture would be refused, here only this thread's are checked.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = self.forward()
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:

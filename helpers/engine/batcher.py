@@ -14,7 +14,7 @@ captured steps), arrivals get a prefill pass of their own first.
 The batch's tensors are kept by :mod:`helpers.engine.batch_rows`: on CPU rows are
 left-padded to a common length, each row's attention mask hides its padding
 and its position ids count its real tokens only; on a GPU each sequence owns
-a slot of a cache reserved ahead. Either way a sequence decodes the same
+a slot of a paged cache and the pages it holds. Either way a sequence decodes the same
 whichever rows it shares the batch with.
 """
 
@@ -305,7 +305,7 @@ class ContinuousBatcher:
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
         while not (self._stopping.is_set() and not self._sequences):
-            self._run_chores(idle=not self._sequences and self._waiting.empty())
+            self._run_chores(idle=not self._sequences and not self._held and self._waiting.empty())
             arrivals = self._take_arrivals()
             try:
                 with torch.inference_mode():

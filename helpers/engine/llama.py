@@ -425,15 +425,13 @@ class PagedCache:
         """Pages for sequences, scratch not counted."""
         return self.layers[0].keys.shape[0] - 1
 
-        self.owned: dict[int, list[int]] = {}  # slot -> its pages, in order
     def select(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
         """Set the next pass: its ``rows`` (slots), each token's position
         (``[rows, new]``) and the columns attention reads, a multiple of
         ``PAGE_SIZE``. Tensor arithmetic only, so a CUDA graph captures it."""
-        table = self.table[rows]
-        self.write_pages = table.gather(1, positions // PAGE_SIZE)
+        self.write_pages = self.table[rows[:, None], positions // PAGE_SIZE]
         self.write_offsets = positions % PAGE_SIZE
-        self.read_pages = table[:, : width // PAGE_SIZE]
+        self.read_pages = self.table[rows, : width // PAGE_SIZE]
         self.width = width
 
     def assign(self, slots: list[int], positions: list[int]) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine.batch_rows import FIRST_PAGES
+from helpers.engine import batch_rows
+from helpers.engine.batch_rows import FIRST_PAGES, PagedRows
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
 from helpers.engine.llama import PAGE_SIZE, pages_for
@@ -58,12 +59,13 @@ def test_the_pages_grow_past_their_first_pool(engines: tuple[Engine, Engine]) ->
     """A long prompt joins a running sequence: the cache doubles, keeping the
     first sequence's pages as they were."""
     padded, slotted = engines
+    fresh = Engine(slotted.model, slotted.tokenizer, model_id=EMBEDDED_MODEL_ID, slots=True)
     long_prompt = "Count on: " + ", ".join(str(n) for n in range(62))
-    assert slotted.count_tokens(long_prompt) + 24 > FIRST_PAGES * PAGE_SIZE
+    assert fresh.count_tokens(long_prompt) + 24 > FIRST_PAGES * PAGE_SIZE
     requests = [greedy(PROMPTS[0], 24), greedy(long_prompt, 24)]
-    before = slotted._batcher._rows.cache.pages
-    assert staggered(slotted, requests) == staggered(padded, requests)
-    assert slotted._batcher._rows.cache.pages > before
+    assert fresh._batcher._rows.cache.pages == FIRST_PAGES
+    assert staggered(fresh, requests) == staggered(padded, requests)
+    assert fresh._batcher._rows.cache.pages > FIRST_PAGES
 
 
 def test_a_freed_slot_serves_the_next_sequence_cleanly(engines: tuple[Engine, Engine]) -> None:
@@ -130,6 +132,35 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
             alone.decode([tokens[0]])
 
 
+def test_a_large_admission_is_prefilled_in_passes(
+    engines: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts whose padded tokens pass ``PREFILL_TOKENS`` take a pass each
+    here, and decode as they do admitted in one pass."""
+    _, slotted = engines
+    model, tokenizer = slotted.model, slotted.tokenizer
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    room = [len(prompt) + 8 for prompt in prompts]
+    whole, cut = (PagedRows(model, tokenizer, 4, False, slotted.context_length) for _ in range(2))
+    with torch.inference_mode():
+        whole.admit(prompts, room)
+        monkeypatch.setattr(batch_rows, "PREFILL_TOKENS", max(map(len, prompts)))
+        calls = []
+        forward = model.forward
+        model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
+        try:
+            cut.admit(prompts, room)
+        finally:
+            del model.forward
+        assert calls == [1, 1, 1]
+        for _ in range(4):
+            tokens = whole.logits.argmax(-1).tolist()
+            assert cut.logits.argmax(-1).tolist() == tokens
+            torch.testing.assert_close(cut.logits, whole.logits, rtol=0, atol=1e-3)
+            whole.decode(tokens)
+            cut.decode(tokens)
+
+
 def test_a_kv_budget_fixes_the_pages_and_the_text_stays(
     engines: tuple[Engine, Engine],
 ) -> None:
@@ -151,7 +182,11 @@ def test_a_kv_budget_fixes_the_pages_and_the_text_stays(
         kv_plan=plan,
     )
     assert budgeted.context_length == plan.positions
-    assert budgeted.generate(requests) == padded.generate(requests)
+    with budgeted.together():
+        futures = [budgeted.submit(request) for request in requests]
+    # A timeout: pages that leaked would keep the third waiting for ever.
+    got = [future.result(timeout=120) for future in futures]
+    assert [c.text for c in got] == [c.text for c in padded.generate(requests)]
     assert budgeted.stats.largest_batch == 2, "the third waited for the first's pages"
     assert budgeted._batcher._rows.cache.pages == plan.pages
     with pytest.raises(PromptTooLongError, match=r"share of its GPU holds \(GPU_MEMORY_FRACTION\)"):
