@@ -7,7 +7,17 @@ import pytest
 
 from bench import results_file
 
-TODAY = date.today().isoformat()
+
+class RunDay(date):
+    """The day a run is dated, fixed: a run across midnight would otherwise
+    date its section a day after the test's expectation."""
+
+    @classmethod
+    def today(cls) -> date:
+        return cls(2026, 11, 29)
+
+
+TODAY = RunDay.today().isoformat()
 
 
 @pytest.fixture
@@ -20,6 +30,7 @@ def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "## A note by hand, 2026-11-03\n\nkept\n"
     )
     monkeypatch.setattr(results_file, "RESULTS", path)
+    monkeypatch.setattr(results_file, "date", RunDay)
     return path
 
 
