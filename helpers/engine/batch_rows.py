@@ -11,13 +11,15 @@ the batcher's row order, and run the model over them:
 - :class:`PagedRows`, for the kit's own Llama on a GPU: each sequence owns
   a row ("slot") of a paged cache's block table and the pages it lists, so
   every decode step has the same shapes and addresses and is replayed as one
-  CUDA graph, while memory follows each sequence's own length. A small
+  CUDA graph, while each sequence holds pages for its own prompt and
+  ``max_new_tokens`` only, not for the longest sequence's length. A small
   model's decode step is a thousand small kernels, and launching them one
   by one from Python costs far more than running them.
 
 Both take the same calls: how many waiting sequences have room
-(``fitting``), ``admit`` prompts (one prefill for all of them), ``keep`` some
-rows, ``decode`` one token per row, ``clear``. ``logits`` holds
+(``fitting``), ``admit`` prompts (one prefill pass for all of them, or a few
+for many long ones: ``prefill_passes``), ``keep`` some rows, ``decode`` one
+token per row, ``clear``. ``logits`` holds
 each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
 stale, since the batcher always decodes next.
 """
@@ -96,6 +98,8 @@ class PaddedRows:
 
     max_positions = None
     """No limit of its own on a sequence's length."""
+    prefill_passes = 1
+    """Forward passes the last ``admit`` ran: always one here."""
 
     def __init__(self, model: Decoder, tokenizer: Any) -> None:
         self.model = model
@@ -116,16 +120,16 @@ class PaddedRows:
         tokens. ``positions``, what each may reach, matters only to
         :class:`PagedRows`, which holds room for it."""
         unique, order = distinct(prompts)
-        ids, mask, positions = self._encode(unique)
+        ids, mask, places = self._encode(unique)
         cache = self.model.new_cache()
         output = self.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=places,
             cache=cache,
             logits_to_keep=1,
         )
-        return self._add_rows(*_copied(order, cache, mask, positions, output.logits))
+        return self._add_rows(*_copied(order, cache, mask, places, output.logits))
 
     def _encode(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """Token ids, mask and position ids of new rows."""
@@ -259,6 +263,7 @@ class PagedRows:
         ``FIRST_PAGES`` and doubles when the sequences admitted need more."""
         self.model, self.slots, self.max_pages = model, slots, pages
         self.max_positions = max_positions
+        self.prefill_passes = 1  # forward passes the last admit ran
         self.device = model.device
         self.cache = model.new_paged_cache(slots, pages or FIRST_PAGES, max_positions)
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
@@ -294,7 +299,9 @@ class PagedRows:
         self.cache.assign(slots, positions)
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
-        last = [self._prefill(unique[part], prefilled[part]) for part in _passes(unique)]
+        passes = _passes(unique)
+        last = [self._prefill(unique[part], prefilled[part]) for part in passes]
+        self.prefill_passes = len(passes)
         lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
@@ -347,7 +354,7 @@ class PagedRows:
     def _make_room(self, pages: int) -> None:
         """Double the cache until ``pages`` more pages are free; the graphs
         captured over the old one are dropped with it. A fixed cache
-        refuses, naming its size."""
+        refuses, naming the pages it has free."""
         free = len(self.cache.free)
         if pages <= free:
             return

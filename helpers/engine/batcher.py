@@ -421,10 +421,11 @@ class ContinuousBatcher:
         self.stats.forward_passes += 1
 
     def _admit(self, sequences: list[_Sequence]) -> None:
-        """One prefill for all ``sequences``; they join the batch's rows."""
+        """Prefill ``sequences`` together (in one pass, or a few where the
+        rows cut a large admission); they join the batch's rows."""
         prompts, positions = [s.prompt_ids for s in sequences], list(map(_positions, sequences))
         self._joined(sequences, self._rows.admit(prompts, positions))
-        self.stats.forward_passes += 1
+        self.stats.forward_passes += self._rows.prefill_passes
 
     def _joined(self, sequences: list[_Sequence], lengths: list[int]) -> None:
         """Record ``sequences`` as the batch's newest rows, prefilled to ``lengths``."""

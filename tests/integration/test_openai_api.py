@@ -437,6 +437,7 @@ def test_echo_scores_the_prompt_as_an_independent_model_does(
     choice = reply.choices[0]
     assert choice.text == text and reply.usage.completion_tokens == 0
     ids = tokenizer(text)["input_ids"]
+    assert reply.usage.prompt_tokens == len(ids)
     assert choice.logprobs.tokens == [tokenizer.decode([i]) for i in ids]
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
     reference = AutoModelForCausalLM.from_pretrained(converted_dir(deployed_app.model_cache_dir))

@@ -152,7 +152,7 @@ def test_a_large_admission_is_prefilled_in_passes(
             cut.admit(prompts, room)
         finally:
             del model.forward
-        assert calls == [1, 1, 1]
+        assert calls == [1, 1, 1] and cut.prefill_passes == 3
         for _ in range(4):
             tokens = whole.logits.argmax(-1).tolist()
             assert cut.logits.argmax(-1).tolist() == tokens

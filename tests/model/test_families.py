@@ -174,13 +174,17 @@ def test_request_controls_and_logprobs_hold_on_the_transformers_path(
             GenerationRequest(prompt, top_one),
         ]
     )
-    assert plain.text == repeated.text == sampled.text
+    assert plain.text == repeated.text == sampled.text and plain.logprobs
+    for field in ("prompt_tokens", "completion_tokens", "finish_reason"):
+        assert getattr(plain, field) == getattr(repeated, field)
     # Two equal rows of one batch need not round alike in attention's CPU
     # kernel (seen on an AMD EPYC host), so their log probabilities agree
     # to rounding, their tokens exactly.
     for mine, theirs in zip(plain.logprobs or (), repeated.logprobs or (), strict=True):
+        assert mine.token == theirs.token
         assert [t for t, _ in mine.top] == [t for t, _ in theirs.top]
         assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+        assert [v for _, v in mine.top] == pytest.approx([v for _, v in theirs.top], abs=1e-4)
     assert engine.stats.shared_prefills >= 2
     reference = transformers_model(directory)
     ids = engine.tokenizer(prompt)["input_ids"]
