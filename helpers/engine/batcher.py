@@ -249,12 +249,12 @@ class ContinuousBatcher:
         # or a stop string needs it.
         text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
         sequence = _Sequence(request, prompt_ids, future, sampler, text, on_text, on_logprob)
-        limit = self._rows.max_positions
-        if limit is not None and _positions(sequence) > limit:
+        limit, needed = self._rows.max_positions, _positions(sequence)
+        if limit is not None and needed > limit:
             # Refused here, alone: raised on the decode thread, it would end the batch.
             future.set_exception(
                 PromptTooLongError(
-                    f"prompt tokens plus max_new_tokens ({_positions(sequence)}) exceed "
+                    f"prompt tokens plus max_new_tokens ({needed}) exceed "
                     f"the {limit} positions a sequence may have in this cache"
                 )
             )

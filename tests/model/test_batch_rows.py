@@ -2,7 +2,10 @@
 GPUs replay as CUDA graphs, run eagerly here) against the padded cache CPUs
 use."""
 
+import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +38,18 @@ def engines() -> tuple[Engine, Engine]:
 
 def greedy(prompt: str, max_new_tokens: int) -> GenerationRequest:
     return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
+
+
+@contextlib.contextmanager
+def rows_per_pass(model: Any) -> Iterator[list[int]]:
+    """The rows of each forward pass ``model`` runs inside the block."""
+    calls: list[int] = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
+    try:
+        yield calls
+    finally:
+        del model.forward
 
 
 def staggered(engine: Engine, requests: list[GenerationRequest]) -> list[str]:
@@ -108,13 +123,8 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_rows_decode_alike(
     repeated, other = (tokenizer(p)["input_ids"] for p in PROMPTS[:2])
     room = [len(prompt) + 8 for prompt in (repeated, other, repeated, repeated)]
     with torch.inference_mode():
-        calls = []
-        forward = model.forward
-        model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
-        try:
+        with rows_per_pass(model) as calls:
             lengths = rows.admit([repeated, other, repeated, repeated], room)
-        finally:
-            del model.forward
         assert calls == [2], "two distinct prompts, one pass"
         assert lengths == [len(repeated), len(other), len(repeated), len(repeated)]
         alone.admit([repeated], room[:1])
@@ -145,13 +155,8 @@ def test_a_large_admission_is_prefilled_in_passes(
     with torch.inference_mode():
         whole.admit(prompts, room)
         monkeypatch.setattr(batch_rows, "PREFILL_TOKENS", max(map(len, prompts)))
-        calls = []
-        forward = model.forward
-        model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
-        try:
+        with rows_per_pass(model) as calls:
             cut.admit(prompts, room)
-        finally:
-            del model.forward
         assert calls == [1, 1, 1] and cut.prefill_passes == 3
         for _ in range(4):
             tokens = whole.logits.argmax(-1).tolist()
