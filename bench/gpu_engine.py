@@ -7,13 +7,14 @@ GPU machines often have no Ray and cannot download weights, so this writes a
 checkpoint with random weights to a temporary folder: of the embedded model's
 shape (SmolLM2-135M) by default, or with ``--shape`` of Qwen2.5-0.5B,
 Qwen3-0.6B or Llama-3.2-1B, each with its family's own layers (q/k/v biases,
-q/k norms, llama3 RoPE scaling), and a word-level tokenizer of one word per
-id. The engine then loads it exactly as a replica loads a model
-(``Engine.load``: the kit's own Llama and tokenizer, half precision on the GPU,
-its paged KV cache allocated at load within ``GPU_MEMORY_FRACTION``), and the walkthrough's loop
-loads it with transformers. Random weights decode at the speed real ones do;
-the text is nonsense, and a row that happens to draw the end-of-sequence token
-stops early, so tokens/s counts the tokens produced.
+q/k norms, llama3 RoPE scaling), and a tokenizer of one word per id. The
+engine then loads it exactly as a replica loads a model (``Engine.load``: the
+kit's own Llama and tokenizer, half precision on the GPU, its paged KV cache
+allocated at load within ``GPU_MEMORY_FRACTION``), and the walkthrough's loop
+loads it with transformers. Prompts are random token ids, given as ids: the
+tokenizer only turns output into text. Random weights decode at the speed
+real ones do; the text is nonsense, and a row that happens to draw the
+end-of-sequence token stops early, so tokens/s counts the tokens produced.
 
 Measured in one run:
 - readiness, in a fresh process as a replica starts: seconds from the
@@ -25,6 +26,9 @@ Measured in one run:
   the largest batch (the rest of a step is the batcher's own work);
 - nano-vllm's workload (:data:`NANO_VLLM`), on a GPU;
 - the GPU's peak memory;
+- one prompt near a long context's end, on a GPU: its prefill passes (a
+  piece of the prompt each), its first token, and the memory its passes
+  took beyond the weights and pages;
 - against the walkthrough's loop: one transformers ``generate`` call per
   request, in turn.
 
@@ -47,10 +51,14 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 
+from helpers.engine import batch_rows  # noqa: E402
+from helpers.engine.batch_rows import PREFILL_TOKENS, prefill_pieces  # noqa: E402
 from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
+from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -129,6 +137,13 @@ NANO_VLLM = {"requests": 256, "shortest": 100, "longest": 1024}
 uniform in 100 to 1,024 tokens, the end-of-sequence token ignored."""
 PROMPT_WORDS = 32
 LONG_PROMPT_WORDS = 240
+GPU_SHARE = 0.9
+"""``GPU_MEMORY_FRACTION`` of the engine measured: one replica on the GPU."""
+CHECK_PIECE_TOKENS = 64
+"""``PREFILL_TOKENS`` while the long prompts' text is checked, so each is
+prefilled in pieces, as a prompt past 8,192 tokens is."""
+LONG_CONTEXT_WORDS = 4 * PREFILL_TOKENS
+"""The long-context prompt's length on a GPU, where the context allows."""
 
 
 EOS_OF_PROMPTS = SHAPE["vocab_size"] - 1
@@ -149,9 +164,15 @@ def checkpoint_config(shape_name: str, layers: int) -> Any:
 
 def write_checkpoint(directory: Path, shape_name: str, layers: int) -> None:
     """A checkpoint of ``shape_name`` with random weights (transformers'
-    own initialisation of that family, in float16) and a word-level
-    tokenizer of one word per id, with the vocabulary's last id as the
-    end-of-sequence token: what both ``Engine.load`` and transformers read."""
+    own initialisation of that family, in float16) and a tokenizer of one
+    word per id, with the vocabulary's last id as the end-of-sequence token:
+    what both ``Engine.load`` and transformers read.
+
+    The tokenizer is a BPE without merges, which decodes as a word list
+    would, so the kit's tokenizer loads it for every family, as it loads the
+    real ones: transformers 5 rebuilds a Qwen2 checkpoint's tokenizer as
+    BPE whatever its file says, and would not read a word-level one (nor
+    encode text with this one, which is why prompts come as ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -163,14 +184,15 @@ def write_checkpoint(directory: Path, shape_name: str, layers: int) -> None:
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos)
     model.save_pretrained(directory)
     # One word per token id (w0 ... w<vocab - 1>): no files to fetch.
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    # "Ġ" is byte-level BPE's space, which Qwen2's rebuilt decoder expects.
+    tokenizer = Tokenizer(models.BPE({f"Ġw{i}": i for i in range(vocab)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(directory / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": f"w{eos}",
-        "pad_token": f"w{eos}",
+        "eos_token": f"Ġw{eos}",
+        "pad_token": f"Ġw{eos}",
         "padding_side": "left",
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
@@ -184,6 +206,7 @@ def load_engine(
         directory,
         want_gpu=device == "cuda",
         max_batch_size=max_batch_size,
+        gpu_memory_fraction=GPU_SHARE,
         slots=slots,
     )
 
@@ -222,12 +245,10 @@ def readiness(directory: Path, device: str) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def prompts(count: int, seed: int = 0, words: int = PROMPT_WORDS) -> list[str]:
+def prompts(count: int, seed: int = 0, words: int = PROMPT_WORDS) -> list[tuple[int, ...]]:
+    """``count`` prompts of ``words`` random token ids each."""
     rng = random.Random(seed)
-    return [
-        " ".join(f"w{rng.randint(2, EOS_OF_PROMPTS - 1)}" for _ in range(words))
-        for _ in range(count)
-    ]
+    return [tuple(rng.randint(2, EOS_OF_PROMPTS - 1) for _ in range(words)) for _ in range(count)]
 
 
 def synchronize(device: str) -> None:
@@ -288,7 +309,7 @@ def same_text(
         for p in prompts(count, seed=2, words=words)
     ]
     pairs = zip(one.generate(requests), other.generate(requests), strict=True)
-    return sum(a.text == b.text for a, b in pairs)
+    return sum(a.text == b.text != "" for a, b in pairs)
 
 
 def forward_ms(engine: Engine, batch: int, past: int, steps: int = 20) -> float:
@@ -312,24 +333,23 @@ def forward_ms(engine: Engine, batch: int, past: int, steps: int = 20) -> float:
 
 
 def loop_tokens_per_s(directory: Path, device: str, requests: int, max_tokens: int) -> float:
-    """The walkthrough's way: transformers' model and tokenizer, one
-    ``generate`` call per request, in turn."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The walkthrough's way: transformers' model, one ``generate`` call per
+    request, in turn (on token ids, as the engine is given them)."""
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
     tokens, started = 0, time.perf_counter()
     for prompt in prompts(requests):
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        ids = torch.tensor([prompt], device=device)
         with torch.inference_mode():
             output = model.generate(
-                **inputs,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
             )
-        tokens += output.shape[1] - inputs["input_ids"].shape[1]
+        tokens += output.shape[1] - ids.shape[1]
     return tokens / (time.perf_counter() - started)
 
 
@@ -348,6 +368,26 @@ def nano_vllm_run(engine: Engine, requests: int, shortest: int, longest: int) ->
     futures = [engine.submit(request) for request in work]
     tokens = sum(future.result().completion_tokens for future in futures)
     return tokens, time.perf_counter() - started
+
+
+def long_prompt_run(engine: Engine, words: int) -> tuple[float, float]:
+    """One prompt of ``words`` tokens on an idle engine, in the passes
+    :func:`~helpers.engine.batch_rows.prefill_pieces` cuts it into: seconds
+    to its first token, and the GiB its passes took beyond what was
+    allocated before (on CPU, 0)."""
+    on_gpu = engine.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if on_gpu else 0
+    request = GenerationRequest(
+        prompts(1, seed=3, words=words)[0], Sampling(1, temperature=0.0, top_p=1.0)
+    )
+    started = time.perf_counter()
+    engine.generate([request])
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() - before if on_gpu else 0
+    return seconds, peak / 2**30
 
 
 def first_token_s(engine: Engine) -> float:
@@ -399,6 +439,14 @@ def main() -> None:
         default=[NANO_VLLM["shortest"], NANO_VLLM["longest"]],
         help="the workload's shortest and longest prompt and output",
     )
+    parser.add_argument(
+        "--long-prompt-words",
+        type=int,
+        help=(
+            f"words of the long-context prompt ({LONG_CONTEXT_WORDS} on a GPU, or the "
+            "context less one token where shorter; none on CPU)"
+        ),
+    )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ready_from:
@@ -431,8 +479,10 @@ def main() -> None:
         checked, long_checked = args.check_prompts, max(1, args.check_prompts // 2)
         agree = same_text(slots, padded, count=checked)
         # Long prompts: each sequence spans many pages (and where the cache has
-        # no fixed size, on CPU, it grows past its first pages for them).
-        grown = same_text(slots, padded, count=long_checked, tokens=32, words=LONG_PROMPT_WORDS)
+        # no fixed size, on CPU, it grows past its first pages for them), and
+        # is prefilled a piece at a time.
+        with mock.patch.object(batch_rows, "PREFILL_TOKENS", CHECK_PIECE_TOKENS):
+            grown = same_text(slots, padded, count=long_checked, tokens=32, words=LONG_PROMPT_WORDS)
         started = time.perf_counter()
         with HealthChecks(slots) as checks:  # as Serve's, while graphs are captured
             for batch in args.batches:  # the first pass of each shape captures its graphs
@@ -444,18 +494,23 @@ def main() -> None:
         padded_row = engine_run(padded, largest, args.max_tokens)
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
         nano = nano_vllm_run(slots, workload, *args.nano_vllm_lengths) if workload else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+        long_words = args.long_prompt_words
+        if long_words is None:
+            on_gpu = args.device == "cuda"
+            long_words = min(LONG_CONTEXT_WORDS, slots.context_length - 1) if on_gpu else 0
+        long_run = long_prompt_run(slots, long_words) if long_words else None
         loop = loop_tokens_per_s(directory, args.device, args.loop_requests, args.max_tokens)
     graphs = "CUDA graphs" if args.device == "cuda" else "eager"
     print(f"same greedy text from slots and the padded cache: {agree} of {checked} prompts")
     print(
-        f"the same with long prompts ({LONG_PROMPT_WORDS} words, "
-        f"32 tokens each): {grown} of {long_checked} prompts"
+        f"the same with long prompts ({LONG_PROMPT_WORDS} words, prefilled in pieces of "
+        f"{CHECK_PIECE_TOKENS} tokens or fewer, 32 tokens each): {grown} of {long_checked} prompts"
     )
     print(f"first pass at each batch size ({graphs}, captured then): {first_passes:.2f} s")
     print(f"health checks during that pass, on another thread: {checks.summary()}")
     print(f"first token, one request on an idle engine: {first * 1000:.1f} ms")
     if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
         print(
             f"GPU memory at its peak, caches and graphs included: {peak:.2f} GiB "
             "(the KV pages take GPU_MEMORY_FRACTION's budget at load)"
@@ -472,6 +527,17 @@ def main() -> None:
             f"nano-vllm's workload ({workload} requests, prompts and outputs of {shortest} to "
             f"{longest} tokens, EOS ignored, {largest} at once): {nano[0]} tokens in "
             f"{nano[1]:.2f} s, {nano[0] / nano[1]:.0f} output tok/s"
+        )
+    if long_run is not None:
+        passes = len(prefill_pieces(long_words)) if long_words > PREFILL_TOKENS else 1
+        kept = ""
+        if args.device == "cuda":
+            share = GPU_SHARE * torch.cuda.get_device_properties(0).total_memory
+            kept = f" (the share keeps {ACTIVATION_SHARE * share / 2**30:.2f} GiB for them)"
+        print(
+            f"a {long_words}-token prompt alone, prefilled in {passes} "
+            f"pass{'es' if passes > 1 else ''}: first token in "
+            f"{long_run[0]:.2f} s, {long_run[1]:.2f} GiB of activations at its peak{kept}"
         )
     print(f"| sequences | engine tok/s (slots, {graphs}) | ms per step | versus the loop |")
     print("|---|---|---|---|")

@@ -18,7 +18,7 @@ the batcher's row order, and run the model over them:
 
 Both take the same calls: how many waiting sequences have room
 (``fitting``), ``admit`` prompts (one prefill pass for all of them, or a few
-for many long ones: ``prefill_passes``), ``keep`` some rows, ``decode`` one
+for many or very long ones: ``prefill_passes``), ``keep`` some rows, ``decode`` one
 token per row, ``clear``. ``logits`` holds
 each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
 stale, since the batcher always decodes next.
@@ -37,7 +37,8 @@ from helpers.engine.llama import PAGE_SIZE, Segment, pages_for
 SMALLEST_WIDTH = 64
 """Fewest cache columns a decode graph reads; widths double from here."""
 PREFILL_TOKENS = 8192
-"""Most padded prompt tokens one prefill pass of the paged layout takes."""
+"""Most padded prompt tokens one prefill pass of the paged layout takes. A
+longer prompt is prefilled in pieces (:func:`prefill_pieces`)."""
 FIRST_PAGES = 16
 """Pages a cache of no fixed size holds at first; it doubles when the
 sequences admitted need more."""
@@ -66,9 +67,10 @@ def distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
 
 def _passes(prompts: list[list[int]]) -> list[slice]:
     """``prompts`` cut, in order, into runs whose padded tokens stay within
-    ``PREFILL_TOKENS`` (a prompt longer than that alone). Attention over a
-    padded prefill holds ``rows x heads x length x width`` scores, which for
-    256 prompts of a thousand tokens would not fit beside a GPU's pages."""
+    ``PREFILL_TOKENS`` (a prompt longer than that alone, to be cut into
+    :func:`prefill_pieces`). Attention over a padded prefill holds
+    ``rows x heads x length x width`` scores, which for 256 prompts of a
+    thousand tokens would not fit beside a GPU's pages."""
     runs, start, longest = [], 0, 0
     for end, prompt in enumerate(prompts):
         longest = max(longest, len(prompt))
@@ -76,6 +78,23 @@ def _passes(prompts: list[list[int]]) -> list[slice]:
             runs.append(slice(start, end))
             start, longest = end, len(prompt)
     return [*runs, slice(start, len(prompts))]
+
+
+def prefill_pieces(length: int) -> list[tuple[int, int]]:
+    """A prompt longer than ``PREFILL_TOKENS`` cut into consecutive pieces
+    (start and end), each a pass that attends to the ones before it through
+    the cache. A piece of ``c`` tokens reading ``w`` columns builds a
+    ``c x w`` attention mask (and, where attention falls back to its plain
+    kernel, as many scores per head), so pieces shrink as the columns grow
+    to keep ``c x w`` within one ``PREFILL_TOKENS`` prompt's square: a
+    32,768-token prompt in one pass would need sixteen times that."""
+    pieces, start = [], 0
+    while start < length:
+        tokens = PREFILL_TOKENS**2 // (start + PREFILL_TOKENS) // PAGE_SIZE * PAGE_SIZE
+        end = min(length, start + max(tokens, PAGE_SIZE))
+        pieces.append((start, end))
+        start = end
+    return pieces
 
 
 def power_of_two_at_least(needed: int, smallest: int) -> int:
@@ -299,9 +318,8 @@ class PagedRows:
         self.cache.assign(slots, positions)
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
-        passes = _passes(unique)
-        last = [self._prefill(unique[part], prefilled[part]) for part in passes]
-        self.prefill_passes = len(passes)
+        self.prefill_passes = 0
+        last = [self._prefill(unique[part], prefilled[part]) for part in _passes(unique)]
         lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
@@ -313,12 +331,27 @@ class PagedRows:
         return lengths
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """One pass over ``prompts`` into their ``slots``; each one's last logits."""
+        """``prompts`` into their ``slots``: one pass, or one per piece of a
+        prompt past ``PREFILL_TOKENS``. Returns each one's last logits."""
+        if len(prompts) == 1 and len(prompts[0]) > PREFILL_TOKENS:
+            for start, end in prefill_pieces(len(prompts[0])):
+                ids = torch.tensor([prompts[0][start:end]], device=self.device)
+                places = torch.arange(start, end, device=self.device)[None]
+                logits = self._pass(ids, places, slots, columns=end)
+            return logits
         ids, mask = encode(prompts, self.pad, self.device)
         places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
-        width = pages_for(ids.shape[1]) * PAGE_SIZE
+        return self._pass(ids, places, slots, columns=ids.shape[1])
+
+    def _pass(
+        self, ids: torch.Tensor, places: torch.Tensor, slots: list[int], columns: int
+    ) -> torch.Tensor:
+        """One forward pass writing ``ids`` at ``places`` in ``slots``' pages,
+        attending to their first ``columns`` positions; each row's last logits."""
+        width = pages_for(columns) * PAGE_SIZE
         self.cache.select(torch.tensor(slots, device=self.device), places, width)
         output = self.model(input_ids=ids, position_ids=places, cache=self.cache, logits_to_keep=1)
+        self.prefill_passes += 1
         return output.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> None:

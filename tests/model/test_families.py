@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.config import ServeConfig
+from helpers.engine import batch_rows
 from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
 from helpers.engine.llama import llama_config, load_llama
@@ -126,6 +127,30 @@ def test_slots_decode_the_padded_text_at_256_sequences(
     assert [completion.text for completion in paged.generate(requests)] == expected
     assert paged.stats.largest_batch == padded.stats.largest_batch == 256
     assert paged._batcher._rows.cache.pages > FIRST_PAGES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_past_the_prefill_budget_decodes_the_padded_text_from_pieces(
+    family: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt longer than ``PREFILL_TOKENS`` is prefilled a piece a pass,
+    each piece attending through the pages to those before it (and, in
+    ``mistral-window``, across its window's edge): the padded layout's
+    greedy text, admitted beside a short prompt."""
+    directory, cache = str(checkpoints[family]), ServeConfig.from_env({}).model_cache_dir
+    padded, paged = (
+        Engine.load(directory, cache, cpu_threads=2, prepack=False, slots=s, max_batch_size=4)
+        for s in (False, True)
+    )
+    requests = [GenerationRequest(p, Sampling(8, 0.0, 1.0)) for p in (PROMPTS[1] * 3, PROMPTS[0])]
+    length = len(requests[0].token_ids(paged.tokenizer))
+    assert length + 8 <= paged.context_length, "the sequence fits the model's context"
+    monkeypatch.setattr(batch_rows, "PREFILL_TOKENS", 32)
+    pieces = batch_rows.prefill_pieces(length)
+    assert len(pieces) > 3
+    expected = [completion.text for completion in padded.generate(requests)]
+    assert [completion.text for completion in paged.generate(requests)] == expected
+    assert paged._batcher._rows.prefill_passes == len(pieces) + 1, "a pass per piece, one more"
 
 
 def transformers_path(checkpoints: dict[str, Path], tmp_path: Path) -> Path:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_engine import SHAPES, checkpoint_config
+from bench.gpu_engine import SHAPES, checkpoint_config, load_engine, same_text, write_checkpoint
+from helpers.engine.engine import Engine
 from helpers.engine.llama import llama_config
+from helpers.engine.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,6 +39,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
             "--nano-vllm-lengths",
             "4",
             "12",
+            "--long-prompt-words",
+            "300",
         ],
         cwd=REPO,
         capture_output=True,
@@ -51,6 +55,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     assert agree and int(agree.group(1)) == 2  # on CPU, in fp32, the layouts agree exactly
     grown = re.search(r"the same with long prompts \(240 words, .*: (\d) of 1", result.stdout)
     assert grown and int(grown.group(1)) == 1
+    long_prompt = r"a 300-token prompt alone, prefilled in 1 pass: first token in [\d.]+ s"
+    assert re.search(long_prompt, result.stdout)
     assert re.search(
         r"health checks during that pass, on another thread: \d+ passed$", result.stdout, re.M
     )
@@ -60,6 +66,24 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in rows] == [1, 2]
     assert all(int(tok_s) > 0 for _, tok_s in rows)
+
+
+@pytest.mark.parametrize("shape", sorted(set(SHAPES) - {"smollm2-135m"}))
+def test_each_family_shape_loads_and_decodes_as_the_benchmark_runs_it(
+    shape: str, tmp_path: Path
+) -> None:
+    """The benchmark's checkpoint of each family, one layer deep: the kit's
+    own decoder and tokenizer load it, as they load the real model, and the
+    same prompt ids decode to the same words in both layouts. A Qwen2
+    checkpoint's word-level tokenizer once came back from transformers as an
+    empty BPE, which gave the benchmark empty prompts on that shape alone."""
+    write_checkpoint(tmp_path, shape, layers=1)
+    engine = load_engine(tmp_path, "cpu", max_batch_size=2)
+    assert engine.info.implementation == "kit-decoder"
+    assert isinstance(engine.tokenizer, Tokenizer)
+    assert engine.tokenizer.decode([5, 7]).split() == ["w5", "w7"]
+    padded = Engine(engine.model, engine.tokenizer, model_id="padded", slots=False)
+    assert same_text(engine, padded, count=2, tokens=4) == 2
 
 
 @pytest.mark.parametrize("shape", sorted(set(SHAPES) - {"smollm2-135m"}))
