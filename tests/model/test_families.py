@@ -22,6 +22,7 @@ from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
 from helpers.engine.llama import llama_config, load_llama
 from tests.family_checkpoints import FAMILIES, build_checkpoint
+from tests.triton_interpreter import decode_attention
 
 PROMPTS = [
     "The quick brown fox",
@@ -151,6 +152,23 @@ def test_a_prompt_past_the_prefill_budget_decodes_the_padded_text_from_pieces(
     expected = [completion.text for completion in padded.generate(requests)]
     assert [completion.text for completion in paged.generate(requests)] == expected
     assert paged._batcher._rows.prefill_passes == len(pieces) + 1, "a pass per piece, one more"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decode_kernel_gives_the_padded_text(family: str, checkpoints: dict[str, Path]) -> None:
+    """Decode steps that read each row's pages in place (a GPU's kernel, in
+    Triton's interpreter here), across ``mistral-window``'s window too."""
+    directory, cache = str(checkpoints[family]), ServeConfig.from_env({}).model_cache_dir
+    padded, paged = (
+        Engine.load(directory, cache, cpu_threads=2, prepack=False, slots=s, max_batch_size=4)
+        for s in (False, True)
+    )
+    calls: list[int] = []
+    paged._batcher._rows.cache.decode_kernel = lambda *a: calls.append(1) or decode_attention(*a)
+    requests = [GenerationRequest(p, Sampling(STEPS, 0.0, 1.0)) for p in PROMPTS]
+    expected = [completion.text for completion in padded.generate(requests)]
+    assert [completion.text for completion in paged.generate(requests)] == expected
+    assert calls, "decode steps ran the kernel"
 
 
 def transformers_path(checkpoints: dict[str, Path], tmp_path: Path) -> Path:

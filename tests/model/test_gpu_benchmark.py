@@ -41,6 +41,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
             "12",
             "--long-prompt-words",
             "300",
+            "--attention-positions",
+            "100",
         ],
         cwd=REPO,
         capture_output=True,
@@ -55,6 +57,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     assert agree and int(agree.group(1)) == 2  # on CPU, in fp32, the layouts agree exactly
     grown = re.search(r"the same with long prompts \(240 words, .*: (\d) of 1", result.stdout)
     assert grown and int(grown.group(1)) == 1
+    attention = r"one layer, 2 rows of 100 positions: .* not run here, .* ([\d.]+) ms$"
+    assert re.search(attention, result.stdout, re.M)
     long_prompt = r"a 300-token prompt alone, prefilled in 1 pass: first token in [\d.]+ s"
     assert re.search(long_prompt, result.stdout)
     assert re.search(
