@@ -62,7 +62,7 @@ def _decode_kernel(
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
-    end = tl.load(ends + row)
+    end = tl.load(ends + row).to(tl.int32)
     start = tl.maximum(end - window, 0)
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
