@@ -414,11 +414,14 @@ DecodeKernel = Callable[..., torch.Tensor]
 """:func:`helpers.engine.paged_attention.decode_attention`'s signature."""
 
 
-def paged_decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
+def paged_decode_kernel(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype
+) -> DecodeKernel | None:
     """The kernel that reads a decode step's pages in place
     (:mod:`helpers.engine.paged_attention`), where it runs and agrees with
-    torch's attention: on a GPU, with the Triton that torch's CUDA builds
-    bring. Elsewhere None, and the pages are gathered for torch's attention."""
+    torch's attention for this model's heads: on a GPU, with the Triton that
+    torch's CUDA builds bring. Elsewhere None, and the pages are gathered for
+    torch's attention."""
     if device.type != "cuda":
         return None
     try:
@@ -426,7 +429,8 @@ def paged_decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKerne
     except ImportError:
         logger.warning("no Triton: decode steps gather the KV cache's pages for attention")
         return None
-    if not paged_attention.works_on(device, dtype):
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    if not paged_attention.works_on(device, dtype, *heads):
         logger.warning(
             "the paged decode kernel failed its check on this GPU: decode steps gather "
             "the KV cache's pages for attention"
@@ -472,7 +476,7 @@ class PagedCache:
     ) -> None:
         self.dtype, self.device = dtype, device
         self.window = config.sliding_window
-        self.decode_kernel = paged_decode_kernel(device, dtype)
+        self.decode_kernel = paged_decode_kernel(config, device, dtype)
         self.page_shape = (PAGE_SIZE, config.num_key_value_heads, config.head_dim)
         self.layers = [
             PagedLayer(self, *self._new_pool(pages)) for _ in range(config.num_hidden_layers)

@@ -35,7 +35,9 @@ NO_WINDOW = 2**30
 """The window of a model without one: past any context."""
 
 
-@triton.jit
+# Arguments that vary from step to step are not specialised on, so one
+# compilation, at load (``works_on``), serves every step.
+@triton.jit(do_not_specialize=["window", "table_stride_row"])
 def _decode_kernel(
     queries,  # [batch, heads, head_dim]
     key_pages,  # [pages, PAGE, kv_heads, head_dim]
@@ -157,13 +159,16 @@ def decode_attention(
 
 
 @functools.cache
-def works_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernel compiles on ``device`` and agrees with torch's
-    attention there, tried once per process on a small cache. A GPU or a
-    Triton this was never run on then falls back to gathering pages rather
-    than decoding wrong or not at all."""
+def works_on(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> bool:
+    """Whether the kernel compiles on ``device`` for a model's heads and
+    agrees with torch's attention there, tried once per process on a small
+    cache. A GPU or a Triton this was never run on then falls back to
+    gathering pages rather than decoding wrong or not at all. Compiled here,
+    at load, the kernel is ready before the first decode step needs it."""
     generator = torch.Generator().manual_seed(0)
-    page, kv_heads, heads, head_dim, pages = 16, 2, 6, 64, 9
+    page, pages = 16, 9
 
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)

@@ -64,6 +64,7 @@ def test_the_kernel_gives_torchs_attention_over_the_gathered_pages(
     assert torch.isfinite(in_place[2]).all(), "an idle row's output stays finite"
 
 
-def test_the_kernel_passes_its_own_check_where_it_runs() -> None:
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_kernel_passes_its_own_check_where_it_runs(shape: str) -> None:
     """The check a GPU replica runs before trusting the kernel, here on CPU."""
-    assert works_on(CPU, torch.float32)
+    assert works_on(CPU, torch.float32, *SHAPES[shape])
