@@ -43,6 +43,7 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
@@ -50,7 +51,6 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -343,12 +343,7 @@ def attention_ms(
     them for torch's attention, as the engine does without the kernel."""
     config, device = engine.model.config, engine.device
     dtype = next(engine.model.parameters()).dtype
-    one_layer = SimpleNamespace(
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        num_hidden_layers=1,
-        sliding_window=config.sliding_window,
-    )
+    one_layer = dataclasses.replace(config, num_hidden_layers=1)
     width = pages_for(positions + 1) * PAGE_SIZE
     cache = PagedCache(one_layer, rows, rows * width // PAGE_SIZE, width, dtype, device)
     cache.assign(list(range(rows)), [positions + 1] * rows)
@@ -494,10 +489,11 @@ def main() -> None:
         ),
     )
     parser.add_argument(
-        "--attention-positions",
-        type=int,
-        default=1024,
-        help="positions of each row in the one-layer attention comparison",
+        "--attention",
+        nargs="+",
+        default=["256x1024", "1x32768"],
+        help="ROWSxPOSITIONS shapes of the one-layer attention comparison "
+        "(positions cut to the context)",
     )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -545,7 +541,13 @@ def main() -> None:
         engine_run(padded, largest, 8)
         padded_row = engine_run(padded, largest, args.max_tokens)
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
-        attention = attention_ms(slots, largest, args.attention_positions)
+        attention = [
+            (rows, positions, *attention_ms(slots, rows, positions))
+            for rows, positions in (
+                (int(rows), min(int(positions), slots.context_length - 1))
+                for rows, positions in (shape.split("x") for shape in args.attention)
+            )
+        ]
         nano = nano_vllm_run(slots, workload, *args.nano_vllm_lengths) if workload else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
         long_words = args.long_prompt_words
@@ -570,12 +572,13 @@ def main() -> None:
         )
     print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
     print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
-    in_place = "not run here" if attention[0] is None else f"{attention[0]:.3f} ms"
-    print(
-        f"decode attention alone, one layer, {largest} rows of {args.attention_positions} "
-        f"positions: reading the pages in place (the kernel) {in_place}, gathering them "
-        f"for torch's attention {attention[1]:.3f} ms"
-    )
+    for rows, positions, in_place, gathered in attention:
+        kernel = "not run here" if in_place is None else f"{in_place:.3f} ms"
+        print(
+            f"decode attention alone, one layer, {rows} rows of {positions} positions: "
+            f"reading the pages in place (the kernel) {kernel}, gathering them for "
+            f"torch's attention {gathered:.3f} ms"
+        )
     print(
         f"padded cache, eager (the CPU layout), {largest} sequences: "
         f"{padded_row[0]:.0f} tok/s, {padded_row[1]:.2f} ms per step"

@@ -385,14 +385,7 @@ class PagedLayer:
         self.values[owner.write_pages, owner.write_offsets] = values.transpose(1, 2)
         if mask is None and owner.decode_kernel is not None:
             return owner.decode_kernel(
-                queries,
-                self.keys,
-                self.values,
-                owner.read_pages,
-                owner.positions,
-                scale,
-                owner.window,
-                owner.scratch_position,
+                queries, self.keys, self.values, owner.read_pages, owner.ends, scale, owner.window
             )
         keys, values = (
             _gathered(self.keys, owner.read_pages),
@@ -424,17 +417,20 @@ def paged_decode_kernel(
     torch's attention."""
     if device.type != "cuda":
         return None
+    fallback = "decode steps gather the KV cache's pages for attention"
+    if dtype != torch.float16 and torch.cuda.get_device_capability(device) < (8, 0):
+        # Triton's matrix units there take fp16 only; a failed compile can abort the process.
+        logger.info("%s on this GPU: the paged decode kernel needs float16 before Ampere", dtype)
+        return None
     try:
         from helpers.engine import paged_attention
     except ImportError:
-        logger.warning("no Triton: decode steps gather the KV cache's pages for attention")
+        logger.warning("no Triton: %s", fallback)
         return None
     heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-    if not paged_attention.works_on(device, dtype, *heads):
-        logger.warning(
-            "the paged decode kernel failed its check on this GPU: decode steps gather "
-            "the KV cache's pages for attention"
-        )
+    problem = paged_attention.problem_on(device, dtype, *heads)
+    if problem is not None:
+        logger.warning("the paged decode kernel failed its check (%s): %s", problem, fallback)
         return None
     return paged_attention.decode_attention
 
@@ -503,7 +499,12 @@ class PagedCache:
         """Set the next pass: its ``rows`` (slots), each token's position
         (``[rows, new]``) and the columns attention reads, a multiple of
         ``PAGE_SIZE``. Tensor arithmetic only, so a CUDA graph captures it."""
-        self.positions = positions
+        if positions.shape[1] == 1 and self.decode_kernel is not None:
+            # Where each row's attention stops: past its new token, or, for an
+            # idle row (at scratch), after scratch's first column, which keeps
+            # its unused output finite.
+            last = positions[:, 0]
+            self.ends = torch.where(last >= self.scratch_position, 1, last + 1).int()
         self.write_pages = self.table[rows[:, None], positions // PAGE_SIZE]
         self.write_offsets = positions % PAGE_SIZE
         self.read_pages = self.table[rows, : width // PAGE_SIZE]
