@@ -541,13 +541,11 @@ def main() -> None:
         engine_run(padded, largest, 8)
         padded_row = engine_run(padded, largest, args.max_tokens)
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
-        attention = [
-            (rows, positions, *attention_ms(slots, rows, positions))
-            for rows, positions in (
-                (int(rows), min(int(positions), slots.context_length - 1))
-                for rows, positions in (shape.split("x") for shape in args.attention)
-            )
-        ]
+        attention = []
+        for shape in args.attention:
+            sequences, positions = map(int, shape.split("x"))
+            positions = min(positions, slots.context_length - 1)
+            attention.append((sequences, positions, *attention_ms(slots, sequences, positions)))
         nano = nano_vllm_run(slots, workload, *args.nano_vllm_lengths) if workload else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
         long_words = args.long_prompt_words
@@ -572,10 +570,10 @@ def main() -> None:
         )
     print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
     print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
-    for rows, positions, in_place, gathered in attention:
+    for sequences, positions, in_place, gathered in attention:
         kernel = "not run here" if in_place is None else f"{in_place:.3f} ms"
         print(
-            f"decode attention alone, one layer, {rows} rows of {positions} positions: "
+            f"decode attention alone, one layer, {sequences} rows of {positions} positions: "
             f"reading the pages in place (the kernel) {kernel}, gathering them for "
             f"torch's attention {gathered:.3f} ms"
         )
