@@ -27,7 +27,8 @@ setup: $(STAMP)
 	@source scripts/ray_env.sh && $(VENV)/bin/ray get-auth-token --generate >/dev/null
 	@$(PY) -m helpers.engine.embedded_model --check >/dev/null 2>&1 || $(PY) -m helpers.engine.embedded_model
 
-$(STAMP): pyproject.toml
+# Makefile too: a pin set here (torch, Triton) reaches existing environments.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)

@@ -26,9 +26,10 @@ Measured in one run:
   the largest batch (the rest of a step is the batcher's own work);
 - nano-vllm's workload (:data:`NANO_VLLM`), on a GPU;
 - the GPU's peak memory;
-- one prompt near a long context's end, on a GPU: its prefill passes (a
-  piece of the prompt each), its first token, and the memory its passes
-  took beyond the weights and pages;
+- one prompt of 32,768 tokens (or the context less one, where shorter), on
+  a GPU: its prefill passes (a piece of the prompt each), its first token,
+  and the memory its passes took beyond the weights and pages;
+- one layer's decode attention with the pages read in place and gathered;
 - against the walkthrough's loop: one transformers ``generate`` call per
   request, in turn.
 
@@ -57,10 +58,14 @@ from unittest import mock  # noqa: E402
 import torch  # noqa: E402
 
 from helpers.engine import batch_rows  # noqa: E402
-from helpers.engine.batch_rows import PREFILL_TOKENS, prefill_pieces  # noqa: E402
+from helpers.engine.batch_rows import (  # noqa: E402
+    PREFILL_TOKENS,
+    SMALLEST_WIDTH,
+    power_of_two_at_least,
+)
 from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
 from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
-from helpers.engine.llama import PAGE_SIZE, PagedCache, pages_for  # noqa: E402
+from helpers.engine.llama import PagedCache, pages_for  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -304,8 +309,9 @@ def same_text(
     one: Engine, other: Engine, count: int = 8, tokens: int = 16, words: int = PROMPT_WORDS
 ) -> int:
     """How many of ``count`` prompts decode to the same greedy text in both
-    engines (random weights give flat logits, so a rounding difference can
-    flip a near-tie now and then; a broken cache would flip nearly all)."""
+    engines, not empty (random weights give flat logits, so a rounding
+    difference can flip a near-tie now and then; a broken cache would flip
+    nearly all)."""
     requests = [
         GenerationRequest(p, Sampling(tokens, temperature=0.0, top_p=1.0))
         for p in prompts(count, seed=2, words=words)
@@ -338,14 +344,18 @@ def attention_ms(
     engine: Engine, rows: int, positions: int, steps: int = 20
 ) -> tuple[float | None, float]:
     """One layer's decode attention alone, in a paged cache of ``rows``
-    sequences of ``positions`` positions each: milliseconds a step reading
-    the pages in place (None where the kernel does not run) and gathering
-    them for torch's attention, as the engine does without the kernel."""
+    sequences of ``positions`` positions each, as wide as the engine's step
+    would read: milliseconds a step reading the pages in place (None where
+    the kernel does not run), and gathering them for torch's attention, as
+    the engine does without the kernel. The pass's own set-up (``select``,
+    the mask), once a step rather than once a layer, is left out."""
     config, device = engine.model.config, engine.device
     dtype = next(engine.model.parameters()).dtype
     one_layer = dataclasses.replace(config, num_hidden_layers=1)
-    width = pages_for(positions + 1) * PAGE_SIZE
-    cache = PagedCache(one_layer, rows, rows * width // PAGE_SIZE, width, dtype, device)
+    # As wide as the engine's step: the smallest power of two past every row.
+    width = power_of_two_at_least(positions + 1, SMALLEST_WIDTH)
+    pages = rows * pages_for(positions + 1)
+    cache = PagedCache(one_layer, rows, pages, width, dtype, device)
     cache.assign(list(range(rows)), [positions + 1] * rows)
     layer = cache.layers[0]
     layer.keys.normal_()
@@ -360,12 +370,12 @@ def attention_ms(
     def timed(decode_kernel: Any) -> float:
         cache.decode_kernel = decode_kernel
         with torch.inference_mode():
+            cache.select(torch.arange(rows, device=device), at, width)
+            mask = cache.mask(None, at, 1, config.sliding_window)
             for step in range(steps + 1):
-                if step == 1:  # the first compiles and warms up
+                if step == 1:  # the first warms up
                     synchronize(device.type)
                     started = time.perf_counter()
-                cache.select(torch.arange(rows, device=device), at, width)
-                mask = cache.mask(None, at, 1, config.sliding_window)
                 layer.attend(queries, new, new, mask, config.head_dim**-0.5)
             synchronize(device.type)
         return (time.perf_counter() - started) * 1000 / steps
@@ -411,11 +421,11 @@ def nano_vllm_run(engine: Engine, requests: int, shortest: int, longest: int) ->
     return tokens, time.perf_counter() - started
 
 
-def long_prompt_run(engine: Engine, words: int) -> tuple[float, float]:
+def long_prompt_run(engine: Engine, words: int) -> tuple[float, int, float]:
     """One prompt of ``words`` tokens on an idle engine, in the passes
     :func:`~helpers.engine.batch_rows.prefill_pieces` cuts it into: seconds
-    to its first token, and the GiB its passes took beyond what was
-    allocated before (on CPU, 0)."""
+    to its first (and only) token, the forward passes that took, and the GiB
+    they took beyond what was allocated before (on CPU, 0)."""
     on_gpu = engine.device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
@@ -424,11 +434,11 @@ def long_prompt_run(engine: Engine, words: int) -> tuple[float, float]:
     request = GenerationRequest(
         prompts(1, seed=3, words=words)[0], Sampling(1, temperature=0.0, top_p=1.0)
     )
-    started = time.perf_counter()
+    passes, started = engine.stats.forward_passes, time.perf_counter()
     engine.generate([request])
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() - before if on_gpu else 0
-    return seconds, peak / 2**30
+    return seconds, engine.stats.forward_passes - passes, peak / 2**30
 
 
 def first_token_s(engine: Engine) -> float:
@@ -443,6 +453,12 @@ def first_token_s(engine: Engine) -> float:
     seconds = time.perf_counter() - started
     future.result()
     return seconds
+
+
+def say(text: str) -> None:
+    """Print one figure as soon as it is measured: a run cut short by its
+    time limit keeps what it had."""
+    print(text, flush=True)
 
 
 def main() -> None:
@@ -526,83 +542,82 @@ def main() -> None:
         )
         checked, long_checked = args.check_prompts, max(1, args.check_prompts // 2)
         agree = same_text(slots, padded, count=checked)
+        say(f"same greedy text from slots and the padded cache: {agree} of {checked} prompts")
         # Long prompts: each sequence spans many pages (and where the cache has
         # no fixed size, on CPU, it grows past its first pages for them), and
         # is prefilled a piece at a time.
         with mock.patch.object(batch_rows, "PREFILL_TOKENS", CHECK_PIECE_TOKENS):
             grown = same_text(slots, padded, count=long_checked, tokens=32, words=LONG_PROMPT_WORDS)
+        say(
+            f"the same with long prompts ({LONG_PROMPT_WORDS} words, prefilled in pieces of "
+            f"{CHECK_PIECE_TOKENS} tokens or fewer, 32 tokens each): {grown} of {long_checked} "
+            "prompts"
+        )
+        graphs = "CUDA graphs" if args.device == "cuda" else "eager"
         started = time.perf_counter()
         with HealthChecks(slots) as checks:  # as Serve's, while graphs are captured
             for batch in args.batches:  # the first pass of each shape captures its graphs
                 engine_run(slots, batch, args.max_tokens)
-        first_passes = time.perf_counter() - started
-        first = first_token_s(slots)
-        rows = [(batch, *engine_run(slots, batch, args.max_tokens)) for batch in args.batches]
+        say(
+            f"first pass at each batch size ({graphs}, captured then): "
+            f"{time.perf_counter() - started:.2f} s"
+        )
+        say(f"health checks during that pass, on another thread: {checks.summary()}")
+        say(f"first token, one request on an idle engine: {first_token_s(slots) * 1000:.1f} ms")
+        loop = loop_tokens_per_s(directory, args.device, args.loop_requests, args.max_tokens)
+        say(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
+        say(f"| sequences | engine tok/s (slots, {graphs}) | ms per step | versus the loop |")
+        say("|---|---|---|---|")
+        for batch in args.batches:
+            tok_s, step_ms = engine_run(slots, batch, args.max_tokens)
+            say(f"| {batch} | {tok_s:.0f} | {step_ms:.2f} | {tok_s / loop:.1f}x |")
         engine_run(padded, largest, 8)
-        padded_row = engine_run(padded, largest, args.max_tokens)
+        tok_s, step_ms = engine_run(padded, largest, args.max_tokens)
+        say(
+            f"padded cache, eager (the CPU layout), {largest} sequences: "
+            f"{tok_s:.0f} tok/s, {step_ms:.2f} ms per step"
+        )
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
-        attention = []
-        for shape in args.attention:
-            sequences, positions = map(int, shape.split("x"))
-            positions = min(positions, slots.context_length - 1)
-            attention.append((sequences, positions, *attention_ms(slots, sequences, positions)))
-        nano = nano_vllm_run(slots, workload, *args.nano_vllm_lengths) if workload else None
-        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+        say(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
+        if workload:
+            tokens, seconds = nano_vllm_run(slots, workload, *args.nano_vllm_lengths)
+            shortest, longest = args.nano_vllm_lengths
+            say(
+                f"nano-vllm's workload ({workload} requests, prompts and outputs of {shortest} "
+                f"to {longest} tokens, EOS ignored, {largest} at once): {tokens} tokens in "
+                f"{seconds:.2f} s, {tokens / seconds:.0f} output tok/s"
+            )
+        if args.device == "cuda":  # before the measurements below add their own
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            say(
+                f"GPU memory at its peak, caches and graphs included: {peak:.2f} GiB "
+                "(the KV pages take GPU_MEMORY_FRACTION's budget at load)"
+            )
         long_words = args.long_prompt_words
         if long_words is None:
             on_gpu = args.device == "cuda"
             long_words = min(LONG_CONTEXT_WORDS, slots.context_length - 1) if on_gpu else 0
-        long_run = long_prompt_run(slots, long_words) if long_words else None
-        loop = loop_tokens_per_s(directory, args.device, args.loop_requests, args.max_tokens)
-    graphs = "CUDA graphs" if args.device == "cuda" else "eager"
-    print(f"same greedy text from slots and the padded cache: {agree} of {checked} prompts")
-    print(
-        f"the same with long prompts ({LONG_PROMPT_WORDS} words, prefilled in pieces of "
-        f"{CHECK_PIECE_TOKENS} tokens or fewer, 32 tokens each): {grown} of {long_checked} prompts"
-    )
-    print(f"first pass at each batch size ({graphs}, captured then): {first_passes:.2f} s")
-    print(f"health checks during that pass, on another thread: {checks.summary()}")
-    print(f"first token, one request on an idle engine: {first * 1000:.1f} ms")
-    if args.device == "cuda":
-        print(
-            f"GPU memory at its peak, caches and graphs included: {peak:.2f} GiB "
-            "(the KV pages take GPU_MEMORY_FRACTION's budget at load)"
-        )
-    print(f"walkthrough loop ({args.loop_requests} requests in turn): {loop:.0f} tok/s")
-    print(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
-    for sequences, positions, in_place, gathered in attention:
-        kernel = "not run here" if in_place is None else f"{in_place:.3f} ms"
-        print(
-            f"decode attention alone, one layer, {sequences} rows of {positions} positions: "
-            f"reading the pages in place (the kernel) {kernel}, gathering them for "
-            f"torch's attention {gathered:.3f} ms"
-        )
-    print(
-        f"padded cache, eager (the CPU layout), {largest} sequences: "
-        f"{padded_row[0]:.0f} tok/s, {padded_row[1]:.2f} ms per step"
-    )
-    if nano is not None:
-        shortest, longest = args.nano_vllm_lengths
-        print(
-            f"nano-vllm's workload ({workload} requests, prompts and outputs of {shortest} to "
-            f"{longest} tokens, EOS ignored, {largest} at once): {nano[0]} tokens in "
-            f"{nano[1]:.2f} s, {nano[0] / nano[1]:.0f} output tok/s"
-        )
-    if long_run is not None:
-        passes = len(prefill_pieces(long_words)) if long_words > PREFILL_TOKENS else 1
-        kept = ""
-        if args.device == "cuda":
-            share = GPU_SHARE * torch.cuda.get_device_properties(0).total_memory
-            kept = f" (the share keeps {ACTIVATION_SHARE * share / 2**30:.2f} GiB for them)"
-        print(
-            f"a {long_words}-token prompt alone, prefilled in {passes} "
-            f"pass{'es' if passes > 1 else ''}: first token in "
-            f"{long_run[0]:.2f} s, {long_run[1]:.2f} GiB of activations at its peak{kept}"
-        )
-    print(f"| sequences | engine tok/s (slots, {graphs}) | ms per step | versus the loop |")
-    print("|---|---|---|---|")
-    for batch, tok_s, step_ms in rows:
-        print(f"| {batch} | {tok_s:.0f} | {step_ms:.2f} | {tok_s / loop:.1f}x |")
+        if long_words:
+            seconds, passes, gib = long_prompt_run(slots, long_words)
+            kept = ""
+            if args.device == "cuda":
+                share = GPU_SHARE * torch.cuda.get_device_properties(0).total_memory
+                kept = f" (the share keeps {ACTIVATION_SHARE * share / 2**30:.2f} GiB for them)"
+            say(
+                f"a {long_words}-token prompt alone, prefilled in {passes} "
+                f"pass{'es' if passes > 1 else ''}: first token in "
+                f"{seconds:.2f} s, {gib:.2f} GiB of activations at its peak{kept}"
+            )
+        for shape in args.attention:
+            sequences, positions = map(int, shape.split("x"))
+            positions = min(positions, slots.context_length - 1)
+            in_place, gathered = attention_ms(slots, sequences, positions)
+            kernel = "not run here" if in_place is None else f"{in_place:.3f} ms"
+            say(
+                f"decode attention alone, one layer, {sequences} rows of {positions} positions: "
+                f"reading the pages in place (the kernel) {kernel}, gathering them for "
+                f"torch's attention {gathered:.3f} ms"
+            )
 
 
 if __name__ == "__main__":

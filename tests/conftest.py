@@ -21,7 +21,8 @@ apply_ray_env()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The paged decode kernel is Triton's; in the tests Triton's interpreter runs
 # it on CPU tensors, on any machine (tests/triton_interpreter.py). Triton reads
-# this once, when imported.
+# this once, when imported. Processes the tests start inherit it: none of them
+# runs the kernel, which runs only on a GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TIERS = ("unit", "model", "integration", "browser")

@@ -86,8 +86,9 @@ def prefill_pieces(length: int) -> list[tuple[int, int]]:
     the cache. A piece of ``c`` tokens reading ``w`` columns builds a
     ``c x w`` attention mask (and, where attention falls back to its plain
     kernel, as many scores per head), so pieces shrink as the columns grow
-    to keep ``c x w`` within one ``PREFILL_TOKENS`` prompt's square: a
-    32,768-token prompt in one pass would need sixteen times that."""
+    to keep ``c x w`` within one ``PREFILL_TOKENS`` prompt's square (a piece
+    is still a page at least): a 32,768-token prompt in one pass would need
+    sixteen times that."""
     pieces, start = [], 0
     while start < length:
         tokens = PREFILL_TOKENS**2 // (start + PREFILL_TOKENS) // PAGE_SIZE * PAGE_SIZE
@@ -334,14 +335,19 @@ class PagedRows:
         """``prompts`` into their ``slots``: one pass, or one per piece of a
         prompt past ``PREFILL_TOKENS``. Returns each one's last logits."""
         if len(prompts) == 1 and len(prompts[0]) > PREFILL_TOKENS:
-            for start, end in prefill_pieces(len(prompts[0])):
-                ids = torch.tensor([prompts[0][start:end]], device=self.device)
-                places = torch.arange(start, end, device=self.device)[None]
-                logits = self._pass(ids, places, slots, columns=end)
-            return logits
+            *earlier, last = prefill_pieces(len(prompts[0]))
+            for start, end in earlier:
+                self._piece(prompts[0], start, end, slots)
+            return self._piece(prompts[0], *last, slots)
         ids, mask = encode(prompts, self.pad, self.device)
         places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
         return self._pass(ids, places, slots, columns=ids.shape[1])
+
+    def _piece(self, prompt: list[int], start: int, end: int, slots: list[int]) -> torch.Tensor:
+        """Positions ``start`` to ``end`` of one prompt, after the pieces before."""
+        ids = torch.tensor([prompt[start:end]], device=self.device)
+        places = torch.arange(start, end, device=self.device)[None]
+        return self._pass(ids, places, slots, columns=end)
 
     def _pass(
         self, ids: torch.Tensor, places: torch.Tensor, slots: list[int], columns: int

@@ -375,15 +375,15 @@ class PagedLayer:
         scale: float,
     ) -> torch.Tensor:
         """Write the new tokens into their pages, then attend: in place, with
-        the cache's decode kernel, where the cache gave no mask (a decode
-        step, :meth:`PagedCache.mask`); else over the rows' pages gathered in
+        the cache's decode kernel, for a pass of one new token a row
+        (:meth:`PagedCache.select`); else over the rows' pages gathered in
         order, under ``mask``."""
         owner = self.owner
         # [batch, new] page and offset indices around all heads: the indexed
         # view is [batch, new, heads, head_dim].
         self.keys[owner.write_pages, owner.write_offsets] = keys.transpose(1, 2)
         self.values[owner.write_pages, owner.write_offsets] = values.transpose(1, 2)
-        if mask is None and owner.decode_kernel is not None:
+        if owner.ends is not None:
             return owner.decode_kernel(
                 queries, self.keys, self.values, owner.read_pages, owner.ends, scale, owner.window
             )
@@ -420,7 +420,7 @@ def paged_decode_kernel(
     fallback = "decode steps gather the KV cache's pages for attention"
     if dtype != torch.float16 and torch.cuda.get_device_capability(device) < (8, 0):
         # Triton's matrix units there take fp16 only; a failed compile can abort the process.
-        logger.info("%s on this GPU: the paged decode kernel needs float16 before Ampere", dtype)
+        logger.warning("the paged decode kernel needs float16 before Ampere: %s", fallback)
         return None
     try:
         from helpers.engine import paged_attention
@@ -446,11 +446,12 @@ class PagedCache:
     shape and address fixed in advance. The pages and the table keep both
     fixed while each sequence holds only the pages its own length needs: a
     cache of one row per sequence, each as long as the longest, would
-    reserve the worst case for all of them. A decode step's attention reads
-    each row's pages in place, up to its own position, where a GPU runs the
-    kernel of :mod:`helpers.engine.paged_attention` (``decode_kernel``);
-    otherwise, and in prefills, each row's pages are gathered in order and
-    read under a mask of the positions up to each token's own. Either way
+    reserve the worst case for all of them. A pass of one new token a row (a
+    decode step) reads each row's pages in place, up to its own position,
+    where a GPU runs the kernel of :mod:`helpers.engine.paged_attention`
+    (``decode_kernel``); otherwise, and in prefills, each row's pages are
+    gathered in order and read under a mask of the positions up to each
+    token's own. Either way
     the caller passes no attention mask.
 
     Page 0 is scratch. A table's unused entries point at it, and so does its
@@ -473,6 +474,7 @@ class PagedCache:
         self.dtype, self.device = dtype, device
         self.window = config.sliding_window
         self.decode_kernel = paged_decode_kernel(config, device, dtype)
+        self.ends: torch.Tensor | None = None  # where the kernel stops, row by row
         self.page_shape = (PAGE_SIZE, config.num_key_value_heads, config.head_dim)
         self.layers = [
             PagedLayer(self, *self._new_pool(pages)) for _ in range(config.num_hidden_layers)
@@ -499,10 +501,11 @@ class PagedCache:
         """Set the next pass: its ``rows`` (slots), each token's position
         (``[rows, new]``) and the columns attention reads, a multiple of
         ``PAGE_SIZE``. Tensor arithmetic only, so a CUDA graph captures it."""
+        self.ends = None
         if positions.shape[1] == 1 and self.decode_kernel is not None:
-            # Where each row's attention stops: past its new token, or, for an
-            # idle row (at scratch), after scratch's first column, which keeps
-            # its unused output finite.
+            # The kernel reads this pass's pages: each row up to its new token,
+            # or, for an idle row (at scratch), scratch's first column, which
+            # keeps its unused output finite.
             last = positions[:, 0]
             self.ends = torch.where(last >= self.scratch_position, 1, last + 1).int()
         self.write_pages = self.table[rows[:, None], positions // PAGE_SIZE]
@@ -571,9 +574,9 @@ class PagedCache:
         row gives NaN, which its write would leave in the scratch page that
         every row reads under its mask (and zero times NaN is NaN).
 
-        None for a decode step (one new token a row) where the cache has a
-        decode kernel: it reads each row's pages up to its position itself."""
-        if new == 1 and self.decode_kernel is not None:
+        None where the decode kernel reads this pass's pages itself (one new
+        token a row, :meth:`select`)."""
+        if self.ends is not None:
             return None
         columns = torch.arange(self.width, device=position_ids.device)
         positions = position_ids[:, :, None]

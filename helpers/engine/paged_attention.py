@@ -4,11 +4,12 @@ Why: torch's attention takes each row's keys and values as one contiguous
 tensor, so a decode step over a :class:`~helpers.engine.llama.PagedCache`
 first gathers every row's pages into a copy as wide as the longest row
 (rounded up to a power of two), in every layer, and attention then reads
-that copy again. At 256 sequences of a thousand positions that is most of a
-GPU's decode step: the weights are read once a step, the KV cache about
-three times over. This kernel reads each row's pages in place, only as far
-as that row's own position, and each key and value once for all the query
-heads that share it (grouped-query attention).
+that copy again: the weights are read once a step, the KV cache about three
+times over, which at 256 sequences of a thousand positions is far more
+bytes (decision record 0031 estimates it; the GPU benchmark measures it).
+This kernel reads each row's pages in place, only as far as that row's own
+position, and each key and value once for all the query heads that share it
+(grouped-query attention).
 
 One program per (row, key-value head) walks the row's block table a block
 of positions at a time, with the online softmax of FlashAttention: a running
@@ -31,6 +32,8 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+
+from helpers.engine.llama import PAGE_SIZE
 
 BLOCK_POSITIONS = 64
 """Positions a program reads per iteration: four pages."""
@@ -73,6 +76,7 @@ def _decode_kernel(
     PAGE: tl.constexpr,
     BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,  # of products of fp32 inputs: "ieee", not the default tf32
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,13 +110,13 @@ def _decode_kernel(
         both = valid[:, None] & dim_ok[None, :]
         k = tl.load(key_pages + place, mask=both, other=0.0)
         v = tl.load(value_pages + place, mask=both, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
         kept = tl.exp(best - new_best)
         weights = tl.exp(scores - new_best[:, None])
         total = total * kept + tl.sum(weights, 1)
-        acc = acc * kept[:, None] + tl.dot(weights.to(v.dtype), v)
+        acc = acc * kept[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         best = new_best
     if SPLIT:  # combined by decode_attention; an empty split leaves -inf, 0, 0
         part = (row * heads_total + heads) * splits + split
@@ -157,15 +161,18 @@ def decode_attention(
     splits = splits or _splits(batch * kv_heads, width, queries.device)
     blocks = -(-width // BLOCK_POSITIONS)
     split_size = -(-blocks // splits) * BLOCK_POSITIONS  # whole blocks each
-    out = torch.empty((batch, heads, head_dim), dtype=queries.dtype, device=queries.device)
-    parts = (out, out, out)
+    device = queries.device
     if splits > 1:
         shape = (batch, heads, splits)
         parts = (
-            torch.empty((*shape, head_dim), dtype=torch.float32, device=queries.device),
-            torch.empty(shape, dtype=torch.float32, device=queries.device),
-            torch.empty(shape, dtype=torch.float32, device=queries.device),
+            torch.empty((*shape, head_dim), dtype=torch.float32, device=device),
+            torch.empty(shape, dtype=torch.float32, device=device),
+            torch.empty(shape, dtype=torch.float32, device=device),
         )
+        out = parts[1]  # not written: the parts are combined below
+    else:
+        out = torch.empty((batch, heads, head_dim), dtype=queries.dtype, device=device)
+        parts = (out, out, out)  # not written
     group = heads // kv_heads
     _decode_kernel[(batch, kv_heads, splits)](
         query_rows,
@@ -177,7 +184,7 @@ def decode_attention(
         *parts,
         scale,
         window or NO_WINDOW,
-        split_size if splits > 1 else NO_WINDOW,
+        split_size,
         splits,
         heads,
         query_rows.stride(0),
@@ -195,6 +202,7 @@ def decode_attention(
         PAGE=page,
         BLOCK=BLOCK_POSITIONS,
         SPLIT=splits > 1,
+        PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",
     )
     if splits > 1:
         acc, best, total = parts
@@ -232,7 +240,7 @@ def problem_on(
     decoding wrong or not at all. Compiled here, at load, the kernel is
     ready before the first decode step needs it."""
     generator = torch.Generator().manual_seed(0)
-    page, pages = 16, 20
+    page, pages = PAGE_SIZE, 20
 
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)

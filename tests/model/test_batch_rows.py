@@ -16,7 +16,7 @@ from helpers.engine.batch_rows import FIRST_PAGES, PagedRows
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
 from helpers.engine.llama import PAGE_SIZE, pages_for
-from tests.triton_interpreter import decode_attention
+from tests.triton_interpreter import counted
 
 PROMPTS = [
     "The capital of France is",
@@ -79,7 +79,7 @@ def test_decode_steps_read_the_pages_in_place_and_decode_the_same_text(
     padded, slotted = engines
     kernel = Engine(slotted.model, slotted.tokenizer, model_id=EMBEDDED_MODEL_ID, slots=True)
     calls: list[int] = []
-    kernel._batcher._rows.cache.decode_kernel = lambda *a: calls.append(1) or decode_attention(*a)
+    kernel._batcher._rows.cache.decode_kernel = counted(calls)
     requests = [greedy(prompt, 8 + 2 * i) for i, prompt in enumerate(PROMPTS)]
     assert staggered(kernel, requests) == staggered(padded, requests)
     layers = slotted.model.config.num_hidden_layers
