@@ -21,7 +21,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 for shape in ${SHAPES:-smollm2-135m qwen3-0.6b qwen2.5-0.5b llama3.2-1b}; do
-    timeout "${SHAPE_TIMEOUT_S:-130}" "$python" -m bench.gpu_engine --shape "$shape" "$@" \
+    timeout "${SHAPE_TIMEOUT_S:-140}" "$python" -m bench.gpu_engine --shape "$shape" "$@" \
         > "$out/$shape.txt" 2>&1
     echo "$shape: exit $?"
     grep -E "^device|same greedy|the same with|first token|GPU memory|nano-vllm|prompt alone" \
