@@ -614,7 +614,8 @@ def main() -> None:
             in_place, gathered = attention_ms(slots, sequences, positions)
             kernel = "not run here" if in_place is None else f"{in_place:.3f} ms"
             say(
-                f"decode attention alone, one layer, {sequences} rows of {positions} positions: "
+                f"decode attention alone, one layer, {sequences} row"
+                f"{'s' if sequences > 1 else ''} of {positions} positions: "
                 f"reading the pages in place (the kernel) {kernel}, gathering them for "
                 f"torch's attention {gathered:.3f} ms"
             )
