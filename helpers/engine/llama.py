@@ -451,8 +451,7 @@ class PagedCache:
     where a GPU runs the kernel of :mod:`helpers.engine.paged_attention`
     (``decode_kernel``); otherwise, and in prefills, each row's pages are
     gathered in order and read under a mask of the positions up to each
-    token's own. Either way
-    the caller passes no attention mask.
+    token's own. Either way the caller passes no attention mask.
 
     Page 0 is scratch. A table's unused entries point at it, and so does its
     last column: a padding token is placed at ``scratch_position``, whose
