@@ -34,6 +34,7 @@ after which every token is NaN; each layer still computes in fp16.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -243,6 +244,7 @@ def build_llama(
         gguf_linear.use_blocks(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inverse_frequencies(config, model.device)
+    model.ops = layer_ops(config, model.device, model.model.embed_tokens.weight.dtype)
     return model.eval()
 
 
@@ -412,27 +414,62 @@ def paged_decode_kernel(
 ) -> DecodeKernel | None:
     """The kernel that reads a decode step's pages in place
     (:mod:`helpers.engine.paged_attention`), where it runs and agrees with
-    torch's attention for this model's heads: on a GPU, with the Triton that
-    torch's CUDA builds bring. Elsewhere None, and the pages are gathered for
-    torch's attention."""
+    torch's attention for this model's heads. Elsewhere None, and the pages
+    are gathered for torch's attention."""
+    module = _checked_triton_module(
+        "paged_attention",
+        device,
+        dtype,
+        lambda kernels: kernels.problem_on(
+            device, dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        ),
+        "decode steps gather the KV cache's pages for attention",
+    )
+    return None if module is None else module.decode_attention
+
+
+def layer_ops(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> LayerOps:
+    """A layer's steps between its matrix products as one kernel each
+    (:mod:`helpers.engine.fused_layer_ops`), where they run and agree with
+    torch's operations for this model's sizes; elsewhere torch's."""
+    module = _checked_triton_module(
+        "fused_layer_ops",
+        device,
+        dtype,
+        lambda kernels: kernels.problem_on(device, dtype, config),
+        "each layer runs torch's operations between its matrix products",
+    )
+    return LayerOps() if module is None else module.FUSED
+
+
+def _checked_triton_module(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    problem: Callable[[Any], str | None],
+    fallback: str,
+) -> Any:
+    """``helpers.engine.<name>``, a module of Triton kernels, where they can
+    serve: on a GPU, with the Triton that torch's CUDA builds bring, and
+    where ``problem`` (the module's own check, compiling them for this
+    model) finds none. Elsewhere None, with a warning that gives the reason
+    and the ``fallback`` taken; off a GPU, silently, before importing it."""
     if device.type != "cuda":
         return None
-    fallback = "decode steps gather the KV cache's pages for attention"
     if dtype != torch.float16 and torch.cuda.get_device_capability(device) < (8, 0):
         # Triton's matrix units there take fp16 only; a failed compile can abort the process.
-        logger.warning("the paged decode kernel needs float16 before Ampere: %s", fallback)
+        logger.warning("Triton's kernels here need float16 before Ampere: %s", fallback)
         return None
     try:
-        from helpers.engine import paged_attention
+        module = importlib.import_module(f"helpers.engine.{name}")
     except ImportError:
         logger.warning("no Triton: %s", fallback)
         return None
-    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-    problem = paged_attention.problem_on(device, dtype, *heads)
-    if problem is not None:
-        logger.warning("the paged decode kernel failed its check (%s): %s", problem, fallback)
+    found = problem(module)
+    if found is not None:
+        logger.warning("%s failed its check (%s): %s", name, found, fallback)
         return None
-    return paged_attention.decode_attention
+    return module
 
 
 class PagedCache:
@@ -608,6 +645,38 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+class LayerOps:
+    """A layer's steps between its matrix products, in torch's operations:
+    what a model runs on CPU, and on a GPU where the kernels of
+    :mod:`helpers.engine.fused_layer_ops` (a subclass) cannot take their
+    place (:func:`layer_ops`)."""
+
+    def norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        return norm(x)
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``x`` with a layer's output ``delta`` added, and
+        that sum normalised for the layer after: one step, so a GPU can run
+        the two as one kernel."""
+        x = x + delta
+        return x, self.norm(x, norm)
+
+    def rotate(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both rotated by RoPE (:func:`_rotate`)."""
+        return _rotate(queries, cos, signed_sin), _rotate(keys, cos, signed_sin)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
 @dataclass(frozen=True)
 class Segment:
     """Rows that share a cache and a token count, for one forward pass.
@@ -661,7 +730,11 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(
-        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | PagedLayer]
+        self,
+        x: torch.Tensor,
+        segments: list[_Rows],
+        caches: list[LayerCache | PagedLayer],
+        ops: LayerOps,
     ) -> torch.Tensor:
         """``x`` is every segment's tokens packed, ``[tokens, hidden]``."""
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -671,9 +744,8 @@ class Attention(nn.Module):
             shape = (rows.batch, rows.length, -1, self.head_dim)
             q, k = queries[start:end].view(shape), keys[start:end].view(shape)
             if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = _rotate(q.transpose(1, 2), *rows.rope)
-            k = _rotate(k.transpose(1, 2), *rows.rope)
+                q, k = ops.norm(q, self.q_norm), ops.norm(k, self.k_norm)
+            q, k = ops.rotate(q.transpose(1, 2), k.transpose(1, 2), *rows.rope)
             v = values[start:end].view(shape).transpose(1, 2)
             out = cache.attend(q, k, v, rows.mask, self.head_dim**-0.5)
             outputs.append(out.transpose(1, 2).reshape(rows.tokens, -1))
@@ -689,8 +761,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(size, inner, bias=bias)
         self.down_proj = nn.Linear(inner, size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -702,10 +774,24 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, segments: list[_Rows], caches: list[LayerCache | PagedLayer]
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), segments, caches)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        segments: list[_Rows],
+        caches: list[LayerCache | PagedLayer],
+        ops: LayerOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``x`` and the layer before's output ``delta``,
+        not yet added (None before the first layer); returns them for the
+        layer after. Each sum is left to the norm that follows it, so
+        ``ops`` can do both in one step."""
+        if delta is None:
+            normed = ops.norm(x, self.input_layernorm)
+        else:
+            x, normed = ops.add_norm(x, delta, self.input_layernorm)
+        delta = self.self_attn(normed, segments, caches, ops)
+        x, normed = ops.add_norm(x, delta, self.post_attention_layernorm)
+        return x, self.mlp(normed, ops)
 
 
 class Decoder(nn.Module):
@@ -730,6 +816,8 @@ class Llama(nn.Module):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(config, "cpu"), persistent=False)
+        self.ops = LayerOps()
+        """Torch's operations, or a GPU's kernels for them (:func:`layer_ops`)."""
 
     @property
     def device(self) -> torch.device:
@@ -778,8 +866,10 @@ class Llama(nn.Module):
             x = x.float()  # the residual stream, as the module's docstring says
         # Each layer's caches, one per segment, in the segments' order.
         layer_caches = zip(*(segment.cache.layers for segment in segments), strict=True)
+        delta = None
         for layer, caches in zip(self.model.layers, layer_caches, strict=True):
-            x = layer(x, rows, list(caches))
+            x, delta = layer(x, delta, rows, list(caches), self.ops)
+        x = x + delta
         start = 0
         for segment, part in zip(segments, rows, strict=True):
             tokens = x[start : start + part.tokens].view(part.batch, part.length, -1)

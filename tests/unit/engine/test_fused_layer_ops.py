@@ -1,0 +1,121 @@
+"""The fused layer steps, in Triton's interpreter, against torch's operations:
+at every family's widths, for a decode step's rows and a prefill's, in half
+precision and float32. Each kernel rounds where torch does, so only the order
+of a sum (an RMSNorm's) or an exponential's last bit can differ."""
+
+import pytest
+import torch
+
+from helpers.engine.llama import LayerOps, LlamaConfig, RMSNorm
+from tests.triton_interpreter import fused_layer_ops
+
+FUSED = fused_layer_ops([])  # or the module is skipped, without Triton
+from helpers.engine import fused_layer_ops as fused_module  # noqa: E402
+
+TORCH = LayerOps()
+CPU = torch.device("cpu")
+SHAPES = {  # hidden, MLP width, query heads, key-value heads, head dim
+    "smollm2-135m": (576, 1536, 9, 3, 64),
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 64),
+    "qwen3-0.6b": (1024, 3072, 16, 8, 128),
+    "llama3.2-1b": (2048, 8192, 32, 8, 64),
+    "odd widths": (40, 72, 6, 2, 12),
+}
+TOKENS = {"decode step": (3, 1), "prefill": (2, 7)}  # rows, new tokens a row
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def config_of(shape: str) -> LlamaConfig:
+    hidden, inner, heads, kv_heads, head_dim = SHAPES[shape]
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=inner,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def same(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to where a sum's order rounds differently: one unit in the
+    last place of float16, a few of float32."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert laid_out(got) == laid_out(expected), "laid out as torch lays out its result"
+    tolerance = 1e-3 if got.dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def laid_out(tensor: torch.Tensor) -> list[int]:
+    """Strides of the dimensions longer than one: those of the others never matter."""
+    return [stride for stride, size in zip(tensor.stride(), tensor.shape, strict=True) if size > 1]
+
+
+def random(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_each_step_gives_torchs_result(shape: str, tokens: str, dtype: str) -> None:
+    hidden, inner, heads, kv_heads, head_dim = SHAPES[shape]
+    rows, new = TOKENS[tokens]
+    kind = DTYPES[dtype]
+    generator = torch.Generator().manual_seed(len(shape) + new)
+    # The residual stream is float32 beside float16 layers (Llama's docstring).
+    stream = random(generator, rows * new, hidden, dtype=torch.float32)
+    delta = random(generator, rows * new, hidden, dtype=kind)
+    norm = RMSNorm(hidden, 1e-6).to(kind)
+    norm.weight.data = random(generator, hidden, dtype=kind)
+    for got, expected in zip(
+        FUSED.add_norm(stream, delta, norm), TORCH.add_norm(stream, delta, norm), strict=True
+    ):
+        same(got, expected)
+    same(FUSED.norm(stream, norm), TORCH.norm(stream, norm))
+    # Queries and keys as Attention.forward hands them over: views of the
+    # projections' outputs, heads moved before tokens; Qwen3 norms each head.
+    queries = random(generator, rows, new, heads * head_dim, dtype=kind)
+    queries = queries.view(rows, new, heads, head_dim)
+    keys = random(generator, rows, new, kv_heads * head_dim, dtype=kind)
+    keys = keys.view(rows, new, kv_heads, head_dim)
+    head_norm = RMSNorm(head_dim, 1e-6).to(kind)
+    head_norm.weight.data = random(generator, head_dim, dtype=kind)
+    same(FUSED.norm(keys, head_norm), TORCH.norm(keys, head_norm))
+    angles = random(generator, rows, 1, new, head_dim, dtype=torch.float32)
+    rope = (angles.cos().to(kind), angles.sin().to(kind))
+    views = (queries.transpose(1, 2), keys.transpose(1, 2))
+    for got, expected in zip(FUSED.rotate(*views, *rope), TORCH.rotate(*views, *rope), strict=True):
+        same(got, expected)
+    gate, up = (random(generator, rows * new, inner, dtype=kind) for _ in range(2))
+    same(FUSED.silu_mul(gate, up), TORCH.silu_mul(gate, up))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_kernels_pass_their_own_check_where_they_run(shape: str) -> None:
+    """The check a GPU replica runs before trusting the kernels, here on CPU."""
+    for dtype in DTYPES.values():
+        assert fused_module.problem_on(CPU, dtype, config_of(shape)) is None
+
+
+def test_the_check_names_a_step_that_disagrees_with_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel gone wrong (here, RoPE's swap left out) keeps a replica on
+    torch's operations, and the reason names the step."""
+
+    def unswapped(queries, keys, cos, signed_sin):
+        return queries * cos + queries * signed_sin, keys * cos + keys * signed_sin
+
+    monkeypatch.setattr(fused_module.FUSED, "rotate", unswapped)
+    fused_module.problem_on.cache_clear()
+    try:
+        problem = fused_module.problem_on(CPU, torch.float32, config_of("odd widths"))
+    finally:
+        fused_module.problem_on.cache_clear()
+    assert problem is not None and problem.startswith("rotate, output 0:")
