@@ -30,6 +30,9 @@ Measured in one run:
   a GPU: its prefill passes (a piece of the prompt each), its first token,
   and the memory its passes took beyond the weights and pages;
 - one layer's decode attention with the pages read in place and gathered;
+- a decode step with torch's operations between each layer's matrix products
+  and with the fused kernels of :mod:`helpers.engine.fused_layer_ops` (on a
+  GPU), and the kernels each launches;
 - against the walkthrough's loop: one transformers ``generate`` call per
   request, in turn.
 
@@ -61,11 +64,13 @@ from helpers.engine import batch_rows  # noqa: E402
 from helpers.engine.batch_rows import (  # noqa: E402
     PREFILL_TOKENS,
     SMALLEST_WIDTH,
+    DecodeGraph,
+    DecodeStep,
     power_of_two_at_least,
 )
 from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
 from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
-from helpers.engine.llama import PagedCache, pages_for  # noqa: E402
+from helpers.engine.llama import LayerOps, PagedCache, pages_for  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -383,6 +388,60 @@ def attention_ms(
     return (None if kernel is None else timed(kernel)), timed(None)
 
 
+def decode_step_ms(engine: Engine, batch: int, past: int, ops: LayerOps, steps: int = 50) -> float:
+    """One decode step of ``batch`` rows ``past`` positions deep, replayed as
+    the engine replays it (a CUDA graph on a GPU), with ``ops`` for each
+    layer's steps between its matrix products: milliseconds a step. A cache
+    of its own, so the engine's is left as it was."""
+    model, device = engine.model, engine.device
+    width = power_of_two_at_least(past + 1, SMALLEST_WIDTH)
+    cache = model.new_paged_cache(batch, batch * pages_for(past + 1), width)
+    cache.assign(list(range(batch)), [past + 1] * batch)
+    tokens, positions = [EOS_OF_PROMPTS - 1] * batch, [past] * batch
+    kept, model.ops = model.ops, ops
+    try:
+        with torch.inference_mode():
+            if device.type == "cuda":
+                step: DecodeStep = DecodeGraph(model, cache, batch, width)
+            else:
+                step = DecodeStep(model, cache, batch, width)
+            step.run(tokens, positions)
+            synchronize(device.type)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step.run(tokens, positions)
+            synchronize(device.type)
+    finally:
+        model.ops = kept
+    return (time.perf_counter() - started) * 1000 / steps
+
+
+def gpu_kernels_per_step(engine: Engine, ops: LayerOps) -> int | None:
+    """The kernels one eager decode step of 8 rows launches with ``ops``,
+    as torch's profiler counts them (copies and fills included); None off a
+    GPU."""
+    if engine.device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model = engine.model
+    cache = model.new_paged_cache(8, 8 * pages_for(65), 128)
+    cache.assign(list(range(8)), [65] * 8)
+    step = DecodeStep(model, cache, 8, 128)
+    kept, model.ops = model.ops, ops
+    try:
+        with torch.inference_mode():
+            step.run([EOS_OF_PROMPTS - 1] * 8, [64] * 8)  # compiled before it is counted
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+                step.forward()
+                torch.cuda.synchronize()
+    finally:
+        model.ops = kept
+    return sum(event.device_type == DeviceType.CUDA for event in profiled.events())
+
+
 def loop_tokens_per_s(directory: Path, device: str, requests: int, max_tokens: int) -> float:
     """The walkthrough's way: transformers' model, one ``generate`` call per
     request, in turn (on token ids, as the engine is given them)."""
@@ -455,6 +514,28 @@ def first_token_s(engine: Engine) -> float:
     return seconds
 
 
+def layer_steps(engine: Engine, batches: list[int], past: int, graphs: str) -> None:
+    """A decode step with torch's operations between the matrix products and
+    with the fused kernels (where the engine runs them: on a GPU, where they
+    passed their check), at each batch size."""
+    fused = None if type(engine.model.ops) is LayerOps else engine.model.ops
+    torch_ops = LayerOps()
+    counts = [gpu_kernels_per_step(engine, ops) for ops in (torch_ops, fused) if ops is not None]
+    if len(counts) == 2 and None not in counts:
+        say(
+            f"GPU kernels a decode step launches: {counts[0]} with torch's layer steps, "
+            f"{counts[1]} fused"
+        )
+    say(f"| sequences | decode step at {past} positions ({graphs}): torch's layer steps | fused |")
+    say("|---|---|---|")
+    for batch in batches:
+        plain = decode_step_ms(engine, batch, past, torch_ops)
+        joined = "not run here"
+        if fused is not None:
+            joined = f"{decode_step_ms(engine, batch, past, fused):.3f} ms"
+        say(f"| {batch} | {plain:.3f} ms | {joined} |")
+
+
 def say(text: str) -> None:
     """Print one figure as soon as it is measured: a run cut short by its
     time limit keeps what it had."""
@@ -510,6 +591,20 @@ def main() -> None:
         default=["256x1024", "1x32768"],
         help="ROWSxPOSITIONS shapes of the one-layer attention comparison "
         "(positions cut to the context)",
+    )
+    parser.add_argument(
+        "--step-batches",
+        type=int,
+        nargs="+",
+        default=[1, 8, 64],
+        help="sequences in the decode-step comparison (each with a cache of its own "
+        "beside the engine's)",
+    )
+    parser.add_argument(
+        "--step-positions",
+        type=int,
+        default=512,
+        help="positions deep each row is in the decode-step comparison",
     )
     parser.add_argument("--ready-from", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -579,6 +674,7 @@ def main() -> None:
         )
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
         say(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
+        layer_steps(slots, args.step_batches, args.step_positions, graphs)
         if workload:
             tokens, seconds = nano_vllm_run(slots, workload, *args.nano_vllm_lengths)
             shortest, longest = args.nano_vllm_lengths

@@ -68,7 +68,9 @@ def _add_norm_kernel(
     tl.store(normed + row * normed_stride + places, (scaled * factor).to(kind), mask=inside)
 
 
-@triton.jit
+# A pass's token count and element count vary from pass to pass: not
+# specialised on, so the compilations at load (``problem_on``) serve them all.
+@triton.jit(do_not_specialize=["new"])
 def _rotate_kernel(
     queries,  # [batch, heads, new, head_dim], any strides but the last
     keys,  # [batch, kv_heads, new, head_dim]
@@ -125,7 +127,7 @@ def _rotate_kernel(
     tl.store(target + dims, (straight.to(tl.float32) + turned.to(tl.float32)).to(kind), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["elements"])
 def _silu_mul_kernel(gate, up, out, elements, BLOCK: tl.constexpr):
     places = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = places < elements

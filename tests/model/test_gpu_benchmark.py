@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_engine import SHAPES, checkpoint_config, load_engine, same_text, write_checkpoint
+from bench.gpu_engine import (
+    SHAPES,
+    checkpoint_config,
+    decode_step_ms,
+    load_engine,
+    same_text,
+    write_checkpoint,
+)
 from helpers.engine.engine import Engine
-from helpers.engine.llama import llama_config
+from helpers.engine.llama import LayerOps, llama_config
 from helpers.engine.tokenizer import Tokenizer
+from tests.triton_interpreter import fused_layer_ops
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +51,11 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
             "300",
             "--attention",
             "2x100",
+            "--step-batches",
+            "1",
+            "3",
+            "--step-positions",
+            "40",
         ],
         cwd=REPO,
         capture_output=True,
@@ -67,6 +80,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     assert re.search(r"walkthrough loop \(1 requests in turn\): [1-9]\d* tok/s", result.stdout)
     nano = re.search(r"nano-vllm's workload \(3 requests, .*: (\d+) tokens in", result.stdout)
     assert nano and 3 * 4 <= int(nano.group(1)) <= 3 * 12  # EOS ignored: every length in full
+    steps = re.findall(r"^\| (\d+) \| ([\d.]+) ms \| not run here \|$", result.stdout, re.M)
+    assert [int(batch) for batch, _ in steps] == [1, 3] and all(float(ms) > 0 for _, ms in steps)
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in rows] == [1, 2]
     assert all(int(tok_s) > 0 for _, tok_s in rows)
@@ -88,6 +103,10 @@ def test_each_family_shape_loads_and_decodes_as_the_benchmark_runs_it(
     assert engine.tokenizer.decode([5, 7]).split() == ["w5", "w7"]
     padded = Engine(engine.model, engine.tokenizer, model_id="padded", slots=False)
     assert same_text(engine, padded, count=2, tokens=4) == 2
+    # The decode-step comparison, the fused steps in Triton's interpreter.
+    for ops in (LayerOps(), fused_layer_ops([])):
+        assert decode_step_ms(engine, 2, 40, ops, steps=1) > 0
+    assert type(engine.model.ops) is LayerOps, "the engine's own steps are put back"
 
 
 @pytest.mark.parametrize("shape", sorted(set(SHAPES) - {"smollm2-135m"}))
