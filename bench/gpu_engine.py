@@ -388,11 +388,13 @@ def attention_ms(
     return (None if kernel is None else timed(kernel)), timed(None)
 
 
-def decode_step_ms(engine: Engine, batch: int, past: int, ops: LayerOps, steps: int = 50) -> float:
+def decode_step_ms(
+    engine: Engine, batch: int, past: int, ops: LayerOps, steps: int = 50
+) -> tuple[float, torch.Tensor]:
     """One decode step of ``batch`` rows ``past`` positions deep, replayed as
     the engine replays it (a CUDA graph on a GPU), with ``ops`` for each
-    layer's steps between its matrix products: milliseconds a step. A cache
-    of its own, so the engine's is left as it was."""
+    layer's steps between its matrix products: milliseconds a step, and the
+    last step's logits. A cache of its own, so the engine's is left as it was."""
     model, device = engine.model, engine.device
     width = power_of_two_at_least(past + 1, SMALLEST_WIDTH)
     cache = model.new_paged_cache(batch, batch * pages_for(past + 1), width)
@@ -409,17 +411,17 @@ def decode_step_ms(engine: Engine, batch: int, past: int, ops: LayerOps, steps: 
             synchronize(device.type)
             started = time.perf_counter()
             for _ in range(steps):
-                step.run(tokens, positions)
+                logits = step.run(tokens, positions)
             synchronize(device.type)
     finally:
         model.ops = kept
-    return (time.perf_counter() - started) * 1000 / steps
+    return (time.perf_counter() - started) * 1000 / steps, logits.clone()
 
 
 def gpu_kernels_per_step(engine: Engine, ops: LayerOps) -> int | None:
     """The kernels one eager decode step of 8 rows launches with ``ops``,
     as torch's profiler counts them (copies and fills included); None off a
-    GPU."""
+    GPU. Run last: a profiler once attached can slow what is timed after."""
     if engine.device.type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -434,7 +436,8 @@ def gpu_kernels_per_step(engine: Engine, ops: LayerOps) -> int | None:
         with torch.inference_mode():
             step.run([EOS_OF_PROMPTS - 1] * 8, [64] * 8)  # compiled before it is counted
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            # With the CPU's activity too: without it, kernels have gone uncounted.
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
                 step.forward()
                 torch.cuda.synchronize()
     finally:
@@ -517,29 +520,52 @@ def first_token_s(engine: Engine) -> float:
 def layer_steps(engine: Engine, batches: list[int], past: int, graphs: str) -> None:
     """A decode step with torch's operations between the matrix products and
     with the fused kernels (where the engine runs them: on a GPU, where they
-    passed their check), at each batch size."""
-    fused = None if type(engine.model.ops) is LayerOps else engine.model.ops
-    torch_ops = LayerOps()
+    passed their check), at each batch size, and whether both give each row
+    the same greedy token."""
+    fused = fused_ops(engine)
+    say(f"| sequences | decode step at {past} positions ({graphs}): torch's layer steps | fused |")
+    say("|---|---|---|")
+    agree, rows, largest = 0, 0, 0.0
+    for batch in batches:
+        plain, expected = decode_step_ms(engine, batch, past, LayerOps())
+        joined = "not run here"
+        if fused is not None:
+            ms, logits = decode_step_ms(engine, batch, past, fused)
+            joined = f"{ms:.3f} ms"
+            agree += int((logits.argmax(-1) == expected.argmax(-1)).sum())
+            rows += batch
+            largest = max(largest, float((logits - expected).abs().max()))
+        say(f"| {batch} | {plain:.3f} ms | {joined} |")
+    if rows:
+        say(
+            f"fused and torch's layer steps: the same greedy token for {agree} of {rows} rows, "
+            f"logits at most {largest:.3g} apart"
+        )
+
+
+def fused_ops(engine: Engine) -> LayerOps | None:
+    """The engine's fused layer steps, where it runs them."""
+    return None if type(engine.model.ops) is LayerOps else engine.model.ops
+
+
+def count_kernels(engine: Engine) -> None:
+    """The kernels a decode step launches with torch's layer steps and fused."""
+    fused = fused_ops(engine)
+    if fused is None or engine.device.type != "cuda":
+        return
     try:
-        counts = [
-            gpu_kernels_per_step(engine, ops) for ops in (torch_ops, fused) if ops is not None
-        ]
+        counts = [gpu_kernels_per_step(engine, ops) for ops in (LayerOps(), fused)]
     except Exception as err:  # the profiler's CUDA tracing is missing on some machines
-        say(f"GPU kernels a decode step launches: not counted ({type(err).__name__}: {err})")
-        counts = []
-    if len(counts) == 2 and None not in counts:
+        counts, reason = [], f"{type(err).__name__}: {err}"
+    else:
+        reason = "the profiler saw none"
+    if counts and all(counts):
         say(
             f"GPU kernels a decode step launches: {counts[0]} with torch's layer steps, "
             f"{counts[1]} fused"
         )
-    say(f"| sequences | decode step at {past} positions ({graphs}): torch's layer steps | fused |")
-    say("|---|---|---|")
-    for batch in batches:
-        plain = decode_step_ms(engine, batch, past, torch_ops)
-        joined = "not run here"
-        if fused is not None:
-            joined = f"{decode_step_ms(engine, batch, past, fused):.3f} ms"
-        say(f"| {batch} | {plain:.3f} ms | {joined} |")
+    else:
+        say(f"GPU kernels a decode step launches: not counted ({reason})")
 
 
 def say(text: str) -> None:
@@ -721,6 +747,7 @@ def main() -> None:
                 f"reading the pages in place (the kernel) {kernel}, gathering them for "
                 f"torch's attention {gathered:.3f} ms"
             )
+        count_kernels(slots)
 
 
 if __name__ == "__main__":

@@ -92,9 +92,9 @@ def _rotate_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    token = tl.program_id(1)
-    head = tl.program_id(2)  # the query heads first, then the key heads
+    row = tl.program_id(0) // new  # on the first axis, which has room for any pass's tokens
+    token = tl.program_id(0) % new
+    head = tl.program_id(1)  # the query heads first, then the key heads
     dims = tl.arange(0, DIM_PAD)
     inside = dims < HEAD_DIM
     partner = (dims + HEAD_DIM // 2) % HEAD_DIM  # rotate_half's swap, as one roll
@@ -160,6 +160,7 @@ class FusedLayerOps(LayerOps):
         normed = torch.empty(rows.shape, dtype=norm.weight.dtype, device=x.device)
         for tensor in (rows, added, total, normed):
             assert tensor.stride(-1) == 1, "the kernel reads each row as contiguous"
+        block = triton.next_power_of_2(columns)
         _add_norm_kernel[(rows.shape[0],)](
             rows,
             added,
@@ -173,7 +174,8 @@ class FusedLayerOps(LayerOps):
             total.stride(0),
             normed.stride(0),
             HAS_DELTA=delta is not None,
-            BLOCK=triton.next_power_of_2(columns),
+            BLOCK=block,
+            num_warps=min(max(block // 512, 1), 16),  # 16 numbers a thread, or fewer
         )
         return total.view(x.shape), normed.view(x.shape)
 
@@ -193,7 +195,7 @@ class FusedLayerOps(LayerOps):
         # [batch, new, heads, head_dim] in memory, seen as [batch, heads, new, head_dim].
         rotated_queries = queries.new_empty(batch, new, heads, head_dim)
         rotated_keys = keys.new_empty(batch, new, kv_heads, head_dim)
-        _rotate_kernel[(batch, new, heads + kv_heads)](
+        _rotate_kernel[(batch * new, heads + kv_heads)](
             queries,
             keys,
             cos,
@@ -209,6 +211,7 @@ class FusedLayerOps(LayerOps):
             cos.stride(2),
             HEAD_DIM=head_dim,
             DIM_PAD=triton.next_power_of_2(head_dim),
+            num_warps=1,  # a head is 64 or 128 numbers: one warp's work
         )
         return rotated_queries.transpose(1, 2), rotated_keys.transpose(1, 2)
 

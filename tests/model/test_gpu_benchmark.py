@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.gpu_engine import (
     SHAPES,
@@ -104,8 +105,12 @@ def test_each_family_shape_loads_and_decodes_as_the_benchmark_runs_it(
     padded = Engine(engine.model, engine.tokenizer, model_id="padded", slots=False)
     assert same_text(engine, padded, count=2, tokens=4) == 2
     # The decode-step comparison, the fused steps in Triton's interpreter.
-    for ops in (LayerOps(), fused_layer_ops([])):
-        assert decode_step_ms(engine, 2, 40, ops, steps=1) > 0
+    (plain_ms, plain), (fused_ms, fused) = (
+        decode_step_ms(engine, 2, 40, ops, steps=1) for ops in (LayerOps(), fused_layer_ops([]))
+    )
+    assert plain_ms > 0 and fused_ms > 0
+    assert plain.shape == (2, engine.model.config.vocab_size)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert type(engine.model.ops) is LayerOps, "the engine's own steps are put back"
 
 
