@@ -65,19 +65,25 @@ def distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     return [list(prompt) for prompt in first], order
 
 
-def _passes(prompts: list[list[int]]) -> list[slice]:
-    """``prompts`` cut, in order, into runs whose padded tokens stay within
-    ``PREFILL_TOKENS`` (a prompt longer than that alone, to be cut into
-    :func:`prefill_pieces`). Attention over a padded prefill holds
-    ``rows x heads x length x width`` scores, which for 256 prompts of a
-    thousand tokens would not fit beside a GPU's pages."""
-    runs, start, longest = [], 0, 0
-    for end, prompt in enumerate(prompts):
-        longest = max(longest, len(prompt))
-        if end > start and (end - start + 1) * longest > PREFILL_TOKENS:
-            runs.append(slice(start, end))
-            start, longest = end, len(prompt)
-    return [*runs, slice(start, len(prompts))]
+def prefill_groups(prompts: list[list[int]]) -> list[list[int]]:
+    """``prompts``' indices in groups, one prefill pass each, whose padded
+    tokens stay within ``PREFILL_TOKENS`` (a prompt longer than that alone,
+    to be cut into :func:`prefill_pieces`). Attention over a padded prefill
+    holds ``rows x heads x length x width`` scores, which for 256 prompts of
+    a thousand tokens would not fit beside a GPU's pages.
+
+    Shortest first: each pass then pads its prompts to nearly their own
+    length. Taken in arrival order, prompts of 100 to 1,024 tokens would
+    each be padded to about the longest, nearly doubling the work."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        # Sorted, so this prompt is the group's longest.
+        if group and (len(group) + 1) * len(prompts[index]) > PREFILL_TOKENS:
+            groups.append(group)
+            group = []
+        group.append(index)
+    return [*groups, group] if group else groups
 
 
 def prefill_pieces(length: int) -> list[tuple[int, int]]:
@@ -320,14 +326,22 @@ class PagedRows:
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
         self.prefill_passes = 0
-        last = [self._prefill(unique[part], prefilled[part]) for part in _passes(unique)]
+        groups = prefill_groups(unique)
+        last = [
+            self._prefill([unique[i] for i in group], [prefilled[i] for i in group])
+            for group in groups
+        ]
         lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
                 self.cache.copy(prefilled[index], slot, length)
         self.slot_of += slots
         self.next_position += lengths
-        new_logits = torch.cat(last)[torch.tensor(order, device=self.device)]
+        # Row r of the passes' logits is distinct prompt passed[r]'s.
+        passed = [index for group in groups for index in group]
+        row_of = {index: row for row, index in enumerate(passed)}
+        rows = torch.tensor([row_of[index] for index in order], device=self.device)
+        new_logits = torch.cat(last)[rows]
         self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
         return lengths
 
