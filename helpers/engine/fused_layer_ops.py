@@ -6,9 +6,12 @@ each kernel still costs a few microseconds however little it does, and in
 torch a layer's RMSNorm is six of them (square, mean, add, root, scale,
 weight), its rotary embedding eight, its residual add and SiLU one each.
 These kernels do each of those steps in one: the residual add with the
-RMSNorm after it, the rotation of a pass's queries and keys together, and
-SiLU with the product after it. The matrix products and attention are left
-as they are.
+RMSNorm after it, the rotation of a pass's queries and keys together (with
+Qwen3's norm of each head before it), and SiLU with the product after it.
+The matrix products and attention are left as they are; on a GPU the
+projections that read the same input are merged
+(:func:`helpers.engine.llama.merge_projections`), so the queries, keys and
+values, and the gate and up halves, arrive here as views of one output.
 
 Each kernel rounds where torch's own operations do (after every product in
 half precision), so it gives torch's result up to the order of a sum.
@@ -32,7 +35,7 @@ import triton.language as tl
 from helpers.engine.llama import LayerOps, LlamaConfig, RMSNorm
 
 ELEMENTS_PER_PROGRAM = 1024
-"""Elements one program of the SiLU kernel computes."""
+"""Elements of a row one program of the SiLU kernel computes."""
 
 
 @triton.jit
@@ -76,6 +79,9 @@ def _rotate_kernel(
     keys,  # [batch, kv_heads, new, head_dim]
     cos,  # [batch, 1, new, head_dim]
     signed_sin,  # the same, the first half negated (Llama._rope)
+    query_norm,  # [head_dim]: each query head's RMSNorm weight, where NORM
+    key_norm,
+    eps,
     rotated_queries,  # [batch, new, heads, head_dim], contiguous
     rotated_keys,  # [batch, new, kv_heads, head_dim], contiguous
     new,
@@ -91,6 +97,7 @@ def _rotate_kernel(
     angle_strides_bn1,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
+    NORM: tl.constexpr,  # Qwen3's RMSNorm of each head before the rotation
 ):
     row = tl.program_id(0) // new  # on the first axis, which has room for any pass's tokens
     token = tl.program_id(0) % new
@@ -107,6 +114,7 @@ def _rotate_kernel(
             + token * query_strides_bhn2
         )
         target = rotated_queries + ((row * new + token) * heads + head) * HEAD_DIM
+        weight = query_norm
     else:
         source = (
             keys
@@ -115,28 +123,34 @@ def _rotate_kernel(
             + token * key_strides_bhn2
         )
         target = rotated_keys + ((row * new + token) * kv_heads + head - heads) * HEAD_DIM
+        weight = key_norm
     value = tl.load(source + dims, mask=inside, other=0.0)
     swapped = tl.load(source + partner, mask=inside, other=0.0)
     kind = value.dtype
-    straight = (value.to(tl.float32) * tl.load(cos + angle + dims, mask=inside).to(tl.float32)).to(
-        kind
-    )
-    turned = (
-        swapped.to(tl.float32) * tl.load(signed_sin + angle + dims, mask=inside).to(tl.float32)
-    ).to(kind)
+    value, swapped = value.to(tl.float32), swapped.to(tl.float32)
+    if NORM:  # rounded as RMSNorm's output is, before the rotation
+        scale = 1.0 / tl.sqrt(tl.sum(value * value, 0) / HEAD_DIM + eps)
+        value = (value * scale).to(kind).to(tl.float32)
+        value = (value * tl.load(weight + dims, mask=inside).to(tl.float32)).to(kind)
+        swapped = (swapped * scale).to(kind).to(tl.float32)
+        swapped = (swapped * tl.load(weight + partner, mask=inside).to(tl.float32)).to(kind)
+        value, swapped = value.to(tl.float32), swapped.to(tl.float32)
+    straight = (value * tl.load(cos + angle + dims, mask=inside).to(tl.float32)).to(kind)
+    turned = (swapped * tl.load(signed_sin + angle + dims, mask=inside).to(tl.float32)).to(kind)
     tl.store(target + dims, (straight.to(tl.float32) + turned.to(tl.float32)).to(kind), mask=inside)
 
 
-@triton.jit(do_not_specialize=["elements"])
-def _silu_mul_kernel(gate, up, out, elements, BLOCK: tl.constexpr):
-    places = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = places < elements
-    g = tl.load(gate + places, mask=inside, other=0.0)
+@triton.jit
+def _silu_mul_kernel(gate, up, out, columns, gate_stride, up_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    places = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = places < columns
+    g = tl.load(gate + row * gate_stride + places, mask=inside, other=0.0)
     kind = g.dtype
     g = g.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(kind).to(tl.float32)
-    product = silu * tl.load(up + places, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out + places, product.to(kind), mask=inside)
+    product = silu * tl.load(up + row * up_stride + places, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out + row * columns + places, product.to(kind), mask=inside)
 
 
 class FusedLayerOps(LayerOps):
@@ -185,6 +199,7 @@ class FusedLayerOps(LayerOps):
         keys: torch.Tensor,
         cos: torch.Tensor,
         signed_sin: torch.Tensor,
+        norms: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, new, head_dim = queries.shape
         kv_heads = keys.shape[1]
@@ -195,11 +210,14 @@ class FusedLayerOps(LayerOps):
         # [batch, new, heads, head_dim] in memory, seen as [batch, heads, new, head_dim].
         rotated_queries = queries.new_empty(batch, new, heads, head_dim)
         rotated_keys = keys.new_empty(batch, new, kv_heads, head_dim)
+        weights = (queries, keys) if norms is None else (norms[0].weight, norms[1].weight)
         _rotate_kernel[(batch * new, heads + kv_heads)](
             queries,
             keys,
             cos,
             signed_sin,
+            *weights,
+            1e-6 if norms is None else norms[0].eps,
             rotated_queries,
             rotated_keys,
             new,
@@ -211,16 +229,22 @@ class FusedLayerOps(LayerOps):
             cos.stride(2),
             HEAD_DIM=head_dim,
             DIM_PAD=triton.next_power_of_2(head_dim),
+            NORM=norms is not None,
             num_warps=1,  # a head is 64 or 128 numbers: one warp's work
         )
         return rotated_queries.transpose(1, 2), rotated_keys.transpose(1, 2)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        assert gate.is_contiguous() and up.is_contiguous(), "read as flat arrays"
-        out = torch.empty_like(gate)
-        elements = gate.numel()
-        grid = (triton.cdiv(elements, ELEMENTS_PER_PROGRAM),)
-        _silu_mul_kernel[grid](gate, up, out, elements, BLOCK=ELEMENTS_PER_PROGRAM)
+        """``gate`` and ``up`` may be the two halves of one merged projection
+        (:func:`~helpers.engine.llama.merge_projections`): rows apart, each
+        row contiguous."""
+        assert gate.stride(-1) == 1 and up.stride(-1) == 1, "each row read as contiguous"
+        rows, columns = gate.shape
+        out = gate.new_empty(rows, columns)
+        grid = (rows, triton.cdiv(columns, ELEMENTS_PER_PROGRAM))
+        _silu_mul_kernel[grid](
+            gate, up, out, columns, gate.stride(0), up.stride(0), BLOCK=ELEMENTS_PER_PROGRAM
+        )
         return out
 
 
@@ -233,9 +257,10 @@ def problem_on(device: torch.device, dtype: torch.dtype, config: LlamaConfig) ->
     ``device``, or None where each compiles and agrees with torch's
     operations, tried once per process on a few tokens of that model's
     widths: a decode step's rows and a prefill's, an RMSNorm with a residual
-    to add, without, and of each head. A GPU or a Triton this was never run on then keeps
-    torch's operations, saying why, rather than decoding wrong. Compiled
-    here, at load, the kernels are ready before the first step needs them."""
+    to add and without, RoPE with each head normalised and without. A GPU or
+    a Triton this was never run on then keeps torch's operations, saying
+    why, rather than decoding wrong. Compiled here, at load, the kernels are
+    ready before the first step needs them."""
     generator = torch.Generator().manual_seed(0)
 
     def random(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
@@ -243,26 +268,31 @@ def problem_on(device: torch.device, dtype: torch.dtype, config: LlamaConfig) ->
 
     hidden, head_dim = config.hidden_size, config.head_dim
     stream = torch.float32 if dtype == torch.float16 else dtype  # Llama's residual stream
-    norm, head_norm = (
+    norm, query_norm, key_norm = (
         RMSNorm(size, config.rms_norm_eps).to(device=device, dtype=dtype)
-        for size in (hidden, head_dim)
+        for size in (hidden, head_dim, head_dim)
     )
-    norm.weight.data, head_norm.weight.data = random(hidden) + 1, random(head_dim) + 1
+    for each in (norm, query_norm, key_norm):
+        each.weight.data = random(*each.weight.shape) + 1
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
     checks = []
     for batch, new in ((3, 1), (2, 5)):
         x, delta = random(batch * new, hidden, kind=stream), random(batch * new, hidden)
-        # Projections' outputs seen per head, as Attention.forward sees them.
-        queries = random(batch, new, heads * head_dim).view(batch, new, heads, -1).transpose(1, 2)
-        keys = random(batch, new, kv_heads * head_dim).view(batch, new, kv_heads, -1)
+        # Queries and keys as Attention.forward hands them over: parts of one
+        # merged projection, seen per head.
+        queries, keys, _ = (
+            part.view(batch, new, -1, head_dim).transpose(1, 2)
+            for part in random(batch * new, sum(widths)).split(widths, dim=-1)
+        )
         angles = random(batch, 1, new, head_dim)
         rope = (angles.cos(), angles.sin())
-        gate, up = (random(batch * new, config.intermediate_size) for _ in range(2))
+        gate, up = random(batch * new, 2 * config.intermediate_size).chunk(2, dim=-1)
         checks += [
             ("add_norm", (x, delta, norm)),
             ("norm", (x, norm)),
-            ("norm", (keys, head_norm)),  # Qwen3's norm of each head
-            ("rotate", (queries, keys.transpose(1, 2), *rope)),
+            ("rotate", (queries, keys, *rope)),
+            ("rotate", (queries, keys, *rope, (query_norm, key_norm))),  # Qwen3's
             ("silu_mul", (gate, up)),
         ]
     try:

@@ -209,7 +209,8 @@ def load_llama(
     Where the directory holds GGUF blocks (the embedded model's copy) and
     this CPU runs their kernels, the linear layers keep those blocks instead
     of fp32 weights (:mod:`helpers.engine.gguf_linear`), unless ``gguf_blocks`` is
-    False; their fp32 weights are then never read.
+    False; their fp32 weights are then never read. On a GPU the projections
+    that read the same input are merged (:func:`merge_projections`).
     """
     blocks: dict[str, torch.Tensor] = {}
     blocks_file = directory / gguf_linear.BLOCKS_FILE
@@ -229,7 +230,11 @@ def load_llama(
     state = {name: tensor.to(dtype) for name, tensor in state.items()}
     if config.tie_word_embeddings and "lm_head.weight" not in replaced:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return build_llama(config, state | blocks, _eos_token_id(directory))
+    model = build_llama(config, state | blocks, _eos_token_id(directory))
+    del state, blocks  # the model holds the weights: merging frees each layer's as it goes
+    if model.device.type == "cuda":
+        merge_projections(model)
+    return model
 
 
 def build_llama(
@@ -246,6 +251,32 @@ def build_llama(
     model.inv_freq = rope_inverse_frequencies(config, model.device)
     model.ops = layer_ops(config, model.device, model.model.embed_tokens.weight.dtype)
     return model.eval()
+
+
+def merge_projections(model: Llama) -> None:
+    """Each layer's q, k and v projections as one matrix product, and its
+    gate and up projections as another: on a GPU, where a small model's step
+    is bound by its launches, three fewer a layer, each reading its input
+    once. The CPU keeps them apart, where its linear layers are GGUF blocks
+    or prepacked for oneDNN weight by weight (:mod:`helpers.engine.gguf_linear`,
+    :mod:`helpers.engine.cpu_linear`)."""
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention.qkv_proj = _stacked(attention.q_proj, attention.k_proj, attention.v_proj)
+        mlp.gate_up_proj = _stacked(mlp.gate_proj, mlp.up_proj)
+        del attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One linear layer whose outputs are ``linears``' outputs, in order."""
+    weight = torch.cat([linear.weight for linear in linears])
+    with torch.device("meta"):
+        stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None)
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if stacked.bias is not None:
+        bias = torch.cat([linear.bias for linear in linears])
+        stacked.bias = nn.Parameter(bias, requires_grad=False)
+    return stacked
 
 
 def _eos_token_id(directory: Path) -> int | list[int] | None:
@@ -669,8 +700,12 @@ class LayerOps:
         keys: torch.Tensor,
         cos: torch.Tensor,
         signed_sin: torch.Tensor,
+        norms: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both rotated by RoPE (:func:`_rotate`)."""
+        """Both rotated by RoPE (:func:`_rotate`), each head normalised
+        first where there are ``norms`` (Qwen3's, of queries and of keys)."""
+        if norms is not None:
+            queries, keys = norms[0](queries), norms[1](keys)
         return _rotate(queries, cos, signed_sin), _rotate(keys, cos, signed_sin)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -723,11 +758,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.widths = (heads * dim, kv_heads * dim, kv_heads * dim)
+        self.qkv_proj: nn.Linear | None = None  # the three in one (merge_projections)
         self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=config.output_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values of ``x``: one matrix product where they
+        are merged, three where not."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.widths, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self,
@@ -737,16 +781,16 @@ class Attention(nn.Module):
         ops: LayerOps,
     ) -> torch.Tensor:
         """``x`` is every segment's tokens packed, ``[tokens, hidden]``."""
-        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        queries, keys, values = self.projections(x)
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else None
         outputs, start = [], 0
         for rows, cache in zip(segments, caches, strict=True):
             end = start + rows.tokens
             shape = (rows.batch, rows.length, -1, self.head_dim)
-            q, k = queries[start:end].view(shape), keys[start:end].view(shape)
-            if self.qk_norm:
-                q, k = ops.norm(q, self.q_norm), ops.norm(k, self.k_norm)
-            q, k = ops.rotate(q.transpose(1, 2), k.transpose(1, 2), *rows.rope)
-            v = values[start:end].view(shape).transpose(1, 2)
+            q, k, v = (
+                part[start:end].view(shape).transpose(1, 2) for part in (queries, keys, values)
+            )
+            q, k = ops.rotate(q, k, *rows.rope, norms)
             out = cache.attend(q, k, v, rows.mask, self.head_dim**-0.5)
             outputs.append(out.transpose(1, 2).reshape(rows.tokens, -1))
             start = end
@@ -759,10 +803,15 @@ class MLP(nn.Module):
         size, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(size, inner, bias=bias)
         self.up_proj = nn.Linear(size, inner, bias=bias)
+        self.gate_up_proj: nn.Linear | None = None  # the two in one (merge_projections)
         self.down_proj = nn.Linear(inner, size, bias=bias)
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):

