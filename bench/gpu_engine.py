@@ -176,9 +176,10 @@ def checkpoint_config(shape_name: str, layers: int) -> Any:
 
 def write_checkpoint(directory: Path, shape_name: str, layers: int) -> None:
     """A checkpoint of ``shape_name`` with random weights (transformers'
-    own initialisation of that family, in float16) and a tokenizer of one
-    word per id, with the vocabulary's last id as the end-of-sequence token:
-    what both ``Engine.load`` and transformers read.
+    own initialisation of that family, its norms and biases perturbed, in
+    float16) and a tokenizer of one word per id, with the vocabulary's last
+    id as the end-of-sequence token: what both ``Engine.load`` and
+    transformers read.
 
     The tokenizer is a BPE without merges, which decodes as a word list
     would, so the kit's tokenizer loads it for every family, as it loads the
@@ -192,7 +193,14 @@ def write_checkpoint(directory: Path, shape_name: str, layers: int) -> None:
     vocab = config.vocab_size
     eos = vocab - 1
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        # Initialised, norm weights are all one and biases zero: a norm or a
+        # bias applied to the wrong head or projection would go unseen.
+        for name, parameter in model.named_parameters():
+            if name.endswith(("norm.weight", ".bias")):
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model = model.to(torch.float16)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos)
     model.save_pretrained(directory)
     # One word per token id (w0 ... w<vocab - 1>): no files to fetch.

@@ -54,7 +54,7 @@ def _add_norm_kernel(
     HAS_DELTA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 in a long pass
     places = tl.arange(0, BLOCK)
     inside = places < columns
     value = tl.load(x + row * x_stride + places, mask=inside, other=0.0).to(tl.float32)
@@ -64,7 +64,7 @@ def _add_norm_kernel(
         value = (value + added.to(tl.float32)).to(total.dtype.element_ty)
         tl.store(total + row * total_stride + places, value, mask=inside)
         value = value.to(tl.float32)
-    scale = 1.0 / tl.sqrt(tl.sum(value * value, 0) / columns + eps)
+    scale = tl.rsqrt(tl.sum(value * value, 0) / columns + eps)
     kind = normed.dtype.element_ty
     scaled = (value * scale).to(kind).to(tl.float32)
     factor = tl.load(weight + places, mask=inside, other=0.0).to(tl.float32)
@@ -99,8 +99,9 @@ def _rotate_kernel(
     DIM_PAD: tl.constexpr,
     NORM: tl.constexpr,  # Qwen3's RMSNorm of each head before the rotation
 ):
-    row = tl.program_id(0) // new  # on the first axis, which has room for any pass's tokens
-    token = tl.program_id(0) % new
+    # On the first axis, which has room for any pass's tokens; 64-bit offsets.
+    row = tl.program_id(0).to(tl.int64) // new
+    token = tl.program_id(0).to(tl.int64) % new
     head = tl.program_id(1)  # the query heads first, then the key heads
     dims = tl.arange(0, DIM_PAD)
     inside = dims < HEAD_DIM
@@ -129,7 +130,7 @@ def _rotate_kernel(
     kind = value.dtype
     value, swapped = value.to(tl.float32), swapped.to(tl.float32)
     if NORM:  # rounded as RMSNorm's output is, before the rotation
-        scale = 1.0 / tl.sqrt(tl.sum(value * value, 0) / HEAD_DIM + eps)
+        scale = tl.rsqrt(tl.sum(value * value, 0) / HEAD_DIM + eps)
         value = (value * scale).to(kind).to(tl.float32)
         value = (value * tl.load(weight + dims, mask=inside).to(tl.float32)).to(kind)
         swapped = (swapped * scale).to(kind).to(tl.float32)
@@ -142,7 +143,7 @@ def _rotate_kernel(
 
 @triton.jit
 def _silu_mul_kernel(gate, up, out, columns, gate_stride, up_stride, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     places = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = places < columns
     g = tl.load(gate + row * gate_stride + places, mask=inside, other=0.0)

@@ -234,6 +234,9 @@ def load_llama(
     del state, blocks  # the model holds the weights: merging frees each layer's as it goes
     if model.device.type == "cuda":
         merge_projections(model)
+        # The separate weights' blocks, which no larger tensor can reuse, go back
+        # to the GPU: a replica sharing it (NUM_GPUS_PER_REPLICA=0.5) may need them.
+        torch.cuda.empty_cache()
     return model
 
 
