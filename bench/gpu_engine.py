@@ -47,6 +47,7 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -54,6 +55,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -396,14 +398,16 @@ def attention_ms(
     return (None if kernel is None else timed(kernel)), timed(None)
 
 
-def decode_step_ms(
-    engine: Engine, batch: int, past: int, ops: LayerOps, steps: int = 50
-) -> tuple[float, torch.Tensor]:
-    """One decode step of ``batch`` rows ``past`` positions deep, replayed as
-    the engine replays it (a CUDA graph on a GPU), with ``ops`` for each
-    layer's steps between its matrix products: milliseconds a step, and the
-    last step's logits. A cache of its own, so the engine's is left as it was."""
-    model, device = engine.model, engine.device
+@contextlib.contextmanager
+def decode_step(
+    engine: Engine, batch: int, past: int, ops: LayerOps, graph: bool
+) -> Iterator[tuple[DecodeStep, list[int], list[int]]]:
+    """A decode step of ``batch`` rows ``past`` positions deep, with ``ops``
+    for each layer's steps between its matrix products while inside, run
+    once (compiled and warmed up), with its tokens and positions. A CUDA
+    graph where ``graph``, as the engine replays it. A cache of its own, so
+    the engine's is left as it was."""
+    model = engine.model
     width = power_of_two_at_least(past + 1, SMALLEST_WIDTH)
     cache = model.new_paged_cache(batch, batch * pages_for(past + 1), width)
     cache.assign(list(range(batch)), [past + 1] * batch)
@@ -411,45 +415,41 @@ def decode_step_ms(
     kept, model.ops = model.ops, ops
     try:
         with torch.inference_mode():
-            if device.type == "cuda":
-                step: DecodeStep = DecodeGraph(model, cache, batch, width)
-            else:
-                step = DecodeStep(model, cache, batch, width)
+            step = (DecodeGraph if graph else DecodeStep)(model, cache, batch, width)
             step.run(tokens, positions)
-            synchronize(device.type)
-            started = time.perf_counter()
-            for _ in range(steps):
-                logits = step.run(tokens, positions)
-            synchronize(device.type)
+            yield step, tokens, positions
     finally:
         model.ops = kept
-    return (time.perf_counter() - started) * 1000 / steps, logits.clone()
 
 
-def gpu_kernels_per_step(engine: Engine, ops: LayerOps) -> int | None:
-    """The kernels one eager decode step of 8 rows launches with ``ops``,
-    as torch's profiler counts them (copies and fills included); None off a
-    GPU. Run last: a profiler once attached can slow what is timed after."""
-    if engine.device.type != "cuda":
-        return None
+def decode_step_ms(
+    engine: Engine, batch: int, past: int, ops: LayerOps, steps: int = 50
+) -> tuple[float, torch.Tensor]:
+    """:func:`decode_step` replayed as the engine replays it (a CUDA graph on
+    a GPU): milliseconds a step, and the last step's logits."""
+    device = engine.device.type
+    with decode_step(engine, batch, past, ops, graph=device == "cuda") as (step, *inputs):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            logits = step.run(*inputs)
+        synchronize(device)
+        return (time.perf_counter() - started) * 1000 / steps, logits.clone()
+
+
+def gpu_kernels_per_step(engine: Engine, ops: LayerOps) -> int:
+    """The kernels one eager decode step of 8 rows launches on a GPU with
+    ``ops``, as torch's profiler counts them (copies and fills included).
+    Run last: a profiler once attached can slow what is timed after."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    model = engine.model
-    cache = model.new_paged_cache(8, 8 * pages_for(65), 128)
-    cache.assign(list(range(8)), [65] * 8)
-    step = DecodeStep(model, cache, 8, 128)
-    kept, model.ops = model.ops, ops
-    try:
-        with torch.inference_mode():
-            step.run([EOS_OF_PROMPTS - 1] * 8, [64] * 8)  # compiled before it is counted
+    with decode_step(engine, 8, 64, ops, graph=False) as (step, *_):
+        torch.cuda.synchronize()
+        # With the CPU's activity too: without it, kernels have gone uncounted.
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
+            step.forward()
             torch.cuda.synchronize()
-            # With the CPU's activity too: without it, kernels have gone uncounted.
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
-                step.forward()
-                torch.cuda.synchronize()
-    finally:
-        model.ops = kept
     return sum(event.device_type == DeviceType.CUDA for event in profiled.events())
 
 
