@@ -474,9 +474,14 @@ def loop_tokens_per_s(directory: Path, device: str, requests: int, max_tokens: i
     return tokens / (time.perf_counter() - started)
 
 
-def nano_vllm_run(engine: Engine, requests: int, shortest: int, longest: int) -> tuple[int, float]:
+def nano_vllm_run(
+    engine: Engine, requests: int, shortest: int, longest: int
+) -> tuple[int, float, int, int]:
     """nano-vllm's workload (:data:`NANO_VLLM`), all submitted at once: the
-    output tokens and the seconds they took."""
+    output tokens, the seconds they took, the forward passes, and the decode
+    steps' shapes first captured during it (a CUDA graph each, on a GPU):
+    as sequences end, the steps shrink to shapes the runs before may not
+    have needed."""
     rng = random.Random(0)
     work = [
         GenerationRequest(
@@ -485,10 +490,17 @@ def nano_vllm_run(engine: Engine, requests: int, shortest: int, longest: int) ->
         )
         for index in range(requests)
     ]
+    shapes, passes = captured_shapes(engine), engine.stats.forward_passes
     started = time.perf_counter()
     futures = [engine.submit(request) for request in work]
     tokens = sum(future.result().completion_tokens for future in futures)
-    return tokens, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return tokens, seconds, engine.stats.forward_passes - passes, captured_shapes(engine) - shapes
+
+
+def captured_shapes(engine: Engine) -> int:
+    """Decode-step shapes the engine holds as CUDA graphs (none where it runs eagerly)."""
+    return len(engine._batcher._rows.graphs or ())
 
 
 def long_prompt_run(engine: Engine, words: int) -> tuple[float, int, float]:
@@ -715,12 +727,15 @@ def main() -> None:
         alone = forward_ms(slots, largest, PROMPT_WORDS + args.max_tokens // 2)
         say(f"model forward alone, eager, {largest} rows: {alone:.2f} ms per step")
         if workload:
-            tokens, seconds = nano_vllm_run(slots, workload, *args.nano_vllm_lengths)
+            tokens, seconds, passes, captured = nano_vllm_run(
+                slots, workload, *args.nano_vllm_lengths
+            )
             shortest, longest = args.nano_vllm_lengths
             say(
                 f"nano-vllm's workload ({workload} requests, prompts and outputs of {shortest} "
                 f"to {longest} tokens, EOS ignored, {largest} at once): {tokens} tokens in "
-                f"{seconds:.2f} s, {tokens / seconds:.0f} output tok/s"
+                f"{seconds:.2f} s, {tokens / seconds:.0f} output tok/s; {passes} forward "
+                f"passes, {captured} step shapes first captured in them"
             )
         if args.device == "cuda":  # before the measurements below add their own
             peak = torch.cuda.max_memory_allocated() / 2**30

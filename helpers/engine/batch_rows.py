@@ -254,9 +254,11 @@ def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
 class PagedRows:
     """Rows in slots of a :class:`helpers.engine.llama.PagedCache`, each
     holding pages for its prompt and its most new tokens from admission on.
+    Row r is always in slot r: when rows end, the cache moves the others'
+    table rows to the front (:meth:`PagedCache.keep`).
 
     A decode step runs over the first ``batch`` slots (the smallest power of
-    two that holds every busy slot) and reads ``width`` columns (a power of
+    two that holds every row) and reads ``width`` columns (a power of
     two past every position), so a handful of shapes cover a whole run. With
     ``graphs`` each shape is captured as a CUDA graph the first time it is
     needed and replayed after that; without (on CPU, in tests) the same step
@@ -298,10 +300,9 @@ class PagedRows:
         self.clear()
 
     def clear(self) -> None:
-        self.slot_of: list[int] = []  # row -> slot
-        self.next_position: list[int] = []  # row -> where its next token goes
+        self.next_position: list[int] = []  # row (and slot) -> where its next token goes
         self.logits = torch.empty(0)
-        self.cache.release_all()
+        self.cache.keep([])
 
     def fitting(self, positions: list[int]) -> int:
         """How many of these sequences, in order, have room now, each needing
@@ -319,8 +320,8 @@ class PagedRows:
     def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
         """Prefill ``prompts`` (token ids) as new rows, each with pages for
         ``positions`` positions; returns their lengths in tokens."""
-        busy = set(self.slot_of)
-        slots = [slot for slot in range(self.slots) if slot not in busy][: len(prompts)]
+        first = len(self.next_position)
+        slots = list(range(first, first + len(prompts)))
         self._make_room(sum(map(pages_for, positions)))
         self.cache.assign(slots, positions)
         unique, order = distinct(prompts)
@@ -335,7 +336,6 @@ class PagedRows:
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
                 self.cache.copy(prefilled[index], slot, length)
-        self.slot_of += slots
         self.next_position += lengths
         # Row r of the passes' logits is distinct prompt passed[r]'s.
         passed = [index for group in groups for index in group]
@@ -375,21 +375,20 @@ class PagedRows:
         return output.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> None:
-        kept = set(rows)
-        self.cache.release([slot for row, slot in enumerate(self.slot_of) if row not in kept])
-        self.slot_of = [self.slot_of[row] for row in rows]
+        self.cache.keep(rows)  # row r moves to slot r
         self.next_position = [self.next_position[row] for row in rows]
 
     def decode(self, tokens: list[int]) -> None:
-        batch = min(self.slots, power_of_two_at_least(max(self.slot_of) + 1, 1))
+        rows = len(self.next_position)
+        batch = min(self.slots, power_of_two_at_least(rows, 1))
         width = power_of_two_at_least(max(self.next_position) + 1, SMALLEST_WIDTH)
         width = min(width, self.cache.scratch_position)
-        step_tokens = [self.pad] * batch
-        step_positions = [self.cache.scratch_position] * batch  # idle slots write to scratch
-        for slot, token, position in zip(self.slot_of, tokens, self.next_position, strict=True):
-            step_tokens[slot], step_positions[slot] = token, position
-        logits = self._step(batch, width, step_tokens, step_positions)
-        self.logits = logits[torch.tensor(self.slot_of, device=self.device)]
+        idle = batch - rows  # slots past the rows decode padding into scratch
+        step_tokens = [*tokens, *[self.pad] * idle]
+        step_positions = [*self.next_position, *[self.cache.scratch_position] * idle]
+        # The rows' logits are the step's first; a captured graph's output is
+        # overwritten by its next replay, after the batcher has read these.
+        self.logits = self._step(batch, width, step_tokens, step_positions)[:rows]
         self.next_position = [position + 1 for position in self.next_position]
 
     def _step(
@@ -453,7 +452,7 @@ class DecodeGraph(DecodeStep):
         self, model: SlotDecoder, cache: Any, batch: int, width: int, pool: Any = None
     ) -> None:
         """``pool``: a memory pool shared with the other shapes' graphs. They
-        never replay at once, and each step's logits are copied out before
+        never replay at once, and each step's logits are read before
         the next replay, so their buffers need not add up."""
         super().__init__(model, cache, batch, width)
         self.tokens.fill_(0)

@@ -602,15 +602,23 @@ class PagedCache:
             layer.keys[pages] = 0
             layer.values[pages] = 0
 
-    def release(self, slots: list[int]) -> None:
-        """Return these slots' pages; their table rows point at scratch again."""
-        for slot in slots:
-            self.free += self.owned.pop(slot)
-        if slots:
-            self.table[torch.tensor(slots, device=self.device)] = 0
+    def keep(self, slots: list[int]) -> None:
+        """Keep these slots' sequences, renumbered 0, 1, ... in this order, and
+        return every other slot's pages; the table's other rows point at
+        scratch again.
 
-    def release_all(self) -> None:
-        self.release(list(self.owned))
+        Why renumber: a decode step runs over the table's first rows, as many
+        as the last busy one needs, so the sequences left after others end
+        are packed at the front and the step shrinks with them. A sequence
+        moves by its row of the table; its pages stay where they are."""
+        busy = max(self.owned, default=-1) + 1
+        kept = set(slots)
+        for slot in [slot for slot in self.owned if slot not in kept]:
+            self.free += self.owned.pop(slot)
+        self.owned = {row: self.owned[slot] for row, slot in enumerate(slots)}
+        if slots != list(range(len(slots))):
+            self.table[: len(slots)] = self.table[torch.tensor(slots, device=self.device)]
+        self.table[len(slots) : busy] = 0
 
     def copy(self, source: int, target: int, positions: int) -> None:
         """Copy the first ``positions`` positions of one slot's pages to another's."""

@@ -86,6 +86,22 @@ def test_decode_steps_read_the_pages_in_place_and_decode_the_same_text(
     assert len(calls) >= layers * kernel.stats.forward_passes // 2, "most passes are decode steps"
 
 
+def test_a_decode_step_shrinks_to_the_rows_left(engines: tuple[Engine, Engine]) -> None:
+    """When the first three rows end, the fourth moves to the first slot, so
+    the steps after run over one slot, not four (on a GPU, a smaller graph),
+    and every row decodes the padded cache's text."""
+    padded, slotted = engines
+    sampling = [Sampling(n, temperature=0.0, top_p=1.0, ignore_eos=True) for n in (3, 3, 3, 12)]
+    prompts = [*PROMPTS, "Ray Serve scales replicas"]
+    requests = [GenerationRequest(p, s) for p, s in zip(prompts, sampling, strict=True)]
+    with rows_per_pass(slotted.model) as calls:
+        got = slotted.generate(requests)
+    assert [c.text for c in got] == [c.text for c in padded.generate(requests)]
+    assert [c.completion_tokens for c in got] == [3, 3, 3, 12]
+    # One prefill, two steps of four rows, then the fourth row's nine alone.
+    assert calls == [4, 4, 4, *[1] * 9]
+
+
 def test_the_pages_grow_past_their_first_pool(engines: tuple[Engine, Engine]) -> None:
     """A long prompt joins a running sequence: the cache doubles, keeping the
     first sequence's pages as they were."""

@@ -79,8 +79,14 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
         r"health checks during that pass, on another thread: \d+ passed$", result.stdout, re.M
     )
     assert re.search(r"walkthrough loop \(1 requests in turn\): [1-9]\d* tok/s", result.stdout)
-    nano = re.search(r"nano-vllm's workload \(3 requests, .*: (\d+) tokens in", result.stdout)
+    nano = re.search(
+        r"nano-vllm's workload \(3 requests, .*: (\d+) tokens in .*; (\d+) forward passes, "
+        r"0 step shapes first captured in them$",  # eager on CPU: no graphs
+        result.stdout,
+        re.M,
+    )
     assert nano and 3 * 4 <= int(nano.group(1)) <= 3 * 12  # EOS ignored: every length in full
+    assert 0 < int(nano.group(2)) < int(nano.group(1)), "three rows share their steps"
     steps = re.findall(r"^\| (\d+) \| ([\d.]+) ms \| not run here \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in steps] == [1, 3] and all(float(ms) > 0 for _, ms in steps)
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
