@@ -22,8 +22,10 @@ Measured in one run:
   with ``Engine.load``'s own breakdown;
 - the first streamed token of one request on an idle engine;
 - output tokens/s with 1, 8, 64 and 256 sequences submitted together, the
-  milliseconds each batched step took, and the model's forward pass alone at
-  the largest batch (the rest of a step is the batcher's own work);
+  milliseconds each batched step took, the largest batch again with every
+  request streamed (its text decoded token by token, as a server streams
+  it), and the model's forward pass alone at the largest batch (the rest of
+  a step is the batcher's own work);
 - nano-vllm's workload (:data:`NANO_VLLM`), on a GPU;
 - the GPU's peak memory;
 - one prompt of 32,768 tokens (or the context less one, where shorter), on
@@ -278,12 +280,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_run(engine: Engine, batch: int, max_tokens: int) -> tuple[float, float]:
-    """``batch`` greedy requests submitted at once: tokens/s and ms per step."""
+def engine_run(
+    engine: Engine, batch: int, max_tokens: int, streamed: bool = False
+) -> tuple[float, float]:
+    """``batch`` greedy requests submitted at once: tokens/s and ms per step.
+    ``streamed``: each request's text piece by piece, as a server streams it,
+    which decodes every new token on the decode thread."""
     sampling = Sampling(max_new_tokens=max_tokens, temperature=0.0, top_p=1.0)
     steps_before = engine.stats.forward_passes
+    pieces: list[str] = []
+    on_text = pieces.append if streamed else None
     started = time.perf_counter()
-    futures = [engine.submit(GenerationRequest(p, sampling)) for p in prompts(batch)]
+    futures = [engine.submit(GenerationRequest(p, sampling), on_text) for p in prompts(batch)]
     tokens = sum(future.result().completion_tokens for future in futures)
     seconds = time.perf_counter() - started
     return tokens / seconds, seconds * 1000 / (engine.stats.forward_passes - steps_before)
@@ -718,6 +726,8 @@ def main() -> None:
         for batch in args.batches:
             tok_s, step_ms = engine_run(slots, batch, args.max_tokens)
             say(f"| {batch} | {tok_s:.0f} | {step_ms:.2f} | {tok_s / loop:.1f}x |")
+        tok_s, step_ms = engine_run(slots, largest, args.max_tokens, streamed=True)
+        say(f"streamed, {largest} sequences: {tok_s:.0f} tok/s, {step_ms:.2f} ms per step")
         engine_run(padded, largest, 8)
         tok_s, step_ms = engine_run(padded, largest, args.max_tokens)
         say(

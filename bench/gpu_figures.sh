@@ -26,5 +26,5 @@ for shape in ${SHAPES:-smollm2-135m qwen3-0.6b qwen2.5-0.5b llama3.2-1b}; do
     echo "$shape: exit $?"
     grep -E "^device|same greedy|the same with|first token|GPU memory|nano-vllm|prompt alone" \
         "$out/$shape.txt"
-    grep -E "attention alone|GPU kernels|fused and torch|^\| (1|64|256) \|" "$out/$shape.txt"
+    grep -E "attention alone|GPU kernels|fused and torch|^streamed|^\| (1|64|256) \|" "$out/$shape.txt"
 done

@@ -19,7 +19,8 @@ the batcher's row order, and run the model over them:
 Both take the same calls: how many waiting sequences have room
 (``fitting``), ``admit`` prompts (one prefill pass for all of them, or a few
 for many or very long ones: ``prefill_passes``), ``keep`` some rows, ``decode`` one
-token per row, ``clear``. ``logits`` holds
+token per row (whether it returns before the step has run: ``step_runs_ahead``),
+``clear``. ``logits`` holds
 each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
 stale, since the batcher always decodes next.
 """
@@ -140,6 +141,11 @@ class PaddedRows:
     def fitting(self, positions: list[int]) -> int:
         """All of them: the cache grows a column a step, with no room held ahead."""
         return len(positions)
+
+    def step_runs_ahead(self) -> bool:
+        """Never: a step here is launched op by op, and on a GPU a folded
+        prefill reads its rows' lengths back before :meth:`decode` returns."""
+        return False
 
     def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
         """Prefill ``prompts`` (token ids) as new rows; returns their lengths in
@@ -296,6 +302,10 @@ class PagedRows:
         self.cache = model.new_paged_cache(slots, pages or FIRST_PAGES, max_positions)
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
         self.graph_pool = torch.cuda.graph_pool_handle() if graphs else None
+        # Every graph writes its logits here: one buffer for all the shapes.
+        self.graph_logits = (
+            torch.empty(slots, model.config.vocab_size, device=self.device) if graphs else None
+        )
         self.pad = tokenizer.pad_token_id or 0
         self.clear()
 
@@ -380,16 +390,27 @@ class PagedRows:
 
     def decode(self, tokens: list[int]) -> None:
         rows = len(self.next_position)
-        batch = min(self.slots, power_of_two_at_least(rows, 1))
-        width = power_of_two_at_least(max(self.next_position) + 1, SMALLEST_WIDTH)
-        width = min(width, self.cache.scratch_position)
+        batch, width = self._step_shape()
         idle = batch - rows  # slots past the rows decode padding into scratch
         step_tokens = [*tokens, *[self.pad] * idle]
         step_positions = [*self.next_position, *[self.cache.scratch_position] * idle]
-        # The rows' logits are the step's first; a captured graph's output is
-        # overwritten by its next replay, after the batcher has read these.
+        # The rows' logits are the step's first; a graph's output is
+        # overwritten by the next replay, after the batcher has read these.
         self.logits = self._step(batch, width, step_tokens, step_positions)[:rows]
         self.next_position = [position + 1 for position in self.next_position]
+
+    def step_runs_ahead(self) -> bool:
+        """Whether the next :meth:`decode` returns once its step is queued on
+        the GPU, before it has run: a graph captured already is replayed. A
+        first capture, or an eager step, runs before it returns."""
+        return self.graphs is not None and self._step_shape() in self.graphs
+
+    def _step_shape(self) -> tuple[int, int]:
+        """The next decode step's slots and columns: powers of two past the
+        rows and past every position."""
+        batch = min(self.slots, power_of_two_at_least(len(self.next_position), 1))
+        width = power_of_two_at_least(max(self.next_position) + 1, SMALLEST_WIDTH)
+        return batch, min(width, self.cache.scratch_position)
 
     def _step(
         self, batch: int, width: int, tokens: list[int], positions: list[int]
@@ -399,7 +420,9 @@ class PagedRows:
             return step.run(tokens, positions)
         graph = self.graphs.get((batch, width))
         if graph is None:
-            graph = DecodeGraph(self.model, self.cache, batch, width, self.graph_pool)
+            graph = DecodeGraph(
+                self.model, self.cache, batch, width, self.graph_pool, self.graph_logits
+            )
             self.graphs[batch, width] = graph
         return graph.run(tokens, positions)
 
@@ -431,17 +454,19 @@ class DecodeStep:
         self.rows = torch.arange(batch, device=device)
 
     def forward(self) -> torch.Tensor:
+        """Each row's logits, in the model's dtype."""
         self.cache.select(self.rows, self.positions, self.width)
         output = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache)
-        return output.logits[:, -1, :].float()
+        return output.logits[:, -1, :]
 
     def load(self, tokens: list[int], positions: list[int]) -> None:
         self.tokens.copy_(torch.tensor(tokens)[:, None], non_blocking=True)
         self.positions.copy_(torch.tensor(positions)[:, None], non_blocking=True)
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """The step on these inputs: each row's logits in fp32."""
         self.load(tokens, positions)
-        return self.forward()
+        return self.forward().float()
 
 
 class DecodeGraph(DecodeStep):
@@ -449,12 +474,24 @@ class DecodeGraph(DecodeStep):
     whole step at once, with the inputs copied into the tensors it captured."""
 
     def __init__(
-        self, model: SlotDecoder, cache: Any, batch: int, width: int, pool: Any = None
+        self,
+        model: SlotDecoder,
+        cache: Any,
+        batch: int,
+        width: int,
+        pool: Any = None,
+        logits: torch.Tensor | None = None,
     ) -> None:
-        """``pool``: a memory pool shared with the other shapes' graphs. They
-        never replay at once, and each step's logits are read before
-        the next replay, so their buffers need not add up."""
+        """``pool``: a memory pool shared with the other shapes' graphs, and
+        ``logits``: an fp32 buffer of at least ``batch`` rows they all write
+        their output to. They never replay at once, and each step's logits
+        are read before the next replay, so their buffers need not add up:
+        an output of its own, kept alive by each graph, would hold a
+        ``batch x vocabulary`` buffer per shape."""
         super().__init__(model, cache, batch, width)
+        if logits is None:
+            logits = torch.empty(batch, model.config.vocab_size, device=self.tokens.device)
+        self.logits = logits[:batch]
         self.tokens.fill_(0)
         self.positions.fill_(cache.scratch_position)  # warm-up and capture touch scratch only
         side = torch.cuda.Stream()
@@ -467,7 +504,7 @@ class DecodeGraph(DecodeStep):
         # thread (``Engine.probe``); in the default mode its CUDA calls during
         # a capture would be refused, here only this thread's are checked.
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = self.forward()
+            self.logits.copy_(self.forward())
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         self.load(tokens, positions)

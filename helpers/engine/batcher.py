@@ -369,6 +369,7 @@ class ContinuousBatcher:
         logits = self._rows.logits
         self._masks.wait()
         next_tokens, keep = [], []
+        pushed: list[_Sequence] = []  # kept rows whose new token's text is not decoded yet
         # Greedy rows take their argmax from one batched call: one transfer
         # from the device per step rather than one per row.
         greedy = logits.argmax(-1).tolist()
@@ -376,6 +377,7 @@ class ContinuousBatcher:
             if sequence.future.cancelled():
                 self.stats.cancelled += 1
                 continue
+            deferred = False
             sampler, sampling = sequence.sampler, sequence.request.sampling
             if sampler.greedy and not sampler.changes_logits:
                 token = greedy[row]
@@ -390,9 +392,15 @@ class ContinuousBatcher:
                 sampler.record(token)
                 if sampling.logprobs is not None:
                     sequence.add_logprob(self._token_logprob(sampler, logits[row], token))
-                sequence.emit(sequence.text.append(token))
                 self.stats.generated_tokens += 1
-                ended = sequence.text.stopped
+                # Without a stop string its text cannot end the sequence, and
+                # can wait (see _stream_text).
+                deferred = not sequence.text.stop
+                if deferred:
+                    sequence.text.push(token)
+                else:
+                    sequence.emit(sequence.text.append(token))
+                    ended = sequence.text.stopped
                 if sampler.constraint is not None:
                     sampler.constraint.advance(token)
                     ended = ended or sampler.constraint.complete
@@ -401,6 +409,8 @@ class ContinuousBatcher:
             else:
                 keep.append(row)
                 next_tokens.append(token)
+                if deferred:
+                    pushed.append(sequence)
         if not keep:
             self._sequences = []
             self._rows.clear()
@@ -412,6 +422,9 @@ class ContinuousBatcher:
             self._rows.keep(keep)
         # The kept rows' next masks, computed while the step below runs.
         self._masks.start([s.sampler.constraint for s in self._sequences if s.sampler.constraint])
+        runs_ahead = self._rows.step_runs_ahead()
+        if not runs_ahead:
+            _stream_text(pushed)
         if fold:
             lengths = self._rows.decode(next_tokens, [s.prompt_ids for s in arrivals])
             self._joined(arrivals, lengths)
@@ -419,6 +432,8 @@ class ContinuousBatcher:
         else:
             self._rows.decode(next_tokens)
         self.stats.forward_passes += 1
+        if runs_ahead:
+            _stream_text(pushed)
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """Prefill ``sequences`` together (in one pass, or a few where the
@@ -455,6 +470,19 @@ class ContinuousBatcher:
         value, top = sampler.logprobs(logits, token)
         text = self.tokenizer.decode
         return TokenLogprob(text([token]), value, tuple((text([t]), v) for t, v in top))
+
+
+def _stream_text(sequences: list[_Sequence]) -> None:
+    """Decode and stream each sequence's tokens pushed this step.
+
+    Why it waits: decoding is two tokenizer calls a streamed row, which at
+    hundreds of rows rivals a small model's GPU step. Where the decode step
+    runs ahead (a captured graph, queued on the GPU), this runs after it is
+    queued, while the GPU computes; where the step runs before returning (on
+    CPU, eagerly, or while a graph is first captured), before it, so no
+    stream gets its text a step late."""
+    for sequence in sequences:
+        sequence.emit(sequence.text.flush())
 
 
 def _positions(sequence: _Sequence) -> int:

@@ -45,7 +45,18 @@ class TextStream:
 
     def append(self, token: int) -> str:
         """Add one token; return the new text that is safe to send."""
+        self.push(token)
+        return self.flush()
+
+    def push(self, token: int) -> None:
+        """Add one token, to be decoded by the next :meth:`flush` (or
+        :meth:`finish`). Why apart: the batcher records a token before a GPU's
+        next step starts and decodes it while that step runs."""
         self.tokens.append(token)
+
+    def flush(self) -> str:
+        """Decode the tokens pushed since the last call; return the new text
+        that is safe to send."""
         if not self.incremental:
             return ""
         self._text += self._decode_new(final=False)

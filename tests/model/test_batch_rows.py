@@ -102,6 +102,25 @@ def test_a_decode_step_shrinks_to_the_rows_left(engines: tuple[Engine, Engine]) 
     assert calls == [4, 4, 4, *[1] * 9]
 
 
+def test_a_step_runs_ahead_only_as_a_graph_captured_already(
+    engines: tuple[Engine, Engine],
+) -> None:
+    """The batcher decodes streamed text after a step that returns once
+    queued (a captured graph's replay) and before one that runs first (an
+    eager step, or the capture of a shape not seen yet)."""
+    padded, slotted = engines
+    assert not padded._batcher._rows.step_runs_ahead()
+    rows = PagedRows(slotted.model, slotted.tokenizer, 4, False, slotted.context_length)
+    prompt = slotted.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.inference_mode():
+        rows.admit([prompt, prompt], [len(prompt) + 8] * 2)
+    assert not rows.step_runs_ahead(), "eager: no graphs at all"
+    rows.graphs = {(2, 64): None}  # as if that shape had been captured
+    assert rows.step_runs_ahead()
+    rows.keep([1])
+    assert not rows.step_runs_ahead(), "one row left: a shape not captured yet"
+
+
 def test_the_pages_grow_past_their_first_pool(engines: tuple[Engine, Engine]) -> None:
     """A long prompt joins a running sequence: the cache doubles, keeping the
     first sequence's pages as they were."""

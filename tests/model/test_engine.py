@@ -1,6 +1,7 @@
 """The engine on the real embedded model: no Ray involved."""
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import pytest
@@ -171,6 +172,52 @@ def test_streamed_text_equals_the_completion_even_inside_a_batch(engine: Engine)
     assert [c.text for c in completions] == [
         engine.generate([greedy(p, 16)])[0].text for p in PROMPTS[:2]
     ]
+
+
+@padded_only
+def test_text_decoded_while_a_gpus_step_runs_streams_the_same(engine: Engine) -> None:
+    """On a GPU the new tokens' text is decoded after the next step is
+    queued, to run while it computes; here, with the step said to run
+    ahead as a GPU's replay does, each piece
+    still reaches its stream in order and before its future resolves, a
+    stop string still cuts the text, and the completions are the inline
+    ones. The first piece arrives only once the step after its token began."""
+    stop = engine.generate([greedy(PROMPTS[2], 16)])[0].text.strip()[3:6]
+    requests = [
+        greedy(PROMPTS[0], 16),
+        greedy(PROMPTS[1], 16),
+        GenerationRequest(PROMPTS[2], Sampling(16, 0.0, 1.0, stop=(stop,))),
+    ]
+    expected = [c.text for c in engine.generate(requests)]
+    after_step = Engine(engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, slots=True)
+    after_step._batcher._rows.step_runs_ahead = lambda: True  # as a captured graph's replay
+    events: list[str] = []
+    forward = engine.model.forward
+    engine.model.forward = lambda *a, **k: events.append("pass") or forward(*a, **k)
+    try:
+        pieces: list[list[str]] = [[], [], []]
+
+        def stream(row: int) -> Callable[[str], None]:
+            def on_text(piece: str) -> None:
+                assert not futures[row].done(), "a piece after its future resolved"
+                pieces[row].append(piece)
+                events.append(f"text {row}")
+
+            return on_text
+
+        with after_step.together():
+            futures = [after_step.submit(r, stream(i)) for i, r in enumerate(requests)]
+        completions = [f.result(timeout=120) for f in futures]
+    finally:
+        del engine.model.forward
+    assert [c.text for c in completions] == expected
+    assert ["".join(p) for p in pieces] == expected
+    assert all(len(p) > 4 for p in pieces[:2]), "streamed piece by piece, not at the end"
+    assert completions[2].finish_reason == "stop" and stop not in completions[2].text
+    second_pass = [i for i, event in enumerate(events) if event == "pass"][1]
+    assert events.index("text 0") > second_pass < events.index("text 1"), (
+        "a streamed row's first piece comes once the step after its token is queued"
+    )
 
 
 def test_a_stop_string_ends_the_completion_before_it(engine: Engine) -> None:

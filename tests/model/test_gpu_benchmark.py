@@ -89,6 +89,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     assert 0 < int(nano.group(2)) < int(nano.group(1)), "three rows share their steps"
     steps = re.findall(r"^\| (\d+) \| ([\d.]+) ms \| not run here \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in steps] == [1, 3] and all(float(ms) > 0 for _, ms in steps)
+    streamed = r"^streamed, 2 sequences: [1-9]\d* tok/s, [\d.]+ ms per step$"
+    assert re.search(streamed, result.stdout, re.M)
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in rows] == [1, 2]
     assert all(int(tok_s) > 0 for _, tok_s in rows)
