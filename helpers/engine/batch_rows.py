@@ -303,9 +303,7 @@ class PagedRows:
         self.graphs: dict[tuple[int, int], DecodeGraph] | None = {} if graphs else None
         self.graph_pool = torch.cuda.graph_pool_handle() if graphs else None
         # Every graph writes its logits here: one buffer for all the shapes.
-        self.graph_logits = (
-            torch.empty(slots, model.config.vocab_size, device=self.device) if graphs else None
-        )
+        self.graph_logits = logits_buffer(model, slots) if graphs else None
         self.pad = tokenizer.pad_token_id or 0
         self.clear()
 
@@ -443,6 +441,12 @@ class PagedRows:
             self.graphs.clear()
 
 
+def logits_buffer(model: SlotDecoder, rows: int) -> torch.Tensor:
+    """Room for ``rows`` rows of fp32 logits on the model's device, where a
+    captured step writes its output."""
+    return torch.empty(rows, model.config.vocab_size, dtype=torch.float32, device=model.device)
+
+
 class DecodeStep:
     """One decode step over the first ``batch`` slots reading ``width`` columns."""
 
@@ -489,9 +493,7 @@ class DecodeGraph(DecodeStep):
         an output of its own, kept alive by each graph, would hold a
         ``batch x vocabulary`` buffer per shape."""
         super().__init__(model, cache, batch, width)
-        if logits is None:
-            logits = torch.empty(batch, model.config.vocab_size, device=self.tokens.device)
-        self.logits = logits[:batch]
+        self.logits = (logits_buffer(model, batch) if logits is None else logits)[:batch]
         self.tokens.fill_(0)
         self.positions.fill_(cache.scratch_position)  # warm-up and capture touch scratch only
         side = torch.cuda.Stream()
