@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Issue 23's GPU figures in one call on a lent GPU machine: bench.gpu_engine for
-# each model shape, each under a time limit of its own, its whole output kept
-# in $OUT/<shape>.txt as it is written, so a shape that runs long costs only
-# its own figures.
+# each model shape, its whole output kept in $OUT/<shape>.txt as it is written.
+# The shapes share one time budget: each may take the time left divided by the
+# shapes still to run, so a quick shape leaves its time to the slower
+# ones after it, and a shape that runs long costs only its own later figures.
 #
 # Those machines have torch and transformers but not llguidance, which the
 # batcher imports, and they cannot download. Here, first:
 #   python -m pip download --no-deps --only-binary=:all: -d .whl llguidance==1.9.1
 # then run this with `.whl` carried (.gitignore keeps it out of git).
 #
-#   SHAPES="qwen3-0.6b" SHAPE_TIMEOUT_S=240 PYTHON=python3 bench/gpu_figures.sh [gpu_engine options]
+#   SHAPES="qwen3-0.6b" BUDGET_S=240 PYTHON=python3 bench/gpu_figures.sh [gpu_engine options]
 set -u
+started=$SECONDS
+budget=${BUDGET_S:-560}  # within a device call's 600 s, installs included
 out=${OUT:-/tmp/gpu-figures}
 python=${PYTHON:-python3}  # the device image's holds torch
 mkdir -p "$out"
@@ -20,10 +23,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
-for shape in ${SHAPES:-smollm2-135m qwen3-0.6b qwen2.5-0.5b llama3.2-1b}; do
-    timeout "${SHAPE_TIMEOUT_S:-140}" "$python" -m bench.gpu_engine --shape "$shape" "$@" \
+read -r -a shapes <<< "${SHAPES:-smollm2-135m qwen3-0.6b qwen2.5-0.5b llama3.2-1b}"
+left=${#shapes[@]}
+for shape in "${shapes[@]}"; do
+    limit=$(( (budget - (SECONDS - started)) / left ))
+    left=$(( left - 1 ))
+    if (( limit < 1 )); then
+        echo "$shape: skipped, the budget of ${budget} s is spent"
+        continue
+    fi
+    timeout "$limit" "$python" -m bench.gpu_engine --shape "$shape" "$@" \
         > "$out/$shape.txt" 2>&1
-    echo "$shape: exit $?"
+    echo "$shape: exit $? after $(( SECONDS - started )) s of the budget (limit ${limit} s)"
     grep -E "^device|same greedy|the same with|first token|GPU memory|nano-vllm|prompt alone" \
         "$out/$shape.txt"
     grep -E "attention alone|GPU kernels|fused and torch|^streamed|^\| (1|64|256) \|" "$out/$shape.txt"
