@@ -87,6 +87,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     )
     assert nano and 3 * 4 <= int(nano.group(1)) <= 3 * 12  # EOS ignored: every length in full
     assert 0 < int(nano.group(2)) < int(nano.group(1)), "three rows share their steps"
+    again = r"^the same workload again: (\d+) tokens in .*, 0 step shapes first captured in them$"
+    assert re.search(again, result.stdout, re.M)
     steps = re.findall(r"^\| (\d+) \| ([\d.]+) ms \| not run here \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in steps] == [1, 3] and all(float(ms) > 0 for _, ms in steps)
     streamed = r"^streamed, 2 sequences: [1-9]\d* tok/s, [\d.]+ ms per step$"
