@@ -377,7 +377,6 @@ class ContinuousBatcher:
             if sequence.future.cancelled():
                 self.stats.cancelled += 1
                 continue
-            deferred = False
             sampler, sampling = sequence.sampler, sequence.request.sampling
             if sampler.greedy and not sampler.changes_logits:
                 token = greedy[row]
@@ -393,14 +392,11 @@ class ContinuousBatcher:
                 if sampling.logprobs is not None:
                     sequence.add_logprob(self._token_logprob(sampler, logits[row], token))
                 self.stats.generated_tokens += 1
-                # Without a stop string its text cannot end the sequence, and
-                # can wait (see _stream_text).
-                deferred = not sequence.text.stop
-                if deferred:
-                    sequence.text.push(token)
-                else:
+                if sequence.text.stop:  # its text may end the sequence: decoded now
                     sequence.emit(sequence.text.append(token))
                     ended = sequence.text.stopped
+                else:  # decoded once every row is sampled (_stream_text)
+                    sequence.text.push(token)
                 if sampler.constraint is not None:
                     sampler.constraint.advance(token)
                     ended = ended or sampler.constraint.complete
@@ -409,7 +405,7 @@ class ContinuousBatcher:
             else:
                 keep.append(row)
                 next_tokens.append(token)
-                if deferred:
+                if not sequence.text.stop:
                     pushed.append(sequence)
         if not keep:
             self._sequences = []
