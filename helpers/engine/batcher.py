@@ -73,6 +73,13 @@ def prompt_token_ids(tokenizer: Any, prompt: str | tuple[int, ...]) -> list[int]
     return list(prompt) if isinstance(prompt, tuple) else tokenizer(prompt)["input_ids"]
 
 
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed before this work could run."""
+
+    def __init__(self) -> None:
+        super().__init__("the engine's decode loop has stopped")
+
+
 @dataclass
 class BatchStats:
     """Counters a test or a metric can read to see batching at work."""
@@ -209,7 +216,9 @@ class ContinuousBatcher:
         atexit.register(self.close)
 
     def close(self) -> None:
-        """Stop the loop after the batch in flight; later submissions never resolve."""
+        """Stop the loop once the batch in flight has finished. Whatever else
+        was submitted, or is submitted later, is refused with
+        :class:`BatcherClosedError` rather than left waiting for ever."""
         self._stopping.set()
         self._waiting.put(None)
         self._thread.join(timeout=30)
@@ -260,6 +269,8 @@ class ContinuousBatcher:
             )
             return future
         self._waiting.put(sequence)
+        if self._stopping.is_set():  # the loop may have drained the queue already
+            self._refuse_waiting()
         return future
 
     def batch_load(self) -> BatchLoad:
@@ -300,13 +311,16 @@ class ContinuousBatcher:
         self._new_chores.put(_Chore(list(pieces), done))
         if wake:
             self._waiting.put(None)  # an empty arrival: the loop goes round once
+        if self._stopping.is_set():
+            self._refuse_waiting()
         return done
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
         while not (self._stopping.is_set() and not self._sequences):
             self._run_chores(idle=not self._sequences and not self._held and self._waiting.empty())
-            arrivals = self._take_arrivals()
+            # Once stopping, only the batch in flight goes on.
+            arrivals = [] if self._stopping.is_set() else self._take_arrivals()
             try:
                 with torch.inference_mode():
                     self._advance(arrivals)
@@ -315,6 +329,29 @@ class ContinuousBatcher:
                     _settle(sequence.future, exception=err)
                 self._sequences = []
                 self._rows.clear()
+        held, self._held = self._held, []
+        for sequence in held:
+            _settle(sequence.future, exception=BatcherClosedError())
+        while self._chores:
+            self._chores.popleft().done.set_exception(BatcherClosedError())
+        self._refuse_waiting()
+
+    def _refuse_waiting(self) -> None:
+        """Settle everything queued for a loop that has stopped. Safe from any
+        thread: each queued item is taken, and settled, by one caller."""
+        while True:
+            try:
+                sequence = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if sequence is not None:
+                _settle(sequence.future, exception=BatcherClosedError())
+        while True:
+            try:
+                chore = self._new_chores.get_nowait()
+            except queue.Empty:
+                break
+            chore.done.set_exception(BatcherClosedError())
 
     def _run_chores(self, idle: bool) -> None:
         """Between two steps: one piece of the oldest chore, or every piece of

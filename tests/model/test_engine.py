@@ -1,5 +1,6 @@
 """The engine on the real embedded model: no Ray involved."""
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -7,6 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine.batcher import BatcherClosedError, ContinuousBatcher
 from helpers.engine.cpu_linear import PrepackedLinear, can_prepack
 from helpers.engine.engine import (
     Engine,
@@ -241,6 +243,34 @@ def test_a_cancelled_request_is_dropped_mid_flight_and_the_others_go_on(engine: 
     assert survivor.result(timeout=120).completion_tokens > 0
     wait_for(lambda: engine.stats.cancelled > cancelled_before)
     assert engine.stats.cancelled == cancelled_before + 1
+
+
+@padded_only
+def test_closing_finishes_the_batch_in_flight_and_refuses_everything_else(
+    engine: Engine,
+) -> None:
+    batcher = ContinuousBatcher(
+        engine.model, engine.tokenizer, engine._batcher.eos_token_ids, max_batch_size=1
+    )
+    first_piece, closing = threading.Event(), threading.Event()
+
+    def hold_the_loop(_: str) -> None:  # on the decode thread, mid-sequence
+        first_piece.set()
+        closing.wait(60)
+
+    in_flight = batcher.submit(greedy(PROMPTS[1]), on_text=hold_the_loop)
+    assert first_piece.wait(60)
+    queued = [batcher.submit(greedy(prompt)) for prompt in PROMPTS[:2]]  # no room: one row
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    wait_for(lambda: not batcher.alive)
+    closing.set()
+    closer.join(60)
+
+    assert in_flight.result(timeout=60) == engine.generate([greedy(PROMPTS[1])])[0]
+    late = [batcher.submit(greedy(PROMPTS[0])), batcher.between_steps([lambda: None])]
+    for refused in queued + late:
+        assert isinstance(refused.exception(timeout=10), BatcherClosedError)
 
 
 def wait_for(condition, timeout_s: float = 60) -> None:
