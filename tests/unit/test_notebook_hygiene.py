@@ -57,6 +57,19 @@ def test_every_notebook_has_the_same_setup_cell() -> None:
     assert len({cells(path, "code")[0] for path in NOTEBOOKS}) == 1
 
 
+def test_the_setup_cell_away_from_the_kit_without_kit_repo_url_says_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a fresh Colab runtime that skipped the README's first step: the
+    kit is neither here nor cloned yet, so the cell has nothing to clone."""
+    if Path("/content/ray-serve-llm-kit").exists():
+        pytest.skip("a kit is cloned where Colab keeps it: the cell would use it")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KIT_REPO_URL", raising=False)
+    with pytest.raises(SystemExit, match="%env KIT_REPO_URL="):
+        exec(cells(NOTEBOOKS[0], "code")[0], {})
+
+
 def test_readme_links_every_notebook() -> None:
     readme = (REPO / "README.md").read_text()
     for path in NOTEBOOKS:
