@@ -124,10 +124,13 @@ def local_cluster(head_cpus: float = 1) -> Iterator[LocalCluster]:
 
 
 def _start_node(ip: str, args: list[str]) -> RayNode:
+    """``ray start`` for one node, with no GPU: every node here would claim this
+    machine's GPUs as its own, so Ray would count each one once per node and
+    place more GPU replicas than the GPU holds."""
     log = Path(tempfile.mkstemp(prefix=f"ray-node-{ip}-", suffix=".log")[1])
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [cli_path("ray"), "start", "--block", f"--node-ip-address={ip}", *args],
+            [cli_path("ray"), "start", "--block", f"--node-ip-address={ip}", "--num-gpus=0", *args],
             env={**os.environ, **MULTINODE_ENV},
             stdout=out,
             stderr=subprocess.STDOUT,
