@@ -20,6 +20,11 @@ from helpers.engine.grammar import TokenConstraint
 from helpers.protocol import Sampling
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures under this are greedy, as in vLLM: dividing fp32 logits by a
+smaller one overflows them, and what it would sample is the argmax anyway."""
+
+
 class Sampler:
     """One sequence's token picker. Each sequence has its own, with its own
     generator, so a seeded request draws the same tokens whatever else shares
@@ -49,7 +54,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.sampling.temperature == 0
+        return self.sampling.temperature < GREEDY_BELOW
 
     @property
     def changes_logits(self) -> bool:
@@ -121,7 +126,10 @@ class Sampler:
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         sampling = self.sampling
-        logits = logits / sampling.temperature
+        # A logit made infinite (a repetition_penalty near zero divides by
+        # it) would turn the softmax into NaN: the largest finite value keeps
+        # it the likeliest by far instead.
+        logits = (logits / sampling.temperature).clamp(max=torch.finfo(logits.dtype).max)
         if 0 < sampling.top_k < logits.shape[-1]:
             kth = torch.topk(logits, sampling.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

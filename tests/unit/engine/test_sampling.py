@@ -109,3 +109,17 @@ def test_the_same_seed_and_settings_draw_the_same_tokens() -> None:
         return picked
 
     assert draws() == draws()
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+    """1e-300 is 0 in fp32: dividing by it would give inf - inf = NaN."""
+    picker = sampler(replace(SAMPLED, temperature=1e-300))
+    assert picker.greedy
+    assert picker.pick(logits(0.1, 0.9, 0.3)) == 1
+
+
+def test_a_repetition_penalty_near_zero_still_samples_a_distribution() -> None:
+    """Dividing positive logits by 1e-300 makes them infinite in fp32: the
+    likeliest of them is then drawn, not a NaN distribution."""
+    picker = sampler(replace(SAMPLED, repetition_penalty=1e-300), prompt=(0, 2))
+    assert picker.pick(logits(0.5, 0.9, 0.3)) in (0, 2)
