@@ -411,39 +411,21 @@ class ContinuousBatcher:
         # from the device per step rather than one per row.
         greedy = logits.argmax(-1).tolist()
         for row, sequence in enumerate(self._sequences):
-            if sequence.future.cancelled():
-                self.stats.cancelled += 1
+            if sequence.future.done():  # cancelled, or failed streaming its text
+                self.stats.cancelled += sequence.future.cancelled()
                 continue
-            sampler, sampling = sequence.sampler, sequence.request.sampling
-            if sampler.greedy and not sampler.changes_logits:
-                token = greedy[row]
-            else:
-                token = sampler.pick(logits[row])
-            if sequence.first_token_at is None:
-                sequence.first_token_at = time.monotonic()
-            ended = token in sampling.stop_token_ids or (
-                token in self.eos_token_ids and not sampling.ignore_eos
-            )
-            if not ended:
-                sampler.record(token)
-                if sampling.logprobs is not None:
-                    sequence.add_logprob(self._token_logprob(sampler, logits[row], token))
-                self.stats.generated_tokens += 1
-                if sequence.text.stop:  # its text may end the sequence: decoded now
-                    sequence.emit(sequence.text.append(token))
-                    ended = sequence.text.stopped
-                else:  # decoded once every row is sampled (_stream_text)
-                    sequence.text.push(token)
-                if sampler.constraint is not None:
-                    sampler.constraint.advance(token)
-                    ended = ended or sampler.constraint.complete
-            if ended or len(sequence.text.tokens) >= sampling.max_new_tokens:
-                self._finish(sequence, "stop" if ended else "length")
-            else:
-                keep.append(row)
-                next_tokens.append(token)
-                if not sequence.text.stop:
-                    pushed.append(sequence)
+            try:
+                token, ended = self._next_token(sequence, logits[row], greedy[row])
+                if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
+                    self._finish(sequence, "stop" if ended else "length")
+                    continue
+            except Exception as err:  # this row's own (its controls, its stream): it alone ends
+                _settle(sequence.future, exception=err)
+                continue
+            keep.append(row)
+            next_tokens.append(token)
+            if not sequence.text.stop:
+                pushed.append(sequence)
         if not keep:
             self._sequences = []
             self._rows.clear()
@@ -467,6 +449,35 @@ class ContinuousBatcher:
         self.stats.forward_passes += 1
         if runs_ahead:
             _stream_text(pushed)
+
+    def _next_token(
+        self, sequence: _Sequence, logits: torch.Tensor, greedy: int
+    ) -> tuple[int, bool]:
+        """Pick ``sequence``'s next token from its row of ``logits`` (its
+        ``greedy`` token comes from the batch's argmax) and record it; True
+        where the sequence has ended on it."""
+        sampler, sampling = sequence.sampler, sequence.request.sampling
+        token = greedy if sampler.greedy and not sampler.changes_logits else sampler.pick(logits)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.monotonic()
+        if token in sampling.stop_token_ids or (
+            token in self.eos_token_ids and not sampling.ignore_eos
+        ):
+            return token, True
+        sampler.record(token)
+        if sampling.logprobs is not None:
+            sequence.add_logprob(self._token_logprob(sampler, logits, token))
+        self.stats.generated_tokens += 1
+        ended = False
+        if sequence.text.stop:  # its text may end the sequence: decoded now
+            sequence.emit(sequence.text.append(token))
+            ended = sequence.text.stopped
+        else:  # decoded once every row is sampled (_stream_text)
+            sequence.text.push(token)
+        if sampler.constraint is not None:
+            sampler.constraint.advance(token)
+            ended = ended or sampler.constraint.complete
+        return token, ended
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """Prefill ``sequences`` together (in one pass, or a few where the
@@ -515,7 +526,10 @@ def _stream_text(sequences: list[_Sequence]) -> None:
     CPU, eagerly, or while a graph is first captured), before it, so no
     stream gets its text a step late."""
     for sequence in sequences:
-        sequence.emit(sequence.text.flush())
+        try:
+            sequence.emit(sequence.text.flush())
+        except Exception as err:  # its stream's reader failed: the next step drops it
+            _settle(sequence.future, exception=err)
 
 
 def _positions(sequence: _Sequence) -> int:

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -220,6 +221,27 @@ def test_text_decoded_while_a_gpus_step_runs_streams_the_same(engine: Engine) ->
     assert events.index("text 0") > second_pass < events.index("text 1"), (
         "a streamed row's first piece comes once the step after its token is queued"
     )
+
+
+class ReaderGone(Exception):
+    """What a stream's reader raises in these tests."""
+
+
+@pytest.mark.parametrize("stop", [(), ("never in the text",)], ids=["streamed", "with-stop"])
+def test_a_stream_whose_reader_fails_ends_alone(engine: Engine, stop: tuple[str, ...]) -> None:
+    """Its text is decoded after every row is sampled, or, with a stop
+    string, inside the row's own sampling: either way the failure is its own."""
+
+    def reader_gone(_: str) -> None:
+        raise ReaderGone
+
+    failing = GenerationRequest(PROMPTS[1], replace(greedy("").sampling, stop=stop))
+    with engine.together():
+        doomed = engine.submit(failing, on_text=reader_gone)
+        others = [engine.submit(greedy(prompt)) for prompt in PROMPTS]
+    assert isinstance(doomed.exception(timeout=120), ReaderGone)
+    alone = [engine.generate([greedy(prompt)])[0] for prompt in PROMPTS]
+    assert [future.result(timeout=120) for future in others] == alone
 
 
 def test_a_stop_string_ends_the_completion_before_it(engine: Engine) -> None:
