@@ -66,7 +66,8 @@ class _SamplingFields(SamplingControls):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: StopString | Annotated[list[StopString], Field(min_length=1)] | None = None
-    seed: StrictInt | None = None
+    # torch's generators take 64 bits; vLLM bounds it the same way.
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

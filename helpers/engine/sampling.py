@@ -19,7 +19,6 @@ import torch
 from helpers.engine.grammar import TokenConstraint
 from helpers.protocol import Sampling
 
-
 GREEDY_BELOW = 1e-5
 """Temperatures under this are greedy, as in vLLM: dividing fp32 logits by a
 smaller one overflows them, and what it would sample is the argmax anyway."""

@@ -197,12 +197,14 @@ class LLMServer:
             with contextlib.suppress(RuntimeError):  # the replica's loop has closed
                 loop.call_soon_threadsafe(arrived.put_nowait, item)
 
-        with self.engine.together():  # a prompt's n choices share its prefill
-            futures = [self._submit(i, r, deliver, text) for i, r in enumerate(requests)]
-        yield []
-        if echoes and text:
-            yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
-        try:
+        futures: list[Future[Completion]] = []
+        try:  # from the first submission: whatever was submitted is cancelled on the way out
+            with self.engine.together():  # a prompt's n choices share its prefill
+                for index, request in enumerate(requests):
+                    futures.append(self._submit(index, request, deliver, text))
+            yield []
+            if echoes and text:
+                yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
             remaining = len(futures)
             while remaining:
                 batch = [await arrived.get()]

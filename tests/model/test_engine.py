@@ -2,9 +2,9 @@
 
 import threading
 import time
-from dataclasses import replace
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 
 import pytest
 

@@ -53,6 +53,8 @@ def test_stop_takes_a_string_or_up_to_four() -> None:
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"seed": "7"}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"stream": "yes"}, "stream"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"prompt": ["a"] * 5}, "prompt"),
