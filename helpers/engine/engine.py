@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from helpers.engine import gguf_checkpoint
 from helpers.engine.batcher import (
@@ -54,6 +55,7 @@ from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import (
     Completion,
+    FieldError,
     Function,
     Grammar,
     GrammarError,
@@ -332,13 +334,19 @@ class Engine:
 
         A model without a chat template (a base model such as opt-125m) gets
         plain ``role: content`` lines, which base models continue sensibly.
+        A template that refuses the conversation (Mistral's and Llama 2's
+        ``raise_exception`` when roles do not alternate) is the client's to
+        fix: :class:`~helpers.protocol.FieldError` names ``messages``.
         """
         if self.tokenizer.chat_template is None:
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join([*lines, "assistant:"])
-        return self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=False
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as err:
+            raise FieldError("messages", f"the model's chat template refused them: {err}") from err
 
     def render_conversation(
         self, messages: Sequence[Message], functions: Sequence[Function] = ()

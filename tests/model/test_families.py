@@ -21,6 +21,7 @@ from helpers.engine import batch_rows
 from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
 from helpers.engine.llama import llama_config, load_llama, merge_projections
+from helpers.protocol import FieldError, Message
 from tests.family_checkpoints import FAMILIES, build_checkpoint
 from tests.triton_interpreter import STEPS as FUSED_STEPS
 from tests.triton_interpreter import counted, fused_layer_ops
@@ -106,6 +107,20 @@ def test_the_engine_decodes_transformers_greedy_text(
         ]
         expected.append(tokenizer.decode(new, skip_special_tokens=True))
     assert got == expected
+
+
+def test_a_conversation_the_chat_template_refuses_is_refused_by_its_field(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Mistral's template raises on two user turns in a row: the client's
+    error to fix, named, rather than the server's."""
+    engine = Engine.load(
+        str(checkpoints["mistral"]), ServeConfig.from_env({}).model_cache_dir, cpu_threads=2
+    )
+    assert engine.render_conversation((Message("user", "Hi"), Message("assistant", "Hello")))
+    with pytest.raises(FieldError, match="roles must alternate") as refused:
+        engine.render_conversation((Message("user", "Hi"), Message("user", "Hello?")))
+    assert refused.value.field == "messages"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
