@@ -52,7 +52,10 @@ PromptList = Annotated[
     Field(min_length=1),
     AfterValidator(_at_most("max_prompts", "MAX_PROMPTS", unit=" prompts")),
 ]
-TokenId = Annotated[StrictInt, Field(ge=0)]
+MAX_TOKEN_ID = 2**31 - 1
+"""Larger than any vocabulary (the replica checks the model's own size), and
+small enough that an id stays a short number everywhere it goes."""
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 """A prompt as token ids; the vocabulary's size is checked by a model replica."""
 TokenIdsList = Annotated[

@@ -66,5 +66,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", None) from None
+    except ValueError:  # Python refuses to read an integer of over 4,300 digits
+        raise ApiError(400, "the request body holds a number too long to read", None) from None
     except RecursionError:  # deeply nested arrays
         raise ApiError(400, "the request body is nested too deeply", None) from None

@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from helpers.api.fields import TokenId
+from helpers.api.fields import MAX_TOKEN_ID, TokenId
 
 MAX_LOGIT_BIAS = 300
 """Most entries in ``logit_bias``, OpenAI's limit."""
@@ -52,8 +52,12 @@ class SamplingControls(BaseModel):
     @classmethod
     def _keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids (integers 0 or more), not {key[:20]!r}")
+            if not (
+                key.isascii() and key.isdigit() and len(key) <= 20 and int(key) <= MAX_TOKEN_ID
+            ):
+                raise ValueError(
+                    f"keys must be token ids (integers from 0 to {MAX_TOKEN_ID}), not {key[:20]!r}"
+                )
         return value
 
     def controls(self) -> dict[str, Any]:
