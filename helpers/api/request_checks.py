@@ -1,5 +1,7 @@
 """What the ingress checks before it reads a request's fields: the API key,
-the content type and the body's size, then that the body is JSON at all.
+the content type and the body's size, then that the body is JSON at all,
+and text: JSON may escape half of a UTF-16 pair (``"\\ud800"``), which no
+tokenizer or grammar compiler can read.
 
 The key is checked first, so an unauthenticated client cannot make the server
 read or parse a large body. The body is read in chunks and refused as soon as
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any
 
 from fastapi import Request
@@ -17,6 +20,8 @@ from fastapi import Request
 from helpers.api.errors import ApiError
 
 BEARER = "bearer"
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""Where a body may hold a lone surrogate: only these escapes make one."""
 
 
 def check_api_key(request: Request, api_key: str) -> None:
@@ -63,10 +68,45 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise ApiError(400, "the request body is empty: send a JSON object", None)
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", None) from None
     except ValueError:  # Python refuses to read an integer of over 4,300 digits
         raise ApiError(400, "the request body holds a number too long to read", None) from None
     except RecursionError:  # deeply nested arrays
         raise ApiError(400, "the request body is nested too deeply", None) from None
+    if SURROGATE_ESCAPE.search(raw) and (path := _lone_surrogate(body)) is not None:
+        where = path[:80] or "the body"
+        raise ApiError(400, f"{where}: holds half of a UTF-16 pair, not text", path[:80] or None)
+    return body
+
+
+def _lone_surrogate(body: Any) -> str | None:
+    """The dotted path to a string, or to the object with a key, that is not
+    text; None when every one is. A loop, not recursion: the body may be
+    nested as deeply as the JSON reader allows."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str) and not _encodes(node):
+            return path
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not _encodes(key):
+                    return path
+                stack.append((f"{path}.{key}" if path else key, value))
+        elif isinstance(node, list):
+            stack.extend(
+                (f"{path}.{index}" if path else str(index), v) for index, v in enumerate(node)
+            )
+    return None
+
+
+def _encodes(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -134,6 +134,32 @@ def test_unreadable_bodies_get_400(open_client: TestClient, raw: bytes, message:
 
 
 @pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (rb'{"prompt": "a\ud800b"}', "prompt"),
+        (rb'{"messages": [{"role": "user", "content": "\uDC00"}]}', "messages.0.content"),
+        (rb'{"n": 1, "\ud800": 1}', None),
+        (rb'"\ud800"', None),
+    ],
+    ids=["a field", "nested", "a key", "the body"],
+)
+def test_half_a_utf16_pair_is_refused_where_it_is(
+    open_client: TestClient, raw: bytes, param: str | None
+) -> None:
+    """JSON can escape it, no tokenizer can read it."""
+    reply = open_client.post("/echo", content=raw, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] == param and "half of a UTF-16 pair" in error["message"]
+
+
+def test_a_whole_utf16_pair_is_text(open_client: TestClient) -> None:
+    raw = rb'{"prompt": "\ud83d\ude00 and \u00e9"}'
+    reply = open_client.post("/echo", content=raw, headers={"Content-Type": "application/json"})
+    assert reply.json() == {"body": {"prompt": "\U0001f600 and \u00e9"}}
+
+
+@pytest.mark.parametrize(
     ("error", "status", "retry"),
     [
         (PromptTooLongError("too long"), 400, False),
