@@ -49,7 +49,9 @@ MAX_CHOICES = 8
 MAX_CHAT_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 """OpenAI's limits on the alternatives listed per token."""
-StopString = Annotated[StrictStr, Field(min_length=1)]
+MAX_STOP_LENGTH = 256
+"""Characters in one stop string: each is looked for at every token."""
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
 class StreamOptions(BaseModel):

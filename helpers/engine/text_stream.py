@@ -95,11 +95,17 @@ class TextStream:
         return min(found) if found else None
 
     def _stop_prefix_length(self) -> int:
-        """Length of the longest end of the text that begins some stop string."""
+        """Length of the longest end of the text that begins some stop string.
+
+        Runs at every token: only the ends that start with the stop string's
+        first character are compared, longest first, rather than every length."""
         longest = 0
         for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop[:size]):
-                    longest = size
+            tail = self._text[max(0, len(self._text) - len(stop) + 1) :]
+            start = tail.find(stop[0])
+            while start >= 0 and len(tail) - start > longest:
+                if stop.startswith(tail[start:]):
+                    longest = len(tail) - start
                     break
+                start = tail.find(stop[0], start + 1)
         return longest

@@ -41,6 +41,8 @@ def test_stop_takes_a_string_or_up_to_four() -> None:
     assert completion(stop=["a", "b", "c", "d"]).stop_strings() == ("a", "b", "c", "d")
     assert refused_field(completion, stop=["a", "b", "c", "d", "e"]) == "stop"
     assert refused_field(completion, stop=[""]).startswith("stop")
+    assert completion(stop="x" * 256).stop_strings() == ("x" * 256,)
+    assert refused_field(completion, stop=["a", "x" * 257]).startswith("stop")
 
 
 @pytest.mark.parametrize(
