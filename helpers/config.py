@@ -82,6 +82,8 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 def _api_key(raw: str) -> str:
     value = raw.strip()
+    if raw and not value:  # a blank secret: never read as "no key"
+        raise ValueError("only whitespace; leave it unset for no key")
     printable = value.isascii() and value.isprintable() and not any(c.isspace() for c in value)
     if value and not (16 <= len(value) <= 512 and printable):
         raise ValueError("wrong length, or not printable ASCII without spaces")
@@ -107,6 +109,18 @@ def _queue_limit(raw: str) -> int:
     return value
 
 
+RAY_RESOURCE_UNIT = 0.0001
+"""The smallest amount of a resource Ray counts: a smaller one fails in Ray,
+naming its resource rather than the variable."""
+
+
+def _gpu_share(raw: str) -> float:
+    value = _number(float, 0.0, 8.0)(raw)
+    if 0 < value < RAY_RESOURCE_UNIT:
+        raise ValueError(f"below the {RAY_RESOURCE_UNIT} Ray counts in")
+    return value
+
+
 RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 """Resources Ray accounts for itself; CPUs and GPUs have variables of their own."""
 
@@ -124,7 +138,7 @@ def _custom_resources(raw: str) -> dict[str, float]:
             raise ValueError(f"{name!r} is not a custom resource name")
         if isinstance(amount, bool) or not isinstance(amount, int | float):
             raise ValueError(f"{name!r} is not given a number")
-        if not 0 < amount <= 10_000:
+        if not RAY_RESOURCE_UNIT <= amount <= 10_000:
             raise ValueError(f"{name!r} is out of range")
     return {name: float(amount) for name, amount in sorted(value.items())}
 
@@ -132,7 +146,10 @@ def _custom_resources(raw: str) -> dict[str, float]:
 def _directory(raw: str) -> Path:
     if not raw.strip():
         raise ValueError("empty")
-    return Path(raw).expanduser().resolve()
+    try:
+        return Path(raw.strip()).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # no home to expand ~ to, a symlink loop
+        raise ValueError(str(err)) from None
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -173,8 +190,8 @@ VARIABLES: tuple[Variable, ...] = (
         "NUM_GPUS_PER_REPLICA",
         "0.0",
         "GPUs requested by each model replica. Set to 1 on GPU nodes.",
-        "number in [0, 8]",
-        _number(float, 0.0, 8.0),
+        "0, or a number in [0.0001, 8]",
+        _gpu_share,
         "num_gpus_per_replica",
     ),
     Variable(
@@ -335,7 +352,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Ray custom resources each model replica asks for, as a JSON object such as "
         '{"llm_node": 1}: replicas then run only on nodes started with that resource '
         "(ray start --resources=...).",
-        "a JSON object of names to numbers in (0, 10000], not CPU, GPU or memory",
+        "a JSON object of names to numbers in [0.0001, 10000], not CPU, GPU or memory",
         _custom_resources,
         "resources_per_replica",
     ),
