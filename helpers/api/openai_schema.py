@@ -86,7 +86,7 @@ class _SamplingFields(SamplingControls):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise refused(type(self), "stream_options", "is only allowed when stream is true")
         return self
 
     def stop_strings(self) -> tuple[str, ...]:
