@@ -195,17 +195,6 @@ VARIABLES: tuple[Variable, ...] = (
         "num_gpus_per_replica",
     ),
     Variable(
-        "GPU_MEMORY_FRACTION",
-        "auto",
-        "Share of its GPU's memory a model replica keeps to, weights and KV cache "
-        "together: it sizes its paged KV cache to fit, and requests wait for free pages. auto: 0.9 "
-        "times NUM_GPUS_PER_REPLICA (at most 0.9), so replicas that share a GPU "
-        "(NUM_GPUS_PER_REPLICA=0.5) each keep to their part. Ignored on CPU.",
-        "auto, or a number in [0.05, 1]",
-        _memory_fraction,
-        "gpu_memory_fraction",
-    ),
-    Variable(
         "NUM_CPUS_PER_REPLICA",
         "1.0",
         "CPUs requested by each model replica; also its torch thread count.",
@@ -245,6 +234,17 @@ VARIABLES: tuple[Variable, ...] = (
         "number in [1, 86400]",
         _number(float, 1.0, 86400.0),
         "idle_timeout_s",
+    ),
+    Variable(
+        "GPU_MEMORY_FRACTION",
+        "auto",
+        "Share of its GPU's memory a model replica keeps to, weights and KV cache "
+        "together: it sizes its paged KV cache to fit, and requests wait for free pages. auto: 0.9 "
+        "times NUM_GPUS_PER_REPLICA (at most 0.9), so replicas that share a GPU "
+        "(NUM_GPUS_PER_REPLICA=0.5) each keep to their part. Ignored on CPU.",
+        "auto, or a number in [0.05, 1]",
+        _memory_fraction,
+        "gpu_memory_fraction",
     ),
     Variable(
         "MAX_BATCH_SIZE",

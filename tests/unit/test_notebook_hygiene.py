@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import pyproject
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -77,9 +79,7 @@ def test_readme_links_every_notebook() -> None:
 
 
 def test_environment_yml_agrees_with_pyproject() -> None:
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = pyproject.project()
     extras = project["optional-dependencies"]
     # A run-time range the lab extra pins (ipywidgets) appears once, pinned.
     wanted = {_name(r): r for r in project["dependencies"]}

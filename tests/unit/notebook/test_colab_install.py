@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from helpers.notebook.setup import HELD
-
-REPO = Path(__file__).resolve().parents[3]
+from tests import pyproject
 
 # Colab's GPU runtime as googlecolab/backend-info recorded it (pip-freeze.gpu.txt and
 # os-info-gpu.txt, 2026-08-19). Its torch is left out: a CUDA build from PyTorch's own
@@ -54,7 +52,7 @@ def test_the_colab_install_keeps_colabs_jupyter_stack_and_never_asks_for_torch(
     assert set(COLAB_JUPYTER) <= {normal(name) for name in HELD}
     constraints = tmp_path / "colab.txt"
     constraints.write_text("".join(f"{name}=={v}\n" for name, v in COLAB_JUPYTER.items()))
-    runtime = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    runtime = pyproject.project()["dependencies"]
     report = tmp_path / "report.json"
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed"]
     command += ["--quiet", "--report", str(report), "--python-version", COLAB_PYTHON]
