@@ -96,11 +96,11 @@ def is_deployed() -> bool:
     return APP_NAME in serve.status().applications
 
 
-def ensure_deployed(overrides: Mapping[str, str] | None = None) -> ServeConfig:
-    """Deploy unless the app already runs; either way return the configuration."""
-    if is_deployed() and not overrides:
-        return ServeConfig.from_env()
-    return deploy(overrides)
+def ensure_deployed() -> None:
+    """Deploy unless the app already runs. Its settings are then the deploying
+    kernel's, which this one cannot see: ask the server (``/healthz``)."""
+    if not is_deployed():
+        deploy()
 
 
 def app_status() -> dict[str, Any]:
