@@ -7,8 +7,8 @@ Each pass starts ``make serve``'s app afresh with one setting (``bench/servers.p
 warms it up, and drives ``--requests`` greedy completions through
 ``/v1/completions``; the settings alternate ABBA... so that a slow spell of the
 host weighs on both. One unmeasured pass comes first, so that the run's first
-start counts for neither setting: in one run it gave 26.5 tok/s, and the next
-two 81 and 90. Prints each pass, then the ratio of the means and the
+start counts for neither setting: a first start can run at a fraction of the
+speed of the next ones. Prints each pass, then the ratio of the means and the
 cost (one less the ratio) against ``--budget``, and appends them to
 ``bench/RESULTS.md``.
 """

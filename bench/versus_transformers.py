@@ -12,8 +12,8 @@ ratio, and the failed requests of each, and appends the table to
 ``bench/RESULTS.md`` with the machine, versions and date.
 
 The servers take turns, app then transformers, then transformers then app
-(``--rounds``, 2 by default): this machine's speed drifts by up to a third
-over minutes, which in one turn each would land in the ratio; in this order a
+(``--rounds``, 2 by default): a shared machine's speed drifts over minutes
+(``bench/README.md``), which in one turn each would land in the ratio; in this order a
 steady drift cancels out. The ratio is of the mean tokens/s of each.
 
 Another model: ``--model DIR`` serves a safetensors directory instead (the

@@ -2,9 +2,8 @@
 
 With static batching (gather requests, decode them all, return them all) a
 request that arrives while a batch runs waits for the whole batch to finish,
-and a batch keeps computing rows that already ended. On this project's 2-core
-machine that left replicas decoding two or three sequences at a time under a
-load of sixteen. Here one thread owns the model and loops: sample one token
+and a batch keeps computing rows that already ended, so under load most
+requests wait while few decode. Here one thread owns the model and loops: sample one token
 for every row, drop the rows that ended, and run one decode step for the
 rest, in which the sequences that arrived meanwhile are prefilled too (one
 pass for both, their KV cache merged into the running batch after it). Into

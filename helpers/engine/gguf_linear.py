@@ -82,7 +82,7 @@ class GgufLinear(KernelLinear):
         quants_per_byte = 2 if kind == "Q4_1" else 1
         dtype = torch.uint8 if kind == "Q4_1" else torch.int8
         # torch.empty, not empty_like: on the meta device the latter imports
-        # sympy, half a second of a cold start.
+        # sympy, which every cold start would then pay for.
         shape = (groups, in_features * GROUP // quants_per_byte)
         self.register_buffer("blocks", torch.empty(shape, dtype=dtype))
         for name in ("scales", "offsets") if kind == "Q4_1" else ("scales",):

@@ -31,7 +31,8 @@
 enum kind { Q4_1, Q8_0 };
 
 /* From this many rows on, unpacking the quants once into a panel of floats
- * pays: 10 to 15% at 24 to 320 rows, nothing at 16 (one thread, here). */
+ * pays for itself (measured in bench/RESULTS.md, "The GGUF kernels after
+ * review"). */
 enum { PANEL_ROWS = 16 };
 
 /* The quants of one column group at position k, as 8 floats.
@@ -175,7 +176,8 @@ static void q8_0_rows(const struct operands *o, int M, int group) { all_rows(Q8_
 
 /* The column pairs shared between threads. The operands come by value: had
  * their address escaped into the OpenMP region, the compiler would reload
- * them throughout product()'s one-thread loops, 10% slower. */
+ * them throughout product()'s one-thread loops, slowing the one-thread path
+ * (bench/RESULTS.md, "The GGUF kernels after review"). */
 static void shared_pairs(struct operands o, int M, int pairs, int threads, rows_of_kind rows)
 {
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -7,7 +7,7 @@ the model; only ``max_tokens`` can cut it short.
 
 llguidance does the grammar work (decision record 0028): one ``LLTokenizer``
 per engine, built on the first constrained request rather than at load, where
-it would add half a second to every cold start; one matcher per constrained
+every cold start would pay for it; one matcher per constrained
 sequence. The mask of a sequence's next token is computed on a worker thread
 while the model runs the step whose logits it will mask: llguidance releases
 the GIL, so the two overlap (``MaskWorker``).

@@ -861,7 +861,7 @@ class Decoder(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         # An explicit weight skips the random init, which on the meta device
-        # costs a one-off second or more (normal_ loads torch's meta kernels).
+        # loads torch's meta kernels for normal_: a one-off cost in every cold start.
         shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))

@@ -78,12 +78,6 @@ def gpus_per_replica(gpus: float, max_replicas: int) -> float:
     return math.floor(share * 10_000) / 10_000
 
 
-def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name."""
-    names = gpu_names()
-    return names[0] if names else None
-
-
 def gpu_names() -> list[str]:
     """Each NVIDIA GPU's name, as ``nvidia-smi`` gives it: asked of the
     driver's tool rather than torch, which a notebook's kernel never loads."""

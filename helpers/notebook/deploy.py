@@ -14,9 +14,8 @@ from typing import Any
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.cluster import connect
 from helpers.notebook.config_table import gpus_per_replica
-from helpers.notebook.polling import wait_for
 from helpers.serve.app import build_app
-from helpers.serve.model_calls import MODEL_DEPLOYMENT, state_name
+from helpers.serve.model_calls import state_name
 from helpers.serve.model_server import LLMServer
 
 
@@ -116,21 +115,3 @@ def app_status() -> dict[str, Any]:
             for name, d in application.deployments.items()
         },
     }
-
-
-def model_replicas() -> int:
-    """Running replicas of the model deployment, read from the controller."""
-    return app_status()["deployments"].get(MODEL_DEPLOYMENT, {}).get("RUNNING", 0)
-
-
-def delete_app(timeout_s: float = 120) -> None:
-    """Delete the app and wait until Serve no longer lists it."""
-    from ray import serve
-
-    connect()
-    serve.delete(APP_NAME)
-    wait_for(
-        lambda: APP_NAME not in serve.status().applications,
-        timeout_s,
-        f"Serve to stop listing {APP_NAME} after delete",
-    )

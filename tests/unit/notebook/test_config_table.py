@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers.config import VARIABLES, ServeConfig
-from helpers.notebook.config_table import config_markdown, config_rows, gpu_advice, gpu_name
+from helpers.notebook.config_table import config_markdown, config_rows, gpu_advice, gpu_names
 
 ENVIRON = {"MAX_REPLICAS": "5", "TEMPERATURE": "0.2", "UNRELATED": "x"}
 
@@ -121,7 +121,7 @@ def test_a_driver_that_finds_no_gpu_counts_as_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "No devices were found", 6))
-    assert gpu_name() is None
+    assert gpu_names() == []
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
