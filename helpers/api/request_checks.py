@@ -47,8 +47,8 @@ def _is_json(content_type: str) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
 
-async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The body parsed as a JSON object, or a 4xx that says what is wrong with it."""
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body parsed as JSON, or a 4xx that says what is wrong with it."""
     content_type = request.headers.get("content-type")
     if content_type is not None and not _is_json(content_type):
         raise ApiError(
@@ -78,8 +78,6 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     if SURROGATE_ESCAPE.search(raw) and (path := _lone_surrogate(body)) is not None:
         where = path[:80] or "the body"
         raise ApiError(400, f"{where}: holds half of a UTF-16 pair, not text", path[:80] or None)
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", None)
     return body
 
 

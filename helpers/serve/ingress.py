@@ -267,6 +267,9 @@ class Ingress:
         """Key, content type, size, JSON, then fields: each refused with its own 4xx."""
         check_api_key(request, self.config.api_key)
         body = await read_json(request, self.config.max_body_bytes)
+        if not isinstance(body, dict):
+            message = f"the request body must be a JSON object, with a {default_param!r} field"
+            raise ApiError(400, message, default_param)
         limits = {
             "max_new_tokens": self.config.max_new_tokens,
             "max_prompts": self.config.max_prompts,

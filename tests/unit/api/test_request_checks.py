@@ -125,8 +125,6 @@ def test_a_chunked_body_over_the_limit_gets_413(open_client: TestClient) -> None
         (b"\xff\xfe", "not valid JSON"),
         (b"[" * 3000 + b"]" * 3000, "nested too deeply"),
         (b'{"n": ' + b"9" * 5000 + b"}", "number too long"),
-        (b"[1, 2]", "must be a JSON object"),
-        (b"null", "must be a JSON object"),
     ],
 )
 def test_unreadable_bodies_get_400(open_client: TestClient, raw: bytes, message: str) -> None:
