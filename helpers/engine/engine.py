@@ -346,7 +346,9 @@ class Engine:
                 [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=False
             )
         except TemplateError as err:
-            raise FieldError("messages", f"the model's chat template refused them: {err}") from err
+            raise FieldError(
+                "messages", f"messages: the chat template refused them: {err}"
+            ) from err
 
     def render_conversation(
         self, messages: Sequence[Message], functions: Sequence[Function] = ()
