@@ -22,6 +22,8 @@ from helpers.api.errors import ApiError
 BEARER = "bearer"
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 """Where a body may hold a lone surrogate: only these escapes make one."""
+TEXT_OR_NESTED = (str, dict, list)
+"""What the search for one walks into: not numbers (a prompt's token ids)."""
 
 
 def check_api_key(request: Request, api_key: str) -> None:
@@ -94,10 +96,13 @@ def _lone_surrogate(body: Any) -> str | None:
             for key, value in node.items():
                 if not _encodes(key):
                     return path
-                stack.append((f"{path}.{key}" if path else key, value))
+                if isinstance(value, TEXT_OR_NESTED):
+                    stack.append((f"{path}.{key}" if path else key, value))
         elif isinstance(node, list):
             stack.extend(
-                (f"{path}.{index}" if path else str(index), v) for index, v in enumerate(node)
+                (f"{path}.{index}" if path else str(index), value)
+                for index, value in enumerate(node)
+                if isinstance(value, TEXT_OR_NESTED)  # not a path per token id
             )
     return None
 
