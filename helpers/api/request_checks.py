@@ -20,7 +20,7 @@ from fastapi import Request
 from helpers.api.errors import ApiError
 
 BEARER = "bearer"
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 """Where a body may hold a lone surrogate: only these escapes make one."""
 TEXT_OR_NESTED = (str, dict, list)
 """What the search for one walks into: not numbers (a prompt's token ids)."""
@@ -70,14 +70,16 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise ApiError(400, "the request body is empty: send a JSON object", None)
     try:
-        body = json.loads(raw)
+        # Decoded strictly here: json.loads would let a surrogate's own bytes through.
+        text = raw.decode(json.detect_encoding(raw))
+        body = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", None) from None
     except ValueError:  # Python refuses to read an integer of over 4,300 digits
         raise ApiError(400, "the request body holds a number too long to read", None) from None
     except RecursionError:  # deeply nested arrays
         raise ApiError(400, "the request body is nested too deeply", None) from None
-    if SURROGATE_ESCAPE.search(raw) and (path := _lone_surrogate(body)) is not None:
+    if SURROGATE_ESCAPE.search(text) and (path := _lone_surrogate(body)) is not None:
         where = path[:80] or "the body"
         raise ApiError(400, f"{where}: holds half of a UTF-16 pair, not text", path[:80] or None)
     return body

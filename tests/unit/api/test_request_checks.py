@@ -123,6 +123,8 @@ def test_a_chunked_body_over_the_limit_gets_413(open_client: TestClient) -> None
         (b"   \n", "empty"),
         (b"{not json", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
+        (b'{"prompt": "a\xed\xa0\x80b"}', "not valid JSON"),  # a surrogate's own bytes
+        ('{"prompt": "a\ud800b"}'.encode("utf-16-le", "surrogatepass"), "not valid JSON"),
         (b"[" * 3000 + b"]" * 3000, "nested too deeply"),
         (b'{"n": ' + b"9" * 5000 + b"}", "number too long"),
     ],
