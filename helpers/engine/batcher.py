@@ -332,11 +332,11 @@ class ContinuousBatcher:
         for sequence in held:
             _settle(sequence.future, exception=BatcherClosedError())
         while self._chores:
-            self._chores.popleft().done.set_exception(BatcherClosedError())
+            _settle(self._chores.popleft().done, exception=BatcherClosedError())
         self._refuse_waiting()
 
     def _refuse_waiting(self) -> None:
-        """Settle everything queued for a loop that has stopped. Safe from any
+        """Settle everything queued for a loop that is stopping. Safe from any
         thread: each queued item is taken, and settled, by one caller."""
         while True:
             try:
@@ -350,7 +350,11 @@ class ContinuousBatcher:
                 chore = self._new_chores.get_nowait()
             except queue.Empty:
                 break
-            chore.done.set_exception(BatcherClosedError())
+            _settle(chore.done, exception=BatcherClosedError())
+        if threading.current_thread() is not self._thread:
+            # What was taken may have been close()'s wake-up call to a loop
+            # waiting for arrivals: it is sent again.
+            self._waiting.put(None)
 
     def _run_chores(self, idle: bool) -> None:
         """Between two steps: one piece of the oldest chore, or every piece of
@@ -537,8 +541,8 @@ def _positions(sequence: _Sequence) -> int:
 
 
 def _settle(
-    future: Future[Completion],
-    result: Completion | None = None,
+    future: Future[Any],
+    result: Any = None,
     exception: BaseException | None = None,
 ) -> None:
     """Resolve a future unless its caller cancelled it (which may race with us)."""
@@ -546,6 +550,6 @@ def _settle(
         if exception is not None:
             future.set_exception(exception)
         else:
-            future.set_result(result)  # type: ignore[arg-type]
+            future.set_result(result)
     except InvalidStateError:
         pass

@@ -335,8 +335,9 @@ class Engine:
         A model without a chat template (a base model such as opt-125m) gets
         plain ``role: content`` lines, which base models continue sensibly.
         A template that refuses the conversation (Mistral's and Llama 2's
-        ``raise_exception`` when roles do not alternate) is the client's to
-        fix: :class:`~helpers.protocol.FieldError` names ``messages``.
+        ``raise_exception`` when roles do not alternate, which raises a plain
+        ``TemplateError``) is the client's to fix:
+        :class:`~helpers.protocol.FieldError` names ``messages``.
         """
         if self.tokenizer.chat_template is None:
             lines = [f"{m['role']}: {m['content']}" for m in messages]
@@ -346,6 +347,8 @@ class Engine:
                 [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=False
             )
         except TemplateError as err:
+            if type(err) is not TemplateError:  # the template's own fault (syntax, a name)
+                raise
             raise FieldError(
                 "messages", f"messages: the chat template refused them: {err}"
             ) from err

@@ -295,6 +295,31 @@ def test_closing_finishes_the_batch_in_flight_and_refuses_everything_else(
         assert isinstance(refused.exception(timeout=10), BatcherClosedError)
 
 
+@padded_only
+def test_a_submission_racing_close_still_lets_the_loop_stop(engine: Engine) -> None:
+    """close() wakes a loop about to wait for arrivals with an empty one; a
+    submission refused meanwhile takes everything queued, that too."""
+    about_to_wait, go_on = threading.Event(), threading.Event()
+
+    class PausedBeforeArrivals(ContinuousBatcher):
+        def _take_arrivals(self) -> list:
+            about_to_wait.set()
+            go_on.wait(30)
+            return super()._take_arrivals()
+
+    batcher = PausedBeforeArrivals(
+        engine.model, engine.tokenizer, engine._batcher.eos_token_ids, max_batch_size=1
+    )
+    assert about_to_wait.wait(30)
+    batcher._stopping.set()  # close(), up to its wake-up call ...
+    batcher._waiting.put(None)
+    refused = batcher.submit(greedy(PROMPTS[0]))  # ... which this refusal takes
+    go_on.set()
+    assert isinstance(refused.exception(timeout=10), BatcherClosedError)
+    batcher._thread.join(30)
+    assert not batcher._thread.is_alive(), "the loop waits for an arrival that never comes"
+
+
 def wait_for(condition, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jinja2 import Template, UndefinedError
 from safetensors.torch import load_file, save_file
 
 from helpers.config import ServeConfig
@@ -110,7 +111,7 @@ def test_the_engine_decodes_transformers_greedy_text(
 
 
 def test_a_conversation_the_chat_template_refuses_is_refused_by_its_field(
-    checkpoints: dict[str, Path],
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mistral's template raises on two user turns in a row: the client's
     error to fix, named, rather than the server's."""
@@ -121,6 +122,11 @@ def test_a_conversation_the_chat_template_refuses_is_refused_by_its_field(
     with pytest.raises(FieldError, match="roles must alternate") as refused:
         engine.render_conversation((Message("user", "Hi"), Message("user", "Hello?")))
     assert refused.value.field == "messages"
+
+    # A template that fails on its own (a name it never defined) is the server's fault.
+    monkeypatch.setattr(engine.tokenizer, "_template", Template("{{ never_defined.here }}"))
+    with pytest.raises(UndefinedError):
+        engine.render_conversation((Message("user", "Hi"),))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
