@@ -99,7 +99,7 @@ def _first_problem(
     with the client's ``body``, by the path the client sent."""
     first = problems[0]
     path = _input_path(first["loc"], body) if body is not None else first["loc"]
-    param = _shorten(".".join(str(part) for part in path) or default_param)
+    param = shorten(".".join(str(part) for part in path) or default_param)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "is not an accepted field"
@@ -128,7 +128,7 @@ def _input_path(loc: tuple[int | str, ...], body: Any) -> list[int | str]:
     return path
 
 
-def _shorten(text: str, limit: int = 80) -> str:
+def shorten(text: str, limit: int = 80) -> str:
     """Cap a client-chosen name (an unknown key can be megabytes long)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import Request
 
-from helpers.api.errors import ApiError
+from helpers.api.errors import ApiError, shorten
 
 BEARER = "bearer"
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -80,8 +80,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     except RecursionError:  # deeply nested arrays
         raise ApiError(400, "the request body is nested too deeply", None) from None
     if SURROGATE_ESCAPE.search(text) and (path := _lone_surrogate(body)) is not None:
-        where = path[:80] or "the body"
-        raise ApiError(400, f"{where}: holds half of a UTF-16 pair, not text", path[:80] or None)
+        param = shorten(path) or None
+        raise ApiError(400, f"{param or 'the body'}: holds half of a UTF-16 pair, not text", param)
     return body
 
 

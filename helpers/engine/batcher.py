@@ -5,8 +5,9 @@ request that arrives while a batch runs waits for the whole batch to finish,
 and a batch keeps computing rows that already ended, so under load most
 requests wait while few decode. Here one thread owns the model and loops:
 sample one token for every row, drop the rows that ended, and run one decode
-step for the rest, in which the sequences that arrived meanwhile are prefilled too (one
-pass for both, their KV cache merged into the running batch after it). Into
+step for the rest, in which the sequences that arrived meanwhile are
+prefilled too (one pass for both, their KV cache merged into the running
+batch after it). Into
 an empty batch, or where the batch's layout cannot take them along (a GPU's
 captured steps), arrivals get a prefill pass of their own first.
 

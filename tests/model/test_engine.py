@@ -267,13 +267,17 @@ def test_a_cancelled_request_is_dropped_mid_flight_and_the_others_go_on(engine: 
     assert engine.stats.cancelled == cancelled_before + 1
 
 
+def one_row_batcher(engine: Engine, kind: type[ContinuousBatcher] = ContinuousBatcher):
+    """A batcher of its own over the engine's model, one row at a time, for a
+    test that closes it."""
+    return kind(engine.model, engine.tokenizer, engine._batcher.eos_token_ids, max_batch_size=1)
+
+
 @padded_only
 def test_closing_finishes_the_batch_in_flight_and_refuses_everything_else(
     engine: Engine,
 ) -> None:
-    batcher = ContinuousBatcher(
-        engine.model, engine.tokenizer, engine._batcher.eos_token_ids, max_batch_size=1
-    )
+    batcher = one_row_batcher(engine)
     first_piece, closing = threading.Event(), threading.Event()
 
     def hold_the_loop(_: str) -> None:  # on the decode thread, mid-sequence
@@ -307,9 +311,7 @@ def test_a_submission_racing_close_still_lets_the_loop_stop(engine: Engine) -> N
             go_on.wait(30)
             return super()._take_arrivals()
 
-    batcher = PausedBeforeArrivals(
-        engine.model, engine.tokenizer, engine._batcher.eos_token_ids, max_batch_size=1
-    )
+    batcher = one_row_batcher(engine, PausedBeforeArrivals)
     assert about_to_wait.wait(30)
     batcher._stopping.set()  # close(), up to its wake-up call ...
     batcher._waiting.put(None)
