@@ -38,7 +38,15 @@ from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
-from helpers.protocol import Completion, PromptTooLongError, Sampling, Timing, TokenLogprob
+from helpers.protocol import (
+    Completion,
+    FieldError,
+    PromptTooLongError,
+    Sampling,
+    Timing,
+    TokenIdError,
+    TokenLogprob,
+)
 
 TextCallback = Callable[[str], None]
 """Receives each piece of new text, on the decode thread; it must not block."""
@@ -71,6 +79,18 @@ class GenerationRequest:
 def prompt_token_ids(tokenizer: Any, prompt: str | tuple[int, ...]) -> list[int]:
     """A prompt's token ids: tokenized text, or the ids it came as."""
     return list(prompt) if isinstance(prompt, tuple) else tokenizer(prompt)["input_ids"]
+
+
+def check_vocabulary(field: str, tokens: Sequence[int], vocabulary: int) -> None:
+    """Raise :class:`~helpers.protocol.TokenIdError` naming ``field`` for the
+    first of ``tokens`` the model has no embedding or logit for."""
+    outside = [token for token in tokens if not 0 <= token < vocabulary]
+    if outside:
+        raise TokenIdError(
+            field,
+            f"{field}: token id {outside[0]} is outside the model's vocabulary "
+            f"(0 to {vocabulary - 1})",
+        )
 
 
 class BatcherClosedError(RuntimeError):
@@ -148,12 +168,12 @@ class _Chore:
             try:
                 self.pieces[self.ran]()
             except Exception as err:  # the model stays as the pieces before left it
-                self.done.set_exception(err)
+                _settle(self.done, exception=err)
                 return True
             self.ran += 1
         if self.ran < len(self.pieces):
             return False
-        self.done.set_result(None)
+        _settle(self.done)
         return True
 
 
@@ -207,6 +227,7 @@ class ContinuousBatcher:
         self._new_chores: queue.SimpleQueue[_Chore] = queue.SimpleQueue()
         self._chores: collections.deque[_Chore] = collections.deque()  # decode thread only
         self._stopping = threading.Event()
+        self._turn_started: float | None = None  # see stalled_s
         # Held while a group is submitted, and while the loop takes arrivals.
         self._arriving = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
@@ -222,6 +243,7 @@ class ContinuousBatcher:
         self._stopping.set()
         self._waiting.put(None)
         self._thread.join(timeout=30)
+        atexit.unregister(self.close)  # else it holds the model until exit
 
     @property
     def device(self) -> torch.device:
@@ -249,6 +271,11 @@ class ContinuousBatcher:
         # Tokenized by Engine.request, or here on the caller's thread; never on
         # the decode thread.
         prompt_ids = request.token_ids(self.tokenizer)
+        try:
+            self._check_admissible(prompt_ids, request.sampling)
+        except ValueError as err:  # refused alone: on the decode thread, it would end the batch
+            future.set_exception(err)
+            return future
         grammar = request.grammar
         if grammar is None and request.sampling.grammar is not None:
             grammar = self.grammars.compile(request.sampling.grammar)
@@ -258,20 +285,23 @@ class ContinuousBatcher:
         # or a stop string needs it.
         text = TextStream(self.tokenizer, request.sampling.stop, incremental=on_text is not None)
         sequence = _Sequence(request, prompt_ids, future, sampler, text, on_text, on_logprob)
-        limit, needed = self._rows.max_positions, _positions(sequence)
-        if limit is not None and needed > limit:
-            # Refused here, alone: raised on the decode thread, it would end the batch.
-            future.set_exception(
-                PromptTooLongError(
-                    f"prompt tokens plus max_new_tokens ({needed}) exceed "
-                    f"the {limit} positions a sequence may have in this cache"
-                )
-            )
-            return future
         self._waiting.put(sequence)
         if self._stopping.is_set():  # the loop may have drained the queue already
             self._refuse_waiting()
         return future
+
+    def _check_admissible(self, prompt_ids: list[int], sampling: Sampling) -> None:
+        """Raise unless a row can decode this prompt: it has tokens, each one
+        the model embeds, and they fit the cache with the new tokens."""
+        if not prompt_ids:
+            raise FieldError("prompt", "prompt: it has no tokens; a completion needs one or more")
+        check_vocabulary("prompt", prompt_ids, self.model.config.vocab_size)
+        limit, needed = self._rows.max_positions, len(prompt_ids) + sampling.max_new_tokens
+        if limit is not None and needed > limit:
+            raise PromptTooLongError(
+                f"prompt tokens plus max_new_tokens ({needed}) exceed "
+                f"the {limit} positions a sequence may have in this cache"
+            )
 
     def batch_load(self) -> BatchLoad:
         """A snapshot read from another thread: the decode thread replaces
@@ -315,9 +345,31 @@ class ContinuousBatcher:
             self._refuse_waiting()
         return done
 
+    def stalled_s(self) -> float:
+        """Seconds the loop has spent on its current turn (a step, a prefill, a
+        chore); 0 while it waits for work. Read from another thread, it tells a
+        health check a loop stuck mid-step from one with nothing to do."""
+        started = self._turn_started
+        return 0.0 if started is None else time.monotonic() - started
+
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
+        try:
+            self._loop()
+        finally:
+            # Closed, or the loop itself failed outside any one batch: nothing
+            # submitted may then wait for ever, and nothing more is taken.
+            self._stopping.set()
+            ended, self._sequences, self._held = self._sequences + self._held, [], []
+            for sequence in ended:
+                _settle(sequence.future, exception=BatcherClosedError())
+            while self._chores:
+                _settle(self._chores.popleft().done, exception=BatcherClosedError())
+            self._refuse_waiting()
+
+    def _loop(self) -> None:
         while not (self._stopping.is_set() and not self._sequences):
+            self._turn_started = time.monotonic()
             self._run_chores(idle=not self._sequences and not self._held and self._waiting.empty())
             # Once stopping, only the batch in flight goes on.
             arrivals = [] if self._stopping.is_set() else self._take_arrivals()
@@ -329,12 +381,6 @@ class ContinuousBatcher:
                     _settle(sequence.future, exception=err)
                 self._sequences = []
                 self._rows.clear()
-        held, self._held = self._held, []
-        for sequence in held:
-            _settle(sequence.future, exception=BatcherClosedError())
-        while self._chores:
-            _settle(self._chores.popleft().done, exception=BatcherClosedError())
-        self._refuse_waiting()
 
     def _refuse_waiting(self) -> None:
         """Settle everything queued for a loop that is stopping. Safe from any
@@ -379,7 +425,9 @@ class ContinuousBatcher:
         room = self.max_batch_size - len(self._sequences)
         arrivals: list[_Sequence | None] = list(self._held)
         if not self._sequences and not arrivals:
+            self._turn_started = None  # waiting for work is not being stuck
             arrivals.append(self._waiting.get())
+            self._turn_started = time.monotonic()
         with self._arriving:
             while len(arrivals) < room:
                 try:

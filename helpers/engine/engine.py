@@ -39,6 +39,7 @@ from helpers.engine.batcher import (
     GenerationRequest,
     LogprobCallback,
     TextCallback,
+    check_vocabulary,
     prompt_token_ids,
 )
 from helpers.engine.chat_prompt import chat_turns, template_renders_tools
@@ -71,6 +72,12 @@ logger = logging.getLogger(__name__)
 SCORING_CHUNK = 256
 """Prompt tokens scored per forward pass by :meth:`Engine.prompt_logprobs`:
 their logits (a vocabulary's worth each) are all that is held at once."""
+
+STALLED_AFTER_S = 120.0
+"""A decode loop on one turn (a step, a prefill, a chore) this long is stuck:
+every sequence in its batch waits on it, so the health check fails and Serve
+replaces the replica. Far longer than one step or prefill of a served model
+should take, so a busy replica is never taken for a stuck one."""
 
 __all__ = [
     "Completion",
@@ -406,14 +413,19 @@ class Engine:
     def check_vocabulary(self, field: str, tokens: Sequence[int]) -> None:
         """Raise :class:`~helpers.protocol.TokenIdError` naming ``field`` for
         the first of ``tokens`` outside the model's vocabulary."""
-        vocabulary = self.model.config.vocab_size
-        outside = [token for token in tokens if not 0 <= token < vocabulary]
-        if outside:
-            raise TokenIdError(
-                field,
-                f"{field}: token id {outside[0]} is outside the model's vocabulary "
-                f"(0 to {vocabulary - 1})",
-            )
+        check_vocabulary(field, tokens, self.model.config.vocab_size)
+
+    def close(self) -> None:
+        """Stop the decode loop (the batch in flight finishes; whatever waits is
+        refused), so a process that builds engines one after another does not
+        keep every earlier model and its cache alive until it exits."""
+        self._batcher.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def submit(
         self,
@@ -429,7 +441,8 @@ class Engine:
         return self._batcher.submit(request, on_text, on_logprob)
 
     def probe(self) -> None:
-        """Raise unless this engine can still serve: the decode loop runs and a
+        """Raise unless this engine can still serve: the decode loop runs, has
+        not been stuck on one turn for :data:`STALLED_AFTER_S`, and a
         one-token forward pass gives finite logits.
 
         The pass runs on the caller's thread, outside the batch, so a health
@@ -437,6 +450,8 @@ class Engine:
         """
         if not self._batcher.alive:
             raise RuntimeError("the decode loop has stopped")
+        if (stalled := self._batcher.stalled_s()) > STALLED_AFTER_S:
+            raise RuntimeError(f"the decode loop has been on one step for {stalled:.0f} s")
         token = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=token).logits

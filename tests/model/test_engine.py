@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine import engine as engine_module
 from helpers.engine.batcher import BatcherClosedError, ContinuousBatcher
 from helpers.engine.cpu_linear import PrepackedLinear, can_prepack
 from helpers.engine.engine import (
@@ -18,6 +19,7 @@ from helpers.engine.engine import (
     Sampling,
     TokenIdError,
 )
+from helpers.protocol import FieldError
 
 from .conftest import padded_only
 
@@ -320,6 +322,88 @@ def test_a_submission_racing_close_still_lets_the_loop_stop(engine: Engine) -> N
     assert isinstance(refused.exception(timeout=10), BatcherClosedError)
     batcher._thread.join(30)
     assert not batcher._thread.is_alive(), "the loop waits for an arrival that never comes"
+
+
+@padded_only
+def test_a_loop_that_fails_outside_a_batch_refuses_everything_rather_than_hang(
+    engine: Engine,
+) -> None:
+    failing = threading.Event()
+
+    class FailsBetweenSteps(ContinuousBatcher):
+        def _run_chores(self, idle: bool) -> None:
+            if failing.is_set():
+                raise RuntimeError("a bug outside any one batch")
+            super()._run_chores(idle)
+
+    batcher = one_row_batcher(engine, FailsBetweenSteps)
+    first_piece, go_on = threading.Event(), threading.Event()
+
+    def hold_the_loop(_: str) -> None:
+        first_piece.set()
+        go_on.wait(60)
+
+    running = batcher.submit(greedy(PROMPTS[1]), on_text=hold_the_loop)
+    assert first_piece.wait(60)
+    waiting = batcher.submit(greedy(PROMPTS[0]))  # no room: one row
+    failing.set()
+    go_on.set()
+    batcher._thread.join(60)
+    assert not batcher._thread.is_alive() and not batcher.alive
+    late = batcher.submit(greedy(PROMPTS[2]))
+    for future in (running, waiting, late):
+        assert isinstance(future.exception(timeout=10), BatcherClosedError)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "refusal"),
+    [((), "has no tokens"), ((10**6,), "outside the model's vocabulary")],
+    ids=["no tokens", "a token the model lacks"],
+)
+def test_a_prompt_no_row_can_decode_is_refused_alone(
+    engine: Engine, prompt: tuple[int, ...], refusal: str
+) -> None:
+    """Submitted straight to the engine, past Engine.request's checks (as a
+    notebook or a benchmark may): the running batch decodes on."""
+    first_piece, go_on = threading.Event(), threading.Event()
+
+    def hold_the_loop(_: str) -> None:
+        first_piece.set()
+        go_on.wait(60)
+
+    running = engine.submit(greedy(PROMPTS[0]), on_text=hold_the_loop)
+    assert first_piece.wait(60)
+    refused = engine.submit(GenerationRequest(prompt, greedy("").sampling))
+    go_on.set()
+    with pytest.raises(FieldError, match=refusal) as raised:
+        refused.result(timeout=60)
+    assert raised.value.field == "prompt"
+    assert running.result(timeout=60) == engine.generate([greedy(PROMPTS[0])])[0]
+
+
+@padded_only
+def test_the_probe_fails_while_the_loop_is_stuck_on_one_turn_but_not_while_idle(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "STALLED_AFTER_S", 0.05)
+    wait_for(lambda: engine._batcher.stalled_s() == 0.0)  # idle: waiting for work
+    time.sleep(0.1)  # idle for longer than a turn may take
+    engine.probe()
+    stuck, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        stuck.set()
+        release.wait(60)
+
+    chore = engine._batcher.between_steps([block], wake=True)
+    assert stuck.wait(60)
+    wait_for(lambda: engine._batcher.stalled_s() > 0.05)
+    with pytest.raises(RuntimeError, match="on one step"):
+        engine.probe()
+    release.set()
+    chore.result(timeout=60)
+    wait_for(lambda: engine._batcher.stalled_s() == 0.0)
+    engine.probe()
 
 
 def wait_for(condition, timeout_s: float = 60) -> None:
