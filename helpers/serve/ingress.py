@@ -40,10 +40,9 @@ from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta
 from helpers.serve import spare_worker
 from helpers.serve.llm_metrics import CountLLMRequests, IngressMetrics, note_stream_failure
-from helpers.serve.model_calls import call_model, open_stream, read_replica_states
+from helpers.serve.model_calls import ModelStatus, call_model, open_stream
 from helpers.serve.model_errors import RequestFields
 
-REPLICA_COUNT_TTL_S = 1.0
 ENGINE_INFO_TIMEOUT_S = 5.0
 GENERATE_FIELDS = RequestFields("prompt", controls="generation_kwargs.")
 
@@ -75,8 +74,7 @@ class Ingress:
         if spare_key:
             spare_worker.hold_key(spare_key, self._replica_id())
         self.started = int(time.time())
-        self._replicas: dict[str, int] = {}
-        self._replicas_read_at = float("-inf")
+        self.model_status = ModelStatus()
         self._engine: dict[str, Any] | None = None
         self._start: dict[str, Any] | None = None
         self._start_read_for: dict[str, int] | None = None
@@ -99,7 +97,7 @@ class Ingress:
         return {
             "status": "ok",
             "model": self.config.model_id,
-            "model_replicas": await self._model_replica_states(),
+            "model_replicas": await self.model_status.replica_states(),
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,
             "engine": await self._engine_info(),
@@ -205,7 +203,7 @@ class Ingress:
         else:
             prompt, fields = Prompt(text=parsed.prompt or "", raw=True), RequestFields("prompt")
         call = self.llm.tokenize.remote(prompt, parsed.add_special_tokens)
-        return await call_model(call, fields, self.config.request_timeout_s)
+        return await call_model(call, fields, self.config.request_timeout_s, self.model_status)
 
     @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(self, request: Request) -> dict[str, str]:
@@ -213,7 +211,8 @@ class Ingress:
         parsed = await self._parse(request, DetokenizeRequest, default_param="tokens")
         self._check_model(parsed.model)
         call = self.llm.detokenize.remote(parsed.tokens)
-        return await call_model(call, RequestFields("tokens"), self.config.request_timeout_s)
+        timeout_s = self.config.request_timeout_s
+        return await call_model(call, RequestFields("tokens"), timeout_s, self.model_status)
 
     async def _openai(
         self,
@@ -324,6 +323,7 @@ class Ingress:
             text=text,
             fields=fields,
             timeout_s=self.config.request_timeout_s,
+            status=self.model_status,
         )
 
     async def _engine_info(self) -> dict[str, Any] | None:
@@ -339,7 +339,7 @@ class Ingress:
         """How a running model replica started (``ReplicaStartup.as_dict``):
         asked again whenever the replica counts change, and kept at zero
         replicas, so the last cold start can be read after it."""
-        states = await self._model_replica_states()
+        states = await self.model_status.replica_states()
         if not states["running"]:
             self._start_read_for = None
         elif states != self._start_read_for:
@@ -352,16 +352,8 @@ class Ingress:
         """What ``ask()`` (a call to the model deployment) returns, if a model
         replica runs: None at zero replicas, where the call would wake the
         model, and None when the replica goes away meanwhile (ask next time)."""
-        if not (await self._model_replica_states())["running"]:
+        if not (await self.model_status.replica_states())["running"]:
             return None
         with contextlib.suppress(Exception):
             return await asyncio.wait_for(ask(), ENGINE_INFO_TIMEOUT_S)
         return None
-
-    async def _model_replica_states(self) -> dict[str, int]:
-        """Replica counts by state, read from the Serve controller at most once a second."""
-        now = time.monotonic()
-        if now - self._replicas_read_at >= REPLICA_COUNT_TTL_S:
-            self._replicas = await asyncio.to_thread(read_replica_states)
-            self._replicas_read_at = now
-        return self._replicas

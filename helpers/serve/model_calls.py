@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -33,6 +33,8 @@ START_CHECK_INTERVAL_S = 2.0
 """While a request waits for a replica, how often to ask whether Serve gave up
 starting one (a model that cannot load), so the request fails instead of
 waiting out REQUEST_TIMEOUT_S."""
+STATUS_TTL_S = 1.0
+"""How long one read of the model deployment's status serves every asker."""
 
 
 def model_deployment_status() -> Any:
@@ -42,18 +44,49 @@ def model_deployment_status() -> Any:
     return application.deployments.get(MODEL_DEPLOYMENT) if application else None
 
 
-def read_replica_states() -> dict[str, int]:
-    """Model replicas by lower-case state, always with a ``running`` count."""
-    deployment = model_deployment_status()
-    states = deployment.replica_states if deployment else {}
-    return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+class ModelStatus:
+    """The model deployment's status, read from the Serve controller at most
+    once per ``ttl_s`` however many ask at once.
+
+    Each read is a whole ``serve.status()``, a blocking call to the
+    controller. In a cold start every waiting request asks whether Serve gave
+    up, and ``/healthz`` probes ask for replica counts: without one shared
+    read, a burst of requests would be a burst of controller calls, each
+    holding a thread, just when the ingress is busiest.
+    """
+
+    def __init__(
+        self, read: Callable[[], Any] = model_deployment_status, ttl_s: float = STATUS_TTL_S
+    ) -> None:
+        self._read_status = read
+        self.ttl_s = ttl_s
+        self._read: asyncio.Future[Any] | None = None
+        self._read_at = float("-inf")
+
+    async def deployment(self) -> Any:
+        """The latest read, or a new one once it is ``ttl_s`` old; askers
+        who come while a read runs wait for that read."""
+        now = asyncio.get_running_loop().time()
+        if self._read is None or (self._read.done() and now - self._read_at >= self.ttl_s):
+            self._read_at = now
+            self._read = asyncio.ensure_future(asyncio.to_thread(self._read_status))
+        # One asker giving up (its client left) must not cancel everyone's read.
+        return await asyncio.shield(self._read)
+
+    async def replica_states(self) -> dict[str, int]:
+        """Model replicas by lower-case state, always with a ``running`` count."""
+        deployment = await self.deployment()
+        states = deployment.replica_states if deployment else {}
+        return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+
+    async def start_failure(self) -> str | None:
+        """Why the model deployment cannot start replicas, if Serve gave up on it."""
+        deployment = await self.deployment()
+        return None if deployment is None else _gave_up(deployment)
 
 
-def model_start_failure() -> str | None:
-    """Why the model deployment cannot start replicas, if Serve gave up on it."""
-    deployment = model_deployment_status()
-    if deployment is None:
-        return None
+def _gave_up(deployment: Any) -> str | None:
+    """Serve's reason, when the deployment's status says it stopped trying."""
     if not {state_name(deployment.status), state_name(deployment.status_trigger)} & GAVE_UP:
         return None
     lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
@@ -94,16 +127,20 @@ def _cancel(call: DeploymentResponse | DeploymentResponseGenerator) -> None:
         call.cancel()
 
 
-async def _accepted(deltas: DeploymentResponseGenerator, deadline: float) -> None:
+async def _accepted(
+    deltas: DeploymentResponseGenerator, deadline: float, status: ModelStatus
+) -> None:
     """Wait for the stream's first (empty) item: a replica took the request."""
     first = asyncio.ensure_future(deltas.__anext__())
     try:
-        await _result_while_starting(first, deadline)
+        await _result_while_starting(first, deadline, status)
     finally:
         first.cancel()
 
 
-async def _result_while_starting(pending: asyncio.Future, deadline: float) -> Any:
+async def _result_while_starting(
+    pending: asyncio.Future, deadline: float, status: ModelStatus
+) -> Any:
     """``pending``'s result, waited for until ``deadline``.
 
     A cold start happens in this wait. If Serve gives up starting replicas
@@ -115,7 +152,7 @@ async def _result_while_starting(pending: asyncio.Future, deadline: float) -> An
         if remaining <= 0:
             raise TimeoutError
         await asyncio.wait({pending}, timeout=min(START_CHECK_INTERVAL_S, remaining))
-        if not pending.done() and (failure := await asyncio.to_thread(model_start_failure)):
+        if not pending.done() and (failure := await status.start_failure()):
             raise ApiError(503, f"the model deployment failed to start: {failure}")
     return pending.result()
 
@@ -128,6 +165,7 @@ async def open_stream(
     text: bool,
     fields: RequestFields,
     timeout_s: float,
+    status: ModelStatus,
 ) -> AsyncIterator[list[TextDelta]]:
     """Call ``LLMServer.stream`` and return its deltas once a replica accepted.
 
@@ -139,20 +177,28 @@ async def open_stream(
         prompts, sampling, text
     )
     try:
-        await _accepted(deltas, deadline)
+        await _accepted(deltas, deadline, status)
+    except asyncio.CancelledError:  # the client left before a replica took it
+        _cancel(deltas)
+        raise
     except Exception as err:
         _cancel(deltas)
         raise model_error(err, fields, timeout_s) or err from None
     return _until_deadline(deltas, deadline, fields, timeout_s)
 
 
-async def call_model(call: DeploymentResponse, fields: RequestFields, timeout_s: float) -> Any:
+async def call_model(
+    call: DeploymentResponse, fields: RequestFields, timeout_s: float, status: ModelStatus
+) -> Any:
     """The result of a plain (not streamed) call to the model deployment,
     with a stream's deadline, cold-start watch and error answers."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     pending = asyncio.ensure_future(_awaited(call))
     try:
-        return await _result_while_starting(pending, deadline)
+        return await _result_while_starting(pending, deadline, status)
+    except asyncio.CancelledError:  # the client left
+        _cancel(call)
+        raise
     except Exception as err:
         _cancel(call)
         raise model_error(err, fields, timeout_s) or err from None

@@ -1,0 +1,199 @@
+"""How the ingress's calls to the model deployment wait, share status reads and
+are cancelled, with stand-ins for Serve's handles: no Ray involved (the
+integration tests drive the same code through a real cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from helpers.api.errors import ApiError
+from helpers.protocol import Sampling
+from helpers.serve import model_calls
+from helpers.serve.model_calls import ModelStatus, call_model, open_stream
+from helpers.serve.model_errors import RequestFields
+
+FIELDS = RequestFields("prompt")
+STARTING = SimpleNamespace(
+    status="UPDATING", status_trigger="CONFIG_UPDATE_STARTED", message="", replica_states={}
+)
+GAVE_UP = SimpleNamespace(
+    status="DEPLOY_FAILED",
+    status_trigger="REPLICA_STARTUP_FAILED",
+    message="The deployment failed to start 2 times.\nmodel not found: no-such/model\n",
+    replica_states={"STARTING": 0},
+)
+
+
+class Reads:
+    """A status read that counts its calls and, while ``held``, blocks (on a
+    thread, as serve.status() does) until released."""
+
+    def __init__(self, status: Any = STARTING, held: bool = False) -> None:
+        self.status = status
+        self.calls = 0
+        self.release = threading.Event()
+        if not held:
+            self.release.set()
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        assert self.release.wait(10)
+        return self.status
+
+
+class NeverAccepted:
+    """A model stream whose replica never yields its first item."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.cancelled = False
+
+    def __aiter__(self) -> NeverAccepted:
+        return self
+
+    async def __anext__(self) -> Any:
+        self.asked.set()
+        await asyncio.Event().wait()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class NeverAnswered:
+    """A plain model call that never returns."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.cancelled = False
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        self.asked.set()
+        await asyncio.Event().wait()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def handle_streaming(deltas: NeverAccepted) -> Any:
+    """``llm.options(stream=True).stream.remote(...)`` returning ``deltas``."""
+    method = SimpleNamespace(remote=lambda *args: deltas)
+    return SimpleNamespace(options=lambda **options: SimpleNamespace(stream=method))
+
+
+def streaming(deltas: NeverAccepted, status: ModelStatus, timeout_s: float = 60) -> Any:
+    llm = handle_streaming(deltas)
+    sampling = Sampling(4, temperature=0.0, top_p=1.0)
+    return open_stream(
+        llm, [], sampling, text=True, fields=FIELDS, timeout_s=timeout_s, status=status
+    )
+
+
+# -- ModelStatus ---------------------------------------------------------------------------
+
+
+def test_askers_at_once_share_one_read_and_a_later_one_reads_again() -> None:
+    reads = Reads(held=True)
+    status = ModelStatus(reads, ttl_s=0)
+
+    async def scenario() -> list[dict[str, int]]:
+        askers = [asyncio.ensure_future(status.replica_states()) for _ in range(20)]
+        await asyncio.sleep(0.05)  # every asker is waiting on the one read
+        reads.release.set()
+        answers = await asyncio.gather(*askers)
+        await status.replica_states()  # that read is done, and ttl_s is 0
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert answers == [{"running": 0}] * 20
+    assert reads.calls == 2
+
+
+def test_a_read_is_kept_for_its_time_to_live() -> None:
+    reads = Reads(SimpleNamespace(**{**vars(STARTING), "replica_states": {"RUNNING": 2}}))
+    status = ModelStatus(reads, ttl_s=3600)
+
+    async def scenario() -> list[dict[str, int]]:
+        return [await status.replica_states() for _ in range(3)]
+
+    assert asyncio.run(scenario()) == [{"running": 2}] * 3
+    assert reads.calls == 1
+
+
+def test_an_asker_who_leaves_does_not_cancel_the_read_for_the_others() -> None:
+    reads = Reads(held=True)
+    status = ModelStatus(reads, ttl_s=3600)
+
+    async def scenario() -> str | None:
+        leaver = asyncio.ensure_future(status.start_failure())
+        stayer = asyncio.ensure_future(status.start_failure())
+        await asyncio.sleep(0.05)
+        leaver.cancel()
+        reads.release.set()
+        return await stayer
+
+    assert asyncio.run(scenario()) is None
+    assert reads.calls == 1
+
+
+def test_a_deployment_serve_gave_up_on_gives_serves_last_reason() -> None:
+    status = ModelStatus(Reads(GAVE_UP))
+    assert asyncio.run(status.start_failure()) == "model not found: no-such/model"
+    assert asyncio.run(ModelStatus(Reads(None)).start_failure()) is None
+
+
+# -- calls ---------------------------------------------------------------------------------
+
+
+def test_a_stream_whose_client_leaves_before_a_replica_takes_it_is_cancelled() -> None:
+    deltas = NeverAccepted()
+
+    async def scenario() -> None:
+        call = asyncio.ensure_future(streaming(deltas, ModelStatus(Reads())))
+        await deltas.asked.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(scenario())
+    assert deltas.cancelled
+
+
+def test_a_plain_call_whose_client_leaves_is_cancelled() -> None:
+    call = NeverAnswered()
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(call_model(call, FIELDS, 60, ModelStatus(Reads())))
+        await call.asked.wait()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(scenario())
+    assert call.cancelled
+
+
+def test_a_stream_waiting_for_a_model_serve_gave_up_on_gets_503_and_is_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_calls, "START_CHECK_INTERVAL_S", 0.01)
+    deltas = NeverAccepted()
+    with pytest.raises(ApiError, match="model not found: no-such/model") as refused:
+        asyncio.run(streaming(deltas, ModelStatus(Reads(GAVE_UP))))
+    assert refused.value.status == 503
+    assert deltas.cancelled
+
+
+def test_a_stream_no_replica_takes_before_the_deadline_gets_408_and_is_cancelled() -> None:
+    deltas = NeverAccepted()
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(streaming(deltas, ModelStatus(Reads()), timeout_s=0.05))
+    assert refused.value.status == 408
+    assert deltas.cancelled
