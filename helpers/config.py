@@ -96,6 +96,11 @@ def _ongoing_limit(raw: str) -> int | None:
     return _number(int, 1, 10_000)(raw)
 
 
+def _ongoing_limit_of(values: dict[str, Any]) -> int:
+    """``MAX_ONGOING_REQUESTS``, with auto worked out from the batch size."""
+    return values["max_ongoing_requests"] or 2 * values["max_batch_size"]
+
+
 def _memory_fraction(raw: str) -> float | None:
     if raw.strip().lower() == "auto":
         return None
@@ -222,7 +227,7 @@ VARIABLES: tuple[Variable, ...] = (
         "TARGET_ONGOING_REQUESTS",
         "1.0",
         "Target ongoing requests per model replica used by autoscaling.",
-        "number in [0.1, 1000]",
+        "number in [0.1, 1000], not above MAX_ONGOING_REQUESTS",
         _number(float, 0.1, 1000.0),
         "target_ongoing_requests",
     ),
@@ -430,6 +435,17 @@ class ServeConfig:
                 f"MAX_REPLICAS={values['max_replicas']} is below MIN_REPLICAS="
                 f"{values['min_replicas']}: expected MAX_REPLICAS >= MIN_REPLICAS"
             )
+        if not problems and values["target_ongoing_requests"] > (
+            limit := _ongoing_limit_of(values)
+        ):
+            # Ray's guide sets max_ongoing_requests above the target: a replica
+            # that can never hold its target keeps its requests queued, or
+            # refused, before the model scales out.
+            problems.append(
+                f"TARGET_ONGOING_REQUESTS={values['target_ongoing_requests']:g} is above the "
+                f"{limit} requests a model replica works on at once (MAX_ONGOING_REQUESTS): "
+                f"expected TARGET_ONGOING_REQUESTS <= {limit}"
+            )
         if (
             not problems
             and values["cpu_weights"] == "q8_0"
@@ -455,7 +471,7 @@ class ServeConfig:
         decoding and the next one waiting, and Serve's default of 5 would
         never let a batch fill.
         """
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        return _ongoing_limit_of(vars(self))
 
     @property
     def gpu_memory_share(self) -> float:

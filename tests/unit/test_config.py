@@ -234,6 +234,23 @@ def test_max_replicas_equal_to_min_replicas_is_accepted() -> None:
     assert (config.min_replicas, config.max_replicas) == (3, 3)
 
 
+@pytest.mark.parametrize(
+    ("environ", "limit"),
+    [
+        ({"TARGET_ONGOING_REQUESTS": "33"}, 32),
+        ({"TARGET_ONGOING_REQUESTS": "8.5", "MAX_ONGOING_REQUESTS": "8"}, 8),
+    ],
+    ids=["auto: twice the batch", "set"],
+)
+def test_a_target_above_what_a_replica_works_on_at_once_is_refused(
+    environ: dict[str, str], limit: int
+) -> None:
+    with pytest.raises(ConfigError, match=f"expected TARGET_ONGOING_REQUESTS <= {limit}$"):
+        ServeConfig.from_env(environ)
+    at_limit = ServeConfig.from_env({**environ, "TARGET_ONGOING_REQUESTS": str(limit)})
+    assert at_limit.target_ongoing_requests == at_limit.ongoing_limit == limit
+
+
 def test_several_bad_variables_are_reported_in_one_error() -> None:
     bad = {"MODEL_ID": "", "TEMPERATURE": "hot", "MAX_REPLICAS": "two", "PROMPT_FORMAT": "xml"}
     with pytest.raises(ConfigError) as excinfo:
