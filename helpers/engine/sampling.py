@@ -1,13 +1,15 @@
 """Choosing the next token for one sequence, with its own settings and seed.
 
-The order is vLLM's, so a client moving between the two gets the same
-distribution for the same settings: the logits are first changed by what
-this sequence did (``repetition_penalty`` over the prompt and the
-completion, ``presence_penalty`` and ``frequency_penalty`` over the
-completion, as OpenAI defines them) and by ``logit_bias``; a grammar
-(structured output) then refuses what it cannot take; then greedy takes
-the argmax, or sampling divides by the temperature and keeps the ``top_k``
-tokens, the ``top_p`` nucleus and those within ``min_p`` of the likeliest.
+The order is vLLM's (its v1 sampler), so a client moving between the two
+gets the same distribution for the same settings: ``logit_bias`` is added
+first, then the logits are changed by what this sequence did
+(``repetition_penalty`` over the prompt and the completion,
+``presence_penalty`` and ``frequency_penalty`` over the completion, as
+OpenAI defines them); a grammar (structured output) then refuses what it
+cannot take; then greedy takes the argmax, or sampling divides by the
+temperature, drops the tokens less likely than ``min_p`` times the
+likeliest, and keeps the ``top_k`` tokens and the ``top_p`` nucleus of
+what is left.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Sampler:
     def _changed(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone()
         sampling = self.sampling
+        for token, bias in sampling.logit_bias:
+            logits[token] += bias
         if self._penalized or self._repetition:
             self._catch_up(logits.shape[-1])
         if self._repetition and self._seen is not None:
@@ -104,8 +108,6 @@ class Sampler:
         if self._penalized and self._counts is not None:
             logits -= sampling.frequency_penalty * self._counts
             logits -= sampling.presence_penalty * (self._counts > 0).float()
-        for token, bias in sampling.logit_bias:
-            logits[token] += bias
         if self.constraint is not None:
             self.constraint.apply(logits)
         return logits
@@ -129,6 +131,9 @@ class Sampler:
         # it) would turn the softmax into NaN: the largest finite value keeps
         # it the likeliest by far instead.
         logits = (logits / sampling.temperature).clamp(max=torch.finfo(logits.dtype).max)
+        if sampling.min_p > 0:
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < sampling.min_p * probs.max(), float("-inf"))
         if 0 < sampling.top_k < logits.shape[-1]:
             kth = torch.topk(logits, sampling.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -139,6 +144,4 @@ class Sampler:
             outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        if sampling.min_p > 0:
-            probs = probs.masked_fill(probs < sampling.min_p * probs.max(), 0.0)
         return probs

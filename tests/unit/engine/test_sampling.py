@@ -96,6 +96,23 @@ def test_min_p_drops_tokens_below_its_share_of_the_likeliest() -> None:
     assert every == {0, 1, 2}
 
 
+def test_min_p_applies_before_top_p_as_in_vllm() -> None:
+    """Probabilities 0.5, 0.3, 0.2: min_p 0.5 drops 0.2, leaving 0.625 and
+    0.375, whose top_p 0.6 nucleus is the first alone. top_p first would keep
+    0.5 and 0.3, and min_p then both."""
+    row = torch.tensor([0.5, 0.3, 0.2]).log()
+    both = replace(SAMPLED, min_p=0.5, top_p=0.6)
+    assert {sampler(replace(both, seed=seed)).pick(row) for seed in range(300)} == {0}
+
+
+def test_logit_bias_applies_before_the_repetition_penalty_as_in_vllm() -> None:
+    """Token 0 (logit 2, in the prompt) biased by -4 gives -2, which the penalty
+    of 2 doubles to -4, below token 1's -3.5. Penalized first, token 0 would
+    have 2 / 2 - 4 = -3 and win."""
+    picker = sampler(replace(GREEDY, logit_bias=((0, -4.0),), repetition_penalty=2.0), (0,))
+    assert picker.pick(logits(2.0, -3.5)) == 1
+
+
 def test_the_same_seed_and_settings_draw_the_same_tokens() -> None:
     settings = replace(SAMPLED, top_k=20, min_p=0.01, frequency_penalty=0.3, seed=7)
     rows = torch.randn(12, 100, generator=torch.Generator().manual_seed(2))
