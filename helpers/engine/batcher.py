@@ -192,8 +192,8 @@ class ContinuousBatcher:
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model
-        that offers one on a GPU, else a padded cache; True runs slots
-        eagerly, as tests do on CPU. ``max_positions`` (by default the
+        that offers one on a GPU, else a padded cache; True asks for slots
+        anywhere (on CPU, as tests do, they run eagerly). ``max_positions`` (by default the
         model's context) caps a sequence's length in slots, and ``pages``
         fixes their cache's size."""
         self.model = model
@@ -333,9 +333,11 @@ class ContinuousBatcher:
         Why pieces: work queued for an idle moment never runs on a replica
         that starts under load and stays busy, while running it all at once
         would stall every sequence in the batch. A piece that changes the
-        model (swapping a layer) is safe here on CPU: no forward pass is
-        running, and none starts until it returns. Not on a GPU, where
-        captured CUDA graphs keep the old weights' addresses.
+        model (swapping a layer) is safe here on CPU: the batch's forward
+        passes run on this thread, so none runs meanwhile, and the health
+        probe's pass, on a thread of its own, meets the old layer or the new
+        one, each swap being one assignment. Not on a GPU, where captured
+        CUDA graphs keep the old weights' addresses.
         """
         done: Future[None] = Future()
         self._new_chores.put(_Chore(list(pieces), done))

@@ -568,7 +568,11 @@ def _context_length(config: Any) -> int:
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a completion: the model's, else the tokenizer's,
+    else none (a base model may have none; it then stops at its limit)."""
     ids = model.generation_config.eos_token_id
     if ids is None:
         ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
     return set(ids) if isinstance(ids, list) else {ids}
