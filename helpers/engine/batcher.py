@@ -457,29 +457,7 @@ class ContinuousBatcher:
         if not self._sequences:
             return
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
-        logits = self._rows.logits
-        self._masks.wait()
-        next_tokens, keep = [], []
-        pushed: list[_Sequence] = []  # kept rows whose new token's text is not decoded yet
-        # Greedy rows take their argmax from one batched call: one transfer
-        # from the device per step rather than one per row.
-        greedy = logits.argmax(-1).tolist()
-        for row, sequence in enumerate(self._sequences):
-            if sequence.future.done():  # cancelled, or failed streaming its text
-                self.stats.cancelled += sequence.future.cancelled()
-                continue
-            try:
-                token, ended = self._next_token(sequence, logits[row], greedy[row])
-                if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
-                    self._finish(sequence, "stop" if ended else "length")
-                    continue
-            except Exception as err:  # this row's own (its controls, its stream): it alone ends
-                _settle(sequence.future, exception=err)
-                continue
-            keep.append(row)
-            next_tokens.append(token)
-            if not sequence.text.stop:
-                pushed.append(sequence)
+        keep, next_tokens, pushed = self._sample_rows()
         if not keep:
             self._sequences = []
             self._rows.clear()
@@ -503,6 +481,36 @@ class ContinuousBatcher:
         self.stats.forward_passes += 1
         if runs_ahead:
             _stream_text(pushed)
+
+    def _sample_rows(self) -> tuple[list[int], list[int], list[_Sequence]]:
+        """Each row's next token, and the rows that go on: their indices,
+        their tokens, and those whose new text is left to stream. A row that
+        ended (its end token, its limit, its caller gone, its own failure)
+        is settled here and left out."""
+        logits = self._rows.logits
+        self._masks.wait()
+        keep, next_tokens = [], []
+        pushed: list[_Sequence] = []  # kept rows whose new token's text is not decoded yet
+        # Greedy rows take their argmax from one batched call: one transfer
+        # from the device per step rather than one per row.
+        greedy = logits.argmax(-1).tolist()
+        for row, sequence in enumerate(self._sequences):
+            if sequence.future.done():  # cancelled, or failed streaming its text
+                self.stats.cancelled += sequence.future.cancelled()
+                continue
+            try:
+                token, ended = self._next_token(sequence, logits[row], greedy[row])
+                if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
+                    self._finish(sequence, "stop" if ended else "length")
+                    continue
+            except Exception as err:  # this row's own (its controls, its stream): it alone ends
+                _settle(sequence.future, exception=err)
+                continue
+            keep.append(row)
+            next_tokens.append(token)
+            if not sequence.text.stop:
+                pushed.append(sequence)
+        return keep, next_tokens, pushed
 
     def _next_token(
         self, sequence: _Sequence, logits: torch.Tensor, greedy: int
