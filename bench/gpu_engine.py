@@ -76,7 +76,8 @@ from helpers.engine.batch_rows import (  # noqa: E402
 )
 from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
 from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
-from helpers.engine.llama import LayerOps, PagedCache, pages_for  # noqa: E402
+from helpers.engine.kv_cache import PagedCache, pages_for  # noqa: E402
+from helpers.engine.layer_ops import LayerOps  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -380,7 +381,7 @@ def attention_ms(
     # As wide as the engine's step: the smallest power of two past every row.
     width = power_of_two_at_least(positions + 1, SMALLEST_WIDTH)
     pages = rows * pages_for(positions + 1)
-    cache = PagedCache(one_layer, rows, pages, width, dtype, device)
+    cache = PagedCache(one_layer, rows, pages, width, dtype, device, engine.model.decode_kernel)
     cache.assign(list(range(rows)), [positions + 1] * rows)
     layer = cache.layers[0]
     layer.keys.normal_()

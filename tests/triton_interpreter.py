@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from helpers.engine.llama import LayerOps
+from helpers.engine.layer_ops import LayerOps
 
 STEPS = ("norm", "add_norm", "rotate", "silu_mul")
-""":class:`~helpers.engine.llama.LayerOps`' steps, each a kernel on a GPU."""
+""":class:`~helpers.engine.layer_ops.LayerOps`' steps, each a kernel on a GPU."""
 
 
 def decode_kernel() -> Callable[..., Any]:

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from helpers.engine.decoder import Decoder, SegmentDecoder, SlotDecoder
-from helpers.engine.llama import PAGE_SIZE, Segment, pages_for
+from helpers.engine.decoder import Decoder, Segment, SegmentDecoder, SlotDecoder
+from helpers.engine.kv_cache import PAGE_SIZE, pages_for
 
 SMALLEST_WIDTH = 64
 """Fewest cache columns a decode graph reads; widths double from here."""
@@ -258,7 +258,7 @@ def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 class PagedRows:
-    """Rows in slots of a :class:`helpers.engine.llama.PagedCache`, each
+    """Rows in slots of a :class:`helpers.engine.kv_cache.PagedCache`, each
     holding pages for its prompt and its most new tokens from admission on.
     Row r is always in slot r: when rows end, the cache moves the others'
     table rows to the front (:meth:`PagedCache.keep`).

@@ -11,13 +11,14 @@ Llama (:mod:`helpers.engine.llama`) has both; a transformers causal LM meets
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from helpers.engine.llama import Segment
+    from helpers.engine.kv_cache import KVCache, PagedCache
 
 
 class Decoder(Protocol):
@@ -47,6 +48,27 @@ class Decoder(Protocol):
         tokens and the new ones (0 marks left padding); ``position_ids`` count
         each row's real tokens only."""
         ...
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows that share a cache and a token count, for one forward pass.
+
+    A decode step is one segment (one new token per row); so is a prefill
+    (each prompt's tokens, left-padded). A :class:`SegmentDecoder` runs
+    several in one pass (the kit's own:
+    :meth:`helpers.engine.llama.Llama.forward_segments`): every linear layer,
+    where nearly all of a CPU forward pass goes, reads its weights once for
+    all their tokens, and only attention runs per segment, each against its
+    own cache.
+    """
+
+    input_ids: torch.Tensor
+    cache: KVCache | PagedCache
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    logits_to_keep: int = 0
+    """Logits for this many last tokens of each row; 0 for every token."""
 
 
 @runtime_checkable

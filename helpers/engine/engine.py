@@ -52,7 +52,8 @@ from helpers.engine.gguf_linear import GgufLinear
 from helpers.engine.hub import is_hub_id, snapshot_directory
 from helpers.engine.int8_linear import Int8Linear
 from helpers.engine.kv_budget import KVPlan, gpu_kv_plan
-from helpers.engine.llama import UnsupportedCheckpoint, llama_config, load_llama
+from helpers.engine.llama_config import UnsupportedCheckpoint, llama_config
+from helpers.engine.llama_loading import load_llama
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import (
     Completion,

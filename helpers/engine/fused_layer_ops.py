@@ -10,12 +10,12 @@ RMSNorm after it, the rotation of a pass's queries and keys together (with
 Qwen3's norm of each head before it), and SiLU with the product after it.
 The matrix products and attention are left as they are; on a GPU the
 projections that read the same input are merged
-(:func:`helpers.engine.llama.merge_projections`), so the queries, keys and
+(:func:`helpers.engine.llama_loading.merge_projections`), so the queries, keys and
 values, and the gate and up halves, arrive here as views of one output.
 
 Each kernel rounds where torch's own operations do (after every product in
 half precision), so it gives torch's result up to the order of a sum.
-:class:`FusedLayerOps` is :class:`helpers.engine.llama.LayerOps` with these
+:class:`FusedLayerOps` is :class:`helpers.engine.layer_ops.LayerOps` with these
 kernels in place of torch's operations; :func:`problem_on` checks them once
 per process and model shape before a model uses them.
 
@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers.engine.llama import LayerOps, LlamaConfig, RMSNorm
+from helpers.engine.layer_ops import LayerOps, RMSNorm
+from helpers.engine.llama_config import LlamaConfig
 
 ELEMENTS_PER_PROGRAM = 1024
 """Elements of a row one program of the SiLU kernel computes."""
@@ -155,7 +156,7 @@ def _silu_mul_kernel(gate, up, out, columns, gate_stride, up_stride, BLOCK: tl.c
 
 
 class FusedLayerOps(LayerOps):
-    """:class:`~helpers.engine.llama.LayerOps` in one kernel a step."""
+    """:class:`~helpers.engine.layer_ops.LayerOps` in one kernel a step."""
 
     def norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         return self._add_norm(x, None, norm)[1]
@@ -237,7 +238,7 @@ class FusedLayerOps(LayerOps):
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``gate`` and ``up`` may be the two halves of one merged projection
-        (:func:`~helpers.engine.llama.merge_projections`): rows apart, each
+        (:func:`~helpers.engine.llama_loading.merge_projections`): rows apart, each
         row contiguous."""
         assert gate.stride(-1) == 1 and up.stride(-1) == 1, "each row read as contiguous"
         rows, columns = gate.shape

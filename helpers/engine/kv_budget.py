@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from helpers.engine.llama import PAGE_SIZE
+from helpers.engine.kv_cache import PAGE_SIZE
 
 FEWEST_POSITIONS = 256
 """Below this, a budget is refused at load rather than served badly."""

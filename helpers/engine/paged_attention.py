@@ -1,7 +1,7 @@
 """A decode step's attention read straight from a paged KV cache, as one Triton kernel.
 
 Why: torch's attention takes each row's keys and values as one contiguous
-tensor, so a decode step over a :class:`~helpers.engine.llama.PagedCache`
+tensor, so a decode step over a :class:`~helpers.engine.kv_cache.PagedCache`
 first gathers every row's pages into a copy as wide as the longest row
 (rounded up to a power of two), in every layer, and attention then reads
 that copy again: the weights are read once a step, the KV cache about three
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers.engine.llama import PAGE_SIZE
+from helpers.engine.kv_cache import PAGE_SIZE
 
 BLOCK_POSITIONS = 64
 """Positions a program reads per iteration: four pages."""

@@ -15,7 +15,7 @@ from helpers.engine import batch_rows
 from helpers.engine.batch_rows import FIRST_PAGES, PagedRows
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
-from helpers.engine.llama import PAGE_SIZE, pages_for
+from helpers.engine.kv_cache import PAGE_SIZE, pages_for
 from tests.triton_interpreter import counted
 
 PROMPTS = [

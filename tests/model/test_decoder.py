@@ -9,7 +9,8 @@ from helpers.config import ServeConfig
 from helpers.engine.decoder import Decoder, SegmentDecoder, SlotDecoder, TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
-from helpers.engine.llama import llama_config, load_llama
+from helpers.engine.llama_config import llama_config
+from helpers.engine.llama_loading import load_llama
 from helpers.engine.tokenizer import Tokenizer
 
 PROMPTS = ["The capital of France is", "Write a haiku about Ray Serve."]

@@ -21,7 +21,8 @@ from helpers.config import ServeConfig
 from helpers.engine import batch_rows
 from helpers.engine.batch_rows import FIRST_PAGES
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
-from helpers.engine.llama import llama_config, load_llama, merge_projections
+from helpers.engine.llama_config import llama_config
+from helpers.engine.llama_loading import load_llama, merge_projections
 from helpers.protocol import FieldError, Message
 from tests.family_checkpoints import FAMILIES, build_checkpoint
 from tests.triton_interpreter import STEPS as FUSED_STEPS

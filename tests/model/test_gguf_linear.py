@@ -12,7 +12,8 @@ from helpers.engine import gguf_linear
 from helpers.engine.embedded_model import ensure_converted
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
 from helpers.engine.gguf_linear import GgufLinear
-from helpers.engine.llama import llama_config, load_llama
+from helpers.engine.llama_config import llama_config
+from helpers.engine.llama_loading import load_llama
 
 from .conftest import padded_only
 

@@ -17,7 +17,8 @@ from bench.gpu_engine import (
     write_checkpoint,
 )
 from helpers.engine.engine import Engine
-from helpers.engine.llama import LayerOps, llama_config
+from helpers.engine.layer_ops import LayerOps
+from helpers.engine.llama_config import llama_config
 from helpers.engine.tokenizer import Tokenizer
 from tests.triton_interpreter import fused_layer_ops
 

@@ -15,16 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers.config import ServeConfig
-from helpers.engine.decoder import TransformersDecoder
+from helpers.engine.decoder import Segment, TransformersDecoder
 from helpers.engine.embedded_model import ensure_converted
-from helpers.engine.llama import (
-    KVCache,
-    Llama,
-    Segment,
-    UnsupportedCheckpoint,
-    llama_config,
-    load_llama,
-)
+from helpers.engine.kv_cache import KVCache
+from helpers.engine.llama import Llama
+from helpers.engine.llama_config import UnsupportedCheckpoint, llama_config
+from helpers.engine.llama_loading import load_llama
 from helpers.engine.tokenizer import Tokenizer
 
 TEXTS = [

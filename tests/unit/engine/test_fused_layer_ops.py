@@ -6,7 +6,8 @@ of a sum (an RMSNorm's) or an exponential's last bit can differ."""
 import pytest
 import torch
 
-from helpers.engine.llama import LayerOps, LlamaConfig, RMSNorm
+from helpers.engine.layer_ops import LayerOps, RMSNorm
+from helpers.engine.llama_config import LlamaConfig
 from tests.triton_interpreter import fused_layer_ops
 
 FUSED = fused_layer_ops([])  # or the module is skipped, without Triton

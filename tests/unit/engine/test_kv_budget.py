@@ -14,7 +14,7 @@ from helpers.engine.kv_budget import (
     kv_budget,
     plan_kv,
 )
-from helpers.engine.llama import PAGE_SIZE
+from helpers.engine.kv_cache import PAGE_SIZE
 
 GIB = 2**30
 QWEN25_05B = SimpleNamespace(num_hidden_layers=24, num_key_value_heads=2, head_dim=64)

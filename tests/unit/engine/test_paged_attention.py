@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.engine.llama import PAGE_SIZE, PagedCache
+from helpers.engine.kv_cache import PAGE_SIZE, PagedCache
 from tests.triton_interpreter import decode_kernel
 
 decode_attention = decode_kernel()  # or the module is skipped, without Triton

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from helpers.engine.llama import PAGE_SIZE, PagedCache
+from helpers.engine.kv_cache import PAGE_SIZE, PagedCache
 
 
 def small_cache(slots: int = 4, pages: int = 12) -> PagedCache:

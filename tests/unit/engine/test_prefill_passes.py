@@ -9,7 +9,7 @@ import random
 import pytest
 
 from helpers.engine.batch_rows import PREFILL_TOKENS, prefill_groups, prefill_pieces
-from helpers.engine.llama import PAGE_SIZE, pages_for
+from helpers.engine.kv_cache import PAGE_SIZE, pages_for
 
 
 @pytest.mark.parametrize("length", [PREFILL_TOKENS + 1, 32768, 40960, 131072])
