@@ -269,6 +269,18 @@ def test_a_cancelled_request_is_dropped_mid_flight_and_the_others_go_on(engine: 
     assert engine.stats.cancelled == cancelled_before + 1
 
 
+class HeldAtFirstPiece:
+    """An ``on_text`` that holds the decode thread at its stream's first piece
+    until released, so a test acts while that sequence is mid-batch."""
+
+    def __init__(self) -> None:
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, _: str) -> None:
+        self.holding.set()
+        self.release.wait(60)
+
+
 def one_row_batcher(engine: Engine, kind: type[ContinuousBatcher] = ContinuousBatcher):
     """A batcher of its own over the engine's model, one row at a time, for a
     test that closes it."""
@@ -280,19 +292,14 @@ def test_closing_finishes_the_batch_in_flight_and_refuses_everything_else(
     engine: Engine,
 ) -> None:
     batcher = one_row_batcher(engine)
-    first_piece, closing = threading.Event(), threading.Event()
-
-    def hold_the_loop(_: str) -> None:  # on the decode thread, mid-sequence
-        first_piece.set()
-        closing.wait(60)
-
-    in_flight = batcher.submit(greedy(PROMPTS[1]), on_text=hold_the_loop)
-    assert first_piece.wait(60)
+    held = HeldAtFirstPiece()
+    in_flight = batcher.submit(greedy(PROMPTS[1]), on_text=held)
+    assert held.holding.wait(60)
     queued = [batcher.submit(greedy(prompt)) for prompt in PROMPTS[:2]]  # no room: one row
     closer = threading.Thread(target=batcher.close)
     closer.start()
     wait_for(lambda: not batcher.alive)
-    closing.set()
+    held.release.set()
     closer.join(60)
 
     assert in_flight.result(timeout=60) == engine.generate([greedy(PROMPTS[1])])[0]
@@ -337,17 +344,12 @@ def test_a_loop_that_fails_outside_a_batch_refuses_everything_rather_than_hang(
             super()._run_chores(idle)
 
     batcher = one_row_batcher(engine, FailsBetweenSteps)
-    first_piece, go_on = threading.Event(), threading.Event()
-
-    def hold_the_loop(_: str) -> None:
-        first_piece.set()
-        go_on.wait(60)
-
-    running = batcher.submit(greedy(PROMPTS[1]), on_text=hold_the_loop)
-    assert first_piece.wait(60)
+    held = HeldAtFirstPiece()
+    running = batcher.submit(greedy(PROMPTS[1]), on_text=held)
+    assert held.holding.wait(60)
     waiting = batcher.submit(greedy(PROMPTS[0]))  # no room: one row
     failing.set()
-    go_on.set()
+    held.release.set()
     batcher._thread.join(60)
     assert not batcher._thread.is_alive() and not batcher.alive
     late = batcher.submit(greedy(PROMPTS[2]))
@@ -365,16 +367,11 @@ def test_a_prompt_no_row_can_decode_is_refused_alone(
 ) -> None:
     """Submitted straight to the engine, past Engine.request's checks (as a
     notebook or a benchmark may): the running batch decodes on."""
-    first_piece, go_on = threading.Event(), threading.Event()
-
-    def hold_the_loop(_: str) -> None:
-        first_piece.set()
-        go_on.wait(60)
-
-    running = engine.submit(greedy(PROMPTS[0]), on_text=hold_the_loop)
-    assert first_piece.wait(60)
+    held = HeldAtFirstPiece()
+    running = engine.submit(greedy(PROMPTS[0]), on_text=held)
+    assert held.holding.wait(60)
     refused = engine.submit(GenerationRequest(prompt, greedy("").sampling))
-    go_on.set()
+    held.release.set()
     with pytest.raises(FieldError, match=refusal) as raised:
         refused.result(timeout=60)
     assert raised.value.field == "prompt"
