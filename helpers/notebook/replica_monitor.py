@@ -36,15 +36,27 @@ class ReplicaTimeline:
 
 
 class ReplicaMonitor:
-    def __init__(self, client: LLMClient, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: LLMClient,
+        interval_s: float = 1.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """``clock`` and ``sleep`` are the time the monitor reads and how it
+        waits between samples; a test passes a fake pair to check the
+        timeline's seconds without waiting for them."""
         self.client = client
         self.interval_s = interval_s
         self.timeline = ReplicaTimeline()
-        self._started = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self._started = clock()
 
     def sample(self) -> int:
         replicas = self.client.running_model_replicas()
-        self.timeline.add(time.monotonic() - self._started, replicas)
+        self.timeline.add(self._clock() - self._started, replicas)
         return replicas
 
     def watch(
@@ -54,14 +66,14 @@ class ReplicaMonitor:
         on_sample: Callable[[ReplicaTimeline], None] | None = None,
     ) -> bool:
         """Poll until ``until(replicas)`` holds or ``timeout_s`` passes; True if it held."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = self._clock() + timeout_s
+        while self._clock() < deadline:
             replicas = self.sample()
             if on_sample:
                 on_sample(self.timeline)
             if until(replicas):
                 return True
-            time.sleep(self.interval_s)
+            self._sleep(self.interval_s)
         return False
 
 
@@ -79,7 +91,7 @@ class NodeReplicaMonitor(ReplicaMonitor):
 
         placed = Counter(replica_nodes(self.deployment))
         self.by_node.append(placed)
-        self.timeline.add(time.monotonic() - self._started, placed.total())
+        self.timeline.add(self._clock() - self._started, placed.total())
         return placed.total()
 
     def nodes_used(self) -> set[str]:

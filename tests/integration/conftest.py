@@ -6,6 +6,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -98,6 +99,18 @@ def _is_loopback(ip: str) -> bool:
 
 def model_replicas_running() -> int:
     return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["model_replicas"]["running"]
+
+
+def batch_stats() -> dict[str, int]:
+    """The model replica's batching counters (``LLMServer.batch_stats``), asked
+    through Serve. A call like any other: at zero replicas it wakes the model,
+    and on a full replica it waits for a free slot."""
+    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME).batch_stats.remote().result()
+
+
+def gen(**kwargs: Any) -> dict[str, Any]:
+    """A one-prompt ``/generate`` body with the given generation_kwargs."""
+    return {"prompt": "a", "generation_kwargs": kwargs}
 
 
 def ready_spare_pid() -> int:

@@ -9,7 +9,6 @@ ones redeploy the app to provoke timeouts and failures.
 import json
 import os
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +33,7 @@ from helpers.notebook.polling import wait_for
 from helpers.serve.model_server import LLMServer
 
 from . import breakable_server
-from .conftest import BASE_URL
+from .conftest import BASE_URL, batch_stats, gen, model_replicas_running
 
 KEY = "hardening-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -86,10 +85,6 @@ def assert_clean_error(response: requests.Response, status: int, param: str | No
     for leak in ("Traceback", 'File "', "/helpers/", ".py", "site-packages"):
         assert leak not in response.text
     assert len(response.content) < 2000  # no copy of a large input
-
-
-def gen(**kwargs: Any) -> dict[str, Any]:
-    return {"prompt": "a", "generation_kwargs": kwargs}
 
 
 def raw(text: str) -> dict[str, Any]:
@@ -424,23 +419,22 @@ def test_twice_the_capacity_gets_fast_503s_for_the_excess_and_200s_for_the_rest(
     Retry-After."""
     redeploy(MAX_NEW_TOKENS="128")
     body = {"model": deployed_app.model_id, "prompt": COUNTING, "temperature": 0}
-    finished: list[tuple[float, int, str | None]] = []
+    # A hundred tokens each, the end-of-sequence token ignored: the replica
+    # stays full until one of these streams ends.
+    long = {**body, "max_tokens": 100, "ignore_eos": True}
+    seen: list[list[dict | str]] = [[], []]
+    finished: list[tuple[int, str | None, bool]] = []
     lock = threading.Lock()
 
     def one(max_tokens: int) -> None:
-        started = time.monotonic()
         response = send("POST", "/v1/completions", json={**body, "max_tokens": max_tokens})
+        # Read as the answer arrives: were both long streams still decoding?
+        streams_open = not any("[DONE]" in events for events in seen)
         with lock:
             finished.append(
-                (
-                    time.monotonic() - started,
-                    response.status_code,
-                    response.headers.get("retry-after"),
-                )
+                (response.status_code, response.headers.get("retry-after"), streams_open)
             )
 
-    long = {**body, "max_tokens": 100}
-    seen: list[list[dict | str]] = [[], []]
     with ThreadPoolExecutor(max_workers=2 * CAPACITY) as pool:
         first = [pool.submit(stream_events, long, events) for events in seen]
         wait_for(lambda: all(len(e) >= 2 for e in seen), 60, "the replica to be full")
@@ -448,21 +442,17 @@ def test_twice_the_capacity_gets_fast_503s_for_the_excess_and_200s_for_the_rest(
         for future in rest:
             future.result(timeout=300)
         assert all(f.result(timeout=300)[-1] == "[DONE]" for f in first)
-    statuses = [status for _, status, _ in finished]
+    statuses = [status for status, _, _ in finished]
     # Two fit the queue; Serve frees a queue slot the moment a replica takes a
     # request, so a third can slip in: refusals are bounded, not exact.
     assert set(statuses) == {200, 503}
     assert statuses.count(200) >= CAPACITY - 2
     assert 1 <= statuses.count(503) <= CAPACITY
-    # The refusals came back before any completion finished: nothing waited for a slot.
-    first_200 = min(seconds for seconds, status, _ in finished if status == 200)
-    refusals = [(seconds, retry) for seconds, status, retry in finished if status == 503]
-    assert all(seconds < first_200 and retry == "2" for seconds, retry in refusals)
-    print(
-        f"503 after {max(s for s, _ in refusals):.2f} s at most; first 200 after {first_200:.2f} s"
-    )
+    # Every refusal came back while both long streams still held the replica:
+    # none waited for a slot.
+    assert all(open_ and retry == "2" for status, retry, open_ in finished if status == 503)
     assert answered_normally()
-    assert running_replicas() == 1
+    assert model_replicas_running() == 1
 
 
 FUZZ_CHECKS = [
@@ -509,6 +499,16 @@ def redeploy(model_server: type = LLMServer, **settings: str) -> ServeConfig:
     return config
 
 
+def breakable() -> type:
+    """The model deployment with ways to break it, pickled by value (its module says why)."""
+    ray.cloudpickle.register_pickle_by_value(breakable_server)
+    return breakable_server.BreakableLLMServer
+
+
+def model_handle() -> Any:
+    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+
+
 def model_replica_names() -> set[str]:
     """Actor names of the live model replicas (a stopped one's name can linger
     in the named-actor list for a while, so ask for live actors)."""
@@ -516,14 +516,6 @@ def model_replica_names() -> set[str]:
         filters=[("state", "=", "ALIVE"), ("class_name", "=", f"ServeReplica:{APP_NAME}:LLMServer")]
     )
     return {actor.name for actor in alive}
-
-
-def batch_stats() -> dict[str, int]:
-    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME).batch_stats.remote().result()
-
-
-def running_replicas() -> int:
-    return requests.get(f"{BASE_URL}/healthz", timeout=10).json()["model_replicas"]["running"]
 
 
 def stream_events(body: dict[str, Any], events: list[dict | str]) -> list[dict | str]:
@@ -576,7 +568,8 @@ def test_a_request_in_flight_finishes_while_its_replica_is_replaced(
     with ThreadPoolExecutor(max_workers=1) as pool:
         stream: Future = pool.submit(stream_events, body, seen)
         wait_for(lambda: len(seen) >= 2, 60, "the stream to be decoding")
-        redeploy(MAX_NEW_TOKENS="1024", REQUEST_TIMEOUT_S="3")  # a new version: new replicas
+        # A new version, so new replicas; the next test holds their decode loop.
+        redeploy(breakable(), REQUEST_TIMEOUT_S="3")
         events = stream.result(timeout=120)
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] in {"stop", "length"}
@@ -586,20 +579,19 @@ def test_a_request_in_flight_finishes_while_its_replica_is_replaced(
 def test_a_request_past_the_timeout_gets_408_and_its_generation_stops(
     deployed_app: ServeConfig,
 ) -> None:
-    # The app now runs with REQUEST_TIMEOUT_S=3. A thousand tokens, the
-    # end-of-sequence token ignored, take several times that even on a fast
-    # host (120 tokens once did; on a faster host they came back in time).
+    """The app now runs with REQUEST_TIMEOUT_S=3, on the breakable server.
+    Its decode loop is held while both requests wait, so they time out
+    however fast the host decodes; released, it drops both generations."""
     before = batch_stats()["cancelled"]
-    body = {
-        "model": deployed_app.model_id,
-        "prompt": COUNTING,
-        "max_tokens": 1000,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    assert_clean_error(send("POST", "/v1/completions", json=body), 408, None)
-    events = stream_events(body, [])
-    assert events[-1]["error"]["type"] == "timeout_error"
+    body = {"model": deployed_app.model_id, "prompt": COUNTING, "max_tokens": 16}
+    model_handle().stall_decoding.remote().result(timeout_s=90)
+    try:
+        assert_clean_error(send("POST", "/v1/completions", json=body), 408, None)
+        events = stream_events(body, [])
+    finally:
+        model_handle().resume_decoding.remote().result(timeout_s=60)
+    assert len(events) == 1, events  # the error alone: no token decoded, no [DONE]
+    assert events[0]["error"]["type"] == "timeout_error"
     wait_for(
         lambda: batch_stats()["cancelled"] >= before + 2,
         30,
@@ -611,12 +603,11 @@ def test_a_request_past_the_timeout_gets_408_and_its_generation_stops(
 def test_a_broken_engine_fails_its_health_check_and_is_replaced(
     deployed_app: ServeConfig,
 ) -> None:
-    ray.cloudpickle.register_pickle_by_value(breakable_server)
-    redeploy(breakable_server.BreakableLLMServer)
+    redeploy(breakable())
     (broken,) = model_replica_names()
-    serve.get_deployment_handle("LLMServer", app_name=APP_NAME).break_the_model.remote().result()
+    model_handle().break_the_model.remote().result()
     wait_for(
-        lambda: model_replica_names() not in ({broken}, set()) and running_replicas() == 1,
+        lambda: model_replica_names() not in ({broken}, set()) and model_replicas_running() == 1,
         120,
         "the unhealthy replica to be replaced",
     )

@@ -6,28 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from helpers.api.openai_responses import OpenAIFormat
-from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from helpers.protocol import Completion, Message, TextDelta, TokenLogprob
 
-LIMITS = {"max_new_tokens": 64, "max_prompts": 4}
-MODEL = "served-model"
-
-
-def completion(**fields: Any) -> CompletionRequest:
-    return CompletionRequest.model_validate(
-        {"model": MODEL, "prompt": "hi", **fields}, context=LIMITS
-    )
-
-
-def chat(**fields: Any) -> ChatCompletionRequest:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
-    return ChatCompletionRequest.model_validate(body, context=LIMITS)
-
-
-def refused_field(make, **fields: Any) -> str:
-    with pytest.raises(ValidationError) as caught:
-        make(**fields)
-    return ".".join(str(p) for p in caught.value.errors()[0]["loc"])
+from .request_bodies import MODEL, chat, completion, refused_field
 
 
 def test_defaults_leave_the_server_to_choose() -> None:

@@ -9,7 +9,7 @@ import pytest
 from helpers.api.response_format import MAX_SCHEMA_BYTES
 from helpers.protocol import Grammar
 
-from .test_openai_schema import chat, completion, refused_field
+from .request_bodies import chat, completion, refused_field
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 

@@ -10,28 +10,16 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from helpers.api.generate_schema import GenerateRequest
-from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from helpers.api.sampling_controls import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from helpers.protocol import Sampling
 
-LIMITS = {"max_new_tokens": 64, "max_prompts": 4}
+from .request_bodies import LIMITS, chat, completion
 
 
 def generate(**controls: Any) -> GenerateRequest:
     return GenerateRequest.model_validate(
         {"prompt": "hi", "generation_kwargs": controls}, context=LIMITS
     )
-
-
-def completion(**controls: Any) -> CompletionRequest:
-    return CompletionRequest.model_validate(
-        {"model": "m", "prompt": "hi", **controls}, context=LIMITS
-    )
-
-
-def chat(**controls: Any) -> ChatCompletionRequest:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **controls}
-    return ChatCompletionRequest.model_validate(body, context=LIMITS)
 
 
 ENDPOINTS = {

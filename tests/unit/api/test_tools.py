@@ -12,7 +12,7 @@ from helpers.api.response_format import MAX_SCHEMA_BYTES
 from helpers.api.tool_calls import ToolCallReader, split_tool_calls
 from helpers.protocol import Completion, Function, Message, TextDelta, ToolCall
 
-from .test_openai_schema import MODEL, chat, refused_field
+from .request_bodies import MODEL, chat, refused_field
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}

@@ -122,18 +122,14 @@ def test_api_error_message_falls_back_to_the_body() -> None:
 
 
 def test_wait_until_up_returns_when_the_server_answers(server: FakeServer) -> None:
-    started = time.monotonic()
     assert LLMClient(server.url).wait_until_up(timeout_s=5) is None
-    assert time.monotonic() - started < 2  # first try succeeded: no 1 s sleep
-    assert server.healthz_calls == 1
+    assert server.healthz_calls == 1  # the first try succeeded: no retry, so no sleep
 
 
 def test_wait_until_up_raises_after_the_timeout(closed_port_url: str) -> None:
-    started = time.monotonic()
-    with pytest.raises(TimeoutError, match="/healthz"):
+    # How long it waits is wait_for's, checked on a fake clock in test_polling.py.
+    with pytest.raises(TimeoutError, match=r"waited 0 s for http://127\.0\.0\.1:\d+/healthz"):
         LLMClient(closed_port_url).wait_until_up(timeout_s=0.2)
-    elapsed = time.monotonic() - started
-    assert 0.2 <= elapsed < 5
 
 
 def test_curl_command_shape() -> None:

@@ -1,13 +1,14 @@
-"""Unit tests for helpers.notebook.replica_monitor with a scripted fake client (no server)."""
+"""Unit tests for helpers.notebook.replica_monitor with a scripted fake client (no server)
+and a fake clock (``fake_clock``), so the timeline's seconds are exact and nothing sleeps."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import matplotlib
 
 from helpers.notebook.replica_monitor import ReplicaMonitor, ReplicaTimeline
+from tests.unit.notebook.fake_clock import FakeClock
 
 matplotlib.use("Agg")
 
@@ -58,59 +59,86 @@ def test_first_time_at() -> None:
 # -- ReplicaMonitor --------------------------------------------------------------------------
 
 
-def test_sample_records_elapsed_seconds_and_count() -> None:
-    monitor = ReplicaMonitor(ScriptedClient([2, 1]), interval_s=0.01)
+def monitor_on(clock: FakeClock, client: ScriptedClient, interval_s: float = 1.0) -> ReplicaMonitor:
+    return ReplicaMonitor(client, interval_s=interval_s, clock=clock, sleep=clock.sleep)
+
+
+def test_sample_records_seconds_since_the_monitor_started_and_the_count() -> None:
+    clock = FakeClock()
+    monitor = monitor_on(clock, ScriptedClient([2, 1]))
+    clock.advance(1.5)
     assert monitor.sample() == 2
+    clock.advance(2.25)
     assert monitor.sample() == 1
     assert monitor.timeline.replicas == [2, 1]
-    first, second = monitor.timeline.seconds
-    assert 0 <= first <= second < 5
+    assert monitor.timeline.seconds == [1.5, 3.75]
+    assert clock.sleeps == []  # sampling never waits
 
 
 def test_watch_returns_true_when_the_condition_holds() -> None:
+    clock = FakeClock()
     client = ScriptedClient([2, 1, 1, 0, 5])
-    monitor = ReplicaMonitor(client, interval_s=0.01)
+    monitor = monitor_on(clock, client)
     seen: list[tuple[list[float], list[int]]] = []
 
     def on_sample(timeline: ReplicaTimeline) -> None:
         assert timeline is monitor.timeline
         seen.append((list(timeline.seconds), list(timeline.replicas)))
 
-    assert monitor.watch(until=lambda n: n == 0, timeout_s=5, on_sample=on_sample) is True
+    assert monitor.watch(until=lambda n: n == 0, timeout_s=60, on_sample=on_sample) is True
     assert client.calls == 4  # stops at the first 0; the 5 is never read
     assert monitor.timeline.replicas == [2, 1, 1, 0]
-    assert monitor.timeline.seconds == sorted(monitor.timeline.seconds)
+    assert monitor.timeline.seconds == [0.0, 1.0, 2.0, 3.0]
+    assert clock.sleeps == [1.0] * 3  # none after the sample that held
     assert [replicas for _, replicas in seen] == [[2], [2, 1], [2, 1, 1], [2, 1, 1, 0]]
     assert seen[-1][0] == monitor.timeline.seconds
-    assert monitor.timeline.first_time_at(0) == monitor.timeline.seconds[3]
+    assert monitor.timeline.first_time_at(0) == 3.0
 
 
 def test_watch_without_a_callback() -> None:
-    monitor = ReplicaMonitor(ScriptedClient([0, 1, 2]), interval_s=0.01)
-    assert monitor.watch(until=lambda n: n >= 2, timeout_s=5) is True
+    clock = FakeClock()
+    monitor = monitor_on(clock, ScriptedClient([0, 1, 2]))
+    assert monitor.watch(until=lambda n: n >= 2, timeout_s=60) is True
     assert monitor.timeline.replicas == [0, 1, 2]
 
 
 def test_watch_returns_false_on_timeout() -> None:
+    clock = FakeClock()
     client = ScriptedClient([1])
-    monitor = ReplicaMonitor(client, interval_s=0.01)
+    monitor = monitor_on(clock, client)
     samples: list[int] = []
-    started = time.monotonic()
     held = monitor.watch(
-        until=lambda n: n == 0, timeout_s=0.1, on_sample=lambda t: samples.append(t.replicas[-1])
+        until=lambda n: n == 0, timeout_s=3.5, on_sample=lambda t: samples.append(t.replicas[-1])
     )
-    elapsed = time.monotonic() - started
     assert held is False
-    assert 0.1 <= elapsed < 2
-    assert client.calls >= 2  # it kept polling until the deadline
-    assert samples == monitor.timeline.replicas == [1] * client.calls
+    # It kept polling until the deadline and no further: samples at 0, 1, 2 and
+    # 3 s; after the sleep to 4 s the deadline has passed.
+    assert client.calls == 4
+    assert monitor.timeline.seconds == [0.0, 1.0, 2.0, 3.0]
+    assert clock.sleeps == [1.0] * 4
+    assert samples == monitor.timeline.replicas == [1] * 4
 
 
 def test_watch_sleeps_interval_between_samples() -> None:
-    monitor = ReplicaMonitor(ScriptedClient([3, 3, 0]), interval_s=0.05)
-    assert monitor.watch(until=lambda n: n == 0, timeout_s=5) is True
-    gaps = [
-        b - a for a, b in zip(monitor.timeline.seconds, monitor.timeline.seconds[1:], strict=False)
-    ]
-    assert len(gaps) == 2
-    assert all(gap >= 0.045 for gap in gaps)
+    clock = FakeClock()
+    monitor = monitor_on(clock, ScriptedClient([3, 3, 0]), interval_s=0.25)
+    assert monitor.watch(until=lambda n: n == 0, timeout_s=60) is True
+    assert clock.sleeps == [0.25, 0.25]
+    assert monitor.timeline.seconds == [0.0, 0.25, 0.5]
+
+
+def test_a_slow_healthz_counts_toward_the_timeout() -> None:
+    """The deadline is on the clock, not a count of sleeps: a poll that
+    takes two seconds leaves room for fewer polls."""
+    clock = FakeClock()
+
+    class SlowClient(ScriptedClient):
+        def running_model_replicas(self) -> int:
+            clock.advance(2.0)
+            return super().running_model_replicas()
+
+    client = SlowClient([1])
+    monitor = monitor_on(clock, client)
+    assert monitor.watch(until=lambda n: n == 0, timeout_s=5) is False
+    assert client.calls == 2  # at 0 s (read at 2 s) and 3 s (read at 5 s); none at 6 s
+    assert monitor.timeline.seconds == [2.0, 5.0]

@@ -1,6 +1,7 @@
 """How the ingress's middleware decides what became of a request, driven
 with ASGI messages as Serve's proxy sends them; the counts themselves are
-checked on a real deployment (tests/integration/test_metrics.py)."""
+checked on a real deployment in tests/integration/test_openai_api.py
+(``test_the_metrics_count_exactly_what_was_sent_and_the_cold_start``)."""
 
 import asyncio
 from collections.abc import Callable
