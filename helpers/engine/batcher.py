@@ -418,6 +418,7 @@ class ContinuousBatcher:
                 self._chores.popleft()
             if not idle:
                 return
+            self._turn_started = time.monotonic()  # a piece done is progress
 
     def _take_arrivals(self) -> list[_Sequence]:
         """Waiting sequences that fit, oldest first; blocks only when nothing
@@ -438,6 +439,7 @@ class ContinuousBatcher:
                     break
         live = [s for s in arrivals if s is not None and not s.future.cancelled()]
         self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
+        self._held = live  # taken from the queue: if the loop fails now, they are settled
         fits = self._rows.fitting([_positions(s) for s in live[:room]])
         if live and not self._sequences:
             fits = max(fits, 1)

@@ -75,10 +75,11 @@ SCORING_CHUNK = 256
 their logits (a vocabulary's worth each) are all that is held at once."""
 
 STALLED_AFTER_S = 120.0
-"""A decode loop on one turn (a step, a prefill, a chore) this long is stuck:
-every sequence in its batch waits on it, so the health check fails and Serve
-replaces the replica. Far longer than one step or prefill of a served model
-should take, so a busy replica is never taken for a stuck one."""
+"""The least time a decode loop spends on one turn (a step, a prefill, a
+chore piece) before the health check calls it stuck and Serve replaces the
+replica. :meth:`Engine.probe` waits longer where requests may: a turn that
+outlasts every request's deadline serves no one, while a shorter one may be
+a long admission of long prompts on a slow CPU."""
 
 __all__ = [
     "Completion",
@@ -441,17 +442,18 @@ class Engine:
         """
         return self._batcher.submit(request, on_text, on_logprob)
 
-    def probe(self) -> None:
+    def probe(self, longest_request_s: float = 0.0) -> None:
         """Raise unless this engine can still serve: the decode loop runs, has
-        not been stuck on one turn for :data:`STALLED_AFTER_S`, and a
-        one-token forward pass gives finite logits.
+        not been on one turn for :data:`STALLED_AFTER_S` or
+        ``longest_request_s`` (what a request may take), whichever is longer,
+        and a one-token forward pass gives finite logits.
 
         The pass runs on the caller's thread, outside the batch, so a health
         check neither waits for nor shows up in the batching counters.
         """
         if not self._batcher.alive:
             raise RuntimeError("the decode loop has stopped")
-        if (stalled := self._batcher.stalled_s()) > STALLED_AFTER_S:
+        if (stalled := self._batcher.stalled_s()) > max(STALLED_AFTER_S, longest_request_s):
             raise RuntimeError(f"the decode loop has been on one step for {stalled:.0f} s")
         token = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
         with torch.inference_mode():

@@ -64,6 +64,12 @@ class Grammars:
         """``grammar`` compiled for this model, once per request; raises
         :class:`~helpers.protocol.GrammarError` naming the request's field
         when it cannot be."""
+        if not self._eos_token_ids:
+            raise GrammarError(
+                grammar.field,
+                f"{grammar.field}: this model declares no end-of-sequence token, so a reply "
+                "held to a grammar could not end where the grammar does",
+            )
         matcher = llguidance.LLMatcher(self.tokenizer, _source(grammar), log_level=0, limits=LIMITS)
         if matcher.is_error():
             raise GrammarError(grammar.field, f"{grammar.field}: {matcher.get_error()}")

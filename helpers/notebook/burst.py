@@ -14,9 +14,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-import requests
-
-from helpers.notebook.client import ApiError, LLMClient, Reply
+from helpers.notebook.client import LLMClient, Reply
 
 STORY_PROMPT = "Tell a long story about the number {}."
 
@@ -55,19 +53,24 @@ class Burst:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Send nothing more, and wait for the answers to what was sent."""
+        """Send nothing more, and wait for the answers to what was sent; not
+        when the notebook was interrupted, since a user who stops a cell wants
+        it back now (each sender, a daemon thread, ends after its request)."""
         self._stop.set()
+        if exc_type is KeyboardInterrupt:
+            return
         for sender in self._senders:
             sender.join()
 
     def _send(self, sender: int) -> None:
-        """Send until told to stop; a refused or failed request ends this sender,
-        since the ones after it would most likely fail the same way."""
+        """Send until told to stop. A refused or failed request ends this
+        sender, since the ones after it would most likely fail the same way,
+        and is kept in ``errors``, so a check cell sees it."""
         number = sender
         while not self._stop.is_set():
             try:
                 reply = self.client.generate(self.prompt.format(number), **self.knobs)
-            except (ApiError, requests.RequestException) as err:
+            except Exception as err:  # kept for the check cell, not lost with the thread
                 with self._lock:
                     self.errors.append(err)
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 from helpers.api.errors import ApiError
 from helpers.protocol import Prompt, Sampling, TextDelta
 from helpers.serve.model_errors import RequestFields, model_error
+
+logger = logging.getLogger(__name__)
 
 MODEL_DEPLOYMENT = "LLMServer"
 GAVE_UP = {"DEPLOY_FAILED", "REPLICA_STARTUP_FAILED"}
@@ -67,7 +70,9 @@ class ModelStatus:
         """The latest read, or a new one once it is ``ttl_s`` old; askers
         who come while a read runs wait for that read."""
         now = asyncio.get_running_loop().time()
-        if self._read is None or (self._read.done() and now - self._read_at >= self.ttl_s):
+        read = self._read
+        # A read that failed is not kept: the next asker tries again.
+        if read is None or (read.done() and (_failed(read) or now - self._read_at >= self.ttl_s)):
             self._read_at = now
             self._read = asyncio.ensure_future(asyncio.to_thread(self._read_status))
         # One asker giving up (its client left) must not cancel everyone's read.
@@ -80,9 +85,19 @@ class ModelStatus:
         return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
 
     async def start_failure(self) -> str | None:
-        """Why the model deployment cannot start replicas, if Serve gave up on it."""
-        deployment = await self.deployment()
+        """Why the model deployment cannot start replicas, if Serve gave up on
+        it. None too when the controller did not answer: a request waiting
+        for a replica then waits on, and asks again."""
+        try:
+            deployment = await self.deployment()
+        except Exception:
+            logger.warning("could not read the model deployment's status", exc_info=True)
+            return None
         return None if deployment is None else _gave_up(deployment)
+
+
+def _failed(read: asyncio.Future[Any]) -> bool:
+    return read.cancelled() or read.exception() is not None
 
 
 def _gave_up(deployment: Any) -> str | None:

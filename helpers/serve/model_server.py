@@ -244,7 +244,7 @@ class LLMServer:
         """Serve calls this every few seconds; raising makes Serve replace the
         replica. It exercises the model itself, so a replica whose engine broke
         is replaced rather than left failing every request."""
-        await asyncio.to_thread(self.engine.probe)
+        await asyncio.to_thread(self.engine.probe, self.config.request_timeout_s)
 
     def startup_times(self) -> ReplicaStartup:
         """How this replica's start went, for the cold-start benchmark."""

@@ -357,6 +357,20 @@ def test_a_loop_that_fails_outside_a_batch_refuses_everything_rather_than_hang(
         assert isinstance(future.exception(timeout=10), BatcherClosedError)
 
 
+@padded_only
+def test_an_arrival_taken_as_the_loop_fails_is_refused_too(engine: Engine) -> None:
+    batcher = one_row_batcher(engine)
+
+    def broken(positions: list[int]) -> int:
+        raise RuntimeError("a bug while taking arrivals")
+
+    batcher._rows.fitting = broken  # fails once the loop has taken the request
+    taken = batcher.submit(greedy(PROMPTS[0]))
+    batcher._thread.join(60)
+    assert not batcher._thread.is_alive()
+    assert isinstance(taken.exception(timeout=10), BatcherClosedError)
+
+
 @pytest.mark.parametrize(
     ("prompt", "refusal"),
     [((), "has no tokens"), ((10**6,), "outside the model's vocabulary")],
@@ -397,6 +411,7 @@ def test_the_probe_fails_while_the_loop_is_stuck_on_one_turn_but_not_while_idle(
     wait_for(lambda: engine._batcher.stalled_s() > 0.05)
     with pytest.raises(RuntimeError, match="on one step"):
         engine.probe()
+    engine.probe(longest_request_s=3600)  # requests may still be waiting on it
     release.set()
     chore.result(timeout=60)
     wait_for(lambda: engine._batcher.stalled_s() == 0.0)

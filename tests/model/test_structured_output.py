@@ -13,6 +13,7 @@ import pytest
 
 from helpers.api.tool_calls import split_tool_calls
 from helpers.engine.engine import Engine, Grammar, GrammarError, Sampling
+from helpers.engine.grammar import Grammars
 from helpers.protocol import Function, Message
 
 from .conftest import padded_only
@@ -175,3 +176,13 @@ def test_a_tool_that_does_not_compile_names_tools(engine: Engine) -> None:
             replace(GREEDY, grammar=grammar),
         )
     assert caught.value.field == "tools"
+
+
+@padded_only
+def test_a_model_without_an_end_token_refuses_a_grammar_naming_its_field(engine: Engine) -> None:
+    """A reply held to a grammar must end where the grammar does, with an end
+    token: a model that declares none cannot give one."""
+    grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size, eos_token_ids=())
+    with pytest.raises(GrammarError, match="no end-of-sequence token") as refused:
+        grammars.compile(held_to(PERSON))
+    assert refused.value.field == "response_format"

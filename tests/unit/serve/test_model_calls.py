@@ -143,6 +143,27 @@ def test_an_asker_who_leaves_does_not_cancel_the_read_for_the_others() -> None:
     assert reads.calls == 1
 
 
+class FailsOnce(Reads):
+    """The controller does not answer the first read."""
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise TimeoutError("the controller did not answer")
+        return self.status
+
+
+def test_a_failed_read_is_not_kept_and_a_waiting_request_waits_on() -> None:
+    reads = FailsOnce(GAVE_UP)
+    status = ModelStatus(reads, ttl_s=3600)
+
+    async def scenario() -> list[str | None]:
+        return [await status.start_failure(), await status.start_failure()]
+
+    assert asyncio.run(scenario()) == [None, "model not found: no-such/model"]
+    assert reads.calls == 2
+
+
 def test_a_deployment_serve_gave_up_on_gives_serves_last_reason() -> None:
     status = ModelStatus(Reads(GAVE_UP))
     assert asyncio.run(status.start_failure()) == "model not found: no-such/model"
