@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
@@ -473,43 +473,61 @@ class Engine:
         (None for the first), with ``top`` alternatives: how evaluation
         harnesses score a text (``echo`` with ``logprobs``).
 
-        The pass runs on the decode thread between two steps, where the model
-        is free, in chunks of :data:`SCORING_CHUNK` tokens through a cache of
-        its own, so a long prompt's logits never sit in memory at once."""
+        The pass runs on the decode thread, where the model is free, in
+        chunks of :data:`SCORING_CHUNK` tokens through a cache of its own: a
+        long prompt's logits never sit in memory at once, and each chunk is a
+        piece of its own between two decode steps, so the sequences decoding
+        meanwhile wait for one chunk at a time, not for the whole prompt."""
         ids = prompt_token_ids(self.tokenizer, prompt)
         scored: Future[tuple[TokenLogprob, ...]] = Future()
+        entries = [TokenLogprob(self.tokenizer.decode([ids[0]]), None)]
+        caches: list[Any] = []  # the scoring pass's own, made on the decode thread
 
-        def score() -> None:
-            with torch.inference_mode():
-                scored.set_result(tuple(self._score(ids, top)))
+        def score_from(start: int) -> Callable[[], None]:
+            def score() -> None:
+                if scored.done():  # its caller gave up: the chunks left are skipped
+                    return
+                with torch.inference_mode():
+                    if not caches:
+                        caches.append(self.model.new_cache())
+                    entries.extend(self._score_chunk(ids, start, top, caches[0]))
+
+            return score
+
+        def finish() -> None:
+            if not scored.done():
+                scored.set_result(tuple(entries))
 
         def failed(done: Future[None]) -> None:
             if done.exception() is not None and not scored.done():
                 scored.set_exception(done.exception())  # type: ignore[arg-type]
 
-        self._batcher.between_steps([score], wake=True).add_done_callback(failed)
+        pieces = [score_from(start) for start in range(0, len(ids) - 1, SCORING_CHUNK)]
+        self._batcher.between_steps([*pieces, finish], wake=True).add_done_callback(failed)
         return scored
 
-    def _score(self, ids: list[int], top: int) -> Iterator[TokenLogprob]:
+    def _score_chunk(self, ids: list[int], start: int, top: int, cache: Any) -> list[TokenLogprob]:
+        """The entries of the tokens after ``ids[start : start + SCORING_CHUNK]``,
+        from one pass over that chunk, which extends ``cache``."""
         text = self.tokenizer.decode
-        yield TokenLogprob(text([ids[0]]), None)
-        cache = self.model.new_cache()
-        tokens = torch.tensor([ids], device=self.device)
-        for start in range(0, len(ids) - 1, SCORING_CHUNK):
-            chunk = tokens[:, start : start + SCORING_CHUNK]
-            mask = torch.ones(1, start + chunk.shape[1], dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=chunk, attention_mask=mask, cache=cache).logits[0]
-            values = torch.log_softmax(logits.float(), dim=-1)
-            # Position i predicts token start + i + 1.
-            targets = tokens[0, start + 1 : start + 1 + chunk.shape[1]]
-            chosen = values[: len(targets)].gather(1, targets[:, None])[:, 0].tolist()
-            best = values[: len(targets)].topk(top) if top else None
-            for i, token in enumerate(targets.tolist()):
-                alternatives = ()
-                if best is not None:
-                    pairs = zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)
-                    alternatives = tuple((text([t]), v) for t, v in pairs)
-                yield TokenLogprob(text([token]), chosen[i], alternatives)
+        chunk = ids[start : start + SCORING_CHUNK]
+        inputs = torch.tensor([chunk], device=self.device)
+        mask = torch.ones(1, start + len(chunk), dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=inputs, attention_mask=mask, cache=cache).logits[0]
+        # Position i predicts token start + i + 1.
+        targets = ids[start + 1 : start + 1 + len(chunk)]
+        values = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+        picked = torch.tensor(targets, device=self.device)[:, None]
+        chosen = values.gather(1, picked)[:, 0].tolist()
+        best = values.topk(top) if top else None
+        entries = []
+        for i, token in enumerate(targets):
+            alternatives = ()
+            if best is not None:
+                pairs = zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)
+                alternatives = tuple((text([t]), v) for t, v in pairs)
+            entries.append(TokenLogprob(text([token]), chosen[i], alternatives))
+        return entries
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Complete ``requests`` (blocking); completions hold only the new text."""

@@ -5,7 +5,9 @@ suite's time: the sampler is the same for both layouts, and
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import replace
 
 import pytest
@@ -156,13 +158,25 @@ def test_logprobs_are_taken_before_the_controls_change_the_logits(engine: Engine
 
 
 @padded_only
-def test_a_prompts_logprobs_are_one_forward_pass_over_it(engine: Engine) -> None:
-    """Scored in chunks of 256 through a cache, between decode steps, a
-    prompt longer than a chunk gets the log probabilities of one full pass."""
+def test_a_prompts_logprobs_are_one_forward_pass_over_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scored in chunks of 256 through a cache, a chunk between two decode
+    steps, a prompt longer than a chunk gets the log probabilities of one
+    full pass."""
     prompt = " ".join(f"{i} green bottles" for i in range(60))
     ids = engine.tokenizer(prompt)["input_ids"]
     assert len(ids) > SCORING_CHUNK
+    pieces: list[int] = []
+    queue_chore = engine._batcher.between_steps
+
+    def counted(work: list, wake: bool = False) -> Future:
+        pieces.append(len(work))
+        return queue_chore(work, wake)
+
+    monkeypatch.setattr(engine._batcher, "between_steps", counted)
     idle = engine.prompt_logprobs(prompt, 2).result(timeout=120)  # the loop wakes for it
+    assert pieces == [math.ceil((len(ids) - 1) / SCORING_CHUNK) + 1], "a chunk a piece, and the end"
     busy = engine.submit(GenerationRequest(COLOURS, replace(GREEDY, max_new_tokens=24)))
     entries = engine.prompt_logprobs(prompt, 2).result(timeout=120)  # between two steps
     busy.result(timeout=120)
