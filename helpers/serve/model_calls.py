@@ -80,9 +80,21 @@ class ModelStatus:
 
     async def replica_states(self) -> dict[str, int]:
         """Model replicas by lower-case state, always with a ``running`` count."""
-        deployment = await self.deployment()
-        states = deployment.replica_states if deployment else {}
-        return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+        return _replica_states(await self.deployment())
+
+    def replica_answered(self) -> None:
+        """A replica took a request: a read that counted none running is out
+        of date, so the next asker reads again. A notebook asks right after
+        its cold request, and must see the replica that answered it."""
+        read = self._read
+        counted_none = (
+            read is not None
+            and read.done()
+            and not _failed(read)
+            and not _replica_states(read.result())["running"]
+        )
+        if counted_none:
+            self._read = None
 
     async def start_failure(self) -> str | None:
         """Why the model deployment cannot start replicas, if Serve gave up on
@@ -94,6 +106,11 @@ class ModelStatus:
             logger.warning("could not read the model deployment's status", exc_info=True)
             return None
         return None if deployment is None else _gave_up(deployment)
+
+
+def _replica_states(deployment: Any) -> dict[str, int]:
+    states = deployment.replica_states if deployment else {}
+    return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
 
 
 def _failed(read: asyncio.Future[Any]) -> bool:
@@ -169,7 +186,9 @@ async def _result_while_starting(
         await asyncio.wait({pending}, timeout=min(START_CHECK_INTERVAL_S, remaining))
         if not pending.done() and (failure := await status.start_failure()):
             raise ApiError(503, f"the model deployment failed to start: {failure}")
-    return pending.result()
+    result = pending.result()
+    status.replica_answered()
+    return result
 
 
 async def open_stream(

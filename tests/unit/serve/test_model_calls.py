@@ -82,6 +82,14 @@ class NeverAnswered:
         self.cancelled = True
 
 
+class Accepted(NeverAccepted):
+    """A model stream whose replica takes the request at once."""
+
+    async def __anext__(self) -> Any:
+        self.asked.set()
+        return []
+
+
 def handle_streaming(deltas: NeverAccepted) -> Any:
     """``llm.options(stream=True).stream.remote(...)`` returning ``deltas``."""
     method = SimpleNamespace(remote=lambda *args: deltas)
@@ -218,3 +226,18 @@ def test_a_stream_no_replica_takes_before_the_deadline_gets_408_and_is_cancelled
         asyncio.run(streaming(deltas, ModelStatus(Reads()), timeout_s=0.05))
     assert refused.value.status == 408
     assert deltas.cancelled
+
+
+def test_a_request_a_replica_took_makes_a_read_that_counted_none_stale() -> None:
+    """At zero replicas a read counts none; once a replica has taken a
+    request, /healthz must not say none for the rest of the read's life."""
+    running = SimpleNamespace(**{**vars(STARTING), "replica_states": {"RUNNING": 1}})
+    reads = iter([STARTING, running])
+    status = ModelStatus(lambda: next(reads), ttl_s=3600)
+
+    async def scenario() -> list[int]:
+        before = (await status.replica_states())["running"]
+        await streaming(Accepted(), status)
+        return [before, (await status.replica_states())["running"]]
+
+    assert asyncio.run(scenario()) == [0, 1]
