@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -130,26 +130,59 @@ def state_name(state: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-async def _until_deadline(
-    deltas: DeploymentResponseGenerator, deadline: float, fields: RequestFields, timeout_s: float
-) -> AsyncIterator[list[TextDelta]]:
-    """Pass the replica's stream on until it ends or the deadline passes.
+class ModelStream:
+    """The replica's stream of deltas, passed on until it ends or the deadline
+    passes.
 
-    However it stops (the end, the deadline, or the client going away, when
-    Starlette stops iterating), the replica's stream is cancelled, so the
-    replica stops decoding these prompts.
+    However it stops, the replica's call is cancelled, so the replica stops
+    decoding these prompts: at its end, at the deadline, when the client goes
+    away mid-read (Starlette cancels the read), and when it is dropped unread
+    or half read (the client left before the response began, or while the
+    body waited to send): a generator never started has no ``finally`` to
+    run, so this is a class that cancels in ``__del__`` too.
     """
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            try:
-                yield await asyncio.wait_for(deltas.__anext__(), deadline - loop.time())
-            except StopAsyncIteration:
-                return
-            except Exception as err:
-                raise model_error(err, fields, timeout_s) or err from None
-    finally:
-        _cancel(deltas)
+
+    def __init__(
+        self,
+        deltas: DeploymentResponseGenerator,
+        deadline: float,
+        fields: RequestFields,
+        timeout_s: float,
+    ) -> None:
+        self._deltas, self._deadline = deltas, deadline
+        self._fields, self._timeout_s = fields, timeout_s
+        self._ended = False
+
+    def __aiter__(self) -> ModelStream:
+        return self
+
+    async def __anext__(self) -> list[TextDelta]:
+        if self._ended:
+            raise StopAsyncIteration
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._deltas.__anext__(), remaining)
+        except StopAsyncIteration:
+            self.close()
+            raise
+        except Exception as err:
+            self.close()
+            raise model_error(err, self._fields, self._timeout_s) or err from None
+        except BaseException:  # cancelled: the client went away
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Cancel the replica's call, once."""
+        if not self._ended:
+            self._ended = True
+            _cancel(self._deltas)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _cancel(call: DeploymentResponse | DeploymentResponseGenerator) -> None:
@@ -200,7 +233,7 @@ async def open_stream(
     fields: RequestFields,
     timeout_s: float,
     status: ModelStatus,
-) -> AsyncIterator[list[TextDelta]]:
+) -> ModelStream:
     """Call ``LLMServer.stream`` and return its deltas once a replica accepted.
 
     Failures become the ``ApiError`` that fits (see :mod:`helpers.serve.model_errors`);
@@ -218,7 +251,7 @@ async def open_stream(
     except Exception as err:
         _cancel(deltas)
         raise model_error(err, fields, timeout_s) or err from None
-    return _until_deadline(deltas, deadline, fields, timeout_s)
+    return ModelStream(deltas, deadline, fields, timeout_s)
 
 
 async def call_model(

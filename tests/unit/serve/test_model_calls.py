@@ -5,6 +5,7 @@ integration tests drive the same code through a real cluster)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from types import SimpleNamespace
 from typing import Any
@@ -88,6 +89,20 @@ class Accepted(NeverAccepted):
     async def __anext__(self) -> Any:
         self.asked.set()
         return []
+
+
+class AcceptedThenQuiet(NeverAccepted):
+    """A model stream whose replica takes the request, then sends nothing more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = False
+
+    async def __anext__(self) -> Any:
+        if not self.accepted:
+            self.accepted = True
+            return []
+        return await super().__anext__()
 
 
 def handle_streaming(deltas: NeverAccepted) -> Any:
@@ -241,3 +256,32 @@ def test_a_request_a_replica_took_makes_a_read_that_counted_none_stale() -> None
         return [before, (await status.replica_states())["running"]]
 
     assert asyncio.run(scenario()) == [0, 1]
+
+
+def test_a_stream_dropped_unread_is_cancelled() -> None:
+    """The client left after a replica took the request but before the
+    response began: nothing ever reads the stream."""
+    deltas = Accepted()
+
+    async def scenario() -> None:
+        stream = await streaming(deltas, ModelStatus(Reads()))
+        del stream
+        gc.collect()
+
+    asyncio.run(scenario())
+    assert deltas.cancelled
+
+
+def test_a_stream_whose_reader_is_cancelled_mid_read_is_cancelled() -> None:
+    deltas = AcceptedThenQuiet()
+
+    async def scenario() -> None:
+        stream = await streaming(deltas, ModelStatus(Reads()))
+        reading = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.01)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        assert deltas.cancelled
+
+    asyncio.run(scenario())
