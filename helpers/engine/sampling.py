@@ -14,6 +14,7 @@ what is left.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -132,8 +133,9 @@ class Sampler:
         # it the likeliest by far instead.
         logits = (logits / sampling.temperature).clamp(max=torch.finfo(logits.dtype).max)
         if sampling.min_p > 0:
-            probs = torch.softmax(logits, dim=-1)
-            logits = logits.masked_fill(probs < sampling.min_p * probs.max(), float("-inf"))
+            # p < min_p * p_max is logit < max logit + log(min_p): no softmax needed.
+            floor = logits.max() + math.log(sampling.min_p)
+            logits = logits.masked_fill(logits < floor, float("-inf"))
         if 0 < sampling.top_k < logits.shape[-1]:
             kth = torch.topk(logits, sampling.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
