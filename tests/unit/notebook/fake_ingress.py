@@ -2,8 +2,9 @@
 
 GET /healthz reports the model and its running replicas, POST /generate echoes
 a completion and the generation_kwargs it got, a prompt of "bad" gets a 400
-with an OpenAI-style JSON error, and a prompt of "crash" gets a 500 whose body
-is plain text, not JSON.
+with an OpenAI-style JSON error, a prompt of "crash" gets a 500 whose body
+is plain text, not JSON, and one of "hold" is answered only once the test sets
+``FakeServer.release``.
 
 With ``"stream": true``, POST /generate answers server-sent events the way the
 app does (chunked, each event written in two pieces split mid-line), and so
@@ -59,6 +60,8 @@ class FakeServer:
     handshake: threading.Semaphore | None = None
     """When set, the server waits after each streamed piece until the client takes it."""
     acknowledged: list[bool] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    """Lets every request whose prompt is "hold" be answered."""
 
 
 def _pieces_for(prompt: str) -> list[str]:
@@ -141,6 +144,8 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(400, BAD_BODY)
             elif prompt == "crash":
                 self._send(500, CRASH_TEXT.encode(), "text/plain")
+            elif prompt == "hold" and not state.release.wait(timeout=10):
+                self._send_json(504, {"error": {"message": "never released", "param": None}})
             elif self.path == "/v1/chat/completions":
                 self._stream_chat(prompt)
             elif body.get("stream"):
@@ -216,6 +221,7 @@ def fake_ingress() -> Iterator[FakeServer]:
     try:
         yield state
     finally:
+        state.release.set()  # no handler thread is left waiting
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers.notebook.burst import Burst
 from helpers.notebook.client import ApiError, LLMClient
 from helpers.notebook.polling import wait_for
@@ -29,3 +31,16 @@ def test_a_refused_request_ends_its_sender_and_is_kept(server: FakeServer) -> No
     assert len(server.received) == SENDERS, "a sender sent again after it was refused"
     assert not burst.replies
     assert all(isinstance(err, ApiError) and err.status == 400 for err in burst.errors)
+
+
+def test_an_interrupted_burst_returns_without_waiting_for_its_answers(server: FakeServer) -> None:
+    burst = Burst(LLMClient(server.url), SENDERS, prompt="hold")
+    with pytest.raises(KeyboardInterrupt), burst:
+        wait_for(lambda: len(server.received) == SENDERS, 30, "every sender to send", 0.05)
+        raise KeyboardInterrupt  # as a user stopping the cell
+    # Had the block waited, the held requests would have ended (refused after
+    # the server's hold) before it returned.
+    assert not burst.replies and not burst.errors, "the block waited for its answers"
+    server.release.set()
+    wait_for(lambda: len(burst.replies) == SENDERS, 30, "the held requests' answers", 0.05)
+    assert len(server.received) == SENDERS, "a sender sent again after the interrupt"
