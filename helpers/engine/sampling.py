@@ -141,9 +141,55 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if sampling.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            probs = _nucleus(probs, sampling.top_p)
         return probs
+
+
+NUCLEUS_FIRST_K = 64
+"""How many of the likeliest tokens :func:`_nucleus` first looks for the
+``top_p`` cut among; four times as many on each try that falls short."""
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` with the tokens outside the ``top_p`` nucleus zeroed, bit for
+    bit as :func:`_nucleus_sorted` gives it, without sorting the vocabulary.
+
+    The nucleus is nearly always a few tokens, and sorting every probability
+    costs far more than ``topk`` of a few dozen. The ``k`` likeliest from
+    ``topk`` are the sorted vector's first ``k`` values, so their running sums
+    are the sort's (summed in order, as on CPU), and the cut is taken from
+    them when it is the sort's cut:
+
+    - the ``k``-th token's mass before it reaches ``top_p``, so every token
+      after it is dropped too (else ``k`` grows);
+    - no running sum lies within a margin of ``top_p`` that rounding, or a
+      GPU's other order of summing, could cross (a few units in the last
+      place of ``probs``'s type; it also keeps the tokens past ``k`` clear);
+    - the cut does not part equal probabilities, where which ones are kept
+      follows the order of the sort's ties.
+
+    Anything else is left to the sort.
+    """
+    margin = 32 * torch.finfo(probs.dtype).eps
+    k = NUCLEUS_FIRST_K
+    while k < probs.shape[-1]:
+        values, indices = probs.topk(k)
+        before = values.cumsum(-1) - values  # the mass of the likelier tokens
+        outside = before >= top_p
+        if not outside[-1]:
+            k *= 4
+            continue
+        parted = (values[1:] == values[:-1]) & (outside[1:] != outside[:-1])
+        if bool(((before - top_p).abs() >= margin).all() & ~parted.any()):
+            return torch.zeros_like(probs).scatter_(0, indices, values.masked_fill(outside, 0.0))
+        break
+    return _nucleus_sorted(probs, top_p)
+
+
+def _nucleus_sorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The ``top_p`` rule itself: keep the smallest prefix of the sorted
+    probabilities whose mass reaches ``top_p`` (always at least one token)."""
+    sorted_probs, order = probs.sort(descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs[outside] = 0.0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
