@@ -186,3 +186,17 @@ class TokenIdError(FieldError):
 
 class GrammarError(FieldError):
     """The field's schema cannot be compiled into a grammar for the model."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The replica's decode loop has stopped before this work could run.
+
+    Defined here, not in the engine, because it crosses to the ingress: there
+    it answers 503 with ``Retry-After`` (Serve's health check replaces the
+    replica within seconds) and the ingress must not import torch to name it.
+    """
+
+    def __init__(self, message: str = "the engine's decode loop has stopped") -> None:
+        # An argument, with a default: unpickling in the ingress calls the
+        # class with its args, which a no-argument __init__ refuses.
+        super().__init__(message)

@@ -39,6 +39,7 @@ from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import (
+    BatcherClosedError,
     Completion,
     FieldError,
     PromptTooLongError,
@@ -91,13 +92,6 @@ def check_vocabulary(field: str, tokens: Sequence[int], vocabulary: int) -> None
             f"{field}: token id {outside[0]} is outside the model's vocabulary "
             f"(0 to {vocabulary - 1})",
         )
-
-
-class BatcherClosedError(RuntimeError):
-    """The batcher was closed before this work could run."""
-
-    def __init__(self) -> None:
-        super().__init__("the engine's decode loop has stopped")
 
 
 @dataclass

@@ -11,14 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ray.exceptions import RayActorError
+from ray.exceptions import (
+    NodeDiedError,
+    OutOfMemoryError,
+    OwnerDiedError,
+    RayActorError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from helpers.api.errors import ApiError
-from helpers.protocol import FieldError, PromptTooLongError
+from helpers.api.sampling_controls import SamplingControls
+from helpers.protocol import BatcherClosedError, FieldError, PromptTooLongError
 
 RETRY_AFTER_S = 2
 """Suggested wait before retrying a 503: about one decode of a short reply here."""
+
+REPLICA_DIED = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, OwnerDiedError)
+"""The ways Ray says a replica's process went away mid-call: it crashed, the
+memory monitor killed it, its node died. None of the others is a
+RayActorError. Serve starts another replica, so a retry can succeed."""
 
 
 def retry_later(message: str) -> ApiError:
@@ -32,7 +44,7 @@ class RequestFields:
 
     prompt: str
     controls: str = ""
-    """The controls' prefix: ``generation_kwargs.`` for ``/generate``."""
+    """The sampling controls' prefix: ``generation_kwargs.`` for ``/generate``."""
 
 
 def model_error(err: BaseException, fields: RequestFields, timeout_s: float) -> ApiError | None:
@@ -41,8 +53,10 @@ def model_error(err: BaseException, fields: RequestFields, timeout_s: float) -> 
         return ApiError(400, f"{fields.prompt}: {getattr(err, 'cause', err)}", fields.prompt)
     if isinstance(err, FieldError):
         cause = getattr(err, "cause", err)
-        field = fields.controls + cause.field
-        return ApiError(400, f"{fields.controls}{cause.message}", field)
+        # Only a sampling control sits under the prefix: the replica refuses
+        # ``prompt`` and ``messages`` too, which sit at the top of the body.
+        prefix = fields.controls if cause.field in SamplingControls.model_fields else ""
+        return ApiError(400, prefix + cause.message, prefix + cause.field)
     if isinstance(err, TimeoutError):
         return ApiError(408, f"the request took longer than REQUEST_TIMEOUT_S ({timeout_s:g} s)")
     if isinstance(err, BackPressureError):
@@ -57,6 +71,8 @@ def model_error(err: BaseException, fields: RequestFields, timeout_s: float) -> 
             "(often a MODEL_ID that cannot be loaded)",
             None,
         )
-    if isinstance(err, RayActorError):
+    if isinstance(err, BatcherClosedError):
+        return retry_later("the model replica can no longer decode and is being replaced: retry")
+    if isinstance(err, REPLICA_DIED):
         return retry_later("the model replica stopped while working on this request: retry")
     return None
