@@ -26,6 +26,19 @@ from typing import Any
 from helpers.config import ServeConfig
 from helpers.serve import spare_worker
 
+INGRESS_ONGOING_REQUESTS = 1000
+"""The fewest requests the ingress takes at once; each costs it little."""
+
+INGRESS_ROOM = 100
+"""What the ingress takes beyond what the model deployment can hold:
+``/healthz`` probes, and refusals on their way out."""
+
+INGRESS_QUEUED_REQUESTS = 100
+"""Requests the proxy keeps waiting for a full ingress before it answers 503
+with Retry-After; Serve's default keeps them waiting without end."""
+
+INGRESS_SHUTDOWN_MARGIN_S = 10.0
+
 MAX_LOOK_BACK_PERIOD_S = 12.0
 """The longest window over which Ray averages ongoing requests (Ray's default
 is 30 s, which adds up to 30 s to every scale-down)."""
@@ -121,13 +134,21 @@ def ingress_options(config: ServeConfig) -> dict[str, Any]:
     """Options for the Ingress deployment: one tiny replica that never scales.
 
     Zero logical CPUs: the ingress is light, and a fractional claim would keep
-    the last model replica from fitting on a small machine. Like the model
-    replicas, a stopping ingress waits out the requests (streams) it holds.
+    the last model replica from fitting on a small machine. It holds every
+    request the model deployment can (``MAX_REPLICAS`` full replicas and a
+    full queue) and room for probes besides, so the model's own limits, with
+    their 503, are what a client meets. A burst past even that waits in the
+    proxy's bounded queue, then gets the proxy's 503, never an endless wait.
+    Like the model replicas, a stopping ingress waits out the requests
+    (streams) it holds, a little longer than their deadline, so each ends
+    with its own answer (a 408 at worst) rather than a cut connection.
     """
+    model_holds = config.max_replicas * config.ongoing_limit + max(config.max_queued_requests, 0)
     return {
         "num_replicas": 1,
         "ray_actor_options": {"num_cpus": 0},
-        "max_ongoing_requests": 1000,
-        "graceful_shutdown_timeout_s": config.request_timeout_s,
+        "max_ongoing_requests": max(INGRESS_ONGOING_REQUESTS, model_holds + INGRESS_ROOM),
+        "max_queued_requests": INGRESS_QUEUED_REQUESTS,
+        "graceful_shutdown_timeout_s": config.request_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
         "logging_config": JSON_LOGS,
     }

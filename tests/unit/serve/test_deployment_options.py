@@ -10,6 +10,7 @@ from helpers.serve.deployment_options import (
     MIN_DOWNSCALE_DELAY_S,
     MIN_LOOK_BACK_PERIOD_S,
     autoscaling_config,
+    ingress_options,
     model_deployment_options,
 )
 
@@ -155,3 +156,22 @@ def test_load_reaches_the_controller_within_a_quarter_second_and_each_window_hol
     ray_config = AutoscalingConfig(**autoscaling_config(ServeConfig.from_env(environ)))
     assert ray_config.metrics_interval_s <= 0.25
     assert ray_config.look_back_period_s >= 4 * ray_config.metrics_interval_s
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"MAX_REPLICAS": "100", "MAX_ONGOING_REQUESTS": "64", "MAX_QUEUED_REQUESTS": "500"},
+        {"MAX_QUEUED_REQUESTS": "-1"},
+    ],
+)
+def test_the_ingress_holds_all_the_model_can_and_a_burst_past_it_is_refused(
+    environ: dict[str, str],
+) -> None:
+    config = ServeConfig.from_env(environ)
+    options = ingress_options(config)
+    model_holds = config.max_replicas * config.ongoing_limit + max(config.max_queued_requests, 0)
+    assert options["max_ongoing_requests"] > model_holds
+    assert options["max_queued_requests"] > 0, "a full ingress would keep requests without end"
+    assert options["graceful_shutdown_timeout_s"] > config.request_timeout_s
