@@ -5,17 +5,21 @@ tokenizer or grammar compiler can read.
 
 The key is checked first, so an unauthenticated client cannot make the server
 read or parse a large body. The body is read in chunks and refused as soon as
-it passes ``MAX_BODY_BYTES``, whatever its ``Content-Length`` claims.
+it passes ``MAX_BODY_BYTES``, whatever its ``Content-Length`` claims. A client
+that hangs up before its body is whole is refused too (499), so that neither
+the logs nor the metrics count its departure as the server's fault.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from helpers.api.errors import ApiError, shorten
 
@@ -24,6 +28,10 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 """Where a body may hold a lone surrogate: only these escapes make one."""
 TEXT_OR_NESTED = (str, dict, list)
 """What the search for one walks into: not numbers (a prompt's token ids)."""
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that left before its answer, and the one
+Serve's proxy records when it cancels a request whose client disconnected.
+No one reads the answer; the status keeps the request a client error."""
 
 
 def check_api_key(request: Request, api_key: str) -> None:
@@ -49,8 +57,11 @@ def _is_json(content_type: str) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body parsed as JSON, or a 4xx that says what is wrong with it."""
+async def read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
+    """The body parsed as JSON, or a 4xx that says what is wrong with it.
+
+    ``timeout_s`` bounds the upload: a client trickling its body would
+    otherwise hold a place in the ingress for as long as it liked."""
     content_type = request.headers.get("content-type")
     if content_type is not None and not _is_json(content_type):
         raise ApiError(
@@ -63,10 +74,18 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > max_bytes:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise too_large
+    except ClientDisconnect:
+        message = "the client closed the connection before it sent the whole request body"
+        raise ApiError(CLIENT_CLOSED_REQUEST, message, None) from None
+    except TimeoutError:
+        message = f"the request body did not arrive within {timeout_s:g} s (REQUEST_TIMEOUT_S)"
+        raise ApiError(408, message, None) from None
     if not raw.strip():
         raise ApiError(400, "the request body is empty: send a JSON object", None)
     try:

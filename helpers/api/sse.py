@@ -71,8 +71,9 @@ async def sse_body(
 ) -> AsyncIterator[str]:
     """The response body; ``deltas`` has already yielded its acceptance signal.
 
-    When the client disconnects, Starlette stops iterating this generator,
-    which closes ``deltas``; the model replica then drops the prompts. A
+    When the client disconnects, Starlette cancels this generator mid-read,
+    and the cancelled read of ``deltas`` cancels the model call; the replica
+    then drops the prompts. A
     failure is sent as an error event carrying ``request_id`` and told to
     ``on_error`` with its status (the response's own status is long gone).
     """

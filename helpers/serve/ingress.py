@@ -2,17 +2,19 @@
 forwards work, and turns every failure into a JSON answer.
 
 It runs one small replica that never scales to zero. That matters for
-scale-to-zero: ``/healthz`` is answered here from Serve's own bookkeeping, so
-a load balancer probing every second neither keeps the model replica awake
-nor wakes it from zero. Only ``/generate`` and ``/v1/*completions`` reach the
-model deployment, through ``LLMServer.stream``: sent on piece by piece, or
-gathered into one reply.
+scale-to-zero: ``/healthz`` and ``/v1/models`` are answered here from Serve's
+own bookkeeping and the replicas' reports (:mod:`helpers.serve.model_report`),
+so a load balancer probing every second neither keeps the model replica awake
+nor wakes it from zero. Completions reach the model deployment through
+``LLMServer.stream`` (sent on piece by piece, or gathered into one reply), and
+``/tokenize`` and ``/detokenize`` through plain calls: only a replica holds
+the tokenizer.
 """
 
-import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -40,11 +42,12 @@ from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta
 from helpers.serve import spare_worker
 from helpers.serve.llm_metrics import CountLLMRequests, IngressMetrics, note_stream_failure
-from helpers.serve.model_calls import ModelStatus, call_model, open_stream
-from helpers.serve.model_errors import RequestFields
+from helpers.serve.model_calls import ModelStatus, call_model, open_stream, read_model_view
+from helpers.serve.model_errors import RequestFields, retry_later
+from helpers.serve.model_report import report_key
 
-ENGINE_INFO_TIMEOUT_S = 5.0
 GENERATE_FIELDS = RequestFields("prompt", controls="generation_kwargs.")
+GENERATE_PROMPTS_FIELDS = replace(GENERATE_FIELDS, prompt="prompts")
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -70,38 +73,42 @@ class Ingress:
     ) -> None:
         self.llm = llm
         self.config = config
+        context = serve.get_replica_context()
+        self._spare_hold = (spare_key, context.replica_id.unique_id) if spare_key else None
+        if self._spare_hold:
+            spare_worker.hold_key(*self._spare_hold)
         self.spare_key = spare_key
-        if spare_key:
-            spare_worker.hold_key(spare_key, self._replica_id())
         self.started = int(time.time())
-        self.model_status = ModelStatus()
-        self._engine: dict[str, Any] | None = None
-        self._start: dict[str, Any] | None = None
-        self._start_read_for: dict[str, int] | None = None
+        key = report_key(context.app_name, config)
+        self.model_status = ModelStatus(functools.partial(read_model_view, key))
         CountLLMRequests.metrics = IngressMetrics() if config.llm_metrics == "on" else None
 
     def __del__(self) -> None:
         """Serve calls this when the app is deleted or redeployed: spare model
-        processes made for this deployment have nothing more to wait for."""
-        if self.spare_key:
-            spare_worker.release_key(self.spare_key, self._replica_id())
-
-    @staticmethod
-    def _replica_id() -> str:
-        return serve.get_replica_context().replica_id.unique_id
+        processes made for this deployment have nothing more to wait for.
+        Once: the garbage collector may call it again after Serve did."""
+        hold, self._spare_hold = getattr(self, "_spare_hold", None), None
+        if hold:
+            spare_worker.release_key(*hold)
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         """Liveness, the model replicas by state, and what serves the model,
-        without waking the model (see :meth:`_engine_info`)."""
+        from Serve's status and the replicas' reports: the model deployment is
+        never called, so a probe neither wakes it nor queues behind its work."""
+        try:
+            view = await self.model_status.view()
+        except Exception as err:
+            raise retry_later(f"Serve's controller did not answer: {err!r}") from None
+        report = view.report or {}
         return {
             "status": "ok",
             "model": self.config.model_id,
-            "model_replicas": await self.model_status.replica_states(),
+            "model_replicas": view.replica_states(),
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,
-            "engine": await self._engine_info(),
-            "model_start": await self._model_start(),
+            "engine": report.get("engine"),
+            "model_start": report.get("model_start"),
             "spare_worker": self._spare_worker(),
         }
 
@@ -138,9 +145,11 @@ class Ingress:
             top_p=used.top_p,
             **asked.controls(),
         )
+        # A refusal names the field the client sent: prompt, or prompts.
+        fields = GENERATE_FIELDS if parsed.prompt is not None else GENERATE_PROMPTS_FIELDS
         if parsed.stream:
-            return await self._stream(request, prompts, sampling, GenerateStream(), GENERATE_FIELDS)
-        completions = await self._complete(prompts, sampling, GENERATE_FIELDS)
+            return await self._stream(request, prompts, sampling, GenerateStream(), fields)
+        completions = await self._complete(prompts, sampling, fields)
         return GenerateResponse(
             model=self.config.model_id,
             prompts=texts,
@@ -265,7 +274,7 @@ class Ingress:
     async def _parse(self, request: Request, model: type[Body], default_param: str) -> Body:
         """Key, content type, size, JSON, then fields: each refused with its own 4xx."""
         check_api_key(request, self.config.api_key)
-        body = await read_json(request, self.config.max_body_bytes)
+        body = await read_json(request, self.config.max_body_bytes, self.config.request_timeout_s)
         if not isinstance(body, dict):
             message = f"the request body must be a JSON object, with a {default_param!r} field"
             raise ApiError(400, message, default_param)
@@ -327,33 +336,9 @@ class Ingress:
         )
 
     async def _engine_info(self) -> dict[str, Any] | None:
-        """The implementation, dtype and device a model replica reports, asked
-        once, and only while a replica runs: asking at zero replicas would
-        start one. None until then; every replica loads the same way, so
-        the first answer holds."""
-        if self._engine is None:
-            self._engine = await self._ask_running_replica(self.llm.engine_info.remote)
-        return self._engine
-
-    async def _model_start(self) -> dict[str, Any] | None:
-        """How a running model replica started (``ReplicaStartup.as_dict``):
-        asked again whenever the replica counts change, and kept at zero
-        replicas, so the last cold start can be read after it."""
-        states = await self.model_status.replica_states()
-        if not states["running"]:
-            self._start_read_for = None
-        elif states != self._start_read_for:
-            start = await self._ask_running_replica(self.llm.startup_times.remote)
-            if start is not None:
-                self._start, self._start_read_for = start.as_dict(), dict(states)
-        return self._start
-
-    async def _ask_running_replica(self, ask: Callable[[], Any]) -> Any | None:
-        """What ``ask()`` (a call to the model deployment) returns, if a model
-        replica runs: None at zero replicas, where the call would wake the
-        model, and None when the replica goes away meanwhile (ask next time)."""
-        if not (await self.model_status.replica_states())["running"]:
-            return None
+        """What serves the model, as its replicas report it; None before one
+        has started, or while Serve's controller does not answer."""
         with contextlib.suppress(Exception):
-            return await asyncio.wait_for(ask(), ENGINE_INFO_TIMEOUT_S)
+            report = (await self.model_status.view()).report
+            return report and report["engine"]
         return None

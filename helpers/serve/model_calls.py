@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -23,28 +24,45 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 
 from helpers.api.errors import ApiError
 from helpers.protocol import Prompt, Sampling, TextDelta
+from helpers.serve import model_report
 from helpers.serve.model_errors import RequestFields, model_error
 
 logger = logging.getLogger(__name__)
 
 MODEL_DEPLOYMENT = "LLMServer"
-GAVE_UP = {"DEPLOY_FAILED", "REPLICA_STARTUP_FAILED"}
-"""Statuses and triggers that mean Serve stopped trying to start replicas. An
-UNHEALTHY deployment whose replica failed a health check or lost its node is
-still starting a replacement, so a request waits for that one."""
 START_CHECK_INTERVAL_S = 2.0
 """While a request waits for a replica, how often to ask whether Serve gave up
 starting one (a model that cannot load), so the request fails instead of
 waiting out REQUEST_TIMEOUT_S."""
 STATUS_TTL_S = 1.0
 """How long one read of the model deployment's status serves every asker."""
+STATUS_READ_TIMEOUT_S = 5.0
+"""How long an asker waits for Serve's controller to answer a read. The read
+itself goes on (a thread cannot be stopped), and askers after it wait for that
+same read rather than start more."""
 
 
-def model_deployment_status() -> Any:
-    """The model deployment's entry in ``serve.status()``, or None."""
+@dataclass(frozen=True)
+class ModelView:
+    """One read of what the ingress knows about the model deployment."""
+
+    deployment: Any
+    """Its entry in ``serve.status()``; None once the app is being deleted."""
+    report: dict[str, Any] | None
+    """The latest replica's report (:mod:`helpers.serve.model_report`)."""
+
+    def replica_states(self) -> dict[str, int]:
+        """Model replicas by lower-case state, always with a ``running`` count."""
+        states = self.deployment.replica_states if self.deployment else {}
+        return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+
+
+def read_model_view(report_key: str) -> ModelView:
+    """The model deployment's status and report, as one blocking read."""
     app_name = serve.get_replica_context().app_name
     application = serve.status().applications.get(app_name)
-    return application.deployments.get(MODEL_DEPLOYMENT) if application else None
+    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+    return ModelView(deployment, model_report.read(report_key))
 
 
 class ModelStatus:
@@ -59,70 +77,82 @@ class ModelStatus:
     """
 
     def __init__(
-        self, read: Callable[[], Any] = model_deployment_status, ttl_s: float = STATUS_TTL_S
+        self,
+        read: Callable[[], ModelView],
+        ttl_s: float = STATUS_TTL_S,
+        timeout_s: float = STATUS_READ_TIMEOUT_S,
     ) -> None:
-        self._read_status = read
-        self.ttl_s = ttl_s
-        self._read: asyncio.Future[Any] | None = None
+        self._read_view = read
+        self.ttl_s, self.timeout_s = ttl_s, timeout_s
+        self._read: asyncio.Future[ModelView] | None = None
         self._read_at = float("-inf")
+        self._served = False
 
-    async def deployment(self) -> Any:
+    async def view(self) -> ModelView:
         """The latest read, or a new one once it is ``ttl_s`` old; askers
-        who come while a read runs wait for that read."""
+        who come while a read runs wait for that read, ``timeout_s`` at most
+        (then ``TimeoutError``)."""
         now = asyncio.get_running_loop().time()
         read = self._read
         # A read that failed is not kept: the next asker tries again.
         if read is None or (read.done() and (_failed(read) or now - self._read_at >= self.ttl_s)):
             self._read_at = now
-            self._read = asyncio.ensure_future(asyncio.to_thread(self._read_status))
+            self._read = asyncio.ensure_future(asyncio.to_thread(self._read_view))
         # One asker giving up (its client left) must not cancel everyone's read.
-        return await asyncio.shield(self._read)
-
-    async def replica_states(self) -> dict[str, int]:
-        """Model replicas by lower-case state, always with a ``running`` count."""
-        return _replica_states(await self.deployment())
+        async with asyncio.timeout(self.timeout_s):
+            view = await asyncio.shield(self._read)
+        if view.replica_states()["running"]:
+            self._served = True
+        return view
 
     def replica_answered(self) -> None:
         """A replica took a request: a read that counted none running is out
         of date, so the next asker reads again. A notebook asks right after
         its cold request, and must see the replica that answered it."""
+        self._served = True
         read = self._read
         counted_none = (
             read is not None
             and read.done()
             and not _failed(read)
-            and not _replica_states(read.result())["running"]
+            and not read.result().replica_states()["running"]
         )
         if counted_none:
             self._read = None
 
     async def start_failure(self) -> str | None:
-        """Why the model deployment cannot start replicas, if Serve gave up on
-        it. None too when the controller did not answer: a request waiting
-        for a replica then waits on, and asks again."""
+        """Why no replica will take a request, if Serve gave up starting them
+        or the app is being deleted. None too when the controller did not
+        answer: a request waiting for a replica then waits on, and asks again."""
         try:
-            deployment = await self.deployment()
+            deployment = (await self.view()).deployment
         except Exception:
             logger.warning("could not read the model deployment's status", exc_info=True)
             return None
-        return None if deployment is None else _gave_up(deployment)
-
-
-def _replica_states(deployment: Any) -> dict[str, int]:
-    states = deployment.replica_states if deployment else {}
-    return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
+        if deployment is None or state_name(deployment.status_trigger) == "DELETING":
+            return "the app is being deleted"
+        reason = _gave_up(deployment, self._served)
+        return reason and f"the model deployment failed to start: {reason}"
 
 
 def _failed(read: asyncio.Future[Any]) -> bool:
     return read.cancelled() or read.exception() is not None
 
 
-def _gave_up(deployment: Any) -> str | None:
-    """Serve's reason, when the deployment's status says it stopped trying."""
-    if not {state_name(deployment.status), state_name(deployment.status_trigger)} & GAVE_UP:
+def _gave_up(deployment: Any, served: bool) -> str | None:
+    """Serve's reason, when its status says it stopped trying to start replicas.
+
+    Serve stops after repeated failed starts only while no replica of this
+    version has ever run (``DeploymentState._terminally_failed`` in Ray 2.60):
+    a deployment that served before keeps retrying, though its status reads
+    ``REPLICA_STARTUP_FAILED`` too, so a request then waits for the retries.
+    ``DEPLOY_FAILED`` always means it stopped.
+    """
+    status, trigger = state_name(deployment.status), state_name(deployment.status_trigger)
+    if status != "DEPLOY_FAILED" and (served or trigger != "REPLICA_STARTUP_FAILED"):
         return None
     lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else state_name(deployment.status)
+    return lines[-1].strip() if lines else status
 
 
 def state_name(state: Any) -> str:
@@ -159,9 +189,11 @@ class ModelStream:
     async def __anext__(self) -> list[TextDelta]:
         if self._ended:
             raise StopAsyncIteration
-        remaining = self._deadline - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(self._deltas.__anext__(), remaining)
+            # Not wait_for, which in Python 3.11 can return a result it got
+            # just as the client left, and so lose the cancellation.
+            async with asyncio.timeout_at(self._deadline):
+                return await self._deltas.__anext__()
         except StopAsyncIteration:
             self.close()
             raise
@@ -217,8 +249,19 @@ async def _result_while_starting(
         if remaining <= 0:
             raise TimeoutError
         await asyncio.wait({pending}, timeout=min(START_CHECK_INTERVAL_S, remaining))
-        if not pending.done() and (failure := await status.start_failure()):
-            raise ApiError(503, f"the model deployment failed to start: {failure}")
+        if pending.done():
+            break
+        # A slow controller must hold the request neither past its deadline
+        # nor after a replica answered it.
+        failure = asyncio.ensure_future(status.start_failure())
+        await asyncio.wait(
+            {pending, failure},
+            timeout=max(0.0, deadline - loop.time()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        failure.cancel()
+        if not pending.done() and failure.done() and (reason := failure.result()):
+            raise ApiError(503, reason)
     result = pending.result()
     status.replica_answered()
     return result

@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import psutil
+from ray import serve
 
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogprob
-from helpers.serve import spare_worker
+from helpers.serve import model_report, spare_worker
 from helpers.serve.llm_metrics import ReplicaMetrics
 
 
@@ -118,6 +119,10 @@ class ReplicaStartup:
 class LLMServer:
     """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
 
+    _deleted = False
+    """Set by the first ``__del__``, which Serve calls and garbage collection
+    may call again: a stopped replica asks for one spare, not two."""
+
     def __init__(self, config: ServeConfig) -> None:
         # Imported here, so the app's other processes never load torch; its
         # import counts with the process's start, before ``init_started``.
@@ -142,6 +147,7 @@ class LLMServer:
             process_started, init_started, time.time(), self.engine.load_times, spare
         )
         logger.info("model replica %s", self.startup.summary())
+        self._publish_report()
         self.metrics = ReplicaMetrics() if config.llm_metrics == "on" else None
         if self.metrics:
             self.metrics.started(self.startup.phases())
@@ -202,6 +208,7 @@ class LLMServer:
             with self.engine.together():  # a prompt's n choices share its prefill
                 for index, request in enumerate(requests):
                     futures.append(self._submit(index, request, deliver, text))
+            _raise_refusal(futures)
             yield []
             if echoes and text:
                 yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
@@ -237,6 +244,9 @@ class LLMServer:
         """Serve calls this when it stops the replica (a scale-down, a delete):
         with ``SPARE_WORKER=on``, a process for the next replica starts now,
         and has imported what it needs by the time a request wakes the model."""
+        if self._deleted:
+            return
+        self._deleted = True
         if key := os.environ.get(spare_worker.KEY_VARIABLE):
             spare_worker.ask_for_spare(key)
 
@@ -246,13 +256,15 @@ class LLMServer:
         is replaced rather than left failing every request."""
         await asyncio.to_thread(self.engine.probe, self.config.request_timeout_s)
 
-    def startup_times(self) -> ReplicaStartup:
-        """How this replica's start went, for the cold-start benchmark."""
-        return self.startup
-
-    def engine_info(self) -> dict[str, str | None]:
-        """Which implementation, dtype and device serve the model (``EngineInfo``)."""
-        return self.engine.info.as_dict()
+    def _publish_report(self) -> None:
+        """Tell ``/healthz`` and ``/v1/models`` what serves the model and how
+        this replica started, before it takes a request. Best effort: a
+        replica that cannot write it still serves."""
+        try:
+            key = model_report.report_key(serve.get_replica_context().app_name, self.config)
+            model_report.publish(key, self.engine.info.as_dict(), self.startup.as_dict())
+        except Exception:
+            logger.warning("could not write this replica's report for /healthz", exc_info=True)
 
     def tokenize(self, prompt: Prompt, add_special_tokens: bool) -> dict[str, Any]:
         """``POST /tokenize``: the ids the model reads for ``prompt`` (messages
@@ -319,6 +331,17 @@ class LLMServer:
             if prompt.raw
             else self.engine.format_prompt(prompt.text, self.config.prompt_format)
         )
+
+
+def _raise_refusal(futures: list[Future[Completion]]) -> None:
+    """Raise the error of a prompt the engine refused as it was submitted (no
+    tokens, more positions than the cache has, a decode loop that has
+    stopped), before the acceptance signal: the ingress then answers 4xx or
+    503, not a 200 whose stream holds the error. A stopped loop refuses
+    every submission this way, so no separate liveness check is needed."""
+    for future in futures:
+        if future.done() and not future.cancelled() and (error := future.exception()):
+            raise error
 
 
 def _for_choice(sampling: Sampling, choice: int) -> Sampling:

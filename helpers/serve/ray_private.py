@@ -10,7 +10,8 @@ Whoever upgrades Ray checks this list, and nothing else in the kit:
 - The raylet's ``PrestartWorkers`` call, through Ray's generated gRPC stubs
   and its authenticating channel (:func:`prestart_worker_like_this_one`), and
   ``ray.experimental.internal_kv`` (:func:`kv_put` and its neighbours): the
-  spare model process of :mod:`helpers.serve.spare_worker`.
+  spare model process of :mod:`helpers.serve.spare_worker`, and the model
+  replicas' reports (:mod:`helpers.serve.model_report`).
 - ``ray._private.runtime_env.setup_hook.export_setup_func_module``
   (:func:`with_setup_hook`): what ``ray.init`` does to a runtime env's
   ``worker_process_setup_hook``, and Serve's replica options do not.
@@ -35,6 +36,7 @@ from ray.serve._private.constants import SERVE_DEFAULT_APP_NAME, SERVE_NAMESPACE
 __all__ = [
     "SERVE_NAMESPACE",
     "kv_delete",
+    "kv_get",
     "kv_has_prefix",
     "kv_put",
     "name_by_default",
@@ -101,6 +103,12 @@ def kv_put(key: str, value: str) -> None:
     from ray.experimental.internal_kv import _internal_kv_put
 
     _internal_kv_put(key, value)
+
+
+def kv_get(key: str) -> bytes | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key)
 
 
 def kv_delete(key: str) -> None:

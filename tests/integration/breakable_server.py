@@ -1,7 +1,7 @@
 """The real model deployment plus ways to break it, for the fault tests.
 
-Only the tests call ``break_the_model``, ``stall_decoding`` and
-``resume_decoding``; ``check_health`` and everything else are LLMServer's
+Only the tests call ``break_the_model``, ``stop_decoding``, ``stall_decoding``
+and ``resume_decoding``; ``check_health`` and everything else are LLMServer's
 own. The test registers this module to be pickled by value, so replicas need
 not import anything from ``tests``.
 """
@@ -24,6 +24,11 @@ class BreakableLLMServer(LLMServer):
         """Poison the embeddings, as a corrupted weight or a failed device would."""
         with torch.no_grad():
             self.engine.model.model.embed_tokens.weight.fill_(float("nan"))
+
+    def stop_decoding(self) -> None:
+        """End the engine's decode loop, as a bug outside any one batch does:
+        the replica refuses every request until its health check fails."""
+        self.engine.close()
 
     async def stall_decoding(self) -> None:
         """Hold the engine's decode loop until :meth:`resume_decoding`; returns

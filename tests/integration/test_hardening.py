@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from helpers.config import APP_NAME, ServeConfig
 from helpers.notebook.deploy import run_app
 from helpers.notebook.polling import wait_for
+from helpers.serve.model_errors import RETRY_AFTER_S
 from helpers.serve.model_server import LLMServer
 
 from . import breakable_server
@@ -136,6 +137,14 @@ BAD_INPUT = [
     ("nested list", "POST", "/generate", {"json": {"prompts": [["a"]]}}, 400, "prompts.0"),
     ("too many prompts", "POST", "/generate", {"json": {"prompts": ["a"] * 5}}, 400, "prompts"),
     ("over the context", "POST", "/generate", {"json": {"prompt": LONG}}, 400, "prompt"),
+    (
+        "prompts over the context",
+        "POST",
+        "/generate",
+        {"json": {"prompts": ["a", LONG]}},
+        400,
+        "prompts",
+    ),
     ("max_new_tokens 0", "POST", "/generate", {"json": gen(max_new_tokens=0)}, 400, MAX_TOKENS),
     ("max_new_tokens -1", "POST", "/generate", {"json": gen(max_new_tokens=-1)}, 400, MAX_TOKENS),
     ("max_new_tokens 1.5", "POST", "/generate", {"json": gen(max_new_tokens=1.5)}, 400, MAX_TOKENS),
@@ -610,6 +619,28 @@ def test_a_broken_engine_fails_its_health_check_and_is_replaced(
         lambda: model_replica_names() not in ({broken}, set()) and model_replicas_running() == 1,
         120,
         "the unhealthy replica to be replaced",
+    )
+    assert answered_normally()
+
+
+def test_a_replica_whose_decode_loop_stopped_answers_503_until_it_is_replaced(
+    deployed_app: ServeConfig,
+) -> None:
+    """Until Serve's health check replaces it, it refuses every request with a
+    503 a client can retry, streamed or not: never a 500, nor a 200 whose
+    stream holds the error. (The app runs the breakable server since the
+    test before.)"""
+    (stopped,) = model_replica_names()
+    model_handle().stop_decoding.remote().result(timeout_s=60)
+    for stream in (False, True):  # well within the health checks that replace it
+        reply = send("POST", "/v1/completions", **v1(prompt="Hi", max_tokens=4, stream=stream))
+        assert_clean_error(reply, 503, None)
+        assert reply.headers["retry-after"] == str(RETRY_AFTER_S)
+        assert reply.json()["error"]["type"] == "service_unavailable"
+    wait_for(
+        lambda: model_replica_names() not in ({stopped}, set()) and model_replicas_running() == 1,
+        120,
+        "the stopped replica to be replaced",
     )
     assert answered_normally()
 

@@ -1,6 +1,9 @@
 """The ingress's first checks (API key, content type, size, JSON) and the
 mapping of model-call failures, on a tiny FastAPI app driven in-process."""
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,17 +19,22 @@ from helpers.serve.model_errors import RETRY_AFTER_S, RequestFields, model_error
 
 KEY = "test-key-0123456789abcdef"
 LIMIT = 8192
+UPLOAD_TIMEOUT_S = 0.2
 
 
-def make_client(api_key: str) -> TestClient:
+def make_app(api_key: str) -> FastAPI:
     app = FastAPI(exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
 
     @app.post("/echo")
     async def echo(request: Request) -> Any:
         check_api_key(request, api_key)
-        return {"body": await read_json(request, LIMIT)}
+        return {"body": await read_json(request, LIMIT, UPLOAD_TIMEOUT_S)}
 
-    return TestClient(app)
+    return app
+
+
+def make_client(api_key: str) -> TestClient:
+    return TestClient(make_app(api_key))
 
 
 @pytest.fixture
@@ -114,6 +122,62 @@ def test_a_chunked_body_over_the_limit_gets_413(open_client: TestClient) -> None
         "/echo", content=chunks(), headers={"Content-Type": "application/json"}
     )
     assert reply.status_code == 413
+
+
+def half_a_body_then(after: Callable[[], Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """What the app sends when a client sends half its body, then ``after()``.
+    TestClient always sends the whole body, so this drives the ASGI app."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/echo",
+        "raw_path": b"/echo",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    first_part = {"type": "http.request", "body": b'{"prompt": "hal', "more_body": True}
+    pending = [first_part]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop() if pending else await after()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(make_app("")(scope, receive, send))
+    return sent
+
+
+def test_a_client_gone_mid_body_is_a_client_error_not_a_fault() -> None:
+    """A client that hangs up halfway through its body gets 499, as Serve's
+    proxy logs a disconnect, and no exception leaves the app: Starlette's
+    last-resort handler would answer 500 and re-raise it, and the server
+    would log its traceback and count a server error."""
+
+    async def disconnect() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    sent = half_a_body_then(disconnect)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    error = json.loads(sent[1]["body"])["error"]
+    assert "body" in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_body_that_stops_arriving_gets_408() -> None:
+    async def silence() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    sent = half_a_body_then(silence)
+    assert sent[0]["status"] == 408
+    assert "REQUEST_TIMEOUT_S" in json.loads(sent[1]["body"])["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 from helpers.api.errors import ApiError
 from helpers.protocol import Sampling
 from helpers.serve import model_calls
-from helpers.serve.model_calls import ModelStatus, call_model, open_stream
+from helpers.serve.model_calls import ModelStatus, ModelView, call_model, open_stream
 from helpers.serve.model_errors import RequestFields
 
 FIELDS = RequestFields("prompt")
@@ -30,6 +30,13 @@ GAVE_UP = SimpleNamespace(
 )
 
 
+GAVE_UP_REASON = "the model deployment failed to start: model not found: no-such/model"
+RETRYING = SimpleNamespace(**{**vars(GAVE_UP), "status": "UNHEALTHY"})
+"""Failed starts of a deployment at zero replicas: Serve's last word only if
+no replica of it ever ran."""
+RUNNING = SimpleNamespace(**{**vars(STARTING), "replica_states": {"RUNNING": 1}})
+
+
 class Reads:
     """A status read that counts its calls and, while ``held``, blocks (on a
     thread, as serve.status() does) until released."""
@@ -37,14 +44,18 @@ class Reads:
     def __init__(self, status: Any = STARTING, held: bool = False) -> None:
         self.status = status
         self.calls = 0
+        self.finished = threading.Event()
         self.release = threading.Event()
         if not held:
             self.release.set()
 
-    def __call__(self) -> Any:
+    def __call__(self) -> ModelView:
         self.calls += 1
-        assert self.release.wait(10)
-        return self.status
+        try:
+            assert self.release.wait(10)
+            return ModelView(self.status, None)
+        finally:
+            self.finished.set()
 
 
 class NeverAccepted:
@@ -122,20 +133,24 @@ def streaming(deltas: NeverAccepted, status: ModelStatus, timeout_s: float = 60)
 # -- ModelStatus ---------------------------------------------------------------------------
 
 
+async def running(status: ModelStatus) -> int:
+    return (await status.view()).replica_states()["running"]
+
+
 def test_askers_at_once_share_one_read_and_a_later_one_reads_again() -> None:
     reads = Reads(held=True)
     status = ModelStatus(reads, ttl_s=0)
 
     async def scenario() -> list[dict[str, int]]:
-        askers = [asyncio.ensure_future(status.replica_states()) for _ in range(20)]
+        askers = [asyncio.ensure_future(running(status)) for _ in range(20)]
         await asyncio.sleep(0.05)  # every asker is waiting on the one read
         reads.release.set()
         answers = await asyncio.gather(*askers)
-        await status.replica_states()  # that read is done, and ttl_s is 0
+        await status.view()  # that read is done, and ttl_s is 0
         return answers
 
     answers = asyncio.run(scenario())
-    assert answers == [{"running": 0}] * 20
+    assert answers == [0] * 20
     assert reads.calls == 2
 
 
@@ -143,10 +158,10 @@ def test_a_read_is_kept_for_its_time_to_live() -> None:
     reads = Reads(SimpleNamespace(**{**vars(STARTING), "replica_states": {"RUNNING": 2}}))
     status = ModelStatus(reads, ttl_s=3600)
 
-    async def scenario() -> list[dict[str, int]]:
-        return [await status.replica_states() for _ in range(3)]
+    async def scenario() -> list[int]:
+        return [await running(status) for _ in range(3)]
 
-    assert asyncio.run(scenario()) == [{"running": 2}] * 3
+    assert asyncio.run(scenario()) == [2] * 3
     assert reads.calls == 1
 
 
@@ -169,11 +184,11 @@ def test_an_asker_who_leaves_does_not_cancel_the_read_for_the_others() -> None:
 class FailsOnce(Reads):
     """The controller does not answer the first read."""
 
-    def __call__(self) -> Any:
-        self.calls += 1
-        if self.calls == 1:
+    def __call__(self) -> ModelView:
+        if self.calls == 0:
+            self.calls += 1
             raise TimeoutError("the controller did not answer")
-        return self.status
+        return super().__call__()
 
 
 def test_a_failed_read_is_not_kept_and_a_waiting_request_waits_on() -> None:
@@ -183,14 +198,58 @@ def test_a_failed_read_is_not_kept_and_a_waiting_request_waits_on() -> None:
     async def scenario() -> list[str | None]:
         return [await status.start_failure(), await status.start_failure()]
 
-    assert asyncio.run(scenario()) == [None, "model not found: no-such/model"]
+    assert asyncio.run(scenario()) == [None, GAVE_UP_REASON]
     assert reads.calls == 2
 
 
 def test_a_deployment_serve_gave_up_on_gives_serves_last_reason() -> None:
     status = ModelStatus(Reads(GAVE_UP))
-    assert asyncio.run(status.start_failure()) == "model not found: no-such/model"
-    assert asyncio.run(ModelStatus(Reads(None)).start_failure()) is None
+    assert asyncio.run(status.start_failure()) == GAVE_UP_REASON
+    assert asyncio.run(ModelStatus(Reads(STARTING)).start_failure()) is None
+
+
+def test_failed_starts_are_final_only_for_a_deployment_that_never_served() -> None:
+    """Serve stops retrying after failed starts only while no replica of the
+    deployment has run; after that the same status means it is retrying."""
+    assert asyncio.run(ModelStatus(Reads(RETRYING)).start_failure()) == GAVE_UP_REASON
+    answered = ModelStatus(Reads(RETRYING))
+    answered.replica_answered()
+    assert asyncio.run(answered.start_failure()) is None
+    reads = Reads(RUNNING)
+    seen_running = ModelStatus(reads, ttl_s=0)
+
+    async def scenario() -> str | None:
+        await seen_running.view()
+        reads.status = RETRYING
+        return await seen_running.start_failure()
+
+    assert asyncio.run(scenario()) is None
+    # A deployment that gave up for good is final however it ran before.
+    answered_then_failed = ModelStatus(Reads(GAVE_UP))
+    answered_then_failed.replica_answered()
+    assert asyncio.run(answered_then_failed.start_failure()) == GAVE_UP_REASON
+
+
+@pytest.mark.parametrize(
+    "deleting",
+    [None, SimpleNamespace(**{**vars(STARTING), "status_trigger": "DELETING"})],
+    ids=["gone", "deleting"],
+)
+def test_a_request_waiting_on_a_deleted_app_is_refused(deleting: Any) -> None:
+    assert asyncio.run(ModelStatus(Reads(deleting)).start_failure()) == "the app is being deleted"
+
+
+def test_a_read_the_controller_does_not_answer_times_out_for_its_askers() -> None:
+    reads = Reads(held=True)
+    status = ModelStatus(reads, timeout_s=0.05)
+
+    async def scenario() -> None:
+        with pytest.raises(TimeoutError):
+            await status.view()
+        assert not reads.finished.is_set(), "the asker waited for the read to end"
+        reads.release.set()
+
+    asyncio.run(scenario())
 
 
 # -- calls ---------------------------------------------------------------------------------
@@ -243,17 +302,66 @@ def test_a_stream_no_replica_takes_before_the_deadline_gets_408_and_is_cancelled
     assert deltas.cancelled
 
 
+def test_a_stream_waiting_on_a_controller_that_does_not_answer_ends_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_calls, "START_CHECK_INTERVAL_S", 0.01)
+    reads = Reads(held=True)
+    deltas = NeverAccepted()
+
+    async def scenario() -> None:
+        with pytest.raises(ApiError) as refused:
+            await streaming(deltas, ModelStatus(reads, timeout_s=3600), timeout_s=0.1)
+        assert refused.value.status == 408
+        assert not reads.finished.is_set(), "the request waited for the controller"
+        reads.release.set()  # before asyncio.run waits for the read's thread
+
+    asyncio.run(scenario())
+    assert deltas.cancelled
+
+
+class AcceptedWhenTold(NeverAccepted):
+    """A model stream whose replica takes the request once ``accept`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accept = asyncio.Event()
+
+    async def __anext__(self) -> Any:
+        self.asked.set()
+        await self.accept.wait()
+        return []
+
+
+def test_a_request_a_replica_takes_during_a_slow_status_read_goes_on_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_calls, "START_CHECK_INTERVAL_S", 0.01)
+    reads = Reads(held=True)
+
+    async def scenario() -> None:
+        deltas = AcceptedWhenTold()
+        call = asyncio.ensure_future(streaming(deltas, ModelStatus(reads, timeout_s=3600)))
+        while not reads.calls:  # the request now waits on a status read
+            await asyncio.sleep(0.01)
+        deltas.accept.set()
+        await call
+        assert not reads.finished.is_set(), "the accepted request waited for the read"
+        reads.release.set()
+
+    asyncio.run(scenario())
+
+
 def test_a_request_a_replica_took_makes_a_read_that_counted_none_stale() -> None:
     """At zero replicas a read counts none; once a replica has taken a
     request, /healthz must not say none for the rest of the read's life."""
-    running = SimpleNamespace(**{**vars(STARTING), "replica_states": {"RUNNING": 1}})
-    reads = iter([STARTING, running])
-    status = ModelStatus(lambda: next(reads), ttl_s=3600)
+    reads = iter([STARTING, RUNNING])
+    status = ModelStatus(lambda: ModelView(next(reads), None), ttl_s=3600)
 
     async def scenario() -> list[int]:
-        before = (await status.replica_states())["running"]
+        before = await running(status)
         await streaming(Accepted(), status)
-        return [before, (await status.replica_states())["running"]]
+        return [before, await running(status)]
 
     assert asyncio.run(scenario()) == [0, 1]
 
