@@ -1,15 +1,8 @@
-"""The kit's ``pyproject.toml`` as data, for tests that hold other files to
-it. ``tomllib`` is Python 3.11's; on 3.10 the ``test`` extra installs tomli,
-the same parser."""
+"""The kit's ``pyproject.toml`` as data, for tests that hold other files to it."""
 
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - run on Python 3.10 only
-    import tomli as tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
