@@ -148,11 +148,15 @@ class Sampler:
 NUCLEUS_FIRST_K = 64
 """How many of the likeliest tokens :func:`_nucleus` first looks for the
 ``top_p`` cut among; four times as many on each try that falls short."""
+NUCLEUS_MAX_K = 1024
+"""Past this many, :func:`_nucleus` sorts: so wide a nucleus is rare, and
+a GPU's running sums over more tokens drift further from the sort's."""
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``probs`` with the tokens outside the ``top_p`` nucleus zeroed, bit for
-    bit as :func:`_nucleus_sorted` gives it, without sorting the vocabulary.
+    """``probs`` with the tokens outside the ``top_p`` nucleus zeroed, as
+    :func:`_nucleus_sorted` gives it (bit for bit on a CPU), without sorting
+    the vocabulary.
 
     The nucleus is nearly always a few tokens, and sorting every probability
     costs far more than ``topk`` of a few dozen. The ``k`` likeliest from
@@ -172,7 +176,7 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     margin = 32 * torch.finfo(probs.dtype).eps
     k = NUCLEUS_FIRST_K
-    while k < probs.shape[-1]:
+    while k <= min(NUCLEUS_MAX_K, probs.shape[-1] - 1):
         values, indices = probs.topk(k)
         before = values.cumsum(-1) - values  # the mass of the likelier tokens
         outside = before >= top_p

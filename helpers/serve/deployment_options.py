@@ -38,6 +38,8 @@ INGRESS_QUEUED_REQUESTS = 100
 with Retry-After; Serve's default keeps them waiting without end."""
 
 INGRESS_SHUTDOWN_MARGIN_S = 10.0
+"""How much longer than its requests may take a stopping ingress waits for
+them, so each ends with its own answer rather than a cut connection."""
 
 MAX_LOOK_BACK_PERIOD_S = 12.0
 """The longest window over which Ray averages ongoing requests (Ray's default
@@ -140,8 +142,8 @@ def ingress_options(config: ServeConfig) -> dict[str, Any]:
     their 503, are what a client meets. A burst past even that waits in the
     proxy's bounded queue, then gets the proxy's 503, never an endless wait.
     Like the model replicas, a stopping ingress waits out the requests
-    (streams) it holds, a little longer than their deadline, so each ends
-    with its own answer (a 408 at worst) rather than a cut connection.
+    (streams) it holds: a body's upload and then the model call may each
+    take ``REQUEST_TIMEOUT_S``.
     """
     model_holds = config.max_replicas * config.ongoing_limit + max(config.max_queued_requests, 0)
     return {
@@ -149,6 +151,6 @@ def ingress_options(config: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 0},
         "max_ongoing_requests": max(INGRESS_ONGOING_REQUESTS, model_holds + INGRESS_ROOM),
         "max_queued_requests": INGRESS_QUEUED_REQUESTS,
-        "graceful_shutdown_timeout_s": config.request_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
+        "graceful_shutdown_timeout_s": 2 * config.request_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
         "logging_config": JSON_LOGS,
     }

@@ -40,11 +40,10 @@ from helpers.api.sse import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
 from helpers.api.token_schema import DetokenizeRequest, TokenizeRequest
 from helpers.config import ServeConfig
 from helpers.protocol import Completion, Prompt, Sampling, TextDelta
-from helpers.serve import spare_worker
+from helpers.serve import model_report, spare_worker
 from helpers.serve.llm_metrics import CountLLMRequests, IngressMetrics, note_stream_failure
 from helpers.serve.model_calls import ModelStatus, call_model, open_stream, read_model_view
 from helpers.serve.model_errors import RequestFields, retry_later
-from helpers.serve.model_report import report_key
 
 GENERATE_FIELDS = RequestFields("prompt", controls="generation_kwargs.")
 GENERATE_PROMPTS_FIELDS = replace(GENERATE_FIELDS, prompt="prompts")
@@ -73,23 +72,29 @@ class Ingress:
     ) -> None:
         self.llm = llm
         self.config = config
-        context = serve.get_replica_context()
-        self._spare_hold = (spare_key, context.replica_id.unique_id) if spare_key else None
-        if self._spare_hold:
-            spare_worker.hold_key(*self._spare_hold)
         self.spare_key = spare_key
         self.started = int(time.time())
-        key = report_key(context.app_name, config)
-        self.model_status = ModelStatus(functools.partial(read_model_view, key))
+        context = serve.get_replica_context()
+        self._replica_id = context.replica_id.unique_id
+        if spare_key:
+            spare_worker.hold_key(spare_key, self._replica_id)
+        self._report_key = model_report.report_key(context.app_name, config)
+        read = functools.partial(read_model_view, context.app_name, self._report_key)
+        self.model_status = ModelStatus(read)
+        self._stopped = False
         CountLLMRequests.metrics = IngressMetrics() if config.llm_metrics == "on" else None
 
     def __del__(self) -> None:
         """Serve calls this when the app is deleted or redeployed: spare model
-        processes made for this deployment have nothing more to wait for.
-        Once: the garbage collector may call it again after Serve did."""
-        hold, self._spare_hold = getattr(self, "_spare_hold", None), None
-        if hold:
-            spare_worker.release_key(*hold)
+        processes made for this deployment have nothing more to wait for, and
+        the model's report is of a deployment that is going. Once: the garbage
+        collector may call it again after Serve did."""
+        if getattr(self, "_stopped", True):
+            return
+        self._stopped = True
+        if self.spare_key:
+            spare_worker.release_key(self.spare_key, self._replica_id)
+        model_report.forget(self._report_key)
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -339,6 +344,5 @@ class Ingress:
         """What serves the model, as its replicas report it; None before one
         has started, or while Serve's controller does not answer."""
         with contextlib.suppress(Exception):
-            report = (await self.model_status.view()).report
-            return report and report["engine"]
+            return ((await self.model_status.view()).report or {}).get("engine")
         return None

@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 from helpers.api.errors import ApiError
 from helpers.protocol import Prompt, Sampling, TextDelta
 from helpers.serve import model_report
-from helpers.serve.model_errors import RequestFields, model_error
+from helpers.serve.model_errors import RequestFields, model_error, retry_later
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ START_CHECK_INTERVAL_S = 2.0
 """While a request waits for a replica, how often to ask whether Serve gave up
 starting one (a model that cannot load), so the request fails instead of
 waiting out REQUEST_TIMEOUT_S."""
+START_FAILED = {"REPLICA_STARTUP_FAILED", "DEPLOYMENT_ACTOR_FAILED"}
+"""The status triggers of failed starts, after which Serve may stop trying."""
 STATUS_TTL_S = 1.0
 """How long one read of the model deployment's status serves every asker."""
 STATUS_READ_TIMEOUT_S = 5.0
@@ -57,9 +59,8 @@ class ModelView:
         return {"running": 0, **{state_name(s).lower(): n for s, n in states.items()}}
 
 
-def read_model_view(report_key: str) -> ModelView:
+def read_model_view(app_name: str, report_key: str) -> ModelView:
     """The model deployment's status and report, as one blocking read."""
-    app_name = serve.get_replica_context().app_name
     application = serve.status().applications.get(app_name)
     deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
     return ModelView(deployment, model_report.read(report_key))
@@ -98,6 +99,7 @@ class ModelStatus:
         if read is None or (read.done() and (_failed(read) or now - self._read_at >= self.ttl_s)):
             self._read_at = now
             self._read = asyncio.ensure_future(asyncio.to_thread(self._read_view))
+            self._read.add_done_callback(_log_failure)
         # One asker giving up (its client left) must not cancel everyone's read.
         async with asyncio.timeout(self.timeout_s):
             view = await asyncio.shield(self._read)
@@ -120,36 +122,43 @@ class ModelStatus:
         if counted_none:
             self._read = None
 
-    async def start_failure(self) -> str | None:
-        """Why no replica will take a request, if Serve gave up starting them
-        or the app is being deleted. None too when the controller did not
-        answer: a request waiting for a replica then waits on, and asks again."""
+    async def start_failure(self) -> ApiError | None:
+        """The answer for a request waiting for a replica when none will come:
+        Serve gave up starting them, or the app is being deleted (a client
+        may retry that one, on the app deployed again). None too when the
+        controller did not answer: the request then waits on, and asks again."""
         try:
             deployment = (await self.view()).deployment
-        except Exception:
-            logger.warning("could not read the model deployment's status", exc_info=True)
+        except Exception:  # the read's own failure is logged once, by _log_failure
             return None
         if deployment is None or state_name(deployment.status_trigger) == "DELETING":
-            return "the app is being deleted"
+            return retry_later("the app is being deleted")
         reason = _gave_up(deployment, self._served)
-        return reason and f"the model deployment failed to start: {reason}"
+        return reason and ApiError(503, f"the model deployment failed to start: {reason}")
 
 
 def _failed(read: asyncio.Future[Any]) -> bool:
     return read.cancelled() or read.exception() is not None
 
 
+def _log_failure(read: asyncio.Future[Any]) -> None:
+    """Once a read, however many were waiting for it."""
+    if not read.cancelled() and (error := read.exception()):
+        logger.warning("could not read the model deployment's status: %r", error)
+
+
 def _gave_up(deployment: Any, served: bool) -> str | None:
     """Serve's reason, when its status says it stopped trying to start replicas.
 
-    Serve stops after repeated failed starts only while no replica of this
-    version has ever run (``DeploymentState._terminally_failed`` in Ray 2.60):
-    a deployment that served before keeps retrying, though its status reads
-    ``REPLICA_STARTUP_FAILED`` too, so a request then waits for the retries.
-    ``DEPLOY_FAILED`` always means it stopped.
+    That is repeated failed starts (``REPLICA_STARTUP_FAILED``, or the
+    deployment's own actors'), and then only while no replica of this version
+    has run (``DeploymentState._terminally_failed`` in Ray 2.60): a
+    deployment that served before keeps retrying under the same trigger,
+    unless the deploy itself failed (``DEPLOY_FAILED``). A failed health check
+    is never final: Serve replaces the replica, even while it deploys.
     """
     status, trigger = state_name(deployment.status), state_name(deployment.status_trigger)
-    if status != "DEPLOY_FAILED" and (served or trigger != "REPLICA_STARTUP_FAILED"):
+    if trigger not in START_FAILED or (served and status != "DEPLOY_FAILED"):
         return None
     lines = [line for line in deployment.message.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else status
@@ -232,7 +241,7 @@ async def _accepted(
     try:
         await _result_while_starting(first, deadline, status)
     finally:
-        first.cancel()
+        _drop(first)
 
 
 async def _result_while_starting(
@@ -254,14 +263,16 @@ async def _result_while_starting(
         # A slow controller must hold the request neither past its deadline
         # nor after a replica answered it.
         failure = asyncio.ensure_future(status.start_failure())
-        await asyncio.wait(
-            {pending, failure},
-            timeout=max(0.0, deadline - loop.time()),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        failure.cancel()
-        if not pending.done() and failure.done() and (reason := failure.result()):
-            raise ApiError(503, reason)
+        try:
+            await asyncio.wait(
+                {pending, failure},
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            _drop(failure)
+        if not pending.done() and failure.done() and (refusal := failure.result()):
+            raise refusal
     result = pending.result()
     status.replica_answered()
     return result
@@ -313,7 +324,15 @@ async def call_model(
         _cancel(call)
         raise model_error(err, fields, timeout_s) or err from None
     finally:
-        pending.cancel()
+        _drop(pending)
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    """Cancel a task whose outcome no one will read. A task whose model call
+    was cancelled meanwhile ends with Serve's ``RequestCancelledError``
+    rather than as cancelled, and asyncio would log that as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 async def _awaited(call: DeploymentResponse) -> Any:

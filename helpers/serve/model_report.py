@@ -12,12 +12,15 @@ start's, and it stays after the replica stops: notebook 05 plots the cold
 start it just caused.
 
 The key holds the app's name and a digest of its configuration: after a
-redeploy with other settings, the ingress never shows the old model's report.
-Values are JSON, so the ingress reads them without importing the engine.
+redeploy with other settings, the ingress never shows the old model's report,
+and a stopping ingress forgets its app's (``serve delete``), so the app
+deployed again shows none until its first replica is ready. Values are JSON,
+so the ingress reads them without importing the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -43,3 +46,9 @@ def read(key: str) -> dict[str, Any] | None:
     """The latest report, or None while no replica has started."""
     raw = ray_private.kv_get(key)
     return None if raw is None else json.loads(raw)
+
+
+def forget(key: str) -> None:
+    """From a stopping ingress; best effort, as its process is going anyway."""
+    with contextlib.suppress(Exception):
+        ray_private.kv_delete(key)

@@ -147,11 +147,11 @@ class LLMServer:
             process_started, init_started, time.time(), self.engine.load_times, spare
         )
         logger.info("model replica %s", self.startup.summary())
-        self._publish_report()
         self.metrics = ReplicaMetrics() if config.llm_metrics == "on" else None
         if self.metrics:
             self.metrics.started(self.startup.phases())
             self.metrics.sample_every(self._batch_sample)
+        self._publish_report()  # last: only a replica that started reports
 
     async def stream(
         self, prompts: list[Prompt], sampling: Sampling, text: bool = True

@@ -144,7 +144,7 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(400, BAD_BODY)
             elif prompt == "crash":
                 self._send(500, CRASH_TEXT.encode(), "text/plain")
-            elif prompt == "hold" and not state.release.wait(timeout=10):
+            elif prompt == "hold" and not state.release.wait(timeout=60):
                 self._send_json(504, {"error": {"message": "never released", "param": None}})
             elif self.path == "/v1/chat/completions":
                 self._stream_chat(prompt)

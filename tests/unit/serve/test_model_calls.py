@@ -196,38 +196,50 @@ def test_a_failed_read_is_not_kept_and_a_waiting_request_waits_on() -> None:
     status = ModelStatus(reads, ttl_s=3600)
 
     async def scenario() -> list[str | None]:
-        return [await status.start_failure(), await status.start_failure()]
+        return [await refusal(status), await refusal(status)]
 
     assert asyncio.run(scenario()) == [None, GAVE_UP_REASON]
     assert reads.calls == 2
 
 
+async def refusal(status: ModelStatus) -> str | None:
+    """The message of what a waiting request would be answered, if anything."""
+    refused = await status.start_failure()
+    return refused and refused.message
+
+
 def test_a_deployment_serve_gave_up_on_gives_serves_last_reason() -> None:
-    status = ModelStatus(Reads(GAVE_UP))
-    assert asyncio.run(status.start_failure()) == GAVE_UP_REASON
+    refused = asyncio.run(ModelStatus(Reads(GAVE_UP)).start_failure())
+    assert refused is not None and refused.status == 503 and refused.message == GAVE_UP_REASON
     assert asyncio.run(ModelStatus(Reads(STARTING)).start_failure()) is None
+
+
+def test_a_failed_health_check_is_never_final_even_while_deploying() -> None:
+    """Serve replaces the replica, and the status goes back to healthy."""
+    checked = SimpleNamespace(**{**vars(GAVE_UP), "status_trigger": "HEALTH_CHECK_FAILED"})
+    assert asyncio.run(ModelStatus(Reads(checked)).start_failure()) is None
 
 
 def test_failed_starts_are_final_only_for_a_deployment_that_never_served() -> None:
     """Serve stops retrying after failed starts only while no replica of the
     deployment has run; after that the same status means it is retrying."""
-    assert asyncio.run(ModelStatus(Reads(RETRYING)).start_failure()) == GAVE_UP_REASON
+    assert asyncio.run(refusal(ModelStatus(Reads(RETRYING)))) == GAVE_UP_REASON
     answered = ModelStatus(Reads(RETRYING))
     answered.replica_answered()
-    assert asyncio.run(answered.start_failure()) is None
+    assert asyncio.run(refusal(answered)) is None
     reads = Reads(RUNNING)
     seen_running = ModelStatus(reads, ttl_s=0)
 
     async def scenario() -> str | None:
         await seen_running.view()
         reads.status = RETRYING
-        return await seen_running.start_failure()
+        return await refusal(seen_running)
 
     assert asyncio.run(scenario()) is None
     # A deployment that gave up for good is final however it ran before.
     answered_then_failed = ModelStatus(Reads(GAVE_UP))
     answered_then_failed.replica_answered()
-    assert asyncio.run(answered_then_failed.start_failure()) == GAVE_UP_REASON
+    assert asyncio.run(refusal(answered_then_failed)) == GAVE_UP_REASON
 
 
 @pytest.mark.parametrize(
@@ -235,8 +247,10 @@ def test_failed_starts_are_final_only_for_a_deployment_that_never_served() -> No
     [None, SimpleNamespace(**{**vars(STARTING), "status_trigger": "DELETING"})],
     ids=["gone", "deleting"],
 )
-def test_a_request_waiting_on_a_deleted_app_is_refused(deleting: Any) -> None:
-    assert asyncio.run(ModelStatus(Reads(deleting)).start_failure()) == "the app is being deleted"
+def test_a_request_waiting_on_a_deleted_app_is_refused_and_may_retry(deleting: Any) -> None:
+    refused = asyncio.run(ModelStatus(Reads(deleting)).start_failure())
+    assert refused is not None and refused.message == "the app is being deleted"
+    assert refused.status == 503 and refused.headers and "Retry-After" in refused.headers
 
 
 def test_a_read_the_controller_does_not_answer_times_out_for_its_askers() -> None:
@@ -393,3 +407,51 @@ def test_a_stream_whose_reader_is_cancelled_mid_read_is_cancelled() -> None:
         assert deltas.cancelled
 
     asyncio.run(scenario())
+
+
+def test_a_stream_that_goes_quiet_past_its_deadline_gets_408_and_is_cancelled() -> None:
+    deltas = AcceptedThenQuiet()
+
+    async def scenario() -> None:
+        stream = await streaming(deltas, ModelStatus(Reads()), timeout_s=0.1)
+        with pytest.raises(ApiError) as refused:
+            await stream.__anext__()
+        assert refused.value.status == 408
+
+    asyncio.run(scenario())
+    assert deltas.cancelled
+
+
+class CancelledLikeServe(NeverAccepted):
+    """A model stream whose pending read, once its call was cancelled, ends
+    with an error rather than as cancelled, as Serve's handles do
+    (``RequestCancelledError``)."""
+
+    async def __anext__(self) -> Any:
+        self.asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if self.cancelled:
+                raise RuntimeError("request cancelled") from None
+            raise
+
+
+def test_a_refused_waiting_request_leaves_no_error_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncio logs an exception no one read ("Task exception was never
+    retrieved") when the task is collected; a refusal must not leave one."""
+    monkeypatch.setattr(model_calls, "START_CHECK_INTERVAL_S", 0.01)
+    unread: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: unread.append(context))
+        with pytest.raises(ApiError):
+            await streaming(CancelledLikeServe(), ModelStatus(Reads(GAVE_UP)))
+        for _ in range(3):  # let the dropped tasks end
+            await asyncio.sleep(0)
+        gc.collect()
+
+    asyncio.run(scenario())
+    assert not unread, unread
