@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.notebook.client import LLMClient
+from helpers.notebook.client import ApiError, LLMClient
 
 
 @dataclass
@@ -68,13 +68,24 @@ class ReplicaMonitor:
         """Poll until ``until(replicas)`` holds or ``timeout_s`` passes; True if it held."""
         deadline = self._clock() + timeout_s
         while self._clock() < deadline:
-            replicas = self.sample()
-            if on_sample:
-                on_sample(self.timeline)
-            if until(replicas):
-                return True
+            replicas = self._sample_if_answered()
+            if replicas is not None:
+                if on_sample:
+                    on_sample(self.timeline)
+                if until(replicas):
+                    return True
             self._sleep(self.interval_s)
         return False
+
+    def _sample_if_answered(self) -> int | None:
+        """A sample, or None when ``/healthz`` answered 503: Serve's
+        controller was too slow to tell, and the next poll asks again."""
+        try:
+            return self.sample()
+        except ApiError as err:
+            if err.status != 503:
+                raise
+            return None
 
 
 class NodeReplicaMonitor(ReplicaMonitor):

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import matplotlib
+import pytest
 
+from helpers.notebook.client import ApiError
 from helpers.notebook.replica_monitor import ReplicaMonitor, ReplicaTimeline
 from tests.unit.notebook.fake_clock import FakeClock
 
@@ -14,15 +16,18 @@ matplotlib.use("Agg")
 
 
 class ScriptedClient:
-    """running_model_replicas() returns the script in order, then repeats its last value."""
+    """running_model_replicas() returns the script in order, then repeats its
+    last value; an ``ApiError`` in the script is raised instead."""
 
-    def __init__(self, script: Iterable[int]) -> None:
+    def __init__(self, script: Iterable[int | ApiError]) -> None:
         self.script = list(script)
         self.calls = 0
 
     def running_model_replicas(self) -> int:
         value = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
+        if isinstance(value, ApiError):
+            raise value
         return value
 
 
@@ -142,3 +147,20 @@ def test_a_slow_healthz_counts_toward_the_timeout() -> None:
     assert monitor.watch(until=lambda n: n == 0, timeout_s=5) is False
     assert client.calls == 2  # at 0 s (read at 2 s) and 3 s (read at 5 s); none at 6 s
     assert monitor.timeline.seconds == [2.0, 5.0]
+
+
+def test_watch_skips_a_poll_healthz_answered_503_and_polls_on() -> None:
+    """/healthz answers 503 when Serve's controller is too slow to tell."""
+    clock = FakeClock()
+    unavailable = ApiError(503, {"error": {"message": "Serve's controller did not answer"}})
+    monitor = monitor_on(clock, ScriptedClient([2, unavailable, 0]))
+    assert monitor.watch(until=lambda n: n == 0, timeout_s=60) is True
+    assert monitor.timeline.replicas == [2, 0]
+    assert monitor.timeline.seconds == [0.0, 2.0]
+
+
+def test_watch_raises_any_other_refusal() -> None:
+    failed = ApiError(500, {"error": {"message": "internal error"}})
+    monitor = monitor_on(FakeClock(), ScriptedClient([1, failed]))
+    with pytest.raises(ApiError, match="HTTP 500"):
+        monitor.watch(until=lambda n: n == 0, timeout_s=60)
