@@ -32,6 +32,11 @@ from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogpr
 from helpers.serve import model_report, spare_worker
 from helpers.serve.llm_metrics import ReplicaMetrics
 
+if TYPE_CHECKING:  # the engine (torch) is imported by a replica only, when it starts
+    from helpers.engine.engine import GenerationRequest, LoadTimes
+
+logger = logging.getLogger("ray.serve")
+
 
 @dataclass(frozen=True)
 class Echo:
@@ -63,12 +68,6 @@ class Echo:
         nothing = Completion("", self.tokens, 0, "length", logprobs)
         opening = self.opening(index) if streamed else TextDelta(index, "")
         return self.around(replace(opening, completion=nothing))
-
-
-if TYPE_CHECKING:  # the engine (torch) is imported by a replica only, when it starts
-    from helpers.engine.engine import GenerationRequest, LoadTimes
-
-logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
