@@ -188,6 +188,21 @@ class GrammarError(FieldError):
     """The field's schema cannot be compiled into a grammar for the model."""
 
 
+REFUSALS = (PromptTooLongError, FieldError)
+"""What a model replica refuses in a client's request, which the ingress
+answers with a 4xx naming the field."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request a model replica refused, returned rather than raised: Serve
+    logs an exception that a replica method raises as a failed request,
+    traceback and all, and counts it among the deployment's errors, and a
+    client's bad input is neither. The ingress raises ``error``."""
+
+    error: PromptTooLongError | FieldError
+
+
 class BatcherClosedError(RuntimeError):
     """The replica's decode loop has stopped before this work could run.
 

@@ -31,7 +31,8 @@ TEXT_OR_NESTED = (str, dict, list)
 CLIENT_CLOSED_REQUEST = 499
 """nginx's status for a client that left before its answer, and the one
 Serve's proxy records when it cancels a request whose client disconnected.
-No one reads the answer; the status keeps the request a client error."""
+No one reads the answer; the status says the client left, not the server
+failed, and the metrics count it as cancelled."""
 
 
 def check_api_key(request: Request, api_key: str) -> None:

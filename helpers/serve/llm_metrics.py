@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from ray.serve import metrics
 from starlette.requests import Request
 
 from helpers.api.errors import error_type
-from helpers.protocol import Completion, TextDelta
+from helpers.api.request_checks import CLIENT_CLOSED_REQUEST
+from helpers.protocol import Completion, Prompt, TextDelta
+
+logger = logging.getLogger("ray.serve")
 
 LLM_ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 """Routes whose requests are counted; any other path is Serve's business."""
@@ -42,19 +46,35 @@ LATENCY_BUCKETS_S = [
 PER_TOKEN_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
 """A GPU decodes a token in milliseconds; a busy 2-core CPU in a tenth of a second or more."""
 
-COLD_START_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256]
-"""A cold start's phase: a cached tokenizer takes milliseconds, a large model's weights minutes."""
+COLD_START_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+"""A cold start's phase: a cached tokenizer takes milliseconds, a large model's
+weights many minutes (from a network disk, or converted on first use)."""
 
 GAUGE_INTERVAL_S = 1.0
 """How often a replica samples its batch for the gauges; Ray reports them every few seconds."""
 
 
+OUTCOMES = ("completed", "client_error", "timeout", "server_error", "cancelled")
+"""Every ``outcome`` label of ``llm_requests_total``; nothing else ever is one."""
+
+REQUEST_TIMEOUT = 408
+
+
 def outcome_of(status: int, cancelled: bool) -> str:
-    """How a request ended, as ``llm_requests_total`` labels it."""
-    if cancelled:
+    """How a request ended, as ``llm_requests_total`` labels it.
+
+    A client that left is ``cancelled`` however its departure was noticed:
+    Serve cancelling the task, or the ingress answering 499 to a body cut
+    short. A 408 (``REQUEST_TIMEOUT_S`` passed: a slow model, a long cold
+    start, a body that never finished arriving) is a ``timeout``, apart from
+    the client's errors, so that an overloaded server shows.
+    """
+    if cancelled or status == CLIENT_CLOSED_REQUEST:
         return "cancelled"
     if status >= 500:
         return "server_error"
+    if status == REQUEST_TIMEOUT:
+        return "timeout"
     return "client_error" if status >= 400 else "completed"
 
 
@@ -64,8 +84,9 @@ class IngressMetrics:
     def __init__(self) -> None:
         self.requests = metrics.Counter(
             "llm_requests",
-            "LLM requests by endpoint and outcome (completed, client_error, server_error, "
-            "cancelled), a stream counted when it ends.",
+            f"LLM requests by endpoint and outcome ({', '.join(OUTCOMES)}: a 408, "
+            "REQUEST_TIMEOUT_S passed; a client that left, 499 included), a stream counted "
+            "when it ends.",
             tag_keys=("endpoint", "outcome"),
         )
         self.errors = metrics.Counter(
@@ -76,8 +97,9 @@ class IngressMetrics:
         )
 
     def count(self, endpoint: str, status: int, *, cancelled: bool) -> None:
-        self.requests.inc(tags={"endpoint": endpoint, "outcome": outcome_of(status, cancelled)})
-        if status >= 400 and not cancelled:
+        outcome = outcome_of(status, cancelled)
+        self.requests.inc(tags={"endpoint": endpoint, "outcome": outcome})
+        if outcome not in ("completed", "cancelled"):
             tags = {"endpoint": endpoint, "status": str(status), "type": error_type(status)}
             self.errors.inc(tags=tags)
 
@@ -139,10 +161,12 @@ class ReplicaMetrics:
 
     def __init__(self) -> None:
         self.prompt_tokens = metrics.Counter(
-            "llm_prompt_tokens", "Prompt tokens read (prefilled), per completion."
+            "llm_prompt_tokens",
+            "Prompt tokens read (prefilled), a prompt's once whatever its n, when its "
+            "first choice ends.",
         )
         self.completion_tokens = metrics.Counter(
-            "llm_completion_tokens", "Tokens generated, over every completion."
+            "llm_completion_tokens", "Tokens generated, over every completion that ended."
         )
         self.first_token = metrics.Histogram(
             "llm_time_to_first_token_seconds",
@@ -190,29 +214,39 @@ class ReplicaMetrics:
             self.cold_start_phases.observe(seconds, tags={"phase": phase})
 
     async def watched(
-        self, deltas: AsyncIterator[list[TextDelta]]
+        self, deltas: AsyncIterator[list[TextDelta]], prompts: Sequence[Prompt]
     ) -> AsyncIterator[list[TextDelta]]:
         """``deltas`` passed on, recorded as one request: running while it
         lasts, its completions as they end, its latency if it ran to the end
-        (a cancelled request's would say how long its client waited)."""
+        (a cancelled request's would say how long its client waited).
+
+        ``prompts`` are the request's, one per delta index, a prompt's ``n``
+        choices side by side (``choice`` 0 first): a prompt's tokens count
+        once, with the first of its choices to end, as the response's usage
+        counts them. A completion that never ended (cancelled, failed) counts no tokens."""
         began = time.monotonic()
         self._in_flight += 1
         self.running.set(self._in_flight)
+        prompts_counted: set[int] = set()
         try:
             async with contextlib.aclosing(deltas):
                 async for batch in deltas:
                     for delta in batch:
                         if delta.completion:
-                            self.completed(delta.completion)
+                            first = delta.index - prompts[delta.index].choice
+                            self.completed(delta.completion, prompt=first not in prompts_counted)
+                            prompts_counted.add(first)
                     yield batch
             self.latency.observe(time.monotonic() - began)
         finally:
             self._in_flight -= 1
             self.running.set(self._in_flight)
 
-    def completed(self, completion: Completion) -> None:
-        """One prompt's completion: its tokens and, when the engine decoded it, its timing."""
-        self.prompt_tokens.inc(completion.prompt_tokens)
+    def completed(self, completion: Completion, *, prompt: bool = True) -> None:
+        """One choice's completion: its tokens (the prompt's too, unless another
+        choice of it counted them) and, when the engine decoded it, its timing."""
+        if prompt:
+            self.prompt_tokens.inc(completion.prompt_tokens)
         if completion.completion_tokens:
             self.completion_tokens.inc(completion.completion_tokens)
         timing = completion.timing
@@ -232,14 +266,34 @@ class ReplicaMetrics:
             self.cancelled_rows.inc(cancelled - self._cancelled_seen)
             self._cancelled_seen = cancelled
 
-    def sample_every(self, read: Callable[[], tuple[int, int, int, int]]) -> threading.Thread:
+    def sample_every(
+        self,
+        read: Callable[[], tuple[int, int, int, int]],
+        stop: threading.Event | None = None,
+    ) -> threading.Thread:
         """Call :meth:`sample_batch` with ``read()`` every ``GAUGE_INTERVAL_S`` on a
-        daemon thread, which ends with the replica's process."""
+        daemon thread, which ends with the replica's process (or when ``stop`` is set).
+
+        A sample that fails is skipped and the next one taken: the gauges
+        would otherwise freeze for the replica's life. The first failure is
+        logged with its traceback; later ones are not, or a broken read would
+        log every second."""
+        stop = stop or threading.Event()
 
         def loop() -> None:
-            while True:
-                self.sample_batch(*read())
-                time.sleep(GAUGE_INTERVAL_S)
+            logged = False
+            while not stop.is_set():
+                try:
+                    self.sample_batch(*read())
+                except Exception:
+                    if not logged:
+                        logged = True
+                        logger.warning(
+                            "sampling the batch gauges failed; sampling goes on, and further "
+                            "failures are not logged",
+                            exc_info=True,
+                        )
+                stop.wait(GAUGE_INTERVAL_S)
 
         thread = threading.Thread(target=loop, name="llm-metrics", daemon=True)
         thread.start()

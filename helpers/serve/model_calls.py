@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from helpers.api.errors import ApiError
-from helpers.protocol import Prompt, Sampling, TextDelta
+from helpers.protocol import Prompt, Refused, Sampling, TextDelta
 from helpers.serve import model_report
 from helpers.serve.model_errors import RequestFields, model_error, retry_later
 
@@ -275,6 +275,8 @@ async def _result_while_starting(
             raise refusal
     result = pending.result()
     status.replica_answered()
+    if isinstance(result, Refused):
+        raise result.error
     return result
 
 

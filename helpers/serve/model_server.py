@@ -16,19 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 from ray import serve
 
 from helpers.config import ServeConfig
-from helpers.protocol import Completion, Prompt, Sampling, TextDelta, TokenLogprob
+from helpers.protocol import (
+    REFUSALS,
+    Completion,
+    Prompt,
+    Refused,
+    Sampling,
+    TextDelta,
+    TokenLogprob,
+)
 from helpers.serve import model_report, spare_worker
 from helpers.serve.llm_metrics import ReplicaMetrics
 
@@ -36,6 +45,24 @@ if TYPE_CHECKING:  # the engine (torch) is imported by a replica only, when it s
     from helpers.engine.engine import GenerationRequest, LoadTimes
 
 logger = logging.getLogger("ray.serve")
+
+Answer = TypeVar("Answer")
+
+
+def _refusals_returned(
+    method: Callable[..., Answer],
+) -> Callable[..., Answer | Refused]:
+    """A replica method that returns a refusal of the client's input as
+    :class:`Refused`, rather than raise it for Serve to log as a failure."""
+
+    @functools.wraps(method)
+    def answering(*args: Any, **kwargs: Any) -> Answer | Refused:
+        try:
+            return method(*args, **kwargs)
+        except REFUSALS as refusal:
+            return Refused(refusal)
+
+    return answering
 
 
 @dataclass(frozen=True)
@@ -154,13 +181,14 @@ class LLMServer:
 
     async def stream(
         self, prompts: list[Prompt], sampling: Sampling, text: bool = True
-    ) -> AsyncIterator[list[TextDelta]]:
+    ) -> AsyncIterator[list[TextDelta] | Refused]:
         """Complete every prompt, yielding what the batcher produces in lists of
         whatever arrived together; each prompt's last delta holds its completion.
 
-        The first list is empty: it tells the caller the prompts were accepted
-        (PromptTooLongError would have been raised instead, before any work, so
-        a bad prompt never fails a batch shared with other requests). With
+        The first list is empty: it tells the caller the prompts were accepted.
+        A prompt refused instead (too long, a token id outside the vocabulary)
+        comes first and alone, as :class:`Refused`, before any work, so a bad
+        prompt never fails a batch shared with other requests. With
         ``text=False`` only the completions come, for a reply sent whole.
         Closing this generator early (the client went away, a timeout) cancels
         every prompt still decoding.
@@ -178,10 +206,17 @@ class LLMServer:
         """
         deltas = self._deltas(prompts, sampling, text)
         if self.metrics:
-            deltas = self.metrics.watched(deltas)
-        async with contextlib.aclosing(deltas):  # closing this closes the engine's side
-            async for batch in deltas:
-                yield batch
+            deltas = self.metrics.watched(deltas, prompts)
+        accepted = False
+        try:
+            async with contextlib.aclosing(deltas):  # closing this closes the engine's side
+                async for batch in deltas:
+                    accepted = True
+                    yield batch
+        except REFUSALS as refusal:
+            if accepted:
+                raise
+            yield Refused(refusal)  # in place of the acceptance signal
 
     async def _deltas(
         self, prompts: list[Prompt], sampling: Sampling, text: bool
@@ -265,6 +300,7 @@ class LLMServer:
         except Exception:
             logger.warning("could not write this replica's report for /healthz", exc_info=True)
 
+    @_refusals_returned
     def tokenize(self, prompt: Prompt, add_special_tokens: bool) -> dict[str, Any]:
         """``POST /tokenize``: the ids the model reads for ``prompt`` (messages
         rendered with the chat template, text as it is), in vLLM's shape."""
@@ -273,6 +309,7 @@ class LLMServer:
         tokens = self.engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         return {"count": len(tokens), "max_model_len": self.engine.context_length, "tokens": tokens}
 
+    @_refusals_returned
     def detokenize(self, tokens: list[int]) -> dict[str, str]:
         """``POST /detokenize``: the text of ``tokens``, special tokens included."""
         self.engine.check_vocabulary("tokens", tokens)

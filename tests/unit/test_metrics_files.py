@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from helpers.notebook.cluster import METRICS_EXPORT_PORT, metrics_export_port
+from helpers.serve import llm_metrics
 from helpers.serve.llm_metrics import IngressMetrics, ReplicaMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +77,38 @@ def test_kuberay_exposes_the_metrics_port_to_a_prometheus_operator() -> None:
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
     assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+
+
+def readme_metrics_rows() -> dict[str, str]:
+    """The README's metrics table: each row's first cell, and the row whole."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Metrics and request ids")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {row.split("|")[1]: row for row in rows}
+
+
+def test_the_readme_lists_every_outcome_the_requests_counter_takes() -> None:
+    (row,) = [row for cell, row in readme_metrics_rows().items() if "requests_total" in cell]
+    listed = set(re.findall(r"\b[a-z]+(?:_[a-z]+)*\b", row.split("|")[3]))
+    assert set(llm_metrics.OUTCOMES) <= listed, set(llm_metrics.OUTCOMES) - listed
+
+
+def test_the_readme_says_sampled_only_of_the_gauges_that_are() -> None:
+    """The gauges a replica's sampling thread sets, and only those, are
+    called sampled; ``requests_running`` is set as requests start and end."""
+    replica = ReplicaMetrics()
+    gauges = {name: g for name, g in vars(replica).items() if hasattr(g, "_name")}
+    set_by_sampling = set()
+    for name, gauge in gauges.items():
+        if type(gauge).__name__ == "Gauge":
+            gauge.set = lambda *_, name=name, **__: set_by_sampling.add(name)
+        elif hasattr(gauge, "inc"):
+            gauge.inc = lambda *_, **__: None
+    replica.sample_batch(1, 2, 3, 0)
+    sampled = {
+        name
+        for cell, row in readme_metrics_rows().items()
+        if "sampled" in row
+        for name in re.findall(r"`(\w+)`", cell)
+    }
+    assert sampled == {gauges[name]._name.removeprefix("llm_") for name in set_by_sampling}

@@ -155,7 +155,7 @@ def half_a_body_then(after: Callable[[], Awaitable[dict[str, Any]]]) -> list[dic
     return sent
 
 
-def test_a_client_gone_mid_body_is_a_client_error_not_a_fault() -> None:
+def test_a_client_gone_mid_body_gets_499_not_a_fault() -> None:
     """A client that hangs up halfway through its body gets 499, as Serve's
     proxy logs a disconnect, and no exception leaves the app: Starlette's
     last-resort handler would answer 500 and re-raise it, and the server

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from helpers.api.errors import ApiError
-from helpers.protocol import Sampling
+from helpers.protocol import PromptTooLongError, Refused, Sampling
 from helpers.serve import model_calls
 from helpers.serve.model_calls import ModelStatus, ModelView, call_model, open_stream
 from helpers.serve.model_errors import RequestFields
@@ -455,3 +455,19 @@ def test_a_refused_waiting_request_leaves_no_error_unread(
 
     asyncio.run(scenario())
     assert not unread, unread
+
+
+class RefusedFirst(NeverAccepted):
+    """A model stream whose replica refuses the prompt instead of accepting it."""
+
+    async def __anext__(self) -> Any:
+        self.asked.set()
+        return Refused(PromptTooLongError("prompt tokens plus max_tokens exceed the context"))
+
+
+def test_a_prompt_the_replica_refuses_gets_a_400_naming_its_field() -> None:
+    deltas = RefusedFirst()
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(streaming(deltas, ModelStatus(Reads())))
+    assert (refused.value.status, refused.value.param) == (400, "prompt")
+    assert deltas.cancelled

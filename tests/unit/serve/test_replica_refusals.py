@@ -17,6 +17,7 @@ from helpers.protocol import (
     FieldError,
     Prompt,
     PromptTooLongError,
+    Refused,
     Sampling,
 )
 from helpers.serve import model_server, spare_worker
@@ -66,19 +67,38 @@ async def first_batch(server: LLMServer, prompts: list[str]) -> list[Any]:
     [
         FieldError("prompt", "prompt: it has no tokens; a completion needs one or more"),
         PromptTooLongError("exceed the 64 positions a sequence may have in this cache"),
-        BatcherClosedError(),
     ],
-    ids=["no tokens", "longer than the cache", "decode loop stopped"],
+    ids=["no tokens", "longer than the cache"],
 )
-def test_a_prompt_refused_at_submission_fails_the_call_before_it_is_accepted(
+def test_a_prompt_refused_at_submission_is_answered_before_it_is_accepted(
     refusal: Exception,
 ) -> None:
-    """The ingress answers a 4xx (or a 503) only while nothing was accepted:
-    after the acceptance signal, a streamed reply has begun with a 200."""
+    """The ingress answers a 4xx only while nothing was accepted: after the
+    acceptance signal, a streamed reply has begun with a 200. The refusal is
+    returned, not raised: Serve would log a raised one as a failed request,
+    traceback and all."""
     engine = SubmitsOnly({"refused": refusal})
-    with pytest.raises(type(refusal)):
-        asyncio.run(first_batch(server_over(engine), ["admitted", "refused"]))
+    first = asyncio.run(first_batch(server_over(engine), ["admitted", "refused"]))
+    assert isinstance(first, Refused) and first.error is refusal
     assert engine.submitted[0].cancelled(), "the request's other prompt decodes on for nobody"
+
+
+def test_a_replica_whose_decode_loop_stopped_fails_the_call_before_it_is_accepted() -> None:
+    """A server fault, not the client's: raised, so Serve logs it, and the
+    ingress answers 503."""
+    engine = SubmitsOnly({"refused": BatcherClosedError()})
+    with pytest.raises(BatcherClosedError):
+        asyncio.run(first_batch(server_over(engine), ["admitted", "refused"]))
+    assert engine.submitted[0].cancelled()
+
+
+def test_a_token_id_outside_the_vocabulary_is_returned_refused_by_detokenize() -> None:
+    class Vocabulary(SubmitsOnly):
+        def check_vocabulary(self, field: str, tokens: list[int]) -> None:
+            raise FieldError(field, f"{field}: token id {tokens[0]} is not in the vocabulary")
+
+    answer = server_over(Vocabulary({})).detokenize([10**9])
+    assert isinstance(answer, Refused) and answer.error.field == "tokens"
 
 
 def test_prompts_that_are_all_admitted_are_accepted() -> None:
