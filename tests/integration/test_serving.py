@@ -281,3 +281,19 @@ def test_serve_delete_removes_the_app(deployed_app: ServeConfig) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert APP_NAME not in serve.status().applications
+
+
+def test_an_app_deleted_and_deployed_again_shows_no_report_of_the_old_one(
+    deployed_app: ServeConfig,
+) -> None:
+    """A stopping ingress forgets its model's report (Ray's KV store outlives
+    the app), so the same configuration deployed again shows none until one
+    of its own replicas is ready."""
+    serve.run(build_app(deployed_app), name=APP_NAME, route_prefix="/")
+    assert post_generate(GREEDY).status_code == 200
+    assert healthz()["model_start"] is not None
+    serve.delete(APP_NAME)
+    deployed_at = time.time()
+    serve.run(build_app(deployed_app), name=APP_NAME, route_prefix="/")
+    start = healthz()["model_start"]
+    assert start is None or start["ready"] > deployed_at, start
