@@ -46,8 +46,11 @@ class Variable:
     """Never shown: error messages and tables say only whether it is set."""
 
 
-def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
-    """Build a parser for an int or float that must lie in ``[low, high]``."""
+def _number(
+    kind: type, low: float, high: float, *, low_open: bool = False
+) -> Callable[[str], Any]:
+    """Build a parser for an int or float that must lie in ``[low, high]``, or
+    ``(low, high]`` when ``low_open``: the range the variable's text states."""
 
     def parse(raw: str) -> Any:
         try:
@@ -56,7 +59,7 @@ def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
             raise ValueError(f"not {'an integer' if kind is int else 'a number'}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("not a finite number")
-        if not low <= value <= high:
+        if not (low < value if low_open else low <= value) or value > high:
             raise ValueError("out of range")
         return value
 
@@ -188,7 +191,7 @@ VARIABLES: tuple[Variable, ...] = (
         "0.9",
         "Default nucleus sampling top_p.",
         "number in (0, 1]",
-        _number(float, 1e-6, 1.0),
+        _number(float, 0.0, 1.0, low_open=True),
         "top_p",
     ),
     Variable(
@@ -309,8 +312,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "API_KEY",
         "",
-        "When set, /generate and /v1/* require the header 'Authorization: Bearer <API_KEY>' "
-        "(else 401); /healthz stays open. Empty: no key is asked for.",
+        "When set, /generate, /v1/*, /tokenize and /detokenize require the header "
+        "'Authorization: Bearer <API_KEY>' (else 401); /healthz stays open. "
+        "Empty: no key is asked for.",
         "empty, or 16 to 512 printable ASCII characters without spaces",
         _api_key,
         "api_key",

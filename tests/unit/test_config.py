@@ -148,6 +148,7 @@ OVERRIDES = [
     ("TEMPERATURE", "2", "temperature", 2.0),
     ("TOP_P", "1", "top_p", 1.0),
     ("TOP_P", "0.05", "top_p", 0.05),
+    ("TOP_P", "5e-7", "top_p", 5e-7),
     ("NUM_GPUS_PER_REPLICA", "1", "num_gpus_per_replica", 1.0),
     ("NUM_GPUS_PER_REPLICA", "0.5", "num_gpus_per_replica", 0.5),
     ("NUM_CPUS_PER_REPLICA", "4", "num_cpus_per_replica", 4.0),
