@@ -46,9 +46,7 @@ class Variable:
     """Never shown: error messages and tables say only whether it is set."""
 
 
-def _number(
-    kind: type, low: float, high: float, *, low_open: bool = False
-) -> Callable[[str], Any]:
+def _number(kind: type, low: float, high: float, *, low_open: bool = False) -> Callable[[str], Any]:
     """Build a parser for an int or float that must lie in ``[low, high]``, or
     ``(low, high]`` when ``low_open``: the range the variable's text states."""
 
