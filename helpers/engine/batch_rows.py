@@ -150,7 +150,8 @@ class PaddedRows:
     def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
         """Prefill ``prompts`` (token ids) as new rows; returns their lengths in
         tokens. ``positions``, what each may reach, matters only to
-        :class:`PagedRows`, which holds room for it."""
+        :class:`PagedRows`, which holds room for it. Should it raise, the
+        running rows are as they were (both layouts promise it)."""
         unique, order = distinct(prompts)
         ids, mask, places = self._encode(unique)
         cache = self.model.new_cache()
@@ -187,12 +188,25 @@ class PaddedRows:
     def _merge(
         self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
     ) -> None:
-        """Append rows, left-padding whichever side is shorter."""
+        """Append rows, left-padding whichever side is shorter.
+
+        Layer by layer, so only one layer's copy is held twice at a time. A
+        copy that fails (out of memory) cuts the layers done back to the
+        running rows, so :meth:`admit` fails the new rows alone."""
+        rows = self.mask.shape[0]
         length = max(self.mask.shape[1], mask.shape[1])
         mine, theirs = length - self.mask.shape[1], length - mask.shape[1]
-        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
-            layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
-            layer.values = torch.cat([_pad_kv(layer.values, mine), _pad_kv(new.values, theirs)])
+        try:
+            for layer, new in zip(self.cache.layers, cache.layers, strict=True):
+                layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
+                layer.values = torch.cat([_pad_kv(layer.values, mine), _pad_kv(new.values, theirs)])
+        except Exception:
+            for layer in self.cache.layers:
+                if layer.keys.shape[0] > rows:
+                    layer.keys = layer.keys[:rows, :, mine:]
+                if layer.values.shape[0] > rows:
+                    layer.values = layer.values[:rows, :, mine:]
+            raise
         self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(mask, (theirs, 0))])
         self.positions = torch.cat([self.positions, positions])
         self.logits = torch.cat([self.logits, logits])
@@ -327,8 +341,18 @@ class PagedRows:
 
     def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
         """Prefill ``prompts`` (token ids) as new rows, each with pages for
-        ``positions`` positions; returns their lengths in tokens."""
+        ``positions`` positions; returns their lengths in tokens. Should a
+        pass fail (a GPU out of memory on a long prompt), the new slots'
+        pages go back and the running rows are as they were."""
         first = len(self.next_position)
+        try:
+            return self._admitted(first, prompts, positions)
+        except Exception:
+            self.keep(list(range(first)))
+            raise
+
+    def _admitted(self, first: int, prompts: list[list[int]], positions: list[int]) -> list[int]:
+        """:meth:`admit`'s work, with the new rows in the slots from ``first``."""
         slots = list(range(first, first + len(prompts)))
         self._make_room(sum(map(pages_for, positions)))
         self.cache.assign(slots, positions)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import logging
 import queue
 import threading
 import time
@@ -35,7 +36,7 @@ import torch
 
 from helpers.engine.batch_rows import PaddedRows, PagedRows
 from helpers.engine.decoder import Decoder, SlotDecoder
-from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
+from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker, TokenConstraint
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import (
@@ -48,6 +49,8 @@ from helpers.protocol import (
     TokenIdError,
     TokenLogprob,
 )
+
+logger = logging.getLogger(__name__)
 
 TextCallback = Callable[[str], None]
 """Receives each piece of new text, on the decode thread; it must not block."""
@@ -69,6 +72,19 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] | None = field(default=None, compare=False)
     """The prompt tokenized, once, where :meth:`Engine.request` checked its
     length; the batcher tokenizes where it is left out."""
+    constraints: list[TokenConstraint] = field(default_factory=list, compare=False, repr=False)
+    """``grammar``'s constraint for the first submission, its first mask
+    computed by :meth:`Engine.request` on the caller's worker thread: a
+    replica submits on its event loop, inside :meth:`ContinuousBatcher.together`.
+    A sequence advances its constraint, so each one is taken once; later
+    submissions build their own."""
+
+    def take_constraint(self) -> TokenConstraint | None:
+        """The constraint built ahead, unless a submission took it already."""
+        try:
+            return self.constraints.pop()
+        except IndexError:
+            return None
 
     def token_ids(self, tokenizer: Any) -> list[int]:
         """The prompt's token ids, tokenized with ``tokenizer`` unless known already."""
@@ -235,8 +251,14 @@ class ContinuousBatcher:
         was submitted, or is submitted later, is refused with
         :class:`BatcherClosedError` rather than left waiting for ever."""
         self._stopping.set()
-        self._waiting.put(None)
+        self._refuse_waiting()  # now, not once the batch in flight ends; wakes the loop too
         self._thread.join(timeout=30)
+        if self._thread.is_alive():  # the hook stops it at exit, as it was registered to
+            logger.warning(
+                "the decode loop is still running 30 s after close(): its batch in flight "
+                "has not finished; it is stopped again at exit"
+            )
+            return
         atexit.unregister(self.close)  # else it holds the model until exit
 
     @property
@@ -273,7 +295,7 @@ class ContinuousBatcher:
         grammar = request.grammar
         if grammar is None and request.sampling.grammar is not None:
             grammar = self.grammars.compile(request.sampling.grammar)
-        constraint = None if grammar is None else grammar.constraint()
+        constraint = None if grammar is None else request.take_constraint() or grammar.constraint()
         sampler = Sampler(request.sampling, self.device, prompt_ids, constraint)
         # Decoding every token costs a little per row per step; only a stream
         # or a stop string needs it.
@@ -400,8 +422,8 @@ class ContinuousBatcher:
             self._waiting.put(None)
 
     def _run_chores(self, idle: bool) -> None:
-        """Between two steps: one piece of the oldest chore, or every piece of
-        every chore when nothing decodes or waits."""
+        """Between two steps: one piece of the oldest chore, or, when nothing
+        decodes or waits, pieces until something arrives (a request, close())."""
         while True:
             try:
                 self._chores.append(self._new_chores.get_nowait())
@@ -410,7 +432,7 @@ class ContinuousBatcher:
         while self._chores:
             if self._chores[0].run_piece():
                 self._chores.popleft()
-            if not idle:
+            if not idle or not self._waiting.empty() or self._stopping.is_set():
                 return
             self._turn_started = time.monotonic()  # a piece done is progress
 
@@ -449,7 +471,7 @@ class ContinuousBatcher:
         """
         fold = bool(arrivals and self._sequences) and self._rows.folds_prefills
         if arrivals and not fold:
-            self._admit(arrivals)
+            self._admit_apart(arrivals)
         if not self._sequences:
             return
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
@@ -458,7 +480,7 @@ class ContinuousBatcher:
             self._sequences = []
             self._rows.clear()
             if fold:  # nothing left to ride along
-                self._admit(arrivals)
+                self._admit_apart(arrivals)
             return
         if len(keep) < len(self._sequences):
             self._sequences = [self._sequences[row] for row in keep]
@@ -537,6 +559,16 @@ class ContinuousBatcher:
             ended = ended or sampler.constraint.complete
         return token, ended
 
+    def _admit_apart(self, arrivals: list[_Sequence]) -> None:
+        """Prefill ``arrivals`` in passes of their own. Should that fail (a GPU
+        out of memory on a long prompt), only they fail: the rows promise to
+        leave the running ones as they were, so those decode on."""
+        try:
+            self._admit(arrivals)
+        except Exception as err:
+            for sequence in arrivals:
+                _settle(sequence.future, exception=err)
+
     def _admit(self, sequences: list[_Sequence]) -> None:
         """Prefill ``sequences`` together (in one pass, or a few where the
         rows cut a large admission); they join the batch's rows."""
@@ -548,7 +580,7 @@ class ContinuousBatcher:
         """Record ``sequences`` as the batch's newest rows, prefilled to ``lengths``."""
         for sequence, length in zip(sequences, lengths, strict=True):
             sequence.prompt_tokens = length
-        self._sequences += sequences
+        self._sequences = self._sequences + sequences  # replaced: see batch_load
         self.stats.prefills += 1
         self.stats.shared_prefills += len(sequences) - len({tuple(s.prompt_ids) for s in sequences})
         self.stats.sequences += len(sequences)

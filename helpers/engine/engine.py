@@ -313,12 +313,18 @@ class Engine:
             if on_gpu_slots
             else None,
         )
-        engine.info = describe(model, fallback_reason)
-        engine.probe()
-        marks.append(time.perf_counter())
-        engine.load_times = LoadTimes(*(end - start for start, end in itertools.pairwise(marks)))
-        if llama is not None and prepack and device == "cpu":
-            engine.tuned = engine.between_steps(prepack_pieces(model, max_batch_size))
+        try:  # a load that fails must not leave the decode thread holding the model
+            engine.info = describe(model, fallback_reason)
+            engine.probe()
+            marks.append(time.perf_counter())
+            engine.load_times = LoadTimes(
+                *(end - start for start, end in itertools.pairwise(marks))
+            )
+            if llama is not None and prepack and device == "cpu":
+                engine.tuned = engine.between_steps(prepack_pieces(model, max_batch_size))
+        except BaseException:
+            engine.close()
+            raise
         return engine
 
     def format_prompt(self, text: str, prompt_format: str) -> str:
@@ -379,14 +385,19 @@ class Engine:
         refused before any work if it cannot fit
         (:class:`~helpers.protocol.PromptTooLongError`), names a token the
         model does not have (:class:`~helpers.protocol.TokenIdError`) or asks
-        for a grammar that does not compile (:class:`~helpers.protocol.GrammarError`)."""
+        for a grammar that does not compile (:class:`~helpers.protocol.GrammarError`).
+
+        A grammar's first constraint is built here too (its first mask takes
+        milliseconds), on the caller's thread: a replica calls this on a worker
+        thread, and submits on its event loop (``GenerationRequest.constraints``)."""
         ids = tuple(prompt_token_ids(self.tokenizer, prompt))
         request = GenerationRequest(prompt, sampling, prompt_ids=ids)
         self.check_fits(request)
         self.check_token_ids(request)
         if sampling.grammar is None:
             return request
-        return replace(request, grammar=self._batcher.grammars.compile(sampling.grammar))
+        grammar = self._batcher.grammars.compile(sampling.grammar)
+        return replace(request, grammar=grammar, constraints=[grammar.constraint()])
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse a request whose prompt plus new tokens exceed the context."""

@@ -221,8 +221,9 @@ class LLMServer:
     async def _deltas(
         self, prompts: list[Prompt], sampling: Sampling, text: bool
     ) -> AsyncIterator[list[TextDelta]]:
-        # Off the event loop: tokenizing and compiling a grammar take milliseconds
-        # (the first grammar builds llguidance's view of the vocabulary, longer).
+        # Off the event loop: tokenizing, compiling a grammar and computing its
+        # first mask take milliseconds (the first grammar builds llguidance's view
+        # of the vocabulary, longer); submitting below then only queues.
         requests = await asyncio.to_thread(self._requests, prompts, sampling)
         echo = any(prompt.echo for prompt in prompts)
         echoes = [await self._echo(request, sampling) for request in requests] if echo else []

@@ -3,6 +3,8 @@ GPUs replay as CUDA graphs, run eagerly here) against the padded cache CPUs
 use."""
 
 import contextlib
+import itertools
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine import batch_rows
-from helpers.engine.batch_rows import FIRST_PAGES, PagedRows
+from helpers.engine.batch_rows import FIRST_PAGES, PaddedRows, PagedRows
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
 from helpers.engine.kv_cache import PAGE_SIZE, pages_for
@@ -261,3 +263,60 @@ def test_a_sequence_longer_than_the_pages_can_list_is_refused_alone(
     with pytest.raises(PromptTooLongError, match=r"positions a sequence may have in this cache"):
         too_long.result(timeout=60)
     assert running.result(timeout=60).text == alone
+
+
+def test_a_prefill_that_fails_fails_only_its_own_request(engines: tuple[Engine, Engine]) -> None:
+    """A newcomer's prefill that raises (a GPU out of memory on a long prompt)
+    fails that newcomer; the rows decoding meanwhile finish their text, and
+    the newcomer's pages go back."""
+    _, slotted = engines
+    alone = slotted.generate([greedy(PROMPTS[0], 12)])[0].text
+    rows = slotted._batcher._rows
+    free = len(rows.cache.free)
+    holding, release = threading.Event(), threading.Event()
+
+    def held(_: str) -> None:
+        holding.set()
+        release.wait(60)
+
+    def out_of_memory(*_: Any) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    running = slotted.submit(greedy(PROMPTS[0], 12), on_text=held)
+    assert holding.wait(60)
+    rows._prefill = out_of_memory  # the decode thread is held: it reads this next turn
+    try:
+        newcomer = slotted.submit(greedy(PROMPTS[1], 12))
+        release.set()
+        assert str(newcomer.exception(timeout=60)) == "out of memory"
+    finally:
+        del rows._prefill
+    assert running.result(timeout=60).text == alone
+    assert len(rows.cache.free) == free
+
+
+def test_a_padded_merge_that_fails_midway_leaves_the_running_rows_as_they_were(
+    engines: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layers copied before a failure are cut back to the running rows and
+    their columns, so the batch decodes on as if the newcomer never came."""
+    padded, _ = engines
+    rows = PaddedRows(padded.model, padded.tokenizer)
+    short, long = (padded.tokenizer(text)["input_ids"] for text in (PROMPTS[0], PROMPTS[1] * 3))
+    with torch.inference_mode():
+        rows.admit([short], [len(short) + 8])
+        kept = [(layer.keys.clone(), layer.values.clone()) for layer in rows.cache.layers]
+        mask = rows.mask.clone()
+        calls, pad = itertools.count(), batch_rows._pad_kv
+
+        def fails_at_the_third_layer(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+            if next(calls) == 8:  # two calls per tensor, keys and values per layer
+                raise RuntimeError("out of memory")
+            return pad(tensor, columns)
+
+        monkeypatch.setattr(batch_rows, "_pad_kv", fails_at_the_third_layer)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            rows.admit([long], [len(long) + 8])
+    assert torch.equal(rows.mask, mask)
+    for layer, (keys, values) in zip(rows.cache.layers, kept, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)

@@ -141,6 +141,22 @@ def test_concurrent_requests_share_forward_passes(engine: Engine) -> None:
     assert engine.stats.largest_batch > 1
 
 
+@padded_only
+def test_the_rows_a_reader_took_stay_as_they_were_when_others_join(engine: Engine) -> None:
+    """batch_load reads the decode thread's list of sequences from another
+    thread without a lock: the decode thread replaces it, never changes it."""
+    held = HeldAtFirstPiece()
+    first = engine.submit(greedy(PROMPTS[0]), on_text=held)
+    assert held.holding.wait(60)
+    taken = engine._batcher._sequences
+    rows = list(taken)
+    joining = engine.submit(greedy(PROMPTS[1]))
+    held.release.set()
+    for future in (first, joining):
+        future.result(timeout=60)
+    assert taken == rows
+
+
 def test_a_request_joining_a_running_batch_decodes_as_if_alone(
     engine: Engine, request: pytest.FixtureRequest
 ) -> None:
@@ -309,6 +325,28 @@ def test_closing_finishes_the_batch_in_flight_and_refuses_everything_else(
 
 
 @padded_only
+def test_closing_refuses_the_queued_at_once_not_after_the_batch_in_flight(
+    engine: Engine,
+) -> None:
+    """The batch in flight may take minutes on a CPU: a caller queued behind
+    it learns at once that it will not be served."""
+    batcher = one_row_batcher(engine)
+    held = HeldAtFirstPiece()
+    in_flight = batcher.submit(greedy(PROMPTS[1]), on_text=held)
+    assert held.holding.wait(60)
+    queued = batcher.submit(greedy(PROMPTS[0]))  # no room: one row
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    try:
+        assert isinstance(queued.exception(timeout=5), BatcherClosedError)
+        assert not in_flight.done()
+    finally:
+        held.release.set()
+        closer.join(60)
+    assert in_flight.result(timeout=60) == engine.generate([greedy(PROMPTS[1])])[0]
+
+
+@padded_only
 def test_a_submission_racing_close_still_lets_the_loop_stop(engine: Engine) -> None:
     """close() wakes a loop about to wait for arrivals with an empty one; a
     submission refused meanwhile takes everything queued, that too."""
@@ -454,6 +492,25 @@ def test_loading_reports_where_its_time_went(engine: Engine) -> None:
     assert times.total_s == pytest.approx(sum(parts))
 
 
+def test_a_load_that_fails_after_the_decode_loop_started_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica whose load fails is retried in the same process: each failed
+    try must not leave a decode thread holding its model and cache."""
+
+    def failing_probe(self: Engine, longest_request_s: float = 0.0) -> None:
+        raise RuntimeError("the warm-up pass failed")
+
+    def decode_loops() -> int:
+        return sum(thread.name == "decode-loop" for thread in threading.enumerate())
+
+    monkeypatch.setattr(Engine, "probe", failing_probe)
+    before = decode_loops()
+    with pytest.raises(RuntimeError, match="warm-up pass failed"):
+        Engine.load(EMBEDDED_MODEL_ID, ServeConfig.from_env({}).model_cache_dir, cpu_threads=2)
+    assert decode_loops() <= before
+
+
 def test_greedy_and_sampled_rows_in_one_batch_each_decode_as_alone(engine: Engine) -> None:
     sampled = GenerationRequest(PROMPTS[1], Sampling(10, temperature=0.9, top_p=0.9, seed=7))
     alone = [engine.generate([greedy(PROMPTS[0])])[0], engine.generate([sampled])[0]]
@@ -513,3 +570,21 @@ def test_work_between_steps_takes_one_step_boundary_a_piece_and_its_failure_stay
         chores[1].result(timeout=60)
     assert after_failure == []
     assert engine.generate([greedy(PROMPTS[0], 2)])[0].completion_tokens == 2
+
+
+@padded_only
+def test_an_idle_loops_chores_give_way_to_a_request_between_two_pieces(engine: Engine) -> None:
+    """Chores an idle loop runs back to back (scoring an echoed prompt,
+    prepacking) stop running so when a request arrives: it waits for one
+    piece, not for all of them."""
+    ran: list[int] = []
+
+    def piece() -> None:
+        ran.append(1)
+        time.sleep(0.25)
+
+    chore = engine._batcher.between_steps([piece] * 20, wake=True)
+    wait_for(lambda: bool(ran))
+    assert engine.submit(greedy(PROMPTS[0], 2)).result(timeout=60).completion_tokens == 2
+    assert len(ran) < 20, "the request waited for every piece of the chore"
+    chore.result(timeout=60)

@@ -1,21 +1,36 @@
 """The model replica's class on the real embedded model, without Ray: what
-happens to the engine's work when a caller goes away."""
+happens to the engine's work when a caller goes away, and which thread
+does it."""
 
 import asyncio
+import json
+import threading
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from helpers.config import ServeConfig
-from helpers.protocol import Prompt, Sampling
+from helpers.engine.grammar import CompiledGrammar, TokenConstraint
+from helpers.protocol import Completion, Grammar, Prompt, Sampling
 from helpers.serve.model_server import LLMServer
 
 
-def test_a_stream_closed_as_soon_as_it_is_accepted_leaves_nothing_decoding() -> None:
+@pytest.fixture(scope="module")
+def server() -> Iterator[LLMServer]:
+    server = LLMServer(ServeConfig.from_env({"LLM_METRICS": "off", "SPARE_WORKER": "off"}))
+    yield server
+    server.engine.close()
+
+
+def test_a_stream_closed_as_soon_as_it_is_accepted_leaves_nothing_decoding(
+    server: LLMServer,
+) -> None:
     """The ingress closes the stream when its client leaves, possibly right
     after the replica accepted the request: the prompt must not decode on,
     for nobody, to its last token."""
-    server = LLMServer(ServeConfig.from_env({"LLM_METRICS": "off", "SPARE_WORKER": "off"}))
     stats = server.engine.stats
-    cancelled_before = stats.cancelled
+    cancelled_before, generated_before = stats.cancelled, stats.generated_tokens
 
     async def accept_then_leave() -> None:
         stream = server.stream([Prompt("Tell a long story.")], Sampling(256, 0.0, 1.0))
@@ -27,4 +42,34 @@ def test_a_stream_closed_as_soon_as_it_is_accepted_leaves_nothing_decoding() -> 
     while stats.cancelled == cancelled_before:
         assert time.monotonic() < deadline, "the prompt decoded on after its stream closed"
         time.sleep(0.02)
-    assert stats.generated_tokens < 256
+    assert stats.generated_tokens - generated_before < 256
+
+
+def test_a_grammars_first_mask_is_computed_off_the_event_loop(
+    server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts are submitted on the replica's event loop, inside the lock the
+    decode loop takes every step: a sequence's constraint (a copy of the
+    grammar's matcher, its first mask computed) is built before, on a worker
+    thread, so neither every other request nor the batch waits for it."""
+    built_on: list[threading.Thread] = []
+    constraint = CompiledGrammar.constraint
+
+    def recorded(self: CompiledGrammar) -> TokenConstraint:
+        built_on.append(threading.current_thread())
+        return constraint(self)
+
+    monkeypatch.setattr(CompiledGrammar, "constraint", recorded)
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
+    sampling = Sampling(24, 0.0, 1.0, grammar=Grammar(json.dumps(schema)))
+
+    async def stream() -> tuple[threading.Thread, list[Completion]]:
+        completions = []
+        async for batch in server.stream([Prompt("Reply in JSON.")], sampling):
+            assert isinstance(batch, list), batch
+            completions += [delta.completion for delta in batch if delta.completion]
+        return threading.current_thread(), completions
+
+    event_loop, completions = asyncio.run(stream())
+    assert len(completions) == 1
+    assert built_on and event_loop not in built_on
