@@ -88,8 +88,10 @@ class LLMClient:
         return self._model
 
     def healthz(self) -> dict[str, Any]:
+        """GET /healthz; raises :class:`ApiError` on a 4xx/5xx, like every call:
+        a 503 (Serve's controller too slow to tell) is one a poll skips."""
         response = requests.get(f"{self.base_url}/healthz", timeout=10)
-        response.raise_for_status()
+        _raise_if_refused(response)
         return response.json()
 
     def running_model_replicas(self) -> int:
@@ -103,8 +105,7 @@ class LLMClient:
             f"{self.base_url}/generate", json=body, headers=self.headers, timeout=self.timeout_s
         )
         latency = time.perf_counter() - started
-        if not response.ok:
-            raise ApiError(response.status_code, _json_or_text(response))
+        _raise_if_refused(response)
         payload = response.json()
         return Reply(prompt, payload["completions"][0], latency, payload["generation_kwargs"])
 
@@ -148,8 +149,7 @@ class LLMClient:
             stream=True,
             timeout=self.timeout_s,
         ) as response:
-            if not response.ok:
-                raise ApiError(response.status_code, _json_or_text(response))
+            _raise_if_refused(response)
             for event in sse_events(response.iter_lines(decode_unicode=True)):
                 if "error" in event:  # the server failed after the stream began
                     raise ApiError(500, event)
@@ -215,6 +215,13 @@ def _completion_tokens(event: dict[str, Any], so_far: int | None) -> int | None:
 def _chat_text(chunk: dict[str, Any]) -> str | None:
     choices = chunk.get("choices") or [{}]
     return choices[0].get("delta", {}).get("content")
+
+
+def _raise_if_refused(response: requests.Response) -> None:
+    """:class:`ApiError` with the server's error body, for a 4xx/5xx: one
+    error for every call, so a caller can act on its status."""
+    if not response.ok:
+        raise ApiError(response.status_code, _json_or_text(response))
 
 
 def _json_or_text(response: requests.Response) -> dict[str, Any]:

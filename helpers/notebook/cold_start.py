@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import requests
-
+from helpers.notebook.client import ApiError, LLMClient
 from helpers.notebook.polling import wait_for
 
 SPARE_TIMEOUT_S = 120
@@ -33,17 +32,24 @@ class ColdStart:
 
 
 def spare_state(base_url: str) -> dict[str, Any]:
-    """``/healthz``'s ``spare_worker``: ``{"state": "ready" | "none" | "off", "pid": ...}``."""
-    return requests.get(f"{base_url}/healthz", timeout=10).json()["spare_worker"]
+    """``/healthz``'s ``spare_worker``: ``{"state": "ready" | "none" | "off", "pid": ...}``.
+    Raises :class:`ApiError` when ``/healthz`` refuses, 503 included."""
+    return LLMClient(base_url).healthz()["spare_worker"]
 
 
 def wait_for_spare(base_url: str, timeout_s: float = SPARE_TIMEOUT_S) -> dict[str, Any]:
     """Until a spare process is ready, or the app keeps none (``SPARE_WORKER=off``):
-    the state that said so."""
+    the state that said so. A 503 (Serve's controller too slow to answer
+    ``/healthz``) says nothing about the spare, so the next poll asks again."""
     seen: dict[str, Any] = {}
 
     def settled() -> bool:
-        seen.update(spare_state(base_url))
+        try:
+            seen.update(spare_state(base_url))
+        except ApiError as err:
+            if err.status != 503:
+                raise
+            return False
         return seen["state"] in ("ready", "off")
 
     wait_for(settled, timeout_s, "a spare process")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -171,6 +172,23 @@ class BurstPlot:
             self.handle.update(self.figure)
 
 
+@contextmanager
+def _senders(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool whose block waits for every request sent, except when the
+    notebook is interrupted: a user who stops a cell wants it back now, as from
+    a :class:`~helpers.notebook.burst.Burst`. Then what was not yet sent is
+    dropped, and each request on its way ends on its own."""
+    pool = ThreadPoolExecutor(workers)
+    interrupted = False
+    try:
+        yield pool
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
+
+
 def watch_burst(
     client: LLMClient,
     requests: int = 16,
@@ -181,11 +199,11 @@ def watch_burst(
 ) -> BurstWatch:
     """Send ``requests`` streamed chats, ``concurrency`` at a time, scraping
     every ``interval_s`` (and calling ``on_scrape``) until the burst ended and
-    every replica reported its part."""
+    every replica reported its part. An interrupt returns at once."""
     messages = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
     watch = BurstWatch([settled_scrape()], [])
     counted = watch.scrapes[0].total(REQUESTS, outcome="completed") + requests
-    with ThreadPoolExecutor(concurrency) as pool:
+    with _senders(concurrency) as pool:
         sent = [
             pool.submit(client.stream_chat, messages, lambda _: None, max_tokens, 0.0)
             for _ in range(requests)

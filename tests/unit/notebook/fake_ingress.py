@@ -1,6 +1,8 @@
 """A tiny real HTTP server on 127.0.0.1 that stands in for the app's ingress.
 
-GET /healthz reports the model and its running replicas, POST /generate echoes
+GET /healthz reports the model and its running replicas (or answers 503, as
+the app does when Serve's controller is slow, while
+``FakeServer.healthz_unavailable`` counts down), POST /generate echoes
 a completion and the generation_kwargs it got, a prompt of "bad" gets a 400
 with an OpenAI-style JSON error, a prompt of "crash" gets a 500 whose body
 is plain text, not JSON, and one of "hold" is answered only once the test sets
@@ -39,6 +41,14 @@ MODEL_ID = "fake-org/tiny-model"
 RUNNING_REPLICAS = 2
 CRASH_TEXT = "Internal Server Error: the replica fell over"
 BAD_BODY = {"error": {"message": "prompt is bad", "param": "prompt"}}
+UNAVAILABLE_BODY = {
+    "error": {
+        "message": "Serve's controller did not answer: TimeoutError()",
+        "type": "service_unavailable",
+        "param": None,
+        "code": None,
+    }
+}
 STREAM_PIECES = ["Once", " upon", " a time,", " naïve ☃", "\nthe end."]
 MIDWAY_ERROR = {
     "error": {
@@ -57,6 +67,8 @@ class FakeServer:
     paths: list[str] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)
     healthz_calls: int = 0
+    healthz_unavailable: int = 0
+    """How many of the next /healthz requests get a 503 with ``UNAVAILABLE_BODY``."""
     handshake: threading.Semaphore | None = None
     """When set, the server waits after each streamed piece until the client takes it."""
     acknowledged: list[bool] = field(default_factory=list)
@@ -116,6 +128,10 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 state.healthz_calls += 1
+                if state.healthz_unavailable:
+                    state.healthz_unavailable -= 1
+                    self._send_json(503, UNAVAILABLE_BODY)
+                    return
                 self._send_json(
                     200,
                     {

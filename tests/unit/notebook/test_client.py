@@ -21,6 +21,7 @@ from tests.unit.notebook.fake_ingress import (
     MODEL_ID,
     RUNNING_REPLICAS,
     STREAM_PIECES,
+    UNAVAILABLE_BODY,
     FakeServer,
 )
 
@@ -64,10 +65,25 @@ def test_running_model_replicas_is_an_int(server: FakeServer) -> None:
     assert type(running) is int
 
 
-def test_healthz_raises_on_http_error(server: FakeServer) -> None:
+def test_healthz_raises_api_error_with_the_json_body_on_404(server: FakeServer) -> None:
     client = LLMClient(server.url + "/nothing-here")
-    with pytest.raises(requests.HTTPError):
+    with pytest.raises(ApiError) as caught:
         client.healthz()
+    assert caught.value.status == 404
+    assert caught.value.body == {"error": {"message": "not found", "param": None}}
+
+
+def test_healthz_raises_api_error_on_503_and_answers_the_next_poll(server: FakeServer) -> None:
+    """Serve's controller too slow to tell: a refusal the caller can tell apart
+    by its status, as from every other call, not a ``requests.HTTPError``."""
+    server.healthz_unavailable = 1
+    client = LLMClient(server.url)
+    with pytest.raises(ApiError) as caught:
+        client.healthz()
+    assert caught.value.status == 503
+    assert caught.value.body == UNAVAILABLE_BODY
+    assert str(caught.value) == f"HTTP 503: {UNAVAILABLE_BODY['error']['message']}"
+    assert client.healthz()["status"] == "ok"
 
 
 def test_generate_returns_a_reply(server: FakeServer) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
-from helpers.notebook.cold_start import cold_start, plot_cold_start, wait_for_spare
+from helpers.notebook.client import ApiError
+from helpers.notebook.cold_start import cold_start, plot_cold_start, spare_state, wait_for_spare
+from tests.unit.notebook.fake_ingress import UNAVAILABLE_BODY
 
 ENGINE = {"imports_s": 0.01, "tokenizer_s": 0.5, "weights_s": 0.2, "warm_up_s": 0.1}
 
@@ -72,18 +76,30 @@ def test_the_plot_stacks_every_phase_beside_the_warm_request() -> None:
         plt.close(figure)
 
 
-@pytest.fixture
-def healthz_server() -> Iterator[tuple[str, list[dict]]]:
-    """A loopback server whose ``/healthz`` says no spare waits, then that one does;
-    it keeps every answer it gave."""
-    states = iter([{"state": "none", "pid": None}] + [{"state": "ready", "pid": 4242}] * 10)
-    answered: list[dict] = []
+NONE = {"state": "none", "pid": None}
+READY = {"state": "ready", "pid": 4242}
+UNAVAILABLE = 503
+"""In a script of answers: /healthz answers 503, as when Serve's controller is slow."""
+Answer = dict[str, Any] | int
+
+
+@contextmanager
+def healthz_server(script: list[Answer]) -> Iterator[tuple[str, list[Answer]]]:
+    """A loopback server whose ``/healthz`` gives the script's answers in
+    order, then repeats the last: a spare's state, or :data:`UNAVAILABLE`.
+    It keeps every answer it gave."""
+    answers = iter(script)
+    answered: list[Answer] = []
 
     class Healthz(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            answered.append(next(states))
-            body = json.dumps({"status": "ok", "spare_worker": answered[-1]}).encode()
-            self.send_response(200)
+            answered.append(next(answers, script[-1]))
+            if answered[-1] == UNAVAILABLE:
+                status, payload = UNAVAILABLE, UNAVAILABLE_BODY
+            else:
+                status, payload = 200, {"status": "ok", "spare_worker": answered[-1]}
+            body = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.end_headers()
             self.wfile.write(body)
@@ -93,13 +109,28 @@ def healthz_server() -> Iterator[tuple[str, list[dict]]]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", answered
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", answered
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
-def test_waiting_for_the_spare_returns_the_state_that_ended_the_wait(
-    healthz_server: tuple[str, list[dict]],
-) -> None:
-    url, answered = healthz_server
-    assert wait_for_spare(url, timeout_s=30) == {"state": "ready", "pid": 4242}
-    assert [state["state"] for state in answered] == ["none", "ready"]  # no read after it
+def test_waiting_for_the_spare_returns_the_state_that_ended_the_wait() -> None:
+    with healthz_server([NONE, READY]) as (url, answered):
+        assert wait_for_spare(url, timeout_s=30) == READY
+    assert answered == [NONE, READY]  # no read after it
+
+
+def test_a_503_from_healthz_raises_the_api_error() -> None:
+    with healthz_server([UNAVAILABLE]) as (url, _), pytest.raises(ApiError) as caught:
+        spare_state(url)
+    assert caught.value.status == 503
+    assert caught.value.body == UNAVAILABLE_BODY
+
+
+def test_waiting_for_the_spare_polls_again_after_a_503() -> None:
+    """Serve's controller too slow to tell says nothing about the spare."""
+    with healthz_server([UNAVAILABLE, READY]) as (url, answered):
+        assert wait_for_spare(url, timeout_s=30) == READY
+    assert answered == [UNAVAILABLE, READY]

@@ -1,4 +1,5 @@
-"""Unit tests for helpers.notebook.replica_monitor with a scripted fake client (no server)
+"""Unit tests for helpers.notebook.replica_monitor with a scripted fake client (no server),
+or the real client against the fake ingress where what matters is what the client raises,
 and a fake clock (``fake_clock``), so the timeline's seconds are exact and nothing sleeps."""
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from collections.abc import Iterable
 import matplotlib
 import pytest
 
-from helpers.notebook.client import ApiError
+from helpers.notebook.client import ApiError, LLMClient
 from helpers.notebook.replica_monitor import ReplicaMonitor, ReplicaTimeline
 from tests.unit.notebook.fake_clock import FakeClock
+from tests.unit.notebook.fake_ingress import RUNNING_REPLICAS, FakeServer
 
 matplotlib.use("Agg")
 
@@ -64,7 +66,9 @@ def test_first_time_at() -> None:
 # -- ReplicaMonitor --------------------------------------------------------------------------
 
 
-def monitor_on(clock: FakeClock, client: ScriptedClient, interval_s: float = 1.0) -> ReplicaMonitor:
+def monitor_on(
+    clock: FakeClock, client: ScriptedClient | LLMClient, interval_s: float = 1.0
+) -> ReplicaMonitor:
     return ReplicaMonitor(client, interval_s=interval_s, clock=clock, sleep=clock.sleep)
 
 
@@ -157,6 +161,18 @@ def test_watch_skips_a_poll_healthz_answered_503_and_polls_on() -> None:
     assert monitor.watch(until=lambda n: n == 0, timeout_s=60) is True
     assert monitor.timeline.replicas == [2, 0]
     assert monitor.timeline.seconds == [0.0, 2.0]
+
+
+def test_watch_skips_a_503_from_the_real_client_and_server(server: FakeServer) -> None:
+    """What the scripted client raises above is what ``LLMClient`` raises
+    when the server answers 503, so the monitor skips it there too."""
+    clock = FakeClock()
+    server.healthz_unavailable = 1
+    monitor = monitor_on(clock, LLMClient(server.url))
+    assert monitor.watch(until=lambda n: n == RUNNING_REPLICAS, timeout_s=60) is True
+    assert server.healthz_calls == 2
+    assert monitor.timeline.replicas == [RUNNING_REPLICAS]
+    assert monitor.timeline.seconds == [1.0]  # the poll at 0 s was skipped
 
 
 def test_watch_raises_any_other_refusal() -> None:
