@@ -6,16 +6,18 @@ Deploys the app with its defaults on a local Ray cluster (model replicas held
 at MAX_REPLICAS, so the same processes are measured throughout) and keeps
 ``--concurrency`` closed-loop clients busy for ``--minutes``: whole and
 streamed ``/generate``, ``/v1/completions`` and ``/v1/chat/completions``, and
-one bad request in ten. It prints the resident memory of every replica at the
-start and the end, and every unexpected answer. The baseline is the start:
-memory that keeps growing under steady load is a leak.
+one bad request in ten. It prints the resident memory of every replica every
+``--sample-minutes`` and every unexpected answer. The baseline is the start:
+memory that keeps growing under steady load is a leak. The growth in the
+second half of the run against the first tells the two apart: an allocator
+settling grows early and then flattens, a leak grows in both halves alike.
 """
 
 import argparse
 import itertools
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import psutil
 import ray
@@ -66,11 +68,23 @@ def request_kinds(model: str, max_tokens: int) -> list[tuple[str, str, dict, int
     ]
 
 
+def memory_trend(series: list[float | None]) -> str:
+    """A replica's samples, and its growth in each half of the run; a sample
+    of None means the replica was gone (restarted)."""
+    shown = " ".join("gone" if mib is None else f"{mib:.0f}" for mib in series)
+    if None in series or len(series) < 3:
+        return shown
+    middle = len(series) // 2
+    first, second = series[middle] - series[0], series[-1] - series[middle]
+    return f"{shown} (first half {first:+.0f}, second half {second:+.0f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--sample-minutes", type=float, default=1.0)
     args = parser.parse_args()
 
     config = pinned_config()
@@ -95,20 +109,23 @@ def main() -> None:
                 unexpected.append(f"{label}: HTTP {reply.status_code} {reply.text[-200:]!r}")
 
     requests.post(f"{BASE}/generate", json={"prompt": "warm up"}, timeout=600)
-    start = replica_memory()
+    samples = [replica_memory()]
     started = time.monotonic()
     deadline = started + 60 * args.minutes  # the load itself lasts --minutes
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        list(pool.map(client, range(args.concurrency)))
-    end = replica_memory()
+        clients = [pool.submit(client, index) for index in range(args.concurrency)]
+        while wait(clients, timeout=60 * args.sample_minutes).not_done:
+            samples.append(replica_memory())
+        for finished in clients:
+            finished.result()
+    samples.append(replica_memory())
     print(
         f"soak: {(time.monotonic() - started) / 60:.1f} min, concurrency {args.concurrency}, "
         f"max_tokens {args.max_tokens}, replicas {config.max_replicas}"
     )
-    for name in sorted(start):
-        after = end.get(name)
-        shown = f"{after:.0f} MiB ({after - start[name]:+.0f})" if after else "gone (restarted?)"
-        print(f"  {name}: resident {start[name]:.0f} MiB at start, {shown} at end")
+    print(f"  resident MiB every {args.sample_minutes:g} min, start to end:")
+    for name in sorted(samples[0]):
+        print(f"  {name}: {memory_trend([sample.get(name) for sample in samples])}")
     for outcome, count in sorted(outcomes.items()):
         print(f"  {outcome}: {count}")
     print(f"  unexpected answers: {len(unexpected)}")
