@@ -3,8 +3,8 @@ thin ipywidgets layer over it.
 
 Keeping the logic in :class:`PromptSession` lets tests drive it without a
 browser; :class:`PromptBox` only wires widgets to it. Headless, a notebook
-sets the widgets' ``.value``, calls ``send_button.click()`` and reads
-``session.last_reply`` in the next cell.
+calls :meth:`PromptBox.ask`, which sets every widget, presses Send and
+returns that send's reply, whatever was typed or clicked in the box before.
 
 Replies stream: text shows as the model produces it. In chat mode the session
 keeps the conversation and sends all of it with every turn, through
@@ -22,6 +22,10 @@ import requests
 from helpers.notebook.client import ApiError, LLMClient, Reply
 
 MODES = ("complete", "chat")
+# The box's starting settings, and what PromptBox.ask sends unless told otherwise.
+MAX_NEW_TOKENS = 64
+TEMPERATURE = 0.7
+TOP_P = 0.9
 
 
 LABEL_WIDTH = "120px"  # room for the longest label, "max_new_tokens"
@@ -33,9 +37,9 @@ class PromptSession:
     def __init__(
         self,
         client: LLMClient,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = TEMPERATURE,
+        top_p: float = TOP_P,
         mode: str = "complete",
     ) -> None:
         self.client = client
@@ -156,7 +160,49 @@ class PromptBox:
             ]
         )
 
-    def _on_send(self, _: Any) -> None:
+    def ask(
+        self,
+        prompt: str,
+        *,
+        mode: str = "complete",
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = TEMPERATURE,
+        top_p: float = TOP_P,
+    ) -> Reply:
+        """Set every widget, the mode included, press Send and return that
+        send's reply.
+
+        What a notebook cell sends then depends on its own arguments only,
+        not on what a learner typed, clicked or left in the box before, and
+        the reply it keeps is this send's, however many came before it.
+        Send's handler is called directly rather than through
+        ``send_button.click()``, whose dispatcher would log an unexpected
+        error and let the cell carry on. A refused send raises RuntimeError
+        with the error the box shows.
+        """
+        knobs = (
+            (self.max_new_tokens, max_new_tokens),
+            (self.temperature, temperature),
+            (self.top_p, top_p),
+        )
+        for slider, value in knobs:  # a slider clamps what lies beyond its ends
+            if not slider.min <= value <= slider.max:
+                raise ValueError(
+                    f"{slider.description}={value} is outside the box's range "
+                    f"[{slider.min}, {slider.max}]"
+                )
+        self.mode.value, self.prompt.value = mode, prompt
+        for slider, value in knobs:
+            slider.value = value
+        reply = self._on_send(self.send_button)
+        if reply is None:
+            raise RuntimeError(self.session.last_error)
+        return reply
+
+    def _on_send(self, _: Any) -> Reply | None:
+        """Send's handler: the widgets' values go to the session, the reply
+        streams into the box. Returns the reply (None when refused) for
+        :meth:`ask`; ipywidgets ignores it."""
         session = self.session
         session.mode = self.mode.value
         session.max_new_tokens = self.max_new_tokens.value
@@ -184,12 +230,13 @@ class PromptBox:
             self.send_button.disabled = False
         if reply is None:
             self.status.value = f"<b>Error:</b> {html.escape(str(session.last_error))}"
-            return
+            return None
         if not streamed:  # an empty reply: still show the turn
             show(reply.text)
         first = f", first text after {reply.first_text_s:.2f} s" if reply.first_text_s else ""
         tokens = "" if reply.completion_tokens is None else f", {reply.completion_tokens} tokens"
         self.status.value = f"[{reply.latency_s:.2f} s{first}{tokens}]"
+        return reply
 
     def _earlier_turns(self) -> list[tuple[str, str]]:
         """In chat mode, the conversation so far; otherwise nothing."""

@@ -476,3 +476,122 @@ def test_every_label_has_room_for_its_whole_name(client: LLMClient) -> None:
     assert widths == {prompt_box.LABEL_WIDTH}
     pixels = int(prompt_box.LABEL_WIDTH.removesuffix("px"))
     assert all(len(widget.description) * 8 <= pixels for widget in labelled)
+
+
+# -- PromptBox.ask: what notebook 04's cells send, whatever the box held before --------------
+
+
+def ask_knobs(**changes: Any) -> dict[str, Any]:
+    """The knobs notebook 04 asks with: greedy, 32 tokens, the default top_p."""
+    return {"max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, **changes}
+
+
+def test_ask_sets_every_widget_presses_send_and_returns_that_reply(
+    client: LLMClient, server: FakeServer
+) -> None:
+    box = PromptBox(PromptSession(client))
+    box.mode.value, box.prompt.value = "chat", "typed by hand"
+    box.max_new_tokens.value, box.temperature.value, box.top_p.value = 200, 1.5, 0.3
+
+    reply = box.ask("Name three uses of Ray Serve.", max_new_tokens=32, temperature=0.0)
+
+    assert server.received == [
+        {
+            "prompt": "Name three uses of Ray Serve.",
+            "generation_kwargs": ask_knobs(),
+            "stream": True,
+        }
+    ]
+    assert (box.mode.value, box.prompt.value) == ("complete", "Name three uses of Ray Serve.")
+    assert (box.max_new_tokens.value, box.temperature.value, box.top_p.value) == (32, 0.0, 0.9)
+    assert reply.text == TEXT and reply.generation_kwargs == ask_knobs()
+    assert box.session.history == [reply]
+    # The box shows it as if Send had been pressed by hand.
+    assert box.reply.value == transcript_html(
+        [("You", "Name three uses of Ray Serve."), ("Model", TEXT)]
+    )
+    assert re.fullmatch(status_pattern(len(STREAM_PIECES)), box.status.value), box.status.value
+
+
+def test_a_manual_send_before_ask_does_not_change_what_ask_returns(
+    client: LLMClient, server: FakeServer
+) -> None:
+    """Notebook 04 invites a send by hand before its cells send; its check
+    read history[0], which was then the hand-sent reply, in Chat mode."""
+    untouched = PromptBox(PromptSession(client)).ask("Same prompt.", temperature=0.0)
+    box = PromptBox(PromptSession(client))
+    box.mode.value, box.prompt.value, box.temperature.value = "chat", "by hand", 1.2
+    box.send_button.click()
+    manual = box.session.last_reply
+
+    reply = box.ask("Same prompt.", temperature=0.0)
+
+    assert manual is not None and reply is not manual
+    assert box.session.history == [manual, reply]
+    assert server.paths == ["/generate", "/v1/chat/completions", "/generate"]
+    assert server.received[-1] == server.received[0]  # sent as from a fresh box
+    assert (reply.text, reply.generation_kwargs) == (untouched.text, untouched.generation_kwargs)
+
+
+def chat_cell(box: PromptBox) -> tuple[Reply, list[dict[str, str]]]:
+    """Notebook 04's chat step: a new chat, two turns, the conversation kept."""
+    box.new_chat_button.click()
+    box.ask("My name is Ada. What is a good name for a cat?", mode="chat", **ask_knobs())
+    recalled = box.ask("What is my name?", mode="chat", **ask_knobs())
+    return recalled, box.session.conversation[-4:]
+
+
+def test_re_running_the_chat_steps_gives_the_same_check(
+    client: LLMClient, server: FakeServer
+) -> None:
+    box = PromptBox(PromptSession(client))
+    first = chat_cell(box)
+    box.prompt.value = "a turn typed by hand"
+    box.send_button.click()  # still in Chat mode: one more turn in the conversation
+    again = chat_cell(box)
+
+    for recalled, chat in (first, again):
+        assert [turn["role"] for turn in chat] == ["user", "assistant"] * 2
+        assert chat[0]["content"] == "My name is Ada. What is a good name for a cat?"
+        assert chat[3]["content"] == recalled.text == TEXT
+    assert first[1] == again[1]
+    # The re-run started afresh: its first turn was sent alone.
+    assert server.received[-2]["messages"] == [user(first[1][0]["content"])]
+    assert box.session.conversation == again[1]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error"),
+    [("bad", REFUSED), ("  ", "Type a prompt first."), ("fail-midway", MIDWAY)],
+)
+def test_ask_raises_what_the_box_shows_when_a_send_fails(
+    client: LLMClient, prompt: str, error: str
+) -> None:
+    box = PromptBox(PromptSession(client))
+    with pytest.raises(RuntimeError, match=re.escape(error)):
+        box.ask(prompt)
+    assert box.status.value == f"<b>Error:</b> {error}"
+    assert box.send_button.disabled is False
+
+
+def test_ask_lets_an_unexpected_error_out() -> None:
+    """Pressed by hand, ipywidgets logs it and carries on; a cell must stop."""
+    box = PromptBox(PromptSession(ScriptedClient(ConnectionError("server gone"))))
+    with pytest.raises(ConnectionError, match="server gone"):
+        box.ask("hello")
+    assert box.send_button.disabled is False
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [{"max_new_tokens": 300}, {"temperature": 2.5}, {"top_p": 0.0}],
+    ids=lambda knob: next(iter(knob)),
+)
+def test_ask_refuses_a_knob_its_slider_cannot_hold(
+    client: LLMClient, server: FakeServer, knob: dict[str, Any]
+) -> None:
+    """A slider clamps a value beyond its ends, so the box would send another."""
+    box = PromptBox(PromptSession(client))
+    with pytest.raises(ValueError, match=f"{next(iter(knob))}=.* outside the box's range"):
+        box.ask("hello", **knob)
+    assert server.paths == []
