@@ -45,8 +45,15 @@ def metrics_url() -> str:
     import ray
 
     connect()
-    node = next(n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == "127.0.0.1")
-    return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    local = [n for n in nodes if n["NodeManagerAddress"] == "127.0.0.1"]
+    if not local:
+        found = sorted(n["NodeManagerAddress"] for n in nodes)
+        raise RuntimeError(
+            "no live Ray node at 127.0.0.1, where notebook 01 starts the cluster whose "
+            f"metrics this reads; the cluster this process joined has nodes at {found}"
+        )
+    return f"http://127.0.0.1:{local[0]['MetricsExportPort']}/metrics"
 
 
 def ray_command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -82,6 +89,31 @@ def cluster_running() -> bool:
     return ray_command("status", timeout_s=60).returncode == 0
 
 
+def port_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port``. A connect,
+    not a bind: a port that a stopped server left in TIME_WAIT is free."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def drop_stale_connection() -> None:
+    """``ray.shutdown()`` when this process joined a cluster that has since
+    stopped (another notebook ran ``ray stop``): ``ray.is_initialized()``
+    still says True, and the next ``serve.status()`` would wait on the dead
+    GCS. A GCS that no longer accepts a connection within a second counts as
+    stopped."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    if not port_open(host.strip("[]"), int(port)):
+        ray.shutdown()
+
+
 def ensure_auth_token() -> None:
     """Create ``~/.ray/auth_token`` if missing (Ray 2.60 needs one to start)."""
     ray_command("get-auth-token", "--generate")
@@ -100,10 +132,12 @@ def start_cluster() -> bool:
 
 
 def connect() -> None:
-    """Join the local cluster from this process, starting it first if needed."""
+    """Join the local cluster from this process, starting it first if needed;
+    a connection to a cluster that has since stopped is made again."""
     apply_ray_env()
     import ray
 
+    drop_stale_connection()
     if ray.is_initialized():
         return
     start_cluster()

@@ -31,13 +31,26 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.notebook.cluster import DASHBOARD_URL, RAY_ENV, apply_ray_env, cli_path
+from helpers.notebook.cluster import (
+    DASHBOARD_URL,
+    RAY_ENV,
+    apply_ray_env,
+    cli_path,
+    cluster_running,
+    drop_stale_connection,
+    port_open,
+)
 from helpers.notebook.polling import wait_for
 
 HEAD_IP = "127.0.0.2"
 GCS_PORT = 6379
 HEAD_ADDRESS = f"{HEAD_IP}:{GCS_PORT}"
 """What workers pass to ``ray start --address`` and drivers set as RAY_ADDRESS."""
+
+LOCAL_PORTS = {GCS_PORT: "the GCS", 8000: "Serve's HTTP proxy", 8265: "the dashboard"}
+"""Ports on 127.0.0.1 a cluster started here takes, as notebook 01's does: the
+dashboard and Serve's proxy bind 127.0.0.1, the head's GCS every interface."""
+STOP_FIRST = "run stop_cluster() (notebook 06, step 5) first"
 
 MULTINODE_ENV = {**RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 START_TIMEOUT_S = 120.0
@@ -53,15 +66,21 @@ class RayNode:
     log: Path
 
     def stop(self) -> None:
-        """Stop the node as ``ray stop`` would, by this process's id only."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
+        """Stop the node as ``ray stop`` would, by this process's id only, then
+        delete its log: it was read only to see the node start."""
+        if not self._ended_by_sigterm():
+            self.kill()
+        self.log.unlink(missing_ok=True)
+
+    def _ended_by_sigterm(self) -> bool:
+        if self.process.poll() is not None:
+            return False  # ended already: the group may hold what it left
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL the node's whole process group: no goodbye to the cluster."""
@@ -81,6 +100,11 @@ class LocalCluster:
     def address(self) -> str:
         return HEAD_ADDRESS
 
+    @property
+    def running(self) -> bool:
+        """Whether the head still runs (``ray stop`` elsewhere ends it too)."""
+        return self.head.process.poll() is None
+
     def add_worker(self, num_cpus: float, resources: Mapping[str, float] | None = None) -> RayNode:
         """Join a worker at the next free loopback address, as
         ``ray start --address=<head>:6379`` does on another machine."""
@@ -94,7 +118,10 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every node, then forget the head's address as ``ray stop`` does,
-        so a later ``ray status`` or ``ray.init()`` does not wait for it."""
+        so a later ``ray status`` or ``ray.init()`` does not wait for it; that
+        includes the ``RAY_ADDRESS`` :func:`open_cluster` set for it. Closing
+        twice is harmless."""
+        global _opened
         for node in [*reversed(self.workers), self.head]:
             node.stop()
         from ray._common.utils import get_ray_address_file
@@ -102,6 +129,10 @@ class LocalCluster:
         address_file = Path(get_ray_address_file(None))
         if address_file.exists() and address_file.read_text().strip() == HEAD_ADDRESS:
             address_file.unlink()
+        if self is _opened:
+            _opened = None
+            if os.environ.get("RAY_ADDRESS") == self.address:
+                del os.environ["RAY_ADDRESS"]
 
 
 def start_head(num_cpus: float = 1) -> LocalCluster:
@@ -127,8 +158,7 @@ def _start_node(ip: str, args: list[str]) -> RayNode:
     """``ray start`` for one node, with no GPU: every node here would claim this
     machine's GPUs as its own, so Ray would count each one once per node and
     place more GPU replicas than the GPU holds."""
-    log = Path(tempfile.mkstemp(prefix=f"ray-node-{ip}-", suffix=".log")[1])
-    with log.open("wb") as out:
+    with tempfile.NamedTemporaryFile(prefix=f"ray-node-{ip}-", suffix=".log", delete=False) as out:
         process = subprocess.Popen(
             [cli_path("ray"), "start", "--block", f"--node-ip-address={ip}", "--num-gpus=0", *args],
             env={**os.environ, **MULTINODE_ENV},
@@ -136,10 +166,12 @@ def _start_node(ip: str, args: list[str]) -> RayNode:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    node = RayNode(ip, process, log)
+    node = RayNode(ip, process, Path(out.name))
     try:
-        wait_for(lambda: _started(node), START_TIMEOUT_S, f"the Ray node at {ip} to start")
-    except TimeoutError:
+        wait_for(
+            lambda: _started(node), START_TIMEOUT_S, f"the Ray node at {ip} to start ({node.log})"
+        )
+    except BaseException:  # a timeout, a failed start, or the user's interrupt
         node.kill()
         raise
     return node
@@ -210,24 +242,81 @@ def replica_nodes(deployment: str) -> list[str]:
     return sorted(ips.get(actor.node_id, "?") for actor in actors)
 
 
+_opened: LocalCluster | None = None
+"""The cluster :func:`open_cluster` started in this process and has not closed:
+a re-run cell, or Run All twice, gets it back instead of starting another."""
+
+
 def open_cluster(worker_cpus: float = 1) -> LocalCluster | None:
     """Connect this process to the cluster at ``RAY_ADDRESS``; when it is unset,
     first start a head and one worker on this machine and point it there.
 
-    Returns the cluster started here, for the caller to close, or None.
+    Returns the cluster started here, for :func:`close_cluster`, or None. A
+    second call returns the same cluster, connected, while its head runs.
     """
+    global _opened
     apply_ray_env()
     import ray
 
+    drop_stale_connection()
+    if _opened is not None and not _opened.running:
+        _opened.close()  # stopped elsewhere: its workers, and its RAY_ADDRESS
     started = None
-    if not os.environ.get("RAY_ADDRESS"):
-        started = start_head()
-        started.add_worker(worker_cpus)
-        os.environ["RAY_ADDRESS"] = started.address
     try:
-        ray.init(address=os.environ["RAY_ADDRESS"], namespace="serve", log_to_driver=False)
-    except Exception:
+        if _opened is None and not os.environ.get("RAY_ADDRESS"):
+            _refuse_if_taken()
+            started = start_head()
+            started.add_worker(worker_cpus)
+            _opened = started
+            os.environ["RAY_ADDRESS"] = started.address
+        if not ray.is_initialized():
+            ray.init(address=os.environ["RAY_ADDRESS"], namespace="serve", log_to_driver=False)
+    except BaseException:  # a failed start, or the user's interrupt: stop what started
         if started:
             started.close()
         raise
-    return started
+    return _opened
+
+
+def _refuse_if_taken() -> None:
+    """Say why before starting a head that could not run: with notebook 01's
+    cluster up, both would want :data:`LOCAL_PORTS`."""
+    if cluster_running():
+        raise RuntimeError(
+            f"notebook 01's cluster is still running: {STOP_FIRST} "
+            "(it stops any Ray cluster on this machine, nodes an earlier kernel "
+            "of this notebook left included)"
+        )
+    taken = [
+        f"{port} ({name})" for port, name in LOCAL_PORTS.items() if port_open("127.0.0.1", port)
+    ]
+    if taken:
+        raise RuntimeError(
+            f"a cluster here needs ports on 127.0.0.1 that are taken: {', '.join(taken)}. "
+            f"If it is notebook 01's cluster, {STOP_FIRST}; else stop what holds them."
+        )
+
+
+def close_cluster(started: LocalCluster | None) -> None:
+    """Notebook 07's clean-up, harmless to run again: delete the app,
+    disconnect this process, and stop the nodes if :func:`open_cluster`
+    started them. A cluster the user brought is left running.
+
+    On a cluster started here, Serve itself (its controller and proxies) is
+    shut down before the nodes: a node still holding Serve's actors takes
+    about half a minute to stop, one without them a second or two."""
+    import ray
+    from ray import serve
+
+    from helpers.config import APP_NAME
+
+    drop_stale_connection()
+    try:
+        if ray.is_initialized():
+            serve.delete(APP_NAME)
+            if started:
+                serve.shutdown()
+    finally:
+        ray.shutdown()
+        if started:
+            started.close()
