@@ -196,6 +196,10 @@ class PaddedRows:
         rows = self.mask.shape[0]
         length = max(self.mask.shape[1], mask.shape[1])
         mine, theirs = length - self.mask.shape[1], length - mask.shape[1]
+        # The small tensors first, kept aside until every layer is merged.
+        merged_mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(mask, (theirs, 0))])
+        merged_positions = torch.cat([self.positions, positions])
+        merged_logits = torch.cat([self.logits, logits])
         try:
             for layer, new in zip(self.cache.layers, cache.layers, strict=True):
                 layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
@@ -207,9 +211,7 @@ class PaddedRows:
                 if layer.values.shape[0] > rows:
                     layer.values = layer.values[:rows, :, mine:]
             raise
-        self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(mask, (theirs, 0))])
-        self.positions = torch.cat([self.positions, positions])
-        self.logits = torch.cat([self.logits, logits])
+        self.mask, self.positions, self.logits = merged_mask, merged_positions, merged_logits
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows``, then drop padding columns no remaining row needs."""
@@ -460,9 +462,9 @@ class PagedRows:
         total = self.cache.pages
         while total - self.cache.pages + free < pages:
             total *= 2
-        self.cache.grow(total)
-        if self.graphs is not None:
+        if self.graphs is not None:  # before the old cache is freed: they read it
             self.graphs.clear()
+        self.cache.grow(total)
 
 
 def logits_buffer(model: SlotDecoder, rows: int) -> torch.Tensor:

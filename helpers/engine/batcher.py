@@ -36,7 +36,7 @@ import torch
 
 from helpers.engine.batch_rows import PaddedRows, PagedRows
 from helpers.engine.decoder import Decoder, SlotDecoder
-from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker, TokenConstraint
+from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import (
@@ -72,19 +72,6 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] | None = field(default=None, compare=False)
     """The prompt tokenized, once, where :meth:`Engine.request` checked its
     length; the batcher tokenizes where it is left out."""
-    constraints: list[TokenConstraint] = field(default_factory=list, compare=False, repr=False)
-    """``grammar``'s constraint for the first submission, its first mask
-    computed by :meth:`Engine.request` on the caller's worker thread: a
-    replica submits on its event loop, inside :meth:`ContinuousBatcher.together`.
-    A sequence advances its constraint, so each one is taken once; later
-    submissions build their own."""
-
-    def take_constraint(self) -> TokenConstraint | None:
-        """The constraint built ahead, unless a submission took it already."""
-        try:
-            return self.constraints.pop()
-        except IndexError:
-            return None
 
     def token_ids(self, tokenizer: Any) -> list[int]:
         """The prompt's token ids, tokenized with ``tokenizer`` unless known already."""
@@ -256,7 +243,7 @@ class ContinuousBatcher:
         if self._thread.is_alive():  # the hook stops it at exit, as it was registered to
             logger.warning(
                 "the decode loop is still running 30 s after close(): its batch in flight "
-                "has not finished; it is stopped again at exit"
+                "has not finished; close() waits for it again at exit"
             )
             return
         atexit.unregister(self.close)  # else it holds the model until exit
@@ -295,7 +282,7 @@ class ContinuousBatcher:
         grammar = request.grammar
         if grammar is None and request.sampling.grammar is not None:
             grammar = self.grammars.compile(request.sampling.grammar)
-        constraint = None if grammar is None else request.take_constraint() or grammar.constraint()
+        constraint = None if grammar is None else grammar.constraint()
         sampler = Sampler(request.sampling, self.device, prompt_ids, constraint)
         # Decoding every token costs a little per row per step; only a stream
         # or a stop string needs it.

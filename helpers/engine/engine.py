@@ -387,17 +387,16 @@ class Engine:
         model does not have (:class:`~helpers.protocol.TokenIdError`) or asks
         for a grammar that does not compile (:class:`~helpers.protocol.GrammarError`).
 
-        A grammar's first constraint is built here too (its first mask takes
-        milliseconds), on the caller's thread: a replica calls this on a worker
-        thread, and submits on its event loop (``GenerationRequest.constraints``)."""
+        A grammar is compiled here, its first mask included, on the caller's
+        thread: a replica calls this on a worker thread, and submits on its
+        event loop."""
         ids = tuple(prompt_token_ids(self.tokenizer, prompt))
         request = GenerationRequest(prompt, sampling, prompt_ids=ids)
         self.check_fits(request)
         self.check_token_ids(request)
         if sampling.grammar is None:
             return request
-        grammar = self._batcher.grammars.compile(sampling.grammar)
-        return replace(request, grammar=grammar, constraints=[grammar.constraint()])
+        return replace(request, grammar=self._batcher.grammars.compile(sampling.grammar))
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse a request whose prompt plus new tokens exceed the context."""

@@ -77,18 +77,18 @@ class Grammars:
 
 
 class CompiledGrammar:
-    """A grammar's matcher at its start, never advanced: each sequence held
-    to it gets a copy, so a request is compiled once, when it is checked."""
+    """A grammar's matcher at its start, never advanced, and its first mask:
+    each sequence held to it gets a copy of both. Both are made once, when
+    the request is checked, off the replica's event loop; a copy is cheap
+    enough for the loop, where prompts are submitted."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
-        self._matcher = matcher
-        self._vocab_size = vocab_size
+        self._start = TokenConstraint(matcher, vocab_size)
+        self._start.compute_mask()
 
     def constraint(self) -> TokenConstraint:
-        """A fresh matcher for one sequence, its first mask computed."""
-        constraint = TokenConstraint(self._matcher.deep_copy(), self._vocab_size)
-        constraint.compute_mask()
-        return constraint
+        """A fresh matcher for one sequence, with the first mask."""
+        return self._start.copy()
 
 
 class TokenConstraint:
@@ -98,6 +98,12 @@ class TokenConstraint:
         self._matcher = matcher
         self._vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+
+    def copy(self) -> TokenConstraint:
+        """Another sequence's constraint, at the same point, with the same mask."""
+        twin = TokenConstraint(self._matcher.deep_copy(), self._vocab_size)
+        twin._bits[:] = self._bits
+        return twin
 
     def compute_mask(self) -> None:
         """Fill the mask for the next token (any thread; the GIL is released)."""

@@ -106,8 +106,11 @@ def drop_stale_connection() -> None:
     GCS. A GCS that no longer accepts a connection within a second counts as
     stopped."""
     import ray
+    import ray.util.client
 
-    if not ray.is_initialized():
+    # A Ray Client connection (ray://) reaches one port of the head; the
+    # GCS address it reports is the head's own, often not reachable here.
+    if not ray.is_initialized() or ray.util.client.ray.is_connected():
         return
     host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
     if not port_open(host.strip("[]"), int(port)):

@@ -199,7 +199,7 @@ def watch_burst(
 ) -> BurstWatch:
     """Send ``requests`` streamed chats, ``concurrency`` at a time, scraping
     every ``interval_s`` (and calling ``on_scrape``) until the burst ended and
-    every replica reported its part. An interrupt returns at once."""
+    every replica reported its part. An interrupt ends it at once."""
     messages = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
     watch = BurstWatch([settled_scrape()], [])
     counted = watch.scrapes[0].total(REQUESTS, outcome="completed") + requests

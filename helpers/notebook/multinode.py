@@ -64,12 +64,15 @@ class RayNode:
     ip: str
     process: subprocess.Popen[bytes]
     log: Path
+    ended: bool = field(default=False, init=False)
+    """Stopped or killed here: its process id may since name another process."""
 
     def stop(self) -> None:
         """Stop the node as ``ray stop`` would, by this process's id only, then
-        delete its log: it was read only to see the node start."""
-        if not self._ended_by_sigterm():
+        delete its log: it was read only to see the node start. Once is enough."""
+        if not self.ended and not self._ended_by_sigterm():
             self.kill()
+        self.ended = True
         self.log.unlink(missing_ok=True)
 
     def _ended_by_sigterm(self) -> bool:
@@ -84,9 +87,12 @@ class RayNode:
 
     def kill(self) -> None:
         """SIGKILL the node's whole process group: no goodbye to the cluster."""
+        if self.ended:
+            return
         with suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=STOP_TIMEOUT_S)
+        self.ended = True
 
 
 @dataclass
@@ -258,9 +264,9 @@ def open_cluster(worker_cpus: float = 1) -> LocalCluster | None:
     apply_ray_env()
     import ray
 
-    drop_stale_connection()
     if _opened is not None and not _opened.running:
         _opened.close()  # stopped elsewhere: its workers, and its RAY_ADDRESS
+    drop_stale_connection()  # after: the close may have stopped what still answered
     started = None
     try:
         if _opened is None and not os.environ.get("RAY_ADDRESS"):
@@ -303,8 +309,8 @@ def close_cluster(started: LocalCluster | None) -> None:
     started them. A cluster the user brought is left running.
 
     On a cluster started here, Serve itself (its controller and proxies) is
-    shut down before the nodes: a node still holding Serve's actors takes
-    about half a minute to stop, one without them a second or two."""
+    shut down before the nodes: a node still holding Serve's actors waits
+    for them before it stops."""
     import ray
     from ray import serve
 

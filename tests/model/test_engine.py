@@ -19,7 +19,7 @@ from helpers.engine.engine import (
     Sampling,
     TokenIdError,
 )
-from helpers.protocol import FieldError
+from helpers.protocol import Completion, FieldError
 
 from .conftest import padded_only
 
@@ -576,15 +576,22 @@ def test_work_between_steps_takes_one_step_boundary_a_piece_and_its_failure_stay
 def test_an_idle_loops_chores_give_way_to_a_request_between_two_pieces(engine: Engine) -> None:
     """Chores an idle loop runs back to back (scoring an echoed prompt,
     prepacking) stop running so when a request arrives: it waits for one
-    piece, not for all of them."""
-    ran: list[int] = []
+    piece, not for all of them, and is answered before the chore's last."""
+    holding, release = threading.Event(), threading.Event()
+    request: list[Future[Completion]] = []
+    answered_first: list[bool] = []
 
-    def piece() -> None:
-        ran.append(1)
-        time.sleep(0.25)
+    def first() -> None:
+        holding.set()
+        release.wait(60)
 
-    chore = engine._batcher.between_steps([piece] * 20, wake=True)
-    wait_for(lambda: bool(ran))
-    assert engine.submit(greedy(PROMPTS[0], 2)).result(timeout=60).completion_tokens == 2
-    assert len(ran) < 20, "the request waited for every piece of the chore"
+    def last() -> None:
+        answered_first.append(request[0].done())
+
+    chore = engine._batcher.between_steps([first, *[lambda: None] * 18, last], wake=True)
+    assert holding.wait(60)
+    request.append(engine.submit(greedy(PROMPTS[0], 2)))
+    release.set()
     chore.result(timeout=60)
+    assert answered_first == [True], "the request waited for every piece of the chore"
+    assert request[0].result(timeout=60).completion_tokens == 2

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from helpers.config import ServeConfig
-from helpers.engine.grammar import CompiledGrammar, TokenConstraint
+from helpers.engine.grammar import TokenConstraint
 from helpers.protocol import Completion, Grammar, Prompt, Sampling
 from helpers.serve.model_server import LLMServer
 
@@ -49,17 +49,17 @@ def test_a_grammars_first_mask_is_computed_off_the_event_loop(
     server: LLMServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Prompts are submitted on the replica's event loop, inside the lock the
-    decode loop takes every step: a sequence's constraint (a copy of the
-    grammar's matcher, its first mask computed) is built before, on a worker
-    thread, so neither every other request nor the batch waits for it."""
+    decode loop takes every step: a grammar's masks, its first included, are
+    computed elsewhere (the first on a worker thread, where the request is
+    checked), so neither every other request nor the batch waits for one."""
     built_on: list[threading.Thread] = []
-    constraint = CompiledGrammar.constraint
+    compute_mask = TokenConstraint.compute_mask
 
-    def recorded(self: CompiledGrammar) -> TokenConstraint:
+    def recorded(self: TokenConstraint) -> None:
         built_on.append(threading.current_thread())
-        return constraint(self)
+        compute_mask(self)
 
-    monkeypatch.setattr(CompiledGrammar, "constraint", recorded)
+    monkeypatch.setattr(TokenConstraint, "compute_mask", recorded)
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
     sampling = Sampling(24, 0.0, 1.0, grammar=Grammar(json.dumps(schema)))
 

@@ -175,13 +175,17 @@ def test_running_the_start_cell_again_returns_the_cluster_it_started(machine: Ma
 
 
 def test_closing_twice_stops_the_nodes_disconnects_and_forgets_ray_address(
-    machine: Machine,
+    machine: Machine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started = open_cluster()
     assert started is not None
     logs = [node.log for node in [started.head, *started.workers]]
     multinode.close_cluster(started)
-    multinode.close_cluster(started)
+    signalled: list[int] = []
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "killpg", lambda pid, _: signalled.append(pid))
+        multinode.close_cluster(started)
+    assert signalled == [], "a second close signals ids that may name other processes now"
     assert machine.running() == []
     assert not any(log.exists() for log in logs), "a closed node's log is deleted"
     assert machine.ray.deleted == ["RayServeLLM"] and not machine.ray.initialized
