@@ -8,20 +8,27 @@ cd "$(dirname "$0")/.."
 source scripts/ray_env.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-started_cluster=0
-if ! ray status >/dev/null 2>&1; then
-  # Metrics for Prometheus on 8080, or a free port where 8080 is taken (README: "Metrics").
-  metrics_port="$(python -c 'from helpers.notebook.cluster import metrics_export_port as p; print(p())')"
-  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --metrics-export-port="$metrics_port"
-  echo "Metrics for Prometheus: http://127.0.0.1:$metrics_port/metrics"
-  started_cluster=1
-fi
-
 cleanup() {
+  trap '' INT TERM HUP  # a second Ctrl-C must not cut the teardown short
+  echo "Stopping..."
   serve delete RayServeLLM >/dev/null 2>&1 || true
   if [ "$started_cluster" = 1 ]; then ray stop >/dev/null 2>&1 || true; fi
   echo "Stopped: app RayServeLLM deleted$([ "$started_cluster" = 1 ] && echo ', Ray cluster stopped')."
 }
-trap cleanup EXIT
+
+# A bad variable, or a port another program holds, is named before anything starts.
+started_cluster=0
+if ray status >/dev/null 2>&1; then
+  python -m helpers.serve.preflight
+  trap cleanup EXIT
+else
+  python -m helpers.serve.preflight --new-cluster
+  # Metrics for Prometheus on 8080, or a free port where 8080 is taken (README: "Metrics").
+  metrics_port="$(python -c 'from helpers.notebook.cluster import metrics_export_port as p; print(p())')"
+  started_cluster=1  # from here on, even a Ctrl-C during `ray start` stops what it started
+  trap cleanup EXIT
+  ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --metrics-export-port="$metrics_port"
+  echo "Metrics for Prometheus: http://127.0.0.1:$metrics_port/metrics"
+fi
 
 serve run "${1:-ray_serve_app:deployment_graph}"

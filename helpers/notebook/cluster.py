@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from helpers.ray_env import RAY_ENV, apply_ray_env
+from helpers.serve.preflight import port_open
 
 DASHBOARD_URL = "http://127.0.0.1:8265"
 METRICS_EXPORT_PORT = 8080
@@ -87,16 +88,6 @@ def cli_path(name: str) -> str:
 
 def cluster_running() -> bool:
     return ray_command("status", timeout_s=60).returncode == 0
-
-
-def port_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at ``host:port``. A connect,
-    not a bind: a port that a stopped server left in TIME_WAIT is free."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def drop_stale_connection() -> None:

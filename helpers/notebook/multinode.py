@@ -41,15 +41,13 @@ from helpers.notebook.cluster import (
     port_open,
 )
 from helpers.notebook.polling import wait_for
+from helpers.serve.preflight import CLUSTER_PORTS
 
 HEAD_IP = "127.0.0.2"
 GCS_PORT = 6379
 HEAD_ADDRESS = f"{HEAD_IP}:{GCS_PORT}"
 """What workers pass to ``ray start --address`` and drivers set as RAY_ADDRESS."""
 
-LOCAL_PORTS = {GCS_PORT: "the GCS", 8000: "Serve's HTTP proxy", 8265: "the dashboard"}
-"""Ports on 127.0.0.1 a cluster started here takes, as notebook 01's does: the
-dashboard and Serve's proxy bind 127.0.0.1, the head's GCS every interface."""
 STOP_FIRST = "run stop_cluster() (notebook 06, step 5) first"
 
 MULTINODE_ENV = {**RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
@@ -286,7 +284,9 @@ def open_cluster(worker_cpus: float = 1) -> LocalCluster | None:
 
 def _refuse_if_taken() -> None:
     """Say why before starting a head that could not run: with notebook 01's
-    cluster up, both would want :data:`LOCAL_PORTS`."""
+    cluster up, both would want :data:`~helpers.serve.preflight.CLUSTER_PORTS`
+    (the dashboard and Serve's proxy bind 127.0.0.1, the head's GCS every
+    interface)."""
     if cluster_running():
         raise RuntimeError(
             f"notebook 01's cluster is still running: {STOP_FIRST} "
@@ -294,7 +294,7 @@ def _refuse_if_taken() -> None:
             "of this notebook left included)"
         )
     taken = [
-        f"{port} ({name})" for port, name in LOCAL_PORTS.items() if port_open("127.0.0.1", port)
+        f"{port} ({name})" for port, name in CLUSTER_PORTS.items() if port_open("127.0.0.1", port)
     ]
     if taken:
         raise RuntimeError(

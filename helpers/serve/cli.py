@@ -10,12 +10,14 @@ own command group, unchanged, with one more subcommand that calls the public
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 import ray
 from ray import serve
 from ray.serve.scripts import cli
 
+from helpers.config import ConfigError
 from helpers.serve.ray_private import SERVE_NAMESPACE
 
 
@@ -29,7 +31,10 @@ from helpers.serve.ray_private import SERVE_NAMESPACE
     help="Ray cluster address (the GCS address, or 'auto' for the local cluster).",
 )
 def delete(name: str, address: str) -> None:
-    ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=False)
+    try:
+        ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=False)
+    except ConnectionError:
+        raise click.ClickException(f"No Ray cluster is running at {address}.") from None
     if name not in serve.status().applications:
         raise click.ClickException(f"Application {name!r} is not running on this cluster.")
     serve.delete(name)
@@ -37,7 +42,15 @@ def delete(name: str, address: str) -> None:
 
 
 def main() -> None:
-    cli()
+    """Ray's commands, with two mistakes said in a line instead of a
+    traceback: a bad variable, met when ``serve run`` imports the app, and no
+    cluster to talk to (``serve status``, ``serve shutdown``)."""
+    try:
+        cli()
+    except ConfigError as err:
+        sys.exit(f"Error: {err}")
+    except ConnectionError as err:
+        sys.exit(f"Error: {err} Is a Ray cluster running? `make serve` or notebook 01 starts one.")
 
 
 if __name__ == "__main__":

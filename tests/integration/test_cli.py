@@ -28,6 +28,7 @@ from tests.shell import unsourced_env
 from .conftest import (
     BASE_URL,
     IDLE_TIMEOUT_S,
+    REPO,
     http_up,
     interrupt,
     model_replicas_running,
@@ -81,6 +82,22 @@ def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: li
     assert ray_listeners_off_loopback() == []
     interrupt(server)
     assert not http_up()
+
+
+def test_make_serve_names_a_bad_variable_before_it_starts_anything() -> None:
+    assert not cluster_running()
+    run = subprocess.run(
+        ["scripts/serve.sh"],
+        cwd=REPO,
+        env={**bare, "MAX_REPLICAS": "two"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.startswith("make serve: ") and "MAX_REPLICAS='two'" in run.stderr
+    assert "Stopping" not in run.stdout and "Traceback" not in run.stderr
+    assert not cluster_running()
 
 
 def test_make_serve_tears_down_the_cluster_it_started_and_the_spare(background: list) -> None:
