@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serve the app on http://127.0.0.1:8000 until Ctrl-C, then tear down what this
-# script started: the app always, the Ray cluster only if it started one.
+# script started: the Ray cluster if it started one, else the app.
 # An argument serves another import path the same way (the benchmark's
 # walkthrough-style baseline: scripts/serve.sh bench.baseline_app:app).
 set -euo pipefail
@@ -11,9 +11,16 @@ export PATH="$PWD/.venv/bin:$PATH"
 cleanup() {
   trap '' INT TERM HUP  # a second Ctrl-C must not cut the teardown short
   echo "Stopping..."
-  serve delete RayServeLLM >/dev/null 2>&1 || true
-  if [ "$started_cluster" = 1 ]; then ray stop >/dev/null 2>&1 || true; fi
-  echo "Stopped: app RayServeLLM deleted$([ "$started_cluster" = 1 ] && echo ', Ray cluster stopped')."
+  if [ "$started_cluster" = 1 ]; then
+    # The app goes with the cluster. No `serve delete` first: a hangup or a
+    # SIGTERM to this process group stops the raylet too, and a driver then
+    # waits on a node that is gone.
+    ray stop >/dev/null 2>&1 || true
+    echo "Stopped: the Ray cluster this started, and the app RayServeLLM with it."
+  else
+    serve delete RayServeLLM >/dev/null 2>&1 || true
+    echo "Stopped: app RayServeLLM deleted; the Ray cluster it joined runs on."
+  fi
 }
 
 # A bad variable, or a port another program holds, is named before anything starts.

@@ -71,6 +71,17 @@ def ask_for_a_haiku() -> str:
     return response.json()["completions"][0]
 
 
+def test_make_serve_closed_with_its_terminal_stops_its_cluster(background: list) -> None:
+    """A closed terminal hangs up the whole process group, the cluster's
+    daemons included: the teardown must not wait on a driver that needs them."""
+    assert not cluster_running()
+    server = start(background, "scripts/serve.sh")
+    wait_for(http_up, START_TIMEOUT_S, "make serve to answer /healthz")
+    os.killpg(server.pid, signal.SIGHUP)
+    server.wait(timeout=TEARDOWN_TIMEOUT_S + 30)  # raises while the teardown hangs
+    wait_for(lambda: not cluster_running(), TEARDOWN_TIMEOUT_S, "make serve's cluster to stop")
+
+
 def test_serve_run_without_a_cluster_starts_one_and_names_the_app(background: list) -> None:
     """From a shell that sourced nothing: the kit's ``serve`` applies the
     loopback and token settings itself."""
