@@ -7,15 +7,18 @@ requests wait while few decode. Here one thread owns the model and loops:
 sample one token for every row, drop the rows that ended, and run one decode
 step for the rest, in which the sequences that arrived meanwhile are
 prefilled too (one pass for both, their KV cache merged into the running
-batch after it). Into
-an empty batch, or where the batch's layout cannot take them along (a GPU's
-captured steps), arrivals get a prefill pass of their own first.
+batch after it). Arrivals get a prefill pass of their own first when the
+batch is empty, or when the layout cannot fold them into a decode step: the
+paged layout, whose steps have fixed shapes, and any model that is not the
+kit's decoder (transformers' models).
 
-The batch's tensors are kept by :mod:`helpers.engine.batch_rows`: on CPU rows are
-left-padded to a common length, each row's attention mask hides its padding
-and its position ids count its real tokens only; on a GPU each sequence owns
-a slot of a paged cache and the pages it holds. Either way a sequence decodes the same
-whichever rows it shares the batch with.
+The batch's tensors are kept by :mod:`helpers.engine.batch_rows`. ``PaddedRows``
+(CPU, and transformers' models anywhere) left-pads rows to a common length,
+each row's attention mask hiding its padding and its position ids counting
+its real tokens only. ``PagedRows`` (the kit's decoder on a GPU, or anywhere
+when asked) gives each sequence a slot of a paged cache and the pages it
+holds. Either way a sequence decodes the same whichever rows it shares the
+batch with.
 """
 
 from __future__ import annotations
@@ -596,8 +599,9 @@ class ContinuousBatcher:
 def _stream_text(sequences: list[_Sequence]) -> None:
     """Decode and stream each sequence's tokens pushed this step.
 
-    Why it waits: decoding is two tokenizer calls a streamed row, which at
-    hundreds of rows rivals a small model's GPU step. Where the decode step
+    Why it waits: decoding is two tokenizer calls a streamed row, which for
+    a full batch rivals a small model's GPU step (bench/RESULTS.md, "The GPU
+    layout's host work"). Where the decode step
     runs ahead (a captured graph, queued on the GPU), this runs after it is
     queued, while the GPU computes; where the step runs before returning (on
     CPU, eagerly, or while a graph is first captured), before it, so no

@@ -6,8 +6,9 @@ tokenizer's spacing depends on the tokens before, and a stop string can span
 several tokens, so text that may still turn out to start a stop string must be
 held back until it is known not to. :class:`TextStream` does all three.
 
-Decoding the whole sequence after every token would cost O(length) per token
-and, on a GPU decoding 64 sequences, rival the forward pass; like vLLM's
+Decoding the whole sequence after every token would cost O(length) per token,
+and on a GPU decoding many sequences rival the forward pass (bench/RESULTS.md,
+"The GPU layout's host work"); like vLLM's
 incremental detokenizer, it decodes only a short window of recent tokens and
 keeps the text before it. Concatenating its deltas gives exactly
 :attr:`TextStream.text`, the completion a non-streamed request returns.
@@ -50,8 +51,10 @@ class TextStream:
 
     def push(self, token: int) -> None:
         """Add one token, to be decoded by the next :meth:`flush` (or
-        :meth:`finish`). Why apart: the batcher records a token before a GPU's
-        next step starts and decodes it while that step runs."""
+        :meth:`finish`). Why apart: the batcher records every row's token
+        first and decodes them together once all rows are sampled, while a
+        replayed CUDA graph computes the next step, or just before an eager
+        step."""
         self.tokens.append(token)
 
     def flush(self) -> str:

@@ -304,13 +304,16 @@ def _refuse_if_taken() -> None:
 
 
 def close_cluster(started: LocalCluster | None) -> None:
-    """Notebook 07's clean-up, harmless to run again: delete the app,
-    disconnect this process, and stop the nodes if :func:`open_cluster`
-    started them. A cluster the user brought is left running.
+    """Notebook 07's clean-up, harmless to run again, and after a deploy
+    that failed or never ran: delete the app, disconnect this process, and
+    stop the nodes if :func:`open_cluster` started them. A cluster the user
+    brought is left running, with Serve's other apps.
 
-    On a cluster started here, Serve itself (its controller and proxies) is
-    shut down before the nodes: a node still holding Serve's actors waits
-    for them before it stops."""
+    On a cluster started here, Serve itself (its controller and proxies, the
+    app with them) is shut down before the nodes: a node still holding
+    Serve's actors waits for them before it stops. Elsewhere the app is
+    deleted only where Serve has it: ``serve.delete`` raises when no Serve
+    runs at all."""
     import ray
     from ray import serve
 
@@ -319,9 +322,10 @@ def close_cluster(started: LocalCluster | None) -> None:
     drop_stale_connection()
     try:
         if ray.is_initialized():
-            serve.delete(APP_NAME)
             if started:
                 serve.shutdown()
+            elif APP_NAME in serve.status().applications:
+                serve.delete(APP_NAME)
     finally:
         ray.shutdown()
         if started:

@@ -91,7 +91,8 @@ def autoscaling_config(config: ServeConfig) -> dict[str, Any]:
 
 
 HEALTH_CHECK_PERIOD_S = 5.0
-"""How often Serve calls ``LLMServer.check_health`` (a one-token forward pass)."""
+"""How often Serve calls ``LLMServer.check_health`` (``Engine.probe``: the
+decode loop alive and moving, and a one-token forward pass)."""
 
 HEALTH_CHECK_TIMEOUT_S = 30.0
 """A probe that waits this long for a CPU busy decoding a full batch is still fine."""

@@ -65,7 +65,11 @@ app.openapi = with_request_models(  # type: ignore[method-assign]
 
 @serve.ingress(app)
 class Ingress:
-    """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
+    """The always-on HTTP deployment: it checks each request, answers
+    ``/healthz`` from Serve's status, and forwards completions to the model
+    deployment through ``self.llm``. A health probe that reached the model
+    would count as traffic and keep it from scaling to zero, so the probes
+    stop here. Its options: :func:`helpers.serve.deployment_options.ingress_options`."""
 
     def __init__(
         self, llm: DeploymentHandle, config: ServeConfig, spare_key: str | None = None

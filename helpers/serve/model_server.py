@@ -8,8 +8,8 @@ health probe never lands here, so it cannot keep a replica awake.
 Batching: every prompt, from one request or many, streamed or not, is
 submitted to the engine's continuous batcher, which decodes all prompts in
 flight together and lets new ones join at the next token. On CPU this is the
-largest lever there is: sixteen sequences decoded together give several times
-the tokens per second of sixteen decoded one after another.
+largest lever there is: reading the weights once per step for every sequence
+rather than once per sequence (decision 0003).
 """
 
 from __future__ import annotations
@@ -143,7 +143,10 @@ class ReplicaStartup:
 
 
 class LLMServer:
-    """Serve deployment class; options are applied in :mod:`helpers.serve.app`."""
+    """The model deployment: each replica loads one engine and streams
+    completions to the ingress, its only caller, so it scales on model work
+    alone, down to zero. Its options (scaling, request limits, health checks):
+    :func:`helpers.serve.deployment_options.model_deployment_options`."""
 
     _deleted = False
     """Set by the first ``__del__``, which Serve calls and garbage collection
@@ -287,8 +290,9 @@ class LLMServer:
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising makes Serve replace the
-        replica. It exercises the model itself, so a replica whose engine broke
-        is replaced rather than left failing every request."""
+        replica. ``Engine.probe`` raises when the decode loop stopped or stalled
+        on one step, or the model's logits are not finite, so a replica whose
+        engine broke is replaced rather than left failing every request."""
         await asyncio.to_thread(self.engine.probe, self.config.request_timeout_s)
 
     def _publish_report(self) -> None:

@@ -3,7 +3,8 @@ re-runs cells, runs them out of order or interrupts them.
 
 No Ray runs here: ``ray start`` is a shell script that says it started and
 sleeps (its own session, as a node's is), and the driver's ``ray.init``,
-``ray.shutdown`` and ``serve.delete`` are stand-ins. A head's GCS "answers"
+``ray.shutdown`` and Serve's ``status``, ``delete`` and ``shutdown`` are
+stand-ins that fail where Ray 2.60's do. A head's GCS "answers"
 while its script runs. What a real cluster does is
 tests/integration/test_cluster_multinode.py's.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import ray
 import ray._common.utils
+from ray.serve.exceptions import RayServeException
 
 from helpers.notebook import cluster, multinode
 from helpers.notebook.multinode import HEAD_ADDRESS, HEAD_IP, open_cluster
@@ -42,6 +44,8 @@ class FakeRay:
     initialized: bool = False
     inits: list[str] = field(default_factory=list)
     shutdowns: int = 0
+    apps: set[str] = field(default_factory=set)
+    """The Serve apps running; none and no Serve at all until one is deployed."""
     deleted: list[str] = field(default_factory=list)
     serve_shutdowns: int = 0
     interrupt_init: bool = False
@@ -58,7 +62,17 @@ class FakeRay:
         self.initialized = False
         self.shutdowns += 1
 
+    def serve_status(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace(applications=dict.fromkeys(self.apps))
+
+    def serve_delete(self, name: str) -> None:
+        if not self.apps:  # as Ray's: no controller is running to ask
+            raise RayServeException("There is no Serve instance running on this Ray cluster.")
+        self.apps.discard(name)
+        self.deleted.append(name)
+
     def serve_shutdown(self) -> None:
+        self.apps.clear()
         self.serve_shutdowns += 1
 
     def runtime_context(self) -> types.SimpleNamespace:
@@ -115,7 +129,8 @@ def machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Machine
     monkeypatch.setattr(ray, "is_initialized", lambda: fake_ray.initialized)
     monkeypatch.setattr(ray, "get_runtime_context", fake_ray.runtime_context)
     serve = types.ModuleType("ray.serve")
-    serve.delete = fake_ray.deleted.append  # type: ignore[attr-defined]
+    serve.status = fake_ray.serve_status  # type: ignore[attr-defined]
+    serve.delete = fake_ray.serve_delete  # type: ignore[attr-defined]
     serve.shutdown = fake_ray.serve_shutdown  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ray.serve", serve)
     monkeypatch.setattr(ray, "serve", serve, raising=False)
@@ -179,6 +194,7 @@ def test_closing_twice_stops_the_nodes_disconnects_and_forgets_ray_address(
 ) -> None:
     started = open_cluster()
     assert started is not None
+    machine.ray.apps.add("RayServeLLM")
     logs = [node.log for node in [started.head, *started.workers]]
     multinode.close_cluster(started)
     signalled: list[int] = []
@@ -188,8 +204,8 @@ def test_closing_twice_stops_the_nodes_disconnects_and_forgets_ray_address(
     assert signalled == [], "a second close signals ids that may name other processes now"
     assert machine.running() == []
     assert not any(log.exists() for log in logs), "a closed node's log is deleted"
-    assert machine.ray.deleted == ["RayServeLLM"] and not machine.ray.initialized
-    assert machine.ray.serve_shutdowns == 1, "Serve goes before the nodes it would slow"
+    assert machine.ray.apps == set() and not machine.ray.initialized
+    assert machine.ray.serve_shutdowns == 1, "Serve, the app with it, goes before the nodes"
     assert "RAY_ADDRESS" not in os.environ
 
     reopened = open_cluster()  # Run All again, after the close cell
@@ -204,13 +220,28 @@ def test_a_cluster_the_user_brought_is_left_running_and_its_address_kept(
     machine.open_ports.add(("10.0.0.1", 6379))
     assert open_cluster() is None
     assert open_cluster() is None
+    machine.ray.apps.update({"RayServeLLM", "theirs"})
     multinode.close_cluster(None)
     multinode.close_cluster(None)
     assert machine.processes == []
     assert machine.ray.inits == ["10.0.0.1:6379"] and not machine.ray.initialized
     assert machine.ray.deleted == ["RayServeLLM"]
-    assert machine.ray.serve_shutdowns == 0, "the user's Serve keeps its other apps"
+    assert machine.ray.apps == {"theirs"}, "the user's Serve keeps its other apps"
+    assert machine.ray.serve_shutdowns == 0
     assert os.environ["RAY_ADDRESS"] == "10.0.0.1:6379"
+
+
+@pytest.mark.parametrize("brought", [False, True], ids=["started here", "the user's"])
+def test_closing_after_a_deploy_that_failed_or_never_ran_stops_what_it_started(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch, brought: bool
+) -> None:
+    if brought:
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+        machine.open_ports.add(("10.0.0.1", 6379))
+    started = open_cluster()
+    multinode.close_cluster(started)  # no Serve runs: Ray's serve.delete would raise
+    assert machine.running() == [] and not machine.ray.initialized
+    assert machine.ray.deleted == []
 
 
 def test_an_interrupt_while_the_worker_starts_stops_the_head_and_the_worker(
