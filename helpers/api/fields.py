@@ -8,7 +8,7 @@ a refusal names the variable that sets the limit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -46,21 +46,31 @@ def refused(model: type[BaseModel], field: str, message: str) -> ValidationError
     return ValidationError.from_exception_data(model.__name__, [detail])
 
 
+def items(**limits: int) -> Any:
+    """The limits of a list or map a client sends, whose items are checked
+    only up to the first one refused (``fail_fast``). Pydantic otherwise
+    checks every item and builds an error for each bad one, on the ingress's
+    single event loop: a body of bad token ids within ``MAX_BODY_BYTES``
+    would keep every stream the ingress serves waiting. A refusal names one
+    field anyway."""
+    return Field(fail_fast=True, **limits)
+
+
 Prompt = Annotated[StrictStr, Field(min_length=1)]
 PromptList = Annotated[
     list[Prompt],
-    Field(min_length=1),
+    items(min_length=1),
     AfterValidator(_at_most("max_prompts", "MAX_PROMPTS", unit=" prompts")),
 ]
 MAX_TOKEN_ID = 2**31 - 1
 """Larger than any vocabulary (the replica checks the model's own size), and
 small enough that an id stays a short number everywhere it goes."""
 TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], items(min_length=1)]
 """A prompt as token ids; the vocabulary's size is checked by a model replica."""
 TokenIdsList = Annotated[
     list[TokenIds],
-    Field(min_length=1),
+    items(min_length=1),
     AfterValidator(_at_most("max_prompts", "MAX_PROMPTS", unit=" prompts")),
 ]
 TokenCount = Annotated[

@@ -36,6 +36,7 @@ from helpers.api.fields import (
     TokenIds,
     TokenIdsList,
     TopP,
+    items,
     refused,
 )
 from helpers.api.response_format import ResponseFormat
@@ -67,7 +68,7 @@ class _SamplingFields(SamplingControls):
     max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    stop: StopString | Annotated[list[StopString], Field(min_length=1)] | None = None
+    stop: StopString | Annotated[list[StopString], items(min_length=1)] | None = None
     # torch's generators take 64 bits; vLLM bounds it the same way.
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
@@ -191,9 +192,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)] | None = None
+    content: StrictStr | Annotated[list[TextPart], items(min_length=1)] | None = None
     name: StrictStr | None = None
-    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], items(min_length=1)] | None = None
     tool_call_id: StrictStr | None = None
 
     @model_validator(mode="after")
@@ -218,7 +219,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields, ToolFields):
     """``POST /v1/chat/completions``: messages rendered with the chat template."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], items(min_length=1)]
     max_completion_tokens: TokenCount | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_CHAT_LOGPROBS)] | None = None

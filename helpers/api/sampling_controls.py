@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from helpers.api.fields import MAX_TOKEN_ID, TokenId
+from helpers.api.fields import MAX_TOKEN_ID, TokenId, items
 
 MAX_LOGIT_BIAS = 300
 """Most entries in ``logit_bias``, OpenAI's limit."""
@@ -44,8 +44,8 @@ class SamplingControls(BaseModel):
     repetition_penalty: (
         Annotated[StrictFloat, Field(gt=0.0, le=2.0, allow_inf_nan=False)] | None
     ) = None
-    logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    logit_bias: Annotated[dict[str, Bias], items(max_length=MAX_LOGIT_BIAS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], items(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: StrictBool | None = None
 
     @field_validator("logit_bias")

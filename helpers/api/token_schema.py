@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
-from helpers.api.fields import TokenIds, refused
+from helpers.api.fields import TokenIds, items, refused
 from helpers.api.openai_schema import ChatMessage
 from helpers.api.tools import Tools, functions_of
 from helpers.protocol import Function
@@ -29,7 +29,7 @@ class TokenizeRequest(BaseModel):
 
     model: StrictStr
     prompt: StrictStr | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], items(min_length=1)] | None = None
     tools: Tools | None = None
     """Offered with ``messages``: counted as the chat's prompt renders them."""
     add_special_tokens: StrictBool = True

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
-from helpers.api.fields import refused
+from helpers.api.fields import items, refused
 from helpers.api.response_format import Schema, compact
 from helpers.protocol import Function, Grammar, ToolCall
 
@@ -81,7 +81,7 @@ class ToolCallIn(BaseModel):
         return ToolCall(self.id, self.function.name, self.function.arguments)
 
 
-Tools = Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)]
+Tools = Annotated[list[Tool], items(min_length=1, max_length=MAX_TOOLS)]
 
 
 def functions_of(tools: list[Tool] | None) -> tuple[Function, ...]:
