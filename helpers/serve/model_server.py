@@ -229,7 +229,7 @@ class LLMServer:
         # of the vocabulary, longer); submitting below then only queues.
         requests = await asyncio.to_thread(self._requests, prompts, sampling)
         echo = any(prompt.echo for prompt in prompts)
-        echoes = [await self._echo(request, sampling) for request in requests] if echo else []
+        echoes = await self._echoes(requests, sampling) if echo else []
         if echoes and sampling.max_new_tokens == 0:
             yield []
             yield [echoed.nothing_more(index, text) for index, echoed in enumerate(echoes)]
@@ -267,16 +267,28 @@ class LLMServer:
             for future in futures:
                 future.cancel()
 
+    async def _echoes(self, requests: list[GenerationRequest], sampling: Sampling) -> list[Echo]:
+        """Each request's prompt as its echoed completion begins with it. A
+        prompt's ``n`` choices share one, so a prompt is scored once, not
+        once per choice."""
+        echoes: dict[str | tuple[int, ...], Echo] = {}
+        for request in requests:
+            if request.prompt not in echoes:
+                echoes[request.prompt] = await self._echo(request, sampling)
+        return [echoes[request.prompt] for request in requests]
+
     async def _echo(self, request: GenerationRequest, sampling: Sampling) -> Echo:
-        """A prompt as its echoed completion begins with it."""
+        """A prompt as its echoed completion begins with it: scored from the
+        ids :meth:`_requests` tokenized, and any decoding off the event loop."""
+        ids = tuple(request.token_ids(self.engine.tokenizer))
         prompt = request.prompt
-        text = self.engine.tokenizer.decode(list(prompt)) if isinstance(prompt, tuple) else prompt
-        tokens = len(request.token_ids(self.engine.tokenizer))  # checked: already tokenized
+        decode = self.engine.tokenizer.decode
+        text = prompt if isinstance(prompt, str) else await asyncio.to_thread(decode, list(ids))
         logprobs = None
         if sampling.logprobs is not None:
-            scored = self.engine.prompt_logprobs(prompt, sampling.logprobs)
+            scored = self.engine.prompt_logprobs(ids, sampling.logprobs)
             logprobs = await asyncio.wrap_future(scored)
-        return Echo(text, tokens, logprobs)
+        return Echo(text, len(ids), logprobs)
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica (a scale-down, a delete):

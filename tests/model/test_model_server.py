@@ -73,3 +73,34 @@ def test_a_grammars_first_mask_is_computed_off_the_event_loop(
     event_loop, completions = asyncio.run(stream())
     assert len(completions) == 1
     assert built_on and event_loop not in built_on
+
+
+def test_a_prompts_choices_share_one_scoring_of_its_echo(
+    server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``echo`` with ``logprobs`` and ``n`` 3: the prompt is scored once,
+    from the ids the replica already tokenized, and every choice begins
+    with the same entries."""
+    asked: list[str | tuple[int, ...]] = []
+    prompt_logprobs = server.engine.prompt_logprobs
+
+    def recorded(prompt: str | tuple[int, ...], top: int) -> object:
+        asked.append(prompt)
+        return prompt_logprobs(prompt, top)
+
+    monkeypatch.setattr(server.engine, "prompt_logprobs", recorded)
+    sampling = Sampling(2, 0.0, 1.0, logprobs=1)
+    choices = [Prompt("Once upon a time", raw=True, echo=True, choice=i) for i in range(3)]
+
+    async def completions() -> list[Completion]:
+        done = []
+        async for batch in server.stream(choices, sampling, text=False):
+            done += [delta.completion for delta in batch if delta.completion is not None]
+        return done
+
+    completed = asyncio.run(completions())
+    ids = tuple(server.engine.tokenizer("Once upon a time")["input_ids"])
+    assert asked == [ids], "scored once, from its ids"
+    assert len(completed) == 3
+    assert all(c.text.startswith("Once upon a time") for c in completed)
+    assert len({c.logprobs[: len(ids)] for c in completed if c.logprobs}) == 1
