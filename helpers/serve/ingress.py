@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -209,7 +209,7 @@ class Ingress:
         )
 
     @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
-    async def tokenize(self, request: Request) -> dict[str, Any]:
+    async def tokenize(self, request: Request) -> JSONResponse:
         """vLLM's ``/tokenize``: the ids a prompt or a chat is read as, their
         count and the model's context length."""
         parsed = await self._parse(request, TokenizeRequest, default_param="prompt")
@@ -221,7 +221,8 @@ class Ingress:
         else:
             prompt, fields = Prompt(text=parsed.prompt or "", raw=True), RequestFields("prompt")
         call = self.llm.tokenize.remote(prompt, parsed.add_special_tokens)
-        return await call_model(call, fields, self.config.request_timeout_s, self.model_status)
+        timeout_s = self.config.request_timeout_s
+        return JSONResponse(await call_model(call, fields, timeout_s, self.model_status))
 
     @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(self, request: Request) -> dict[str, str]:
@@ -266,7 +267,9 @@ class Ingress:
         )
         if parsed.stream:
             return await self._stream(request, choices, sampling, shape, fields)
-        return shape.response(await self._complete(choices, sampling, fields))
+        # Encoded as it is, plain JSON already: FastAPI's jsonable_encoder would
+        # walk every log probability first, on this one event loop.
+        return JSONResponse(shape.response(await self._complete(choices, sampling, fields)))
 
     def _check_token_budget(self, n: int, max_tokens: int, prompts: int) -> None:
         """A request may ask for as many tokens as MAX_PROMPTS prompts of
