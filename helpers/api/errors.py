@@ -63,6 +63,14 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+def error_status(error: Any) -> int:
+    """The HTTP status an error object stands for, read back from its
+    ``type``: a stream's error event carries no status of its own, since the
+    response had begun with 200 (a timeout is 408, a lost replica 503)."""
+    kind = error.get("type") if isinstance(error, dict) else None
+    return next((status for status, name in _TYPES.items() if name == kind), 500)
+
+
 def error_body(
     status: int, message: str, param: str | None = None, request_id: str | None = None
 ) -> dict[str, Any]:

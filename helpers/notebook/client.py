@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 
+from helpers.api.errors import error_status
 from helpers.notebook.polling import wait_for
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -152,7 +153,7 @@ class LLMClient:
             _raise_if_refused(response)
             for event in sse_events(response.iter_lines(decode_unicode=True)):
                 if "error" in event:  # the server failed after the stream began
-                    raise ApiError(500, event)
+                    raise ApiError(error_status(event["error"]), event)
                 tokens = _completion_tokens(event, tokens)
                 text = text_of(event)
                 if text:

@@ -12,8 +12,9 @@ With ``"stream": true``, POST /generate answers server-sent events the way the
 app does (chunked, each event written in two pieces split mid-line), and so
 does POST /v1/chat/completions with chat.completion.chunk events. A prompt (or
 last chat message) of "bad" or "crash" is refused before the stream starts,
-one of "fail-midway" sends one piece of text and then an error event, and one
-of "empty" streams no text at all.
+one of "fail-midway" (or "time-out-midway") sends one piece of text and then
+the error event the app sends for a failure (or for ``REQUEST_TIMEOUT_S``),
+and one of "empty" streams no text at all.
 
 The notebook helpers' tests talk to it through the real ``LLMClient``.
 """
@@ -28,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from helpers.api.errors import error_body
 
 PROXY_VARIABLES = (
     "HTTP_PROXY",
@@ -50,14 +53,11 @@ UNAVAILABLE_BODY = {
     }
 }
 STREAM_PIECES = ["Once", " upon", " a time,", " naïve ☃", "\nthe end."]
-MIDWAY_ERROR = {
-    "error": {
-        "message": "internal error: the stream ended early",
-        "type": "server_error",
-        "param": None,
-        "code": None,
-    }
+MIDWAY_ERRORS = {
+    "fail-midway": error_body(500, "internal error: the stream ended early"),
+    "time-out-midway": error_body(408, "the model did not finish within 1 s (REQUEST_TIMEOUT_S)"),
 }
+MIDWAY_ERROR = MIDWAY_ERRORS["fail-midway"]
 
 
 @dataclass
@@ -78,7 +78,9 @@ class FakeServer:
 
 def _pieces_for(prompt: str) -> list[str]:
     """What the fake model streams: one piece before failing midway, or nothing."""
-    return {"fail-midway": STREAM_PIECES[:1], "empty": []}.get(prompt, STREAM_PIECES)
+    if prompt in MIDWAY_ERRORS:
+        return STREAM_PIECES[:1]
+    return [] if prompt == "empty" else STREAM_PIECES
 
 
 def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
@@ -180,8 +182,8 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
             pieces = _pieces_for(prompt)
             for piece in pieces:
                 self._text_event({"index": 0, "text": piece})
-            if prompt == "fail-midway":
-                self._event(json.dumps(MIDWAY_ERROR))
+            if prompt in MIDWAY_ERRORS:
+                self._event(json.dumps(MIDWAY_ERRORS[prompt]))
             else:
                 final = {
                     "index": 0,
@@ -210,8 +212,8 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
             pieces = _pieces_for(prompt)
             for piece in pieces:
                 self._text_event(chunk({"content": piece}))
-            if prompt == "fail-midway":
-                self._event(json.dumps(MIDWAY_ERROR))
+            if prompt in MIDWAY_ERRORS:
+                self._event(json.dumps(MIDWAY_ERRORS[prompt]))
             else:
                 self._event(json.dumps(chunk({}, "length")))
                 usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}

@@ -281,9 +281,24 @@ def test_stream_generate_raises_on_an_error_event_mid_stream(server: FakeServer)
     on_text = Collector()
     with pytest.raises(ApiError) as caught:
         LLMClient(server.url).stream_generate("fail-midway", on_text)
-    assert caught.value.body == MIDWAY_ERROR
-    assert str(caught.value).endswith(": internal error: the stream ended early")
+    assert caught.value.body == MIDWAY_ERROR and caught.value.status == 500
+    assert str(caught.value) == "HTTP 500: internal error: the stream ended early"
     assert on_text.pieces == STREAM_PIECES[:1]  # what came before the error was shown
+
+
+@pytest.mark.parametrize("stream", ["stream_generate", "stream_chat"])
+def test_a_timeout_mid_stream_is_reported_as_the_408_it_stands_for(
+    server: FakeServer, stream: str
+) -> None:
+    """The response began with 200; the error event says what went wrong."""
+    client = LLMClient(server.url)
+    prompt: Any = "time-out-midway"
+    if stream == "stream_chat":
+        prompt = [{"role": "user", "content": prompt}]
+    with pytest.raises(ApiError) as caught:
+        getattr(client, stream)(prompt, Collector())
+    assert caught.value.status == 408
+    assert str(caught.value).startswith("HTTP 408: the model did not finish within 1 s")
 
 
 def test_stream_chat_sends_model_messages_and_only_the_set_knobs(server: FakeServer) -> None:
