@@ -11,6 +11,7 @@ What the events contain differs per API; a :class:`StreamFormat` says.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def sse_event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class Deltas(Protocol):
+    """What :func:`sse_body` reads: a model call's lists of deltas, which it
+    closes however the body ends, so the call is cancelled at once."""
+
+    def __aiter__(self) -> AsyncIterator[list[TextDelta]]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class StreamFormat(Protocol):
@@ -64,7 +74,7 @@ class GenerateStream:
 
 
 async def sse_body(
-    deltas: AsyncIterator[list[TextDelta]],
+    deltas: Deltas,
     stream_format: StreamFormat,
     request_id: str | None = None,
     on_error: Callable[[int], None] | None = None,
@@ -73,17 +83,19 @@ async def sse_body(
 
     When the client disconnects, Starlette cancels this generator mid-read,
     and the cancelled read of ``deltas`` cancels the model call; the replica
-    then drops the prompts. A
-    failure is sent as an error event carrying ``request_id`` and told to
-    ``on_error`` with its status (the response's own status is long gone).
+    then drops the prompts. A failure here (a formatter's included) closes
+    ``deltas`` too, is sent as an error event carrying ``request_id`` and is
+    told to ``on_error`` with its status (the response's own status is long
+    gone).
     """
     try:
-        for event in stream_format.opening():
-            yield sse_event(event)
-        async for batch in deltas:
-            for delta in batch:
-                for event in stream_format.events(delta):
-                    yield sse_event(event)
+        async with contextlib.aclosing(deltas):
+            for event in stream_format.opening():
+                yield sse_event(event)
+            async for batch in deltas:
+                for delta in batch:
+                    for event in stream_format.events(delta):
+                        yield sse_event(event)
         for event in stream_format.closing():
             yield sse_event(event)
         yield SSE_DONE

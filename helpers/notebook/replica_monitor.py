@@ -146,7 +146,3 @@ class LivePlot:
         self.axes.set_xlim(0, max(10.0, timeline.seconds[-1] + 1))
         if self.handle is not None:
             self.handle.update(self.figure)
-
-    def mark(self, second: float, label: str) -> None:
-        self.axes.axvline(second, linestyle="--", color="grey")
-        self.axes.annotate(label, (second, self.axes.get_ylim()[1] - 0.4), fontsize=8)

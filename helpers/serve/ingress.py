@@ -14,7 +14,6 @@ the tokenizer.
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -39,10 +38,16 @@ from helpers.api.sampling_controls import SamplingControls
 from helpers.api.sse import SSE_HEADERS, GenerateStream, StreamFormat, sse_body
 from helpers.api.token_schema import DetokenizeRequest, TokenizeRequest
 from helpers.config import ServeConfig
-from helpers.protocol import Completion, Prompt, Sampling, TextDelta
+from helpers.protocol import Completion, Prompt, Sampling
 from helpers.serve import model_report, spare_worker
 from helpers.serve.llm_metrics import CountLLMRequests, IngressMetrics, note_stream_failure
-from helpers.serve.model_calls import ModelStatus, call_model, open_stream, read_model_view
+from helpers.serve.model_calls import (
+    ModelStatus,
+    ModelStream,
+    call_model,
+    open_stream,
+    read_model_view,
+)
 from helpers.serve.model_errors import RequestFields, retry_later
 
 GENERATE_FIELDS = RequestFields("prompt", controls="generation_kwargs.")
@@ -336,7 +341,7 @@ class Ingress:
 
     async def _open_stream(
         self, prompts: list[Prompt], sampling: Sampling, fields: RequestFields, text: bool
-    ) -> AsyncIterator[list[TextDelta]]:
+    ) -> ModelStream:
         return await open_stream(
             self.llm,
             prompts,

@@ -231,7 +231,7 @@ class LLMServer:
         echo = any(prompt.echo for prompt in prompts)
         echoes = await self._echoes(requests, sampling) if echo else []
         if echoes and sampling.max_new_tokens == 0:
-            yield []
+            yield []  # accepted: the ingress's wait (a cold start's included) ends here
             yield [echoed.nothing_more(index, text) for index, echoed in enumerate(echoes)]
             return
         loop = asyncio.get_running_loop()
@@ -246,8 +246,8 @@ class LLMServer:
             with self.engine.together():  # a prompt's n choices share its prefill
                 for index, request in enumerate(requests):
                     futures.append(self._submit(index, request, deliver, text))
-            _raise_refusal(futures)
-            yield []
+            _raise_submit_failure(futures)
+            yield []  # accepted: the ingress's wait (a cold start's included) ends here
             if echoes and text:
                 yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
             remaining = len(futures)
@@ -386,7 +386,7 @@ class LLMServer:
         )
 
 
-def _raise_refusal(futures: list[Future[Completion]]) -> None:
+def _raise_submit_failure(futures: list[Future[Completion]]) -> None:
     """Raise the error of a prompt the engine refused as it was submitted (no
     tokens, more positions than the cache has, a decode loop that has
     stopped), before the acceptance signal: the ingress then answers 4xx or
