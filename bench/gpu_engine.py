@@ -685,7 +685,12 @@ def main() -> None:
         print(f"device: {name}, torch {torch.__version__}, {sys.executable}")
         print(f"model: {args.shape}'s shape, {layers} layers, random weights", flush=True)
         for _ in range(2):
-            ready = readiness(directory, args.device)
+            try:
+                ready = readiness(directory, args.device)
+            except subprocess.SubprocessError as err:  # the figures below need no fresh process
+                stderr = getattr(err, "stderr", None) or ""
+                print(f"readiness failed: {err}\n{stderr[-2000:]}", flush=True)
+                break
             print(
                 f"ready {ready['ready_s']:.2f} s after a fresh process started: Python and "
                 f"torch {ready['python_and_torch_s']:.2f} s, engine imports "

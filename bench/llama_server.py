@@ -16,6 +16,7 @@ OpenAI-compatible ``/v1/completions``, with continuous batching.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -121,6 +122,7 @@ def _run(command: list[str]) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     try:
         print(ensure_built(ServeConfig.from_env()))
     except BuildToolsMissing as missing:

@@ -1,6 +1,6 @@
 """Output tokens/s through HTTP ``/generate``: the app against a walkthrough-style baseline.
 
-    make bench            (or: python -m bench.throughput --help)
+    make bench-generate   (or: python -m bench.throughput --help)
 
 Both servers run in turn on one local Ray cluster with the same replicas
 (fixed at MAX_REPLICAS, so autoscaling does not blur the numbers), the same
@@ -20,8 +20,8 @@ import ray
 import requests
 from ray import serve
 
-from bench.baseline_app import OneByOneServer
 from bench.local_cluster import pinned_config, start_ray
+from bench.one_by_one_server import OneByOneServer
 from helpers.config import APP_NAME, ServeConfig
 from helpers.engine.engine import load_tokenizer
 from helpers.serve.app import build_app
