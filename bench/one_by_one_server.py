@@ -30,7 +30,7 @@ class OneByOneServer(LLMServer):
         self.model, self.tokenizer = walkthrough_model(config)
 
     async def stream(
-        self, prompts: list[Prompt], sampling: Sampling, text: bool = True
+        self, prompts: list[Prompt], sampling: Sampling, streamed: bool = True
     ) -> AsyncIterator[list[TextDelta]]:
         """LLMServer's interface: an acceptance, then each prompt's completion
         in one piece once its ``generate`` call has finished."""
@@ -44,7 +44,7 @@ class OneByOneServer(LLMServer):
                     sampling.temperature,
                     sampling.top_p,
                 )
-            yield [TextDelta(index, completion.text if text else "", completion)]
+            yield [TextDelta(index, completion.text if streamed else "", completion)]
 
     def _generate_one(
         self, prompt: Prompt, max_new_tokens: int, temperature: float, top_p: float

@@ -18,7 +18,6 @@ together. Each request keeps its own ``max_new_tokens``, ``temperature``,
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -112,6 +111,19 @@ class LoadTimes:
     @property
     def total_s(self) -> float:
         return self.imports_s + self.tokenizer_s + self.weights_s + self.warm_up_s
+
+
+class _Laps:
+    """Seconds between one call of :meth:`lap` and the one before, by name:
+    each phase of a load is timed under the name it is reported by."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._last = now - self._last, now
 
 
 def resolve_model_source(model_id: str, cache_dir: Path) -> str:
@@ -278,31 +290,31 @@ class Engine:
         ``gpu_memory_fraction`` of the device (``GPU_MEMORY_FRACTION``;
         :mod:`helpers.engine.kv_budget`), weights included.
         """
-        marks = [time.perf_counter()]
+        laps = _Laps()
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         device, torch_dtype = pick_device(want_gpu, dtype)
         source = resolve_model_source(model_id, cache_dir)
-        try:
-            llama, fallback_reason = llama_config(Path(source)), None
+        try:  # the kit's decoder runs it, or transformers does
+            kit_config, fallback_reason = llama_config(Path(source)), None
         except UnsupportedCheckpoint as unsupported:
-            llama, fallback_reason = None, str(unsupported)
+            kit_config, fallback_reason = None, str(unsupported)
             logger.info("MODEL_ID=%r runs on transformers: %s", model_id, fallback_reason)
             _import_model_code(source)
-        marks.append(time.perf_counter())
+        laps.lap("imports_s")
         if tokenizer is None:
             tokenizer = _tokenizer_from(model_id, source)
-        marks.append(time.perf_counter())
+        laps.lap("tokenizer_s")
         on_cpu_fp32 = (device, torch_dtype) == ("cpu", torch.float32)
-        if llama is not None:
+        if kit_config is not None:
             blocks = on_cpu_fp32 and cpu_weights == "auto"
-            model = load_llama(Path(source), llama, torch_dtype, device, blocks)
+            model = load_llama(Path(source), kit_config, torch_dtype, device, blocks)
             if on_cpu_fp32 and cpu_weights == "q8_0":
                 quantize_linear_layers(model)
         else:
             model = _transformers_model(source, torch_dtype, device)
-        marks.append(time.perf_counter())
-        on_gpu_slots = device == "cuda" and llama is not None and slots is not False
+        laps.lap("weights_s")
+        on_gpu_slots = device == "cuda" and kit_config is not None and slots is not False
         engine = cls(
             model,
             tokenizer,
@@ -316,11 +328,9 @@ class Engine:
         try:  # a load that fails must not leave the decode thread holding the model
             engine.info = describe(model, fallback_reason)
             engine.probe()
-            marks.append(time.perf_counter())
-            engine.load_times = LoadTimes(
-                *(end - start for start, end in itertools.pairwise(marks))
-            )
-            if llama is not None and prepack and device == "cpu":
+            laps.lap("warm_up_s")
+            engine.load_times = LoadTimes(**laps.seconds)
+            if kit_config is not None and prepack and device == "cpu":
                 engine.tuned = engine.between_steps(prepack_pieces(model, max_batch_size))
         except BaseException:
             engine.close()

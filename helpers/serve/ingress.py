@@ -318,7 +318,7 @@ class Ingress:
     ) -> list[Completion]:
         """Whole replies, gathered from the model's stream of completions."""
         completions: dict[int, Completion] = {}
-        async for batch in await self._open_stream(prompts, sampling, fields, text=False):
+        async for batch in await self._open_stream(prompts, sampling, fields, streamed=False):
             completions.update((d.index, d.completion) for d in batch if d.completion)
         return [completions[index] for index in range(len(prompts))]
 
@@ -330,7 +330,7 @@ class Ingress:
         shape: StreamFormat,
         fields: RequestFields,
     ) -> StreamingResponse:
-        deltas = await self._open_stream(prompts, sampling, fields, text=True)
+        deltas = await self._open_stream(prompts, sampling, fields, streamed=True)
         body = sse_body(
             deltas,
             shape,
@@ -340,13 +340,13 @@ class Ingress:
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _open_stream(
-        self, prompts: list[Prompt], sampling: Sampling, fields: RequestFields, text: bool
+        self, prompts: list[Prompt], sampling: Sampling, fields: RequestFields, streamed: bool
     ) -> ModelStream:
         return await open_stream(
             self.llm,
             prompts,
             sampling,
-            text=text,
+            streamed=streamed,
             fields=fields,
             timeout_s=self.config.request_timeout_s,
             status=self.model_status,

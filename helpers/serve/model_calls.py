@@ -285,7 +285,7 @@ async def open_stream(
     prompts: list[Prompt],
     sampling: Sampling,
     *,
-    text: bool,
+    streamed: bool,
     fields: RequestFields,
     timeout_s: float,
     status: ModelStatus,
@@ -297,7 +297,7 @@ async def open_stream(
     """
     deadline = asyncio.get_running_loop().time() + timeout_s
     deltas: DeploymentResponseGenerator = llm.options(stream=True).stream.remote(
-        prompts, sampling, text
+        prompts, sampling, streamed
     )
     try:
         await _accepted(deltas, deadline, status)

@@ -183,7 +183,7 @@ class LLMServer:
         self._publish_report()  # last: only a replica that started reports
 
     async def stream(
-        self, prompts: list[Prompt], sampling: Sampling, text: bool = True
+        self, prompts: list[Prompt], sampling: Sampling, streamed: bool = True
     ) -> AsyncIterator[list[TextDelta] | Refused]:
         """Complete every prompt, yielding what the batcher produces in lists of
         whatever arrived together; each prompt's last delta holds its completion.
@@ -192,7 +192,7 @@ class LLMServer:
         A prompt refused instead (too long, a token id outside the vocabulary)
         comes first and alone, as :class:`Refused`, before any work, so a bad
         prompt never fails a batch shared with other requests. With
-        ``text=False`` only the completions come, for a reply sent whole.
+        ``streamed=False`` only the completions come, for a reply sent whole.
         Closing this generator early (the client went away, a timeout) cancels
         every prompt still decoding.
 
@@ -207,7 +207,7 @@ class LLMServer:
         their completions' text and log probabilities begin with them;
         ``max_new_tokens`` 0 then decodes nothing.
         """
-        deltas = self._deltas(prompts, sampling, text)
+        deltas = self._deltas(prompts, sampling, streamed)
         if self.metrics:
             deltas = self.metrics.watched(deltas, prompts)
         accepted = False
@@ -222,7 +222,7 @@ class LLMServer:
             yield Refused(refusal)  # in place of the acceptance signal
 
     async def _deltas(
-        self, prompts: list[Prompt], sampling: Sampling, text: bool
+        self, prompts: list[Prompt], sampling: Sampling, streamed: bool
     ) -> AsyncIterator[list[TextDelta]]:
         # Off the event loop: tokenizing, compiling a grammar and computing its
         # first mask take milliseconds (the first grammar builds llguidance's view
@@ -232,7 +232,7 @@ class LLMServer:
         echoes = await self._echoes(requests, sampling) if echo else []
         if echoes and sampling.max_new_tokens == 0:
             yield []  # accepted: the ingress's wait (a cold start's included) ends here
-            yield [echoed.nothing_more(index, text) for index, echoed in enumerate(echoes)]
+            yield [echoed.nothing_more(index, streamed) for index, echoed in enumerate(echoes)]
             return
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
@@ -245,10 +245,10 @@ class LLMServer:
         try:  # from the first submission: whatever was submitted is cancelled on the way out
             with self.engine.together():  # a prompt's n choices share its prefill
                 for index, request in enumerate(requests):
-                    futures.append(self._submit(index, request, deliver, text))
+                    futures.append(self._submit(index, request, deliver, streamed))
             _raise_submit_failure(futures)
             yield []  # accepted: the ingress's wait (a cold start's included) ends here
-            if echoes and text:
+            if echoes and streamed:
                 yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
             remaining = len(futures)
             while remaining:
@@ -346,7 +346,7 @@ class LLMServer:
         index: int,
         request: GenerationRequest,
         deliver: Callable[[TextDelta | BaseException], None],
-        text: bool,
+        streamed: bool,
     ) -> Future[Completion]:
         def on_done(done: Future[Completion]) -> None:
             # Runs on the decode thread after the last piece of text was
@@ -362,7 +362,7 @@ class LLMServer:
             deliver(TextDelta(index, "", logprobs=(logprob,)))
 
         future = self.engine.submit(
-            request, on_text if text else None, on_logprob if text else None
+            request, on_text if streamed else None, on_logprob if streamed else None
         )
         future.add_done_callback(on_done)
         return future

@@ -94,7 +94,7 @@ def test_a_prompts_choices_share_one_scoring_of_its_echo(
 
     async def completions() -> list[Completion]:
         done = []
-        async for batch in server.stream(choices, sampling, text=False):
+        async for batch in server.stream(choices, sampling, streamed=False):
             done += [delta.completion for delta in batch if delta.completion is not None]
         return done
 

@@ -126,7 +126,7 @@ def streaming(deltas: NeverAccepted, status: ModelStatus, timeout_s: float = 60)
     llm = handle_streaming(deltas)
     sampling = Sampling(4, temperature=0.0, top_p=1.0)
     return open_stream(
-        llm, [], sampling, text=True, fields=FIELDS, timeout_s=timeout_s, status=status
+        llm, [], sampling, streamed=True, fields=FIELDS, timeout_s=timeout_s, status=status
     )
 
 
