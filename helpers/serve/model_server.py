@@ -65,6 +65,31 @@ def _refusals_returned(
     return answering
 
 
+class Arrivals:
+    """What the decode thread delivers for one call (pieces of text, each
+    prompt's completion last, or an error), handed over to the replica's
+    event loop and taken from there as lists of whatever arrived together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._arrived: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
+
+    def deliver(self, item: TextDelta | BaseException) -> None:
+        """Called on the decode thread."""
+        with contextlib.suppress(RuntimeError):  # the replica's loop has closed
+            self._loop.call_soon_threadsafe(self._arrived.put_nowait, item)
+
+    async def next_batch(self) -> list[TextDelta]:
+        """The next delta and every one that arrived with it; an error raises."""
+        batch = [await self._arrived.get()]
+        while not self._arrived.empty():
+            batch.append(self._arrived.get_nowait())
+        for item in batch:
+            if isinstance(item, BaseException):
+                raise item
+        return [item for item in batch if isinstance(item, TextDelta)]
+
+
 @dataclass(frozen=True)
 class Echo:
     """A prompt that its completion repeats (``echo``): its text, its length
@@ -234,31 +259,19 @@ class LLMServer:
             yield []  # accepted: the ingress's wait (a cold start's included) ends here
             yield [echoed.nothing_more(index, streamed) for index, echoed in enumerate(echoes)]
             return
-        loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
-
-        def deliver(item: TextDelta | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):  # the replica's loop has closed
-                loop.call_soon_threadsafe(arrived.put_nowait, item)
-
+        arrivals = Arrivals(asyncio.get_running_loop())
         futures: list[Future[Completion]] = []
         try:  # from the first submission: whatever was submitted is cancelled on the way out
             with self.engine.together():  # a prompt's n choices share its prefill
                 for index, request in enumerate(requests):
-                    futures.append(self._submit(index, request, deliver, streamed))
+                    futures.append(self._submit(index, request, arrivals.deliver, streamed))
             _raise_submit_failure(futures)
             yield []  # accepted: the ingress's wait (a cold start's included) ends here
             if echoes and streamed:
                 yield [echoed.opening(index) for index, echoed in enumerate(echoes)]
             remaining = len(futures)
             while remaining:
-                batch = [await arrived.get()]
-                while not arrived.empty():
-                    batch.append(arrived.get_nowait())
-                for item in batch:
-                    if isinstance(item, BaseException):
-                        raise item
-                deltas = [item for item in batch if isinstance(item, TextDelta)]
+                deltas = await arrivals.next_batch()
                 remaining -= sum(1 for delta in deltas if delta.completion is not None)
                 if echoes:
                     deltas = [echoes[delta.index].around(delta) for delta in deltas]
