@@ -27,6 +27,7 @@ stale, since the batcher always decodes next.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ SMALLEST_WIDTH = 64
 PREFILL_TOKENS = 8192
 """Most padded prompt tokens one prefill pass of the paged layout takes. A
 longer prompt is prefilled in pieces (:func:`prefill_pieces`)."""
+PREFILL_AREA = PREFILL_TOKENS**2
+"""Most attention positions (a query, a column it reads) one prefill pass
+holds, all its rows together, where no memory budget asks for fewer
+(:func:`helpers.engine.kv_budget.prefill_area`): each is a score in every
+head, and the attention that takes a mask and grouped heads keeps them all."""
 FIRST_PAGES = 16
 """Pages a cache of no fixed size holds at first; it doubles when the
 sequences admitted need more."""
@@ -66,12 +72,24 @@ def distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     return [list(prompt) for prompt in first], order
 
 
-def prefill_groups(prompts: list[list[int]]) -> list[list[int]]:
+def attended(rows: int, length: int) -> int:
+    """Attention positions of one prefill pass of ``rows`` prompts padded to
+    ``length`` tokens: each query reads the columns of its pages."""
+    return rows * length * pages_for(length) * PAGE_SIZE
+
+
+def one_pass_holds(rows: int, length: int, area: int) -> bool:
+    """Whether ``rows`` prompts padded to ``length`` tokens fit one prefill pass."""
+    return rows * length <= PREFILL_TOKENS and attended(rows, length) <= area
+
+
+def prefill_groups(prompts: list[list[int]], area: int = PREFILL_AREA) -> list[list[int]]:
     """``prompts``' indices in groups, one prefill pass each, whose padded
-    tokens stay within ``PREFILL_TOKENS`` (a prompt longer than that alone,
-    to be cut into :func:`prefill_pieces`). Attention over a padded prefill
-    holds ``rows x heads x length x width`` scores, which for 256 prompts of
-    a thousand tokens would not fit beside a GPU's pages.
+    tokens stay within ``PREFILL_TOKENS`` and attention positions within
+    ``area`` (a prompt past either alone, to be cut into
+    :func:`prefill_pieces`). Attention over a padded prefill holds
+    ``rows x heads x length x width`` scores, which for 256 prompts of a
+    thousand tokens would not fit beside a GPU's pages.
 
     Shortest first: each pass then pads its prompts to nearly their own
     length. Taken in arrival order, prompts of 100 to 1,024 tokens would
@@ -80,25 +98,25 @@ def prefill_groups(prompts: list[list[int]]) -> list[list[int]]:
     group: list[int] = []
     for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
         # Sorted, so this prompt is the group's longest.
-        if group and (len(group) + 1) * len(prompts[index]) > PREFILL_TOKENS:
+        if group and not one_pass_holds(len(group) + 1, len(prompts[index]), area):
             groups.append(group)
             group = []
         group.append(index)
     return [*groups, group] if group else groups
 
 
-def prefill_pieces(length: int) -> list[tuple[int, int]]:
-    """A prompt longer than ``PREFILL_TOKENS`` cut into consecutive pieces
-    (start and end), each a pass that attends to the ones before it through
-    the cache. A piece of ``c`` tokens reading ``w`` columns builds a
-    ``c x w`` attention mask (and, where attention falls back to its plain
-    kernel, as many scores per head), so pieces shrink as the columns grow
-    to keep ``c x w`` within one ``PREFILL_TOKENS`` prompt's square (a piece
-    is still a page at least): a 32,768-token prompt in one pass would need
-    sixteen times that."""
+def prefill_pieces(length: int, area: int = PREFILL_AREA) -> list[tuple[int, int]]:
+    """A prompt too long for one pass cut into consecutive pieces (start and
+    end), each a pass that attends to the ones before it through the cache.
+    A piece of ``c`` tokens reading ``w`` columns holds ``c x w`` attention
+    positions, so pieces shrink as the columns grow to keep that within
+    ``area`` (a piece is still a page at least, and at most
+    ``PREFILL_TOKENS``): a 32,768-token prompt in one pass would need
+    sixteen times ``PREFILL_AREA``."""
+    side = min(PREFILL_TOKENS, max(math.isqrt(area) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE))
     pieces, start = [], 0
     while start < length:
-        tokens = PREFILL_TOKENS**2 // (start + PREFILL_TOKENS) // PAGE_SIZE * PAGE_SIZE
+        tokens = min(side, area // (start + side)) // PAGE_SIZE * PAGE_SIZE
         end = min(length, start + max(tokens, PAGE_SIZE))
         pieces.append((start, end))
         start = end
@@ -306,12 +324,15 @@ class PagedRows:
         graphs: bool,
         max_positions: int,
         pages: int | None = None,
+        prefill_area: int = PREFILL_AREA,
     ) -> None:
         """A sequence reaches at most ``max_positions`` positions (prompt and
-        new tokens). ``pages`` fixes the cache's size (a GPU replica's memory
-        budget, :mod:`helpers.engine.kv_budget`); without, it starts at
+        new tokens). ``pages`` fixes the cache's size and ``prefill_area`` a
+        prefill pass's attention (a GPU replica's memory budget,
+        :mod:`helpers.engine.kv_budget`); without pages, the cache starts at
         ``FIRST_PAGES`` and doubles when the sequences admitted need more."""
         self.model, self.slots, self.max_pages = model, slots, pages
+        self.prefill_area = prefill_area
         self.max_positions = max_positions
         self.prefill_passes = 1  # forward passes the last admit ran
         self.device = model.device
@@ -361,7 +382,7 @@ class PagedRows:
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
         self.prefill_passes = 0
-        groups = prefill_groups(unique)
+        groups = prefill_groups(unique, self.prefill_area)
         last = [
             self._prefill([unique[i] for i in group], [prefilled[i] for i in group])
             for group in groups
@@ -381,9 +402,9 @@ class PagedRows:
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """``prompts`` into their ``slots``: one pass, or one per piece of a
-        prompt past ``PREFILL_TOKENS``. Returns each one's last logits."""
-        if len(prompts) == 1 and len(prompts[0]) > PREFILL_TOKENS:
-            *earlier, last = prefill_pieces(len(prompts[0]))
+        prompt too long for one. Returns each one's last logits."""
+        if len(prompts) == 1 and not one_pass_holds(1, len(prompts[0]), self.prefill_area):
+            *earlier, last = prefill_pieces(len(prompts[0]), self.prefill_area)
             for start, end in earlier:
                 self._piece(prompts[0], start, end, slots)
             return self._piece(prompts[0], *last, slots)

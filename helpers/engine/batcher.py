@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import PaddedRows, PagedRows
+from helpers.engine.batch_rows import PREFILL_AREA, PaddedRows, PagedRows
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
@@ -189,13 +189,14 @@ class ContinuousBatcher:
         slots: bool | None = None,
         max_positions: int | None = None,
         pages: int | None = None,
+        prefill_area: int = PREFILL_AREA,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model
         that offers one on a GPU, else a padded cache; True asks for slots
         anywhere (on CPU, as tests do, they run eagerly). ``max_positions`` (by default the
-        model's context) caps a sequence's length in slots, and ``pages``
-        fixes their cache's size."""
+        model's context) caps a sequence's length in slots, ``pages``
+        fixes their cache's size and ``prefill_area`` their prefill passes'."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -215,6 +216,7 @@ class ContinuousBatcher:
                 graphs=on_gpu,
                 max_positions=max_positions or model.config.max_position_embeddings,
                 pages=pages,
+                prefill_area=prefill_area,
             )
         else:
             self._rows = PaddedRows(model, tokenizer)
@@ -556,6 +558,10 @@ class ContinuousBatcher:
         try:
             self._admit(arrivals)
         except Exception as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                # What the failed pass took stays in torch's cache otherwise,
+                # out of reach of another replica sharing this GPU.
+                torch.cuda.empty_cache()
             for sequence in arrivals:
                 _settle(sequence.future, exception=err)
 

@@ -31,6 +31,7 @@ import torch
 from jinja2 import TemplateError
 
 from helpers.engine import gguf_checkpoint
+from helpers.engine.batch_rows import PREFILL_AREA
 from helpers.engine.batcher import (
     BatchLoad,
     BatchStats,
@@ -226,8 +227,8 @@ class Engine:
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
         ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says;
-        ``kv_plan`` fixes a paged cache's size (a GPU replica's share of
-        memory), which may also shorten the context."""
+        ``kv_plan`` fixes a paged cache's size and its prefill passes' (a GPU
+        replica's share of memory), which may also shorten the context."""
         self.model_id = model_id
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -248,6 +249,7 @@ class Engine:
             slots,
             max_positions=self.context_length,
             pages=None if kv_plan is None else kv_plan.pages,
+            prefill_area=PREFILL_AREA if kv_plan is None else kv_plan.prefill_area,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None
@@ -321,7 +323,9 @@ class Engine:
             model_id=model_id,
             max_batch_size=max_batch_size,
             slots=slots,
-            kv_plan=gpu_kv_plan(model, gpu_memory_fraction, _context_length(model.config))
+            kv_plan=gpu_kv_plan(
+                model, gpu_memory_fraction, _context_length(model.config), max_batch_size
+            )
             if on_gpu_slots
             else None,
         )

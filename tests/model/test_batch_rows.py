@@ -273,10 +273,13 @@ def free_pages_after_the_turn(engine: Engine) -> list[int]:
     return engine._batcher._rows.cache.free
 
 
-def test_a_prefill_that_fails_fails_only_its_own_request(engines: tuple[Engine, Engine]) -> None:
+def test_a_prefill_that_fails_fails_only_its_own_request(
+    engines: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A newcomer's prefill that raises (a GPU out of memory on a long prompt)
     fails that newcomer; the rows decoding meanwhile finish their text, and
-    the newcomer's pages go back."""
+    the newcomer's pages go back, and torch's cache gives the GPU's memory
+    back for the replicas sharing it."""
     _, slotted = engines
     alone = slotted.generate([greedy(PROMPTS[0], 12)])[0].text
     rows = slotted._batcher._rows
@@ -288,7 +291,10 @@ def test_a_prefill_that_fails_fails_only_its_own_request(engines: tuple[Engine, 
         release.wait(60)
 
     def out_of_memory(*_: Any) -> torch.Tensor:
-        raise RuntimeError("out of memory")
+        raise torch.OutOfMemoryError("out of memory")
+
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
 
     running = slotted.submit(greedy(PROMPTS[0], 12), on_text=held)
     assert holding.wait(60)
@@ -299,6 +305,7 @@ def test_a_prefill_that_fails_fails_only_its_own_request(engines: tuple[Engine, 
         assert str(newcomer.exception(timeout=60)) == "out of memory"
     finally:
         del rows._prefill
+    assert emptied == [True]
     assert running.result(timeout=60).text == alone
     assert len(free_pages_after_the_turn(slotted)) == free
 

@@ -155,12 +155,13 @@ def test_slots_decode_the_padded_text_at_256_sequences(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_prompt_past_the_prefill_budget_decodes_the_padded_text_from_pieces(
-    family: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    family: str, checkpoints: dict[str, Path]
 ) -> None:
-    """A prompt longer than ``PREFILL_TOKENS`` is prefilled a piece a pass,
-    each piece attending through the pages to those before it (and, in
-    ``mistral-window``, across its window's edge): the padded layout's
-    greedy text, admitted beside a short prompt."""
+    """A prompt too long for one pass is prefilled a piece a pass, the pieces
+    shrinking as their columns grow (as on a GPU with little room for a
+    pass's attention, ``prefill_area``), each attending through the pages to
+    those before it (and, in ``mistral-window``, across its window's edge):
+    the padded layout's greedy text, admitted beside a short prompt."""
     directory, cache = str(checkpoints[family]), ServeConfig.from_env({}).model_cache_dir
     padded, paged = (
         Engine.load(directory, cache, cpu_threads=2, prepack=False, slots=s, max_batch_size=4)
@@ -169,9 +170,10 @@ def test_a_prompt_past_the_prefill_budget_decodes_the_padded_text_from_pieces(
     requests = [GenerationRequest(p, Sampling(8, 0.0, 1.0)) for p in (PROMPTS[1] * 3, PROMPTS[0])]
     length = len(requests[0].token_ids(paged.tokenizer))
     assert length + 8 <= paged.context_length, "the sequence fits the model's context"
-    monkeypatch.setattr(batch_rows, "PREFILL_TOKENS", 32)
-    pieces = batch_rows.prefill_pieces(length)
-    assert len(pieces) > 3
+    area = 48 * 48
+    paged._batcher._rows.prefill_area = area
+    pieces = batch_rows.prefill_pieces(length, area)
+    assert len(pieces) > 3 and pieces[0][1] > pieces[-2][1] - pieces[-2][0], "they shrink"
     expected = [completion.text for completion in padded.generate(requests)]
     assert [completion.text for completion in paged.generate(requests)] == expected
     assert paged._batcher._rows.prefill_passes == len(pieces) + 1, "a pass per piece, one more"

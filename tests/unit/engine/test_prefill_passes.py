@@ -8,7 +8,13 @@ import random
 
 import pytest
 
-from helpers.engine.batch_rows import PREFILL_TOKENS, prefill_groups, prefill_pieces
+from helpers.engine.batch_rows import (
+    PREFILL_AREA,
+    PREFILL_TOKENS,
+    attended,
+    prefill_groups,
+    prefill_pieces,
+)
 from helpers.engine.kv_cache import PAGE_SIZE, pages_for
 
 
@@ -66,3 +72,20 @@ def test_a_prompt_past_the_budget_is_a_group_of_its_own() -> None:
     prompts = [[1] * 10, [1] * (PREFILL_TOKENS + 5), [1] * 20]
     assert prefill_groups(prompts) == [[0, 2], [1]]
     assert prefill_groups([]) == []
+
+
+@pytest.mark.parametrize("area", [1_000_000, 3000**2, PREFILL_AREA // 4])
+def test_a_smaller_area_cuts_smaller_passes_that_still_cover_every_prompt(area: int) -> None:
+    """A GPU with little room for activations (kv_budget.prefill_area)."""
+    for length in (PREFILL_TOKENS, 32768):
+        pieces = prefill_pieces(length, area)
+        assert pieces[0][0] == 0 and pieces[-1][1] == length
+        for start, end in pieces:
+            assert (end - start) * pages_for(end) * PAGE_SIZE <= area, (start, end)
+    rng = random.Random(1)
+    prompts = [[1] * rng.randint(100, 4000) for _ in range(64)]
+    groups = prefill_groups(prompts, area)
+    assert sorted(index for group in groups for index in group) == list(range(64))
+    for group in groups:
+        longest = max(len(prompts[index]) for index in group)
+        assert len(group) == 1 or attended(len(group), longest) <= area
