@@ -15,6 +15,7 @@ valid JSON.
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -32,6 +33,11 @@ from helpers.protocol import Grammar
 MAX_SCHEMA_BYTES = 16_384
 """Largest schema, as compact JSON. The grammar library bounds the work a
 schema can cause; this bounds what a replica is sent and compiles."""
+MAX_MULTIPLE_OF_DIGITS = 4
+"""Most significant digits of a ``multipleOf``. The grammar library builds
+an automaton with a state per remainder, which its budgets do not bound: a
+divisor of a million takes a replica seconds and a hundred million
+gigabytes, for a schema of forty bytes."""
 ANY_OBJECT = {"type": "object"}
 """``json_object``: any JSON object, as OpenAI's JSON mode promises."""
 
@@ -39,7 +45,31 @@ ANY_OBJECT = {"type": "object"}
 def _small_enough(schema: dict[str, Any]) -> dict[str, Any]:
     if len(compact(schema)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"must be at most {MAX_SCHEMA_BYTES} bytes as compact JSON")
+    for divisor in _multiples_of(schema):
+        if _significant_digits(divisor) > MAX_MULTIPLE_OF_DIGITS:
+            raise ValueError(
+                f"multipleOf {divisor!r} has more than {MAX_MULTIPLE_OF_DIGITS} significant "
+                "digits, more than a grammar can be built for in reasonable time"
+            )
     return schema
+
+
+def _multiples_of(schema: Any) -> list[int | float]:
+    """Every number given as ``multipleOf`` anywhere in ``schema``."""
+    if isinstance(schema, list):
+        return [found for item in schema for found in _multiples_of(item)]
+    if not isinstance(schema, dict):
+        return []
+    given = schema.get("multipleOf")
+    found = [given] if isinstance(given, int | float) and not isinstance(given, bool) else []
+    return found + [f for value in schema.values() for f in _multiples_of(value)]
+
+
+def _significant_digits(number: int | float) -> int:
+    """Digits of ``number`` without its leading and trailing zeros: 100000
+    and 0.0001 have one, 12345.6 has six."""
+    digits = Decimal(str(number)).normalize().as_tuple().digits
+    return len(digits)
 
 
 Schema = Annotated[dict[str, Any], AfterValidator(_small_enough)]

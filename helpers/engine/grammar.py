@@ -15,6 +15,7 @@ the GIL, so the two overlap (``MaskWorker``).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -31,6 +32,10 @@ from helpers.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Grammar, GrammarEr
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """JSON on one line, spaced as Python's ``json.dumps`` spaces it. Free
 whitespace lets a small model loop on newlines until ``max_tokens``."""
+MAX_ERROR_CHARS = 300
+"""Longest reason a refused grammar is given with."""
+COMPILED_KEPT = 32
+"""Grammars a replica keeps compiled: the ones its clients send again."""
 LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 """llguidance's default budgets, which bound a hostile schema's cost; its
 messages without the parser's internals, which reach the client."""
@@ -47,6 +52,9 @@ class Grammars:
         self._eos_token_ids = sorted(eos_token_ids)
         self._built: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        # A request's n choices, and a chat's every turn with the same tools,
+        # ask for the same grammar: compiled once, each sequence gets a copy.
+        self.compile = functools.lru_cache(maxsize=COMPILED_KEPT)(self._compile)
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -60,8 +68,9 @@ class Grammars:
                 )
             return self._built
 
-    def compile(self, grammar: Grammar) -> CompiledGrammar:
-        """``grammar`` compiled for this model, once per request; raises
+    def _compile(self, grammar: Grammar) -> CompiledGrammar:
+        """``grammar`` compiled for this model (:attr:`compile` keeps the
+        latest ones, each shared by the sequences held to it); raises
         :class:`~helpers.protocol.GrammarError` naming the request's field
         when it cannot be."""
         if not self._eos_token_ids:
@@ -72,8 +81,19 @@ class Grammars:
             )
         matcher = llguidance.LLMatcher(self.tokenizer, _source(grammar), log_level=0, limits=LIMITS)
         if matcher.is_error():
-            raise GrammarError(grammar.field, f"{grammar.field}: {matcher.get_error()}")
+            reason = readable_error(matcher.get_error())
+            raise GrammarError(grammar.field, f"{grammar.field}: {reason}")
         return CompiledGrammar(matcher, self._vocab_size)
+
+
+def readable_error(error: str) -> str:
+    """llguidance's refusal as a client reads it: its first line, cut short.
+    The rest may be the whole grammar it built, or a panic's backtrace with
+    this machine's paths, for a schema past what it can build."""
+    first = error.strip().partition("\n")[0]
+    if first.startswith("panic"):
+        return "is too large or complex to build a grammar for"
+    return first if len(first) <= MAX_ERROR_CHARS else first[: MAX_ERROR_CHARS - 3] + "..."
 
 
 class CompiledGrammar:

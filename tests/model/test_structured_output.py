@@ -186,3 +186,24 @@ def test_a_model_without_an_end_token_refuses_a_grammar_naming_its_field(engine:
     with pytest.raises(GrammarError, match="no end-of-sequence token") as refused:
         grammars.compile(held_to(PERSON))
     assert refused.value.field == "response_format"
+
+
+@padded_only
+def test_a_grammar_asked_for_again_is_compiled_once_and_each_sequence_gets_its_own(
+    engine: Engine,
+) -> None:
+    """A request's ``n`` choices, and a chat's every turn with the same tools,
+    send the same grammar: compiling it is the costly part, so it is done
+    once; each sequence still advances a matcher of its own."""
+    grammars = Grammars(
+        engine.tokenizer, engine.model.config.vocab_size, sorted(engine.eos_token_ids)
+    )
+    first, again = grammars.compile(held_to(PERSON)), grammars.compile(held_to(PERSON))
+    assert again is first
+    assert grammars.compile(held_to({"type": "object"})) is not first
+    one, two = first.constraint(), first.constraint()
+    assert one is not two and one._matcher is not two._matcher
+    held, beside = engine.generate(
+        [engine.request(chat(engine, ASK), replace(GREEDY, grammar=held_to(PERSON)))] * 2
+    )
+    assert held.text == beside.text and json.loads(held.text)

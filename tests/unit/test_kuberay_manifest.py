@@ -48,6 +48,7 @@ def test_every_pod_reads_the_configmap_and_the_gpu_group_starts_at_zero() -> Non
     cluster = rayservice()["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["rayVersion"] == "2.60.0"
+    assert cluster["authOptions"] == {"mode": "token"}, "Ray's token auth, as on one machine"
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["minReplicas"] == 0 and workers["maxReplicas"] >= 1
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]

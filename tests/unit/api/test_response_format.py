@@ -58,3 +58,26 @@ def test_a_json_schema_without_a_schema_accepts_any_json() -> None:
 )
 def test_bad_formats_are_refused_by_name(response_format: dict, param: str) -> None:
     assert refused_field(chat, response_format=response_format) == param
+
+
+@pytest.mark.parametrize("divisor", [10007, 12345.6, 1000003])
+def test_a_multiple_of_with_many_digits_is_refused_before_a_replica_builds_it(
+    divisor: float,
+) -> None:
+    """The grammar for ``multipleOf`` d has a state per remainder: a 40-byte
+    schema could keep a replica compiling for minutes."""
+    integer = {"type": "integer", "multipleOf": divisor}
+    nested = {"type": "object", "properties": {"n": {"anyOf": [integer]}}}
+    for schema in (integer, nested):
+        assert refused_field(chat, response_format=schema_format(schema)) == (
+            "response_format.json_schema.schema"
+        )
+    function = {"type": "function", "function": {"name": "f", "parameters": nested}}
+    assert refused_field(chat, tools=[function]).startswith("tools.0.function.parameters")
+
+
+@pytest.mark.parametrize("divisor", [7, 1000, 100000, 2.5, 0.0001, 1.5e-7])
+def test_a_multiple_of_with_few_significant_digits_is_accepted(divisor: float) -> None:
+    schema = {"type": "number", "multipleOf": divisor, "properties": {"multipleOf": {}}}
+    held = chat(response_format=schema_format(schema)).grammar()
+    assert held is not None and json.loads(held.source)["multipleOf"] == divisor
