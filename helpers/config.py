@@ -245,7 +245,8 @@ VARIABLES: tuple[Variable, ...] = (
         "GPU_MEMORY_FRACTION",
         "auto",
         "Share of its GPU's memory a model replica keeps to, weights and KV cache "
-        "together: it sizes its paged KV cache to fit, and requests wait for free pages. auto: 0.9 "
+        "together: it sizes its paged KV cache to fit, and requests wait for free pages (a model "
+        "transformers serves is held to it by torch's allocator). auto: 0.9 "
         "times NUM_GPUS_PER_REPLICA (at most 0.9), so replicas that share a GPU "
         "(NUM_GPUS_PER_REPLICA=0.5) each keep to their part. Ignored on CPU.",
         "auto, or a number in [0.05, 1]",

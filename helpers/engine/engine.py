@@ -185,12 +185,27 @@ def pick_device(want_gpu: bool, dtype: str = "auto") -> tuple[str, torch.dtype]:
     where half precisions are slower and lose accuracy.
     """
     device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device, DTYPES.get(dtype, torch.float32)
+    native_bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    if dtype == "bfloat16" and not native_bf16:
+        logger.warning(
+            "DTYPE=bfloat16 on a GPU of compute capability %s is emulated, and slow: "
+            "float16 (DTYPE=auto) is its own",
+            ".".join(map(str, torch.cuda.get_device_capability())),
+        )
     if dtype != "auto":
         return device, DTYPES[dtype]
-    if device == "cpu":
-        return device, torch.float32
-    native_bf16 = torch.cuda.get_device_capability() >= (8, 0)
     return device, torch.bfloat16 if native_bf16 else torch.float16
+
+
+def not_finite(dtype: torch.dtype) -> str:
+    """Why a probe failed, and in half precision what to try: some models'
+    activations outgrow float16's range, which a load then shows first."""
+    reason = f"the model's logits are not finite in {str(dtype).removeprefix('torch.')}"
+    if dtype in (torch.float16, torch.bfloat16):
+        return f"{reason}: try DTYPE=float32, or DTYPE=bfloat16 on compute capability 8.0 and up"
+    return reason
 
 
 @dataclass(frozen=True)
@@ -290,7 +305,8 @@ class Engine:
 
         On a GPU the kit's decoder keeps its paged cache within
         ``gpu_memory_fraction`` of the device (``GPU_MEMORY_FRACTION``;
-        :mod:`helpers.engine.kv_budget`), weights included.
+        :mod:`helpers.engine.kv_budget`), weights included; a model that
+        transformers serves is held to it by torch's allocator.
         """
         laps = _Laps()
         if cpu_threads is not None:
@@ -308,6 +324,10 @@ class Engine:
             tokenizer = _tokenizer_from(model_id, source)
         laps.lap("tokenizer_s")
         on_cpu_fp32 = (device, torch_dtype) == ("cpu", torch.float32)
+        if device == "cuda" and kit_config is None:
+            # Its cache grows as transformers' does, with no budget of its own:
+            # torch's allocator holds it to the share instead.
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
         if kit_config is not None:
             blocks = on_cpu_fp32 and cpu_weights == "auto"
             model = load_llama(Path(source), kit_config, torch_dtype, device, blocks)
@@ -483,7 +503,7 @@ class Engine:
         with torch.inference_mode():
             logits = self.model(input_ids=token).logits
         if not torch.isfinite(logits).all():
-            raise RuntimeError("the model's logits are not finite")
+            raise RuntimeError(not_finite(next(self.model.parameters()).dtype))
 
     def between_steps(self, pieces: Sequence[Callable[[], None]]) -> Future[None]:
         """Run ``pieces`` on the decode thread, one between two decode steps

@@ -7,6 +7,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 import pytest
+import torch
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
 from helpers.engine import engine as engine_module
@@ -18,6 +19,7 @@ from helpers.engine.engine import (
     PromptTooLongError,
     Sampling,
     TokenIdError,
+    not_finite,
 )
 from helpers.protocol import Completion, FieldError
 
@@ -480,8 +482,11 @@ def test_the_probe_fails_when_the_model_gives_non_finite_logits(
         return output
 
     monkeypatch.setattr(engine.model, "forward", poisoned)
-    with pytest.raises(RuntimeError, match="not finite"):
+    with pytest.raises(RuntimeError, match=r"not finite in float32$"):
         engine.probe()
+    assert not_finite(torch.float16).endswith(
+        ": try DTYPE=float32, or DTYPE=bfloat16 on compute capability 8.0 and up"
+    )
 
 
 def test_loading_reports_where_its_time_went(engine: Engine) -> None:

@@ -42,3 +42,15 @@ def test_a_named_dtype_is_taken_as_named(gpu, name: str) -> None:
     gpu((7, 5))
     assert pick_device(want_gpu=True, dtype=name) == ("cuda", getattr(torch, name))
     assert pick_device(want_gpu=False, dtype=name) == ("cpu", getattr(torch, name))
+
+
+@pytest.mark.parametrize(("capability", "warned"), [((7, 5), True), ((8, 0), False)])
+def test_bfloat16_asked_for_where_the_gpu_only_emulates_it_is_warned_of(
+    gpu, caplog: pytest.LogCaptureFixture, capability: tuple[int, int], warned: bool
+) -> None:
+    """A T4 takes bfloat16 but computes it slowly: the replica's log says so."""
+    gpu(capability)
+    with caplog.at_level("WARNING"):
+        assert pick_device(want_gpu=True, dtype="bfloat16") == ("cuda", torch.bfloat16)
+    assert ("emulated" in caplog.text) == warned
+    assert ("capability 7.5" in caplog.text) == warned
