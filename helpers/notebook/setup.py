@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
 HELD = (
@@ -73,8 +73,30 @@ def colab_install_commands(root: Path, constraints: Path) -> list[list[str]]:
 
 
 def install_for_colab(root: Path) -> None:
+    imported = imported_versions()
     with tempfile.TemporaryDirectory() as folder:
         constraints = Path(folder) / "held.txt"
         constraints.write_text("\n".join(held_constraints()) + "\n")
         for command in colab_install_commands(root, constraints):
             subprocess.run(command, check=True)
+    if changed := sorted(name for name, was in imported.items() if _version(name) != was):
+        print(
+            f"Installed over packages this session had imported already ({', '.join(changed)}): "
+            "restart the session (Runtime > Restart session), then run this cell again."
+        )
+
+
+def imported_versions() -> dict[str, str | None]:
+    """The version of every installed package this process has imported:
+    Python keeps the imported one running after pip replaces it, so a
+    notebook would mix two versions until the session restarts."""
+    imported = {name.partition(".")[0] for name in tuple(sys.modules)}
+    owners = packages_distributions()
+    return {dist: _version(dist) for module in imported for dist in owners.get(module, ())}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None

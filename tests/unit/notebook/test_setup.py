@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -52,6 +52,41 @@ def test_in_colab_it_installs_the_kit_and_the_model_holding_torch_and_jupyter(
     assert held_then == held_again == held_constraints()
     assert f"torch=={version('torch')}" in held_then
     assert f"ipykernel=={version('ipykernel')}" in held_then
+
+
+@pytest.mark.parametrize("upgraded", [True, False])
+def test_in_colab_a_package_replaced_while_imported_asks_for_a_restart(
+    ran: list,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    upgraded: bool,
+) -> None:
+    """Colab imports some packages before the first cell (requests among
+    them); the kit's pins may replace one, which the session only sees new
+    after a restart."""
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    installed = {"requests": "2.0.0", "some-unimported-package": "1.0"}
+    monkeypatch.setitem(sys.modules, "requests", sys.modules.get("requests") or object())
+
+    def installed_version(name: str) -> str:
+        if name not in installed:
+            raise PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(kit_setup, "version", installed_version)
+    real_run = subprocess.run
+
+    def pip(command: list[str], check: bool) -> None:
+        real_run(command, check=check)  # the fixture records it
+        if upgraded:
+            installed["requests"] = "2.32.0"
+        installed["some-unimported-package"] = "2.0"
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    kit_setup.setup(REPO)
+    notice = capsys.readouterr().out
+    assert ("imported already (requests): restart the session" in notice) == upgraded
+    assert "some-unimported-package" not in notice
 
 
 def test_only_installed_packages_are_held(monkeypatch: pytest.MonkeyPatch) -> None:
