@@ -8,6 +8,7 @@ be megabytes) nor carry a stack trace.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,8 +55,15 @@ REQUEST_ID_HEADER = "x-request-id"
 the response's headers; error bodies repeat it."""
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""What an id a client chose may be to be repeated in an error body: the
+characters of UUIDs and tracing ids, and short. Anything else the client
+can still find by the response's header, which Serve keeps."""
+
+
 def request_id(request: Request) -> str | None:
-    return request.headers.get(REQUEST_ID_HEADER)
+    given = request.headers.get(REQUEST_ID_HEADER)
+    return given if given and REQUEST_ID.fullmatch(given) else None
 
 
 def error_type(status: int) -> str:
