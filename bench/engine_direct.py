@@ -5,8 +5,10 @@
 The ceiling the app can reach on this machine: the same ``Engine`` the
 replicas run, fed ``--batch`` greedy requests at once. The gap between this
 and ``bench.versus_transformers`` is what Ray, the ingress and HTTP cost.
-``--int8-dynamic`` measures the same engine after torch's dynamic int8
-quantization of its linear layers, in the same run: a speed the app does not
+By default it compares that batch with one request alone, the same engine:
+what continuous batching gives. ``--int8-dynamic`` measures the same engine
+after torch's dynamic int8 quantization of its linear layers, in the same
+run: a speed the app does not
 use, since it changes the model's output. ``--mkl`` measures fp32 linear layers
 prepacked for oneDNN (``helpers/engine/cpu_linear.py``) against the same without
 prepacking, that is with torch's default BLAS, MKL.
@@ -63,6 +65,12 @@ def main() -> None:
     rate, text = tokens_per_s(engine, args.batch, args.max_tokens)
     layers = "fp32, oneDNN" if args.mkl else "default"
     print(f"{layers + ':':13} {rate:6.1f} output tok/s  ({text[:50]!r})")
+    if not (args.mkl or args.fp32 or args.int8_dynamic):
+        alone, _ = tokens_per_s(engine, 1, args.max_tokens)
+        print(
+            f"{'one alone:':13} {alone:6.1f} output tok/s; the batch of {args.batch} "
+            f"{rate / alone:.2f}x"
+        )
     if args.mkl or args.fp32:
         other = load(prepack=args.fp32, cpu_weights="float32")
         other_rate, other_text = tokens_per_s(other, args.batch, args.max_tokens)
