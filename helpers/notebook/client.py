@@ -32,6 +32,8 @@ class Reply:
     text: str
     latency_s: float
     generation_kwargs: dict[str, Any]
+    """For a whole reply, what the server used, its defaults filled in; for a
+    streamed one, the knobs sent (the events do not repeat them)."""
     first_text_s: float | None = None
     """Seconds until the first piece of text arrived, for a streamed reply."""
     completion_tokens: int | None = None

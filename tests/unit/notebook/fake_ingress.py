@@ -3,7 +3,8 @@
 GET /healthz reports the model and its running replicas (or answers 503, as
 the app does when Serve's controller is slow, while
 ``FakeServer.healthz_unavailable`` counts down), POST /generate echoes
-a completion and the generation_kwargs it got, a prompt of "bad" gets a 400
+a completion and, as the app does, the generation_kwargs it used (the
+server's defaults for those left out), a prompt of "bad" gets a 400
 with an OpenAI-style JSON error, a prompt of "crash" gets a 500 whose body
 is plain text, not JSON, and one of "hold" is answered only once the test sets
 ``FakeServer.release``.
@@ -31,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from helpers.api.errors import error_body
+from helpers.config import ServeConfig
 
 PROXY_VARIABLES = (
     "HTTP_PROXY",
@@ -52,6 +54,13 @@ UNAVAILABLE_BODY = {
         "code": None,
     }
 }
+DEFAULTS = ServeConfig.from_env({})
+USED_BY_DEFAULT = {
+    "max_new_tokens": DEFAULTS.max_new_tokens,
+    "temperature": DEFAULTS.temperature,
+    "top_p": DEFAULTS.top_p,
+}
+"""What the app's /generate reports it used for knobs a request left out."""
 STREAM_PIECES = ["Once", " upon", " a time,", " naïve ☃", "\nthe end."]
 MIDWAY_ERRORS = {
     "fail-midway": error_body(500, "internal error: the stream ended early"),
@@ -169,11 +178,14 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
             elif body.get("stream"):
                 self._stream_generate(prompt)
             else:
+                sent = body.get("generation_kwargs", {})
                 self._send_json(
                     200,
                     {
+                        "model": MODEL_ID,
+                        "prompts": [prompt],
                         "completions": [f"echo: {prompt}"],
-                        "generation_kwargs": body.get("generation_kwargs", {}),
+                        "generation_kwargs": {**USED_BY_DEFAULT, **sent},
                     },
                 )
 

@@ -22,6 +22,7 @@ from tests.unit.notebook.fake_ingress import (
     RUNNING_REPLICAS,
     STREAM_PIECES,
     UNAVAILABLE_BODY,
+    USED_BY_DEFAULT,
     FakeServer,
 )
 
@@ -105,7 +106,7 @@ def test_generate_sends_only_the_knobs_that_are_set(server: FakeServer) -> None:
     client = LLMClient(server.url)
     reply = client.generate("a", temperature=None, top_p=0.5)
     client.generate("b")
-    assert reply.generation_kwargs == {"top_p": 0.5}
+    assert reply.generation_kwargs == {**USED_BY_DEFAULT, "top_p": 0.5}, "as the server used"
     assert server.received == [
         {"prompt": "a", "generation_kwargs": {"top_p": 0.5}},
         {"prompt": "b", "generation_kwargs": {}},
@@ -174,7 +175,8 @@ def test_curl_command_gets_the_same_json_as_the_client(server: FakeServer) -> No
     from_curl = json.loads(result.stdout)
 
     reply = client.generate(prompt, max_new_tokens=7, top_p=0.5)
-    assert from_curl == {"completions": [reply.text], "generation_kwargs": reply.generation_kwargs}
+    assert from_curl["generation_kwargs"] == reply.generation_kwargs
+    assert from_curl["completions"] == [reply.text]
     assert from_curl["completions"] == [f"echo: {prompt}"]
     assert server.received[0] == server.received[1]
     assert server.received[0] == generate_body(prompt, max_new_tokens=7, top_p=0.5)

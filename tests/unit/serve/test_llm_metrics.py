@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -111,15 +112,28 @@ def test_outcomes_follow_the_status_class() -> None:
 
 
 class Kept:
-    """A Ray metric's calls, kept: ``inc``, ``set`` and ``observe`` alike."""
+    """A Ray metric's calls, kept: ``inc``, ``set`` and ``observe`` alike,
+    refused where Ray's own refuse them (a tag missing or not a string, an
+    ``inc`` of zero or less)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: Any) -> None:
         self.calls: list[tuple[float, dict | None]] = []
+        self._tag_keys, self._default_tags = metric._tag_keys, metric._default_tags
 
     def _keep(self, value: float = 1, tags: dict | None = None) -> None:
+        final = {**self._default_tags, **(tags or {})}
+        if missing := set(self._tag_keys) - set(final):
+            raise ValueError(f"Missing value for tag key(s): {','.join(sorted(missing))}.")
+        if not all(isinstance(tag, str) for tag in final.values()):
+            raise TypeError(f"Tag values must be str, got {final}")
         self.calls.append((value, tags))
 
-    inc = set = observe = _keep
+    def inc(self, value: float = 1, tags: dict | None = None) -> None:
+        if value <= 0:
+            raise ValueError(f"value must be >0, got {value}")
+        self._keep(value, tags)
+
+    set = observe = _keep
 
     @property
     def total(self) -> float:
@@ -129,7 +143,7 @@ class Kept:
 def kept(metrics: IngressMetrics | ReplicaMetrics) -> IngressMetrics | ReplicaMetrics:
     for name, value in vars(metrics).items():
         if hasattr(value, "_name"):
-            setattr(metrics, name, Kept())
+            setattr(metrics, name, Kept(value))
     return metrics
 
 
