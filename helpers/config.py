@@ -195,7 +195,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "NUM_GPUS_PER_REPLICA",
         "0.0",
-        "GPUs requested by each model replica. Set to 1 on GPU nodes.",
+        "GPUs requested by each model replica: 1 where each has a GPU of its own, a share "
+        "such as 0.5 to put two on one GPU (the notebooks' deploy() picks it when unset).",
         "0, or a number in [0.0001, 8]",
         _gpu_share,
         "num_gpus_per_replica",
