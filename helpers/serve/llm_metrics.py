@@ -245,7 +245,7 @@ class ReplicaMetrics:
     def completed(self, completion: Completion, *, prompt: bool = True) -> None:
         """One choice's completion: its tokens (the prompt's too, unless another
         choice of it counted them) and, when the engine decoded it, its timing."""
-        if prompt:
+        if prompt and completion.prompt_tokens:  # Ray refuses an inc of 0
             self.prompt_tokens.inc(completion.prompt_tokens)
         if completion.completion_tokens:
             self.completion_tokens.inc(completion.completion_tokens)
@@ -258,7 +258,11 @@ class ReplicaMetrics:
             self.per_token.observe(after_first / (completion.completion_tokens - 1))
 
     def sample_batch(self, waiting: int, rows: int, cached_tokens: int, cancelled: int) -> None:
-        """Set the batch gauges; ``cancelled`` is the engine's running total."""
+        """Set the batch gauges; ``cancelled`` is the engine's running total.
+        ``requests_running`` is set again too: Ray's exporter drops a gauge
+        it has not been told of for a while, which during one long request,
+        or while idle, would leave that series empty rather than 1 or 0."""
+        self.running.set(self._in_flight)
         self.waiting.set(waiting)
         self.rows.set(rows)
         self.cached_tokens.set(cached_tokens)

@@ -38,6 +38,18 @@ def test_the_grafana_dashboard_plots_only_metrics_the_kit_exports() -> None:
     assert exported_names() - used == set(), "a metric the dashboard leaves out"
 
 
+def test_a_count_each_replica_makes_once_is_never_read_as_a_rate() -> None:
+    """A replica records its cold start once, so its series is 1 from its
+    first sample: rate() and increase() of it are 0. The dashboard counts
+    the replicas' series instead, and shows Serve's proxy's own refusals,
+    which never reach the kit's counters."""
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "llm-dashboard.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    cold = [e for e in expressions if "ray_llm_cold_start" in e]
+    assert cold and not [e for e in cold if re.search(r"(rate|increase)\(ray_llm_cold_start", e)]
+    assert any("ray_serve_num_http_requests_total" in e for e in expressions)
+
+
 def test_the_readme_scrape_config_targets_the_port_ray_is_started_with() -> None:
     readme = (REPO / "README.md").read_text()
     block = readme.split("scrape_configs:")[1].split("```")[0]
@@ -95,7 +107,8 @@ def test_the_readme_lists_every_outcome_the_requests_counter_takes() -> None:
 
 def test_the_readme_says_sampled_only_of_the_gauges_that_are() -> None:
     """The gauges a replica's sampling thread sets, and only those, are
-    called sampled; ``requests_running`` is set as requests start and end."""
+    called sampled: every gauge, since Ray stops exporting one left unchanged
+    (``requests_running`` is also set as requests start and end)."""
     replica = ReplicaMetrics()
     gauges = {name: g for name, g in vars(replica).items() if hasattr(g, "_name")}
     set_by_sampling = set()
@@ -112,3 +125,5 @@ def test_the_readme_says_sampled_only_of_the_gauges_that_are() -> None:
         for name in re.findall(r"`(\w+)`", cell)
     }
     assert sampled == {gauges[name]._name.removeprefix("llm_") for name in set_by_sampling}
+    every_gauge = {name for name, gauge in gauges.items() if type(gauge).__name__ == "Gauge"}
+    assert set_by_sampling == every_gauge, every_gauge - set_by_sampling
