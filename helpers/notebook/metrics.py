@@ -108,7 +108,7 @@ TOKENS = "ray_llm_completion_tokens_total"
 REQUESTS = "ray_llm_requests_total"
 FIRST_TOKEN = "ray_llm_time_to_first_token_seconds"
 PANELS = {
-    "first_token_s": "first token, mean s",
+    "first_token_s": "first token, median s",
     "tokens_per_s": "output tokens/s",
     "batch_rows": "batch rows",
 }
@@ -130,10 +130,8 @@ class BurstWatch:
         :data:`PANELS` over the interval before it (batch rows: at its end)."""
         out: dict[str, list[float]] = {key: [] for key in ("seconds", *PANELS)}
         for before, after in zip(self.scrapes, self.scrapes[1:], strict=False):
-            firsts = _grew(before, after, f"{FIRST_TOKEN}_count")
-            waited = _grew(before, after, f"{FIRST_TOKEN}_sum")
             out["seconds"].append(after.taken_at - self.scrapes[0].taken_at)
-            out["first_token_s"].append(waited / firsts if firsts else float("nan"))
+            out["first_token_s"].append(median_grown(before, after, FIRST_TOKEN))
             out["tokens_per_s"].append(
                 _grew(before, after, TOKENS) / (after.taken_at - before.taken_at)
             )
@@ -141,8 +139,31 @@ class BurstWatch:
         return out
 
 
-def _grew(before: Scrape, after: Scrape, name: str) -> float:
-    return after.total(name) - before.total(name)
+def _grew(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
+    return after.total(name, **labels) - before.total(name, **labels)
+
+
+def median_grown(before: Scrape, after: Scrape, histogram: str) -> float:
+    """The median of what ``histogram`` observed between two scrapes, from
+    its buckets, as Prometheus's ``histogram_quantile`` reads them: within
+    the bucket that holds it, in proportion. Not its ``_sum``: Ray rebuilds
+    a histogram from its buckets and sums each observation as its bucket's
+    midpoint. NaN when nothing was observed."""
+    bounds = sorted(
+        {dict(labels)["le"] for name, labels in after.samples if name == f"{histogram}_bucket"},
+        key=float,
+    )
+    counts = [_grew(before, after, f"{histogram}_bucket", le=bound) for bound in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    half, lower, below = counts[-1] / 2, 0.0, 0.0
+    for bound, count in zip(map(float, bounds), counts, strict=True):
+        if count >= half:
+            if bound == float("inf"):
+                return lower  # past the last bound: as far as the buckets tell
+            return lower + (bound - lower) * (half - below) / (count - below)
+        lower, below = bound, count
+    return float("nan")
 
 
 class BurstPlot:
