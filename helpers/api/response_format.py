@@ -15,6 +15,7 @@ valid JSON.
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -33,11 +34,14 @@ from helpers.protocol import Grammar
 MAX_SCHEMA_BYTES = 16_384
 """Largest schema, as compact JSON. The grammar library bounds the work a
 schema can cause; this bounds what a replica is sent and compiles."""
-MAX_MULTIPLE_OF_DIGITS = 4
-"""Most significant digits of a ``multipleOf``. The grammar library builds
-an automaton with a state per remainder, which its budgets do not bound: a
-divisor of a million takes a replica seconds and a hundred million
-gigabytes, for a schema of forty bytes."""
+MAX_MULTIPLE_OF = 10_000
+"""Most remainders the ``multipleOf`` of one schema may ask a grammar to
+track, all of them together (a value can be held to several at once, in an
+``allOf``): the product of their significant digits read as integers (7
+and 0.25 ask for 7 and 25, 1000 and 0.001 for 1). The grammar library builds
+an automaton with a state per remainder, outside its budgets: a schema of
+forty bytes with a divisor of seven significant digits keeps a replica
+compiling for seconds, and a larger one runs it out of memory."""
 ANY_OBJECT = {"type": "object"}
 """``json_object``: any JSON object, as OpenAI's JSON mode promises."""
 
@@ -45,12 +49,13 @@ ANY_OBJECT = {"type": "object"}
 def _small_enough(schema: dict[str, Any]) -> dict[str, Any]:
     if len(compact(schema)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"must be at most {MAX_SCHEMA_BYTES} bytes as compact JSON")
-    for divisor in _multiples_of(schema):
-        if _significant_digits(divisor) > MAX_MULTIPLE_OF_DIGITS:
-            raise ValueError(
-                f"multipleOf {divisor!r} has more than {MAX_MULTIPLE_OF_DIGITS} significant "
-                "digits, more than a grammar can be built for in reasonable time"
-            )
+    divisors = _multiples_of(schema)
+    if math.prod(map(_remainders, divisors)) > MAX_MULTIPLE_OF:
+        raise ValueError(
+            f"multipleOf {', '.join(map(repr, divisors))}: their significant digits, "
+            f"multiplied, must stay within {MAX_MULTIPLE_OF}, or the grammar takes too "
+            "long to build"
+        )
     return schema
 
 
@@ -65,11 +70,12 @@ def _multiples_of(schema: Any) -> list[int | float]:
     return found + [f for value in schema.values() for f in _multiples_of(value)]
 
 
-def _significant_digits(number: int | float) -> int:
-    """Digits of ``number`` without its leading and trailing zeros: 100000
-    and 0.0001 have one, 12345.6 has six."""
+def _remainders(number: int | float) -> int:
+    """``number``'s significant digits as an integer, the remainders a
+    grammar holding a value to its multiples tracks: 100000 and 0.0001 give
+    1, 12345.6 gives 123456."""
     digits = Decimal(str(number)).normalize().as_tuple().digits
-    return len(digits)
+    return int("".join(map(str, digits)) or "0") or 1
 
 
 Schema = Annotated[dict[str, Any], AfterValidator(_small_enough)]

@@ -203,8 +203,10 @@ def not_finite(dtype: torch.dtype) -> str:
     """Why a probe failed, and in half precision what to try: some models'
     activations outgrow float16's range, which a load then shows first."""
     reason = f"the model's logits are not finite in {str(dtype).removeprefix('torch.')}"
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype == torch.float16:
         return f"{reason}: try DTYPE=float32, or DTYPE=bfloat16 on compute capability 8.0 and up"
+    if dtype == torch.bfloat16:
+        return f"{reason}: try DTYPE=float32"
     return reason
 
 
@@ -324,10 +326,12 @@ class Engine:
             tokenizer = _tokenizer_from(model_id, source)
         laps.lap("tokenizer_s")
         on_cpu_fp32 = (device, torch_dtype) == ("cpu", torch.float32)
-        if device == "cuda" and kit_config is None:
-            # Its cache grows as transformers' does, with no budget of its own:
-            # torch's allocator holds it to the share instead.
-            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
+        if device == "cuda":
+            # A model transformers serves has no paged cache sized to the share:
+            # torch's allocator holds it there. The kit's decoder sizes its own,
+            # and a cap left by an earlier engine in this process is lifted.
+            cap = gpu_memory_fraction if kit_config is None else 1.0
+            torch.cuda.set_per_process_memory_fraction(cap)
         if kit_config is not None:
             blocks = on_cpu_fp32 and cpu_weights == "auto"
             model = load_llama(Path(source), kit_config, torch_dtype, device, blocks)

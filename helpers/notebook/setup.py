@@ -21,7 +21,12 @@ import os
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from importlib.metadata import (
+    PackageNotFoundError,
+    distribution,
+    packages_distributions,
+    version,
+)
 from pathlib import Path
 
 HELD = (
@@ -89,10 +94,27 @@ def install_for_colab(root: Path) -> None:
 def imported_versions() -> dict[str, str | None]:
     """The version of every installed package this process has imported:
     Python keeps the imported one running after pip replaces it, so a
-    notebook would mix two versions until the session restarts."""
-    imported = {name.partition(".")[0] for name in tuple(sys.modules)}
+    notebook would mix two versions until the session restarts. A name
+    several packages share (``google``: protobuf, google-auth, ...) counts
+    only the ones whose files were imported."""
     owners = packages_distributions()
-    return {dist: _version(dist) for module in imported for dist in owners.get(module, ())}
+    files: dict[str, set[str]] = {}
+    imported: set[str] = set()
+    for name, module in tuple(sys.modules.items()):
+        owned = set(owners.get(name.partition(".")[0], ()))
+        if len(owned) > 1:
+            path = getattr(module, "__file__", None)
+            real = os.path.realpath(path) if path else None
+            owned = {dist for dist in owned if real in _files_of(dist, files)}
+        imported |= owned
+    return {dist: _version(dist) for dist in imported}
+
+
+def _files_of(dist: str, known: dict[str, set[str]]) -> set[str]:
+    if dist not in known:
+        listed = distribution(dist).files or ()
+        known[dist] = {os.path.realpath(str(file.locate())) for file in listed}
+    return known[dist]
 
 
 def _version(distribution: str) -> str | None:

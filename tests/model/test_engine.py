@@ -484,6 +484,7 @@ def test_the_probe_fails_when_the_model_gives_non_finite_logits(
     monkeypatch.setattr(engine.model, "forward", poisoned)
     with pytest.raises(RuntimeError, match=r"not finite in float32$"):
         engine.probe()
+    assert not_finite(torch.bfloat16).endswith(": try DTYPE=float32")
     assert not_finite(torch.float16).endswith(
         ": try DTYPE=float32, or DTYPE=bfloat16 on compute capability 8.0 and up"
     )

@@ -60,13 +60,18 @@ def test_bad_formats_are_refused_by_name(response_format: dict, param: str) -> N
     assert refused_field(chat, response_format=response_format) == param
 
 
-@pytest.mark.parametrize("divisor", [10007, 12345.6, 1000003])
+BOTH = {"allOf": [{"multipleOf": 9973}, {"multipleOf": 9967}]}
+
+
+@pytest.mark.parametrize("divisor", [10007, 12345.6, 1000003, BOTH])
 def test_a_multiple_of_with_many_digits_is_refused_before_a_replica_builds_it(
-    divisor: float,
+    divisor: float | dict,
 ) -> None:
-    """The grammar for ``multipleOf`` d has a state per remainder: a 40-byte
-    schema could keep a replica compiling for minutes."""
-    integer = {"type": "integer", "multipleOf": divisor}
+    """The grammar for ``multipleOf`` d has a state per remainder, and for
+    two divisors of one value a state per pair: a 40-byte schema could keep
+    a replica compiling for minutes."""
+    held = divisor if isinstance(divisor, dict) else {"multipleOf": divisor}
+    integer = {"type": "integer", **held}
     nested = {"type": "object", "properties": {"n": {"anyOf": [integer]}}}
     for schema in (integer, nested):
         assert refused_field(chat, response_format=schema_format(schema)) == (
@@ -76,7 +81,7 @@ def test_a_multiple_of_with_many_digits_is_refused_before_a_replica_builds_it(
     assert refused_field(chat, tools=[function]).startswith("tools.0.function.parameters")
 
 
-@pytest.mark.parametrize("divisor", [7, 1000, 100000, 2.5, 0.0001, 1.5e-7])
+@pytest.mark.parametrize("divisor", [7, 1000, 100000, 2.5, 0.0001, 1.5e-7, 9999])
 def test_a_multiple_of_with_few_significant_digits_is_accepted(divisor: float) -> None:
     schema = {"type": "number", "multipleOf": divisor, "properties": {"multipleOf": {}}}
     held = chat(response_format=schema_format(schema)).grammar()

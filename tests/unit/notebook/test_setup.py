@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -87,6 +88,32 @@ def test_in_colab_a_package_replaced_while_imported_asks_for_a_restart(
     notice = capsys.readouterr().out
     assert ("imported already (requests): restart the session" in notice) == upgraded
     assert "some-unimported-package" not in notice
+
+
+def test_a_name_several_packages_share_counts_only_the_package_imported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Colab imports ``google.colab``; ``google`` is also protobuf's and
+    google-auth's, whose upgrade must not ask for a restart."""
+    imported_file = tmp_path / "shared" / "imported.py"
+    imported_file.parent.mkdir()
+    imported_file.write_text("")
+    module = types.ModuleType("shared.imported")
+    module.__file__ = str(imported_file)
+    monkeypatch.setitem(sys.modules, "shared.imported", module)
+    monkeypatch.setattr(
+        kit_setup, "packages_distributions", lambda: {"shared": ["dist-a", "dist-b"]}
+    )
+    holds = {"dist-a": [imported_file], "dist-b": [tmp_path / "shared" / "other.py"]}
+    monkeypatch.setattr(
+        kit_setup,
+        "distribution",
+        lambda name: types.SimpleNamespace(
+            files=[types.SimpleNamespace(locate=lambda path=path: path) for path in holds[name]]
+        ),
+    )
+    monkeypatch.setattr(kit_setup, "version", lambda name: "1.0")
+    assert kit_setup.imported_versions() == {"dist-a": "1.0"}
 
 
 def test_only_installed_packages_are_held(monkeypatch: pytest.MonkeyPatch) -> None:
