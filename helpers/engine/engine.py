@@ -52,6 +52,7 @@ from helpers.engine.gguf_linear import GgufLinear
 from helpers.engine.hub import is_hub_id, snapshot_directory
 from helpers.engine.int8_linear import Int8Linear
 from helpers.engine.kv_budget import KVPlan, gpu_kv_plan
+from helpers.engine.layer_ops import LayerOps
 from helpers.engine.llama_config import UnsupportedCheckpoint, llama_config
 from helpers.engine.llama_loading import load_llama
 from helpers.engine.tokenizer import Tokenizer
@@ -224,8 +225,13 @@ class EngineInfo:
     """How the linear layers are stored: GGUF block kinds, or the dtype."""
     fallback_reason: str | None
     """Why the kit's decoder does not run this model, when it does not."""
+    gpu_kernels: tuple[str, ...] | None = None
+    """The kit's Triton kernels serving the kit's decoder on a GPU
+    (``paged_attention``, ``fused_layer_ops``); none of them where each
+    failed its check at load (the replica's log says why), and None off a
+    GPU or on transformers' path, where none apply."""
 
-    def as_dict(self) -> dict[str, str | None]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -602,6 +608,13 @@ def describe(model: Decoder, fallback_reason: str | None = None) -> EngineInfo:
     weights = " + ".join(kinds) + " blocks" if kinds else dtype
     if any(isinstance(m, Int8Linear) for m in quantized):
         weights += ", int8 activations"
+    gpu_kernels = None
+    if kit and weight.device.type == "cuda":
+        serving = {
+            "paged_attention": getattr(model, "decode_kernel", None) is not None,
+            "fused_layer_ops": type(getattr(model, "ops", LayerOps())) is not LayerOps,
+        }
+        gpu_kernels = tuple(name for name, serves in serving.items() if serves)
     return EngineInfo(
         implementation="kit-decoder" if kit else "transformers",
         architecture=str(getattr(model.config, "family" if kit else "model_type", "unknown")),
@@ -609,6 +622,7 @@ def describe(model: Decoder, fallback_reason: str | None = None) -> EngineInfo:
         device=weight.device.type,
         weights=weights,
         fallback_reason=fallback_reason,
+        gpu_kernels=gpu_kernels,
     )
 
 
