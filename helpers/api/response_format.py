@@ -15,8 +15,6 @@ valid JSON.
 from __future__ import annotations
 
 import json
-import math
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,19 +27,12 @@ from pydantic import (
     model_validator,
 )
 
+from helpers.api.schema_limits import check_multiple_of
 from helpers.protocol import Grammar
 
 MAX_SCHEMA_BYTES = 16_384
 """Largest schema, as compact JSON. The grammar library bounds the work a
 schema can cause; this bounds what a replica is sent and compiles."""
-MAX_MULTIPLE_OF = 10_000
-"""Most remainders the ``multipleOf`` of one schema may ask a grammar to
-track, all of them together (a value can be held to several at once, in an
-``allOf``): the product of their significant digits read as integers (7
-and 0.25 ask for 7 and 25, 1000 and 0.001 for 1). The grammar library builds
-an automaton with a state per remainder, outside its budgets: a schema of
-forty bytes with a divisor of seven significant digits keeps a replica
-compiling for seconds, and a larger one runs it out of memory."""
 ANY_OBJECT = {"type": "object"}
 """``json_object``: any JSON object, as OpenAI's JSON mode promises."""
 
@@ -49,33 +40,8 @@ ANY_OBJECT = {"type": "object"}
 def _small_enough(schema: dict[str, Any]) -> dict[str, Any]:
     if len(compact(schema)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"must be at most {MAX_SCHEMA_BYTES} bytes as compact JSON")
-    divisors = _multiples_of(schema)
-    if math.prod(map(_remainders, divisors)) > MAX_MULTIPLE_OF:
-        raise ValueError(
-            f"multipleOf {', '.join(map(repr, divisors))}: their significant digits, "
-            f"multiplied, must stay within {MAX_MULTIPLE_OF}, or the grammar takes too "
-            "long to build"
-        )
+    check_multiple_of(schema)
     return schema
-
-
-def _multiples_of(schema: Any) -> list[int | float]:
-    """Every number given as ``multipleOf`` anywhere in ``schema``."""
-    if isinstance(schema, list):
-        return [found for item in schema for found in _multiples_of(item)]
-    if not isinstance(schema, dict):
-        return []
-    given = schema.get("multipleOf")
-    found = [given] if isinstance(given, int | float) and not isinstance(given, bool) else []
-    return found + [f for value in schema.values() for f in _multiples_of(value)]
-
-
-def _remainders(number: int | float) -> int:
-    """``number``'s significant digits as an integer, the remainders a
-    grammar holding a value to its multiples tracks: 100000 and 0.0001 give
-    1, 12345.6 gives 123456."""
-    digits = Decimal(str(number)).normalize().as_tuple().digits
-    return int("".join(map(str, digits)) or "0") or 1
 
 
 Schema = Annotated[dict[str, Any], AfterValidator(_small_enough)]

@@ -227,9 +227,9 @@ class EngineInfo:
     """Why the kit's decoder does not run this model, when it does not."""
     gpu_kernels: tuple[str, ...] | None = None
     """The kit's Triton kernels serving the kit's decoder on a GPU
-    (``paged_attention``, ``fused_layer_ops``); none of them where each
-    failed its check at load (the replica's log says why), and None off a
-    GPU or on transformers' path, where none apply."""
+    (``paged_attention``, ``fused_layer_ops``). One left out failed its
+    check at load or does not apply to this GPU and dtype (the replica's
+    log says which); None off a GPU or on transformers' path."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

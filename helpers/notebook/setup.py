@@ -112,7 +112,10 @@ def imported_versions() -> dict[str, str | None]:
 
 def _files_of(dist: str, known: dict[str, set[str]]) -> set[str]:
     if dist not in known:
-        listed = distribution(dist).files or ()
+        try:
+            listed = distribution(dist).files or ()
+        except PackageNotFoundError:  # gone since packages_distributions() read it
+            listed = ()
         known[dist] = {os.path.realpath(str(file.locate())) for file in listed}
     return known[dist]
 

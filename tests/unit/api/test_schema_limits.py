@@ -1,0 +1,67 @@
+"""What a client's JSON schema may ask of a grammar's ``multipleOf``
+(helpers/api/schema_limits.py): divisors holding one value multiply their
+remainders, those of separate values add up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from helpers.api.schema_limits import check_multiple_of, remainders
+
+
+def times(divisor: float) -> dict[str, Any]:
+    return {"type": "number", "multipleOf": divisor}
+
+
+def properties(*held: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {f"p{i}": schema for i, schema in enumerate(held)}}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        properties(*[times(5)] * 6),  # five-minute steps, six of them
+        properties(times(15), times(15), times(45)),
+        properties(*[times(0.25)] * 3) | {"$defs": {"cents": times(0.01)}},
+        {"anyOf": [times(9973), times(9967)]},  # one or the other: an automaton each
+        properties(*[times(9999)] * 10),
+        {"$defs": {"a": {"$ref": "#/$defs/a", "multipleOf": 7}}, "$ref": "#/$defs/a"},
+    ],
+    ids=["six fives", "15, 15 and 45", "quarters and cents", "anyOf", "ten of 9999", "a $ref loop"],
+)
+def test_divisors_of_separate_values_are_accepted(schema: dict[str, Any]) -> None:
+    check_multiple_of(schema)
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        (times(10007), "one value"),
+        ({"allOf": [times(9973), times(9967)]}, "one value"),
+        ({"multipleOf": 9973, "allOf": [{"allOf": [times(3)]}]}, "one value"),
+        ({"$defs": {"a": times(9973)}, "$ref": "#/$defs/a", "multipleOf": 9967}, "one value"),
+        (properties(*[times(9999)] * 11), "in all"),
+        (times(float("inf")), "finite number above 0"),
+        (times(0), "finite number above 0"),
+        (times(-5), "finite number above 0"),
+    ],
+    ids=["10007", "allOf", "nested allOf", "$ref", "eleven of 9999", "inf", "0", "negative"],
+)
+def test_divisors_a_grammar_would_take_too_long_on_are_refused(
+    schema: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        check_multiple_of(schema)
+
+
+def test_remainders_are_the_significant_digits() -> None:
+    assert [remainders(n) for n in (100000, 0.0001, 0.25, 12345.6, 1.5e-7, 7)] == [
+        1,
+        1,
+        25,
+        123456,
+        15,
+        7,
+    ]
