@@ -4,9 +4,10 @@ it, beyond its size: the ``multipleOf`` divisors.
 The grammar library builds an automaton with a state per remainder of a
 divisor, outside its own budgets: a schema of forty bytes with a divisor of
 seven significant digits keeps a replica compiling for seconds, and a larger
-one runs it out of memory. Divisors that hold one value together (in an
-``allOf``, or through a ``$ref``) multiply their remainders; those of
-separate values (properties, ``anyOf`` branches) only add up.
+one runs it out of memory. Divisors that can meet at one value (in an
+``allOf``, ``anyOf`` or ``oneOf``, or through a ``$ref``) multiply their
+remainders, since the library's automaton for either-or tracks both at
+once; those of separate values (properties, array items) only add up.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 MAX_REMAINDERS_PER_VALUE = 10_000
-"""Most remainders the divisors holding one value may ask for together."""
+"""Most remainders the divisors that can meet at one value may ask for together."""
 MAX_REMAINDERS = 100_000
 """Most remainders all of a schema's divisors may ask for, added up."""
 
@@ -39,7 +40,7 @@ def check_multiple_of(schema: dict[str, Any]) -> None:
             raise ValueError(
                 f"multipleOf: the divisors holding one value ask a grammar to track {held} "
                 "remainders (their significant digits read as integers, multiplied over "
-                f"allOf and $ref): at most {MAX_REMAINDERS_PER_VALUE}"
+                f"allOf, anyOf, oneOf and $ref): at most {MAX_REMAINDERS_PER_VALUE}"
             )
 
 
@@ -52,15 +53,16 @@ def remainders(number: float) -> int:
 
 
 def _held_together(node: dict[str, Any], root: dict[str, Any], followed: frozenset[str]) -> int:
-    """The remainders of the divisors one value at ``node`` is held to: its
-    own, and those of its ``allOf`` members and of the schema its ``$ref``
-    names, which apply to the same value."""
+    """The remainders of the divisors that can meet at one value at
+    ``node``: its own, and those of its ``allOf``, ``anyOf`` and ``oneOf``
+    members and of the schema its ``$ref`` names."""
     own = node.get("multipleOf")
     product = remainders(own) if _is_number(own) and math.isfinite(own) and own > 0 else 1
-    members = node.get("allOf")
-    for member in members if isinstance(members, list) else ():
-        if isinstance(member, dict):
-            product *= _held_together(member, root, followed)
+    for combined in ("allOf", "anyOf", "oneOf"):
+        members = node.get(combined)
+        for member in members if isinstance(members, list) else ():
+            if isinstance(member, dict):
+                product *= _held_together(member, root, followed)
     ref = node.get("$ref")
     if isinstance(ref, str) and ref not in followed:
         target = _resolve(root, ref)
