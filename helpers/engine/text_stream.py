@@ -30,6 +30,8 @@ class TextStream:
         skips the per-token decoding and decodes once, in :meth:`finish`."""
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self._stops = [StopMatcher(s) for s in self.stop]
+        self._fed = 0  # the text before this was fed to the stop matchers
         self.incremental = incremental or bool(self.stop)
         self.tokens: list[int] = []
         self.stopped = False
@@ -91,24 +93,53 @@ class TextStream:
         return delta
 
     def _first_stop(self) -> int | None:
-        # Only unreleased text can hold a new match, and a stop string can
-        # begin at most its own length before it.
-        start = max(0, self._released - max((len(s) for s in self.stop), default=0))
-        found = [i for i in (self._text.find(s, start) for s in self.stop) if i >= 0]
+        """Where the earliest stop string in the text begins, if one is whole
+        now: only the text decoded since the last call is read."""
+        new, offset, self._fed = self._text[self._fed :], self._fed, len(self._text)
+        found = [i for i in (m.feed(new, offset) for m in self._stops) if i is not None]
         return min(found) if found else None
 
     def _stop_prefix_length(self) -> int:
-        """Length of the longest end of the text that begins some stop string.
+        """Length of the longest end of the text that begins some stop string."""
+        return max((m.matched for m in self._stops), default=0)
 
-        Runs at every token: only the ends that start with the stop string's
-        first character are compared, longest first, rather than every length."""
-        longest = 0
-        for stop in self.stop:
-            tail = self._text[max(0, len(self._text) - len(stop) + 1) :]
-            start = tail.find(stop[0])
-            while start >= 0 and len(tail) - start > longest:
-                if stop.startswith(tail[start:]):
-                    longest = len(tail) - start
-                    break
-                start = tail.find(stop[0], start + 1)
-        return longest
+
+class StopMatcher:
+    """One stop string, found in text that arrives a piece at a time
+    (Knuth, Morris and Pratt's search): each character costs the same however
+    the stop string repeats itself. Comparing every end of the text with
+    the stop string instead costs its length squared for a string such as
+    ``"a" + "ab" * 127`` after a run of ``a``, at every token of the row."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.matched = 0
+        """The longest end of the text fed so far that begins ``stop``."""
+        self._back = _borders(stop)
+
+    def feed(self, text: str, offset: int) -> int | None:
+        """Read ``text``, which begins at ``offset`` of the whole; where the
+        first whole ``stop`` begins, or None."""
+        stop, back, matched = self.stop, self._back, self.matched
+        for index, char in enumerate(text):
+            while matched and stop[matched] != char:
+                matched = back[matched - 1]
+            if stop[matched] == char:
+                matched += 1
+                if matched == len(stop):
+                    self.matched = matched
+                    return offset + index + 1 - matched
+        self.matched = matched
+        return None
+
+
+def _borders(word: str) -> list[int]:
+    """For each prefix of ``word``, the longest proper prefix that is also its end."""
+    borders, length = [0] * len(word), 0
+    for index in range(1, len(word)):
+        while length and word[index] != word[length]:
+            length = borders[length - 1]
+        if word[index] == word[length]:
+            length += 1
+        borders[index] = length
+    return borders
