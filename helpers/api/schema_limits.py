@@ -26,7 +26,8 @@ MAX_REMAINDERS = 100_000
 def check_multiple_of(schema: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a ``multipleOf`` that is not a number above
     0, or divisors whose grammar would take a replica too long to build."""
-    divisors = [node["multipleOf"] for node in _nodes(schema) if _is_number(node.get("multipleOf"))]
+    objects = list(_nodes(schema))
+    divisors = [node["multipleOf"] for node in objects if _is_number(node.get("multipleOf"))]
     for divisor in divisors:
         if not (math.isfinite(divisor) and divisor > 0):
             raise ValueError(f"multipleOf must be a finite number above 0, not {divisor!r}")
@@ -35,13 +36,17 @@ def check_multiple_of(schema: dict[str, Any]) -> None:
             f"multipleOf: the schema's divisors ask a grammar to track {total} remainders in "
             f"all (their significant digits read as integers, added up): at most {MAX_REMAINDERS}"
         )
-    for node in _nodes(schema):
-        if (held := _held_together(node, schema, frozenset())) > MAX_REMAINDERS_PER_VALUE:
-            raise ValueError(
-                f"multipleOf: the divisors holding one value ask a grammar to track {held} "
-                "remainders (their significant digits read as integers, multiplied over "
-                f"allOf, anyOf, oneOf and $ref): at most {MAX_REMAINDERS_PER_VALUE}"
-            )
+    held_together = _HeldTogether(schema)
+    try:
+        too_many = any(held_together(node) > MAX_REMAINDERS_PER_VALUE for node in objects)
+    except RecursionError:  # a $ref chain hundreds long, within MAX_SCHEMA_BYTES
+        raise ValueError("$ref: the schema's references chain too deep to check") from None
+    if too_many:
+        raise ValueError(
+            "multipleOf: the divisors holding one value ask a grammar to track more than "
+            f"{MAX_REMAINDERS_PER_VALUE} remainders (their significant digits read as "
+            "integers, multiplied over allOf, anyOf, oneOf and $ref)"
+        )
 
 
 def remainders(number: float) -> int:
@@ -52,23 +57,35 @@ def remainders(number: float) -> int:
     return int("".join(map(str, digits)) or "0") or 1
 
 
-def _held_together(node: dict[str, Any], root: dict[str, Any], followed: frozenset[str]) -> int:
-    """The remainders of the divisors that can meet at one value at
-    ``node``: its own, and those of its ``allOf``, ``anyOf`` and ``oneOf``
-    members and of the schema its ``$ref`` names."""
-    own = node.get("multipleOf")
-    product = remainders(own) if _is_number(own) and math.isfinite(own) and own > 0 else 1
-    for combined in ("allOf", "anyOf", "oneOf"):
-        members = node.get(combined)
-        for member in members if isinstance(members, list) else ():
+class _HeldTogether:
+    """The remainders of the divisors that can meet at one value at a
+    schema object: its own, and those of its ``allOf``, ``anyOf`` and
+    ``oneOf`` members and of the schema its ``$ref`` names.
+
+    Each object is worked out once: ``$ref`` lets a schema of a few hundred
+    bytes name one object along 2**n paths. A product stops just past the
+    limit, and an object reached again while it is worked out (a ``$ref``
+    loop) adds nothing more."""
+
+    def __init__(self, root: dict[str, Any]) -> None:
+        self._root = root
+        self._known: dict[int, int] = {}
+
+    def __call__(self, node: dict[str, Any]) -> int:
+        if (known := self._known.get(id(node))) is not None:
+            return known
+        self._known[id(node)] = 1  # while in progress
+        own = node.get("multipleOf")
+        product = remainders(own) if _is_number(own) else 1
+        members = [node.get(combined) for combined in ("allOf", "anyOf", "oneOf")]
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            members.append([_resolve(self._root, ref)])
+        for member in (m for listed in members if isinstance(listed, list) for m in listed):
             if isinstance(member, dict):
-                product *= _held_together(member, root, followed)
-    ref = node.get("$ref")
-    if isinstance(ref, str) and ref not in followed:
-        target = _resolve(root, ref)
-        if isinstance(target, dict):
-            product *= _held_together(target, root, followed | {ref})
-    return product
+                product = min(product * self(member), MAX_REMAINDERS_PER_VALUE + 1)
+        self._known[id(node)] = product
+        return product
 
 
 def _resolve(root: dict[str, Any], ref: str) -> Any:

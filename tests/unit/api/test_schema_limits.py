@@ -75,3 +75,25 @@ def test_remainders_are_the_significant_digits() -> None:
         15,
         7,
     ]
+
+
+def test_a_ref_named_along_many_paths_is_worked_out_once() -> None:
+    """Each level names the next twice: 2**60 paths to the last, in 4 KB.
+    Followed path by path, the check itself would never end."""
+    levels = 60
+    defs: dict[str, Any] = {
+        f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(levels)
+    }
+    defs[f"d{levels}"] = {"type": "integer", "multipleOf": 1}
+    check_multiple_of({"$defs": defs, "$ref": "#/$defs/d0"})
+    defs[f"d{levels}"]["multipleOf"] = 3  # 3 ** 2 ** 60 at the top, as counted
+    with pytest.raises(ValueError, match="one value"):
+        check_multiple_of({"$defs": defs, "$ref": "#/$defs/d0"})
+
+
+def test_a_ref_chain_too_deep_to_follow_is_refused_not_crashed_on() -> None:
+    links = 2000
+    defs: dict[str, Any] = {f"{i}": {"$ref": f"#/$defs/{i + 1}"} for i in range(links)}
+    defs[f"{links}"] = times(3)
+    with pytest.raises(ValueError, match="chain too deep"):
+        check_multiple_of({"$defs": defs, "$ref": "#/$defs/0"})
