@@ -26,7 +26,7 @@ MAX_REMAINDERS = 100_000
 def check_multiple_of(schema: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a ``multipleOf`` that is not a number above
     0, or divisors whose grammar would take a replica too long to build."""
-    objects = list(_nodes(schema))
+    objects = list(objects_in(schema))
     divisors = [node["multipleOf"] for node in objects if _is_number(node.get("multipleOf"))]
     for divisor in divisors:
         if not (math.isfinite(divisor) and divisor > 0):
@@ -104,15 +104,15 @@ def _resolve(root: dict[str, Any], ref: str) -> Any:
     return found
 
 
-def _nodes(schema: Any) -> Iterator[dict[str, Any]]:
-    """Every object in ``schema``, itself included."""
+def objects_in(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every object in ``schema`` (any nesting of dicts and lists), itself included."""
     if isinstance(schema, dict):
         yield schema
         for value in schema.values():
-            yield from _nodes(value)
+            yield from objects_in(value)
     elif isinstance(schema, list):
         for item in schema:
-            yield from _nodes(item)
+            yield from objects_in(item)
 
 
 def _is_number(value: Any) -> bool:

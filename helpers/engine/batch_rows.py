@@ -324,15 +324,16 @@ class PagedRows:
         graphs: bool,
         max_positions: int,
         pages: int | None = None,
-        prefill_area: int = PREFILL_AREA,
+        prefill_area: int | None = None,
     ) -> None:
         """A sequence reaches at most ``max_positions`` positions (prompt and
         new tokens). ``pages`` fixes the cache's size and ``prefill_area`` a
         prefill pass's attention (a GPU replica's memory budget,
-        :mod:`helpers.engine.kv_budget`); without pages, the cache starts at
-        ``FIRST_PAGES`` and doubles when the sequences admitted need more."""
+        :mod:`helpers.engine.kv_budget`; without, ``PREFILL_AREA``); without
+        pages, the cache starts at ``FIRST_PAGES`` and doubles when the
+        sequences admitted need more."""
         self.model, self.slots, self.max_pages = model, slots, pages
-        self.prefill_area = prefill_area
+        self.prefill_area = PREFILL_AREA if prefill_area is None else prefill_area
         self.max_positions = max_positions
         self.prefill_passes = 1  # forward passes the last admit ran
         self.device = model.device

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import PREFILL_AREA, PaddedRows, PagedRows
+from helpers.engine.batch_rows import PaddedRows, PagedRows
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
@@ -189,7 +189,7 @@ class ContinuousBatcher:
         slots: bool | None = None,
         max_positions: int | None = None,
         pages: int | None = None,
-        prefill_area: int = PREFILL_AREA,
+        prefill_area: int | None = None,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model

@@ -31,7 +31,6 @@ import torch
 from jinja2 import TemplateError
 
 from helpers.engine import gguf_checkpoint
-from helpers.engine.batch_rows import PREFILL_AREA
 from helpers.engine.batcher import (
     BatchLoad,
     BatchStats,
@@ -272,7 +271,7 @@ class Engine:
             slots,
             max_positions=self.context_length,
             pages=None if kv_plan is None else kv_plan.pages,
-            prefill_area=PREFILL_AREA if kv_plan is None else kv_plan.prefill_area,
+            prefill_area=None if kv_plan is None else kv_plan.prefill_area,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None

@@ -16,6 +16,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from helpers.api.fields import PromptList, TokenIds, TokenIdsList
 from helpers.api.generate_schema import GenerateRequest
 from helpers.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from helpers.api.schema_limits import objects_in
 from helpers.api.token_schema import DetokenizeRequest, TokenizeRequest
 
 from .request_bodies import LIMITS, MODEL
@@ -34,16 +35,11 @@ HI = [{"role": "user", "content": "hi"}]
 def collections_in(schema: Any) -> Iterator[dict[str, Any]]:
     """Every list, map, set or tuple in a pydantic core schema whose items
     can be refused (not ``Any``), nested models included."""
-    if isinstance(schema, dict):
-        items = schema.get("items_schema") or schema.get("values_schema")
-        kind = schema.get("type")  # a model's field named "type" holds a schema here
+    for node in objects_in(schema):
+        items = node.get("items_schema") or node.get("values_schema")
+        kind = node.get("type")  # a model's field named "type" holds a schema here
         if kind in ("list", "dict", "set", "tuple") and items != {"type": "any"}:
-            yield schema
-        for value in schema.values():
-            yield from collections_in(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            yield from collections_in(value)
+            yield node
 
 
 @pytest.mark.parametrize("model", REQUEST_MODELS, ids=lambda model: model.__name__)
