@@ -20,7 +20,8 @@ Both take the same calls: how many waiting sequences have room
 (``fitting``), ``admit`` prompts (one prefill pass for all of them, or a few
 for many or very long ones: ``prefill_passes``), ``keep`` some rows, ``decode`` one
 token per row (whether it returns before the step has run: ``step_runs_ahead``),
-``clear``. ``logits`` holds
+``clear``. Where ``folds_prefills``, prompts can instead go in a piece per
+decode step (``prefill``, then ``decode(tokens, pieces)``). ``logits`` holds
 each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
 stale, since the batcher always decodes next.
 """
@@ -28,6 +29,7 @@ stale, since the batcher always decodes next.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,6 +48,10 @@ PREFILL_AREA = PREFILL_TOKENS**2
 holds, all its rows together, where no memory budget asks for fewer
 (:func:`helpers.engine.kv_budget.prefill_area`): each is a score in every
 head, and the attention that takes a mask and grouped heads keeps them all."""
+PREFILL_CHUNK = 256
+"""Most prompt tokens one pass of :class:`PaddedRows` prefills beside its
+running rows' decode step, where no setting asks otherwise: a longer prompt
+goes in over several passes (:class:`Prefill`)."""
 FIRST_PAGES = 16
 """Pages a cache of no fixed size holds at first; it doubles when the
 sequences admitted need more."""
@@ -133,12 +139,13 @@ def power_of_two_at_least(needed: int, smallest: int) -> int:
 class PaddedRows:
     """A growing, left-padded KV cache; each row's mask hides its padding.
 
-    With the kit's Llama, new prompts can also ride along a decode step
-    (``folds_prefills``): one pass decodes the running rows and prefills the
-    new ones, so the weights are read once for both. On CPU a prefill of a
-    short prompt alone costs about as much as a decode step, since both are
-    bound by reading the weights; folded, it costs little more than its own
-    tokens' arithmetic, and the running rows do not stall for it.
+    With the kit's Llama, new prompts can also ride along decode steps
+    (``folds_prefills``): one pass decodes the running rows and prefills a
+    piece of the new ones (:class:`Prefill`), so the weights are read once
+    for both. On CPU a prefill of a short prompt alone costs about as much as
+    a decode step, since both are bound by reading the weights; folded, it
+    costs little more than its own tokens' arithmetic, and the running rows
+    wait for one piece at most.
     """
 
     max_positions = None
@@ -166,21 +173,21 @@ class PaddedRows:
         return False
 
     def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
-        """Prefill ``prompts`` (token ids) as new rows; returns their lengths in
-        tokens. ``positions``, what each may reach, matters only to
-        :class:`PagedRows`, which holds room for it. Should it raise, the
-        running rows are as they were (both layouts promise it)."""
+        """Prefill ``prompts`` (token ids) as new rows, in one pass; returns
+        their lengths in tokens. ``positions``, what each may reach, matters
+        only to :class:`PagedRows`, which holds room for it. Should it raise,
+        the running rows are as they were (both layouts promise it)."""
+        prefill = self.prefill(prompts)
+        self._run([], [(prefill, prefill.left)])
+        assert prefill.lengths is not None  # its one piece was its last
+        return prefill.lengths
+
+    def prefill(self, prompts: list[list[int]]) -> Prefill:
+        """``prompts`` (token ids) made ready to be prefilled piece by piece
+        (:meth:`decode`), in a cache of their own until the last piece."""
         unique, order = distinct(prompts)
         ids, mask, places = self._encode(unique)
-        cache = self.model.new_cache()
-        output = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=places,
-            cache=cache,
-            logits_to_keep=1,
-        )
-        return self._add_rows(*_copied(order, cache, mask, places, output.logits))
+        return Prefill(ids, mask, places, order, self.model.new_cache())
 
     def _encode(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """Token ids, mask and position ids of new rows."""
@@ -220,8 +227,8 @@ class PaddedRows:
         merged_logits = torch.cat([self.logits, logits])
         try:
             for layer, new in zip(self.cache.layers, cache.layers, strict=True):
-                layer.keys = torch.cat([_pad_kv(layer.keys, mine), _pad_kv(new.keys, theirs)])
-                layer.values = torch.cat([_pad_kv(layer.values, mine), _pad_kv(new.values, theirs)])
+                layer.keys = _stacked(layer.keys, new.keys, length)
+                layer.values = _stacked(layer.values, new.values, length)
         except Exception:
             for layer in self.cache.layers:
                 if layer.keys.shape[0] > rows:
@@ -242,35 +249,97 @@ class PaddedRows:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
 
-    def decode(self, tokens: list[int], prompts: list[list[int]] | None = None) -> list[int]:
-        """One token for every row; with ``prompts`` (where ``folds_prefills``)
-        the same pass prefills them as new rows after the others. Returns the
-        new rows' lengths in tokens."""
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
-        if prompts:
-            unique, order = distinct(prompts)
-            ids, mask, positions = self._encode(unique)
-            cache = self.model.new_cache()
+    def decode(self, tokens: list[int], pieces: Sequence[tuple[Prefill, int]] = ()) -> None:
+        """One token for every row; with ``pieces`` (where ``folds_prefills``)
+        the same pass also runs each prefill's next ``columns``, and a prefill
+        whose last piece this was joins the rows after the others, its
+        ``lengths`` set."""
+        self._run(tokens, pieces)
+
+    def _run(self, tokens: list[int], pieces: Sequence[tuple[Prefill, int]]) -> None:
+        """One forward pass: a decode step for the running rows (``tokens``,
+        none while no row runs) and ``pieces`` of prefills, one segment each."""
+        segments = [prefill.piece(columns) for prefill, columns in pieces]
+        if tokens:
+            self.mask = F.pad(self.mask, (0, 1), value=1)
+            step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
+            segments.insert(0, Segment(step_ids, self.cache, self.positions, self.mask))
+        outputs = self._forward(segments)
+        if tokens:
+            self.positions = self.positions + 1
+            self.logits = outputs.pop(0)[:, -1, :].float()
+        for (prefill, columns), logits in zip(pieces, outputs, strict=True):
+            prefill.done += columns
+            if not prefill.left:
+                prefill.lengths = self._add_rows(
+                    *_copied(prefill.order, prefill.cache, prefill.mask, prefill.positions, logits)
+                )
+
+    def _forward(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Each segment's logits: one segment is a plain call, which every
+        :class:`Decoder` takes; several need a :class:`SegmentDecoder`."""
+        if len(segments) > 1:
             assert isinstance(self.model, SegmentDecoder)
-            logits, new_logits = self.model.forward_segments(
-                [
-                    Segment(step_ids, self.cache, self.positions, self.mask),
-                    Segment(ids, cache, positions, mask, logits_to_keep=1),
-                ]
-            )
-        else:
-            logits = self.model(
-                input_ids=step_ids,
-                attention_mask=self.mask,
-                position_ids=self.positions,
-                cache=self.cache,
-            ).logits
-        self.positions = self.positions + 1
-        self.logits = logits[:, -1, :].float()
-        if not prompts:
-            return []
-        return self._add_rows(*_copied(order, cache, mask, positions, new_logits))
+            return self.model.forward_segments(segments)
+        (segment,) = segments
+        output = self.model(
+            input_ids=segment.input_ids,
+            attention_mask=segment.attention_mask,
+            position_ids=segment.position_ids,
+            cache=segment.cache,
+            logits_to_keep=segment.logits_to_keep,
+        )
+        return [output.logits]
+
+
+class Prefill:
+    """Prompts on their way into a :class:`PaddedRows` batch, left-padded
+    together and prefilled into a cache of their own a piece at a time, each
+    piece riding one of the running rows' decode steps
+    (:meth:`PaddedRows.decode`); they join the rows with their last piece.
+
+    Why pieces: a long prompt prefilled in one pass holds every running row
+    for all of its arithmetic, which on a CPU is seconds per thousand tokens.
+    A piece attends to the pieces before it through the cache, so the rows'
+    text is what one pass would give."""
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        order: list[int],
+        cache: Any,
+    ) -> None:
+        self.ids, self.mask, self.positions = ids, mask, positions
+        self.order = order  # each prompt's distinct row (see distinct)
+        self.cache = cache
+        self.done = 0
+        """Columns prefilled so far."""
+        self.lengths: list[int] | None = None
+        """Each prompt's length in tokens, once it has joined the rows."""
+
+    @property
+    def rows(self) -> int:
+        """Rows each column costs: one per distinct prompt."""
+        return self.ids.shape[0]
+
+    @property
+    def left(self) -> int:
+        """Columns not yet prefilled."""
+        return self.ids.shape[1] - self.done
+
+    def piece(self, columns: int) -> Segment:
+        """The next ``columns`` as a segment over the cache so far; each row's
+        last logits are kept, which only the last piece's are read of."""
+        end = self.done + columns
+        return Segment(
+            self.ids[:, self.done : end],
+            self.cache,
+            self.positions[:, self.done : end],
+            self.mask[:, :end],
+            logits_to_keep=1,
+        )
 
 
 def _copied(
@@ -286,9 +355,16 @@ def _copied(
     return cache, mask[index], positions[index], logits[index]
 
 
-def _pad_kv(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """Left-pad a [batch, heads, length, dim] cache tensor along its length."""
-    return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
+def _stacked(rows: torch.Tensor, more: torch.Tensor, length: int) -> torch.Tensor:
+    """Two [batch, heads, columns, dim] cache tensors, one's rows after the
+    other's, each left-padded with zeros to ``length`` columns: one tensor,
+    written once. Padding each side first and then joining them allocated
+    and wrote a long prompt's cache two or three times over (decision 0035)."""
+    batch, heads, _, dim = rows.shape
+    stacked = rows.new_zeros((batch + more.shape[0], heads, length, dim))
+    stacked[:batch, :, length - rows.shape[2] :] = rows
+    stacked[batch:, :, length - more.shape[2] :] = more
+    return stacked
 
 
 class PagedRows:

@@ -6,11 +6,13 @@ and a batch keeps computing rows that already ended, so under load most
 requests wait while few decode. Here one thread owns the model and loops:
 sample one token for every row, drop the rows that ended, and run one decode
 step for the rest, in which the sequences that arrived meanwhile are
-prefilled too (one pass for both, their KV cache merged into the running
-batch after it). Arrivals get a prefill pass of their own first when the
-batch is empty, or when the layout cannot fold them into a decode step: the
-paged layout, whose steps have fixed shapes, and any model that is not the
-kit's decoder (transformers' models).
+prefilled too, a piece of at most ``prefill_chunk`` prompt tokens a step
+(one pass for both, their KV cache merged into the running batch after
+their last piece): a long prompt then holds the running rows for one piece
+at a time, not for all of it. Arrivals get prefill passes of their own
+first where the layout cannot fold them into a decode step: the paged
+layout, whose steps have fixed shapes, and any model that is not the kit's
+decoder (transformers' models).
 
 The batch's tensors are kept by :mod:`helpers.engine.batch_rows`. ``PaddedRows``
 (CPU, and transformers' models anywhere) left-pads rows to a common length,
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import PaddedRows, PagedRows
+from helpers.engine.batch_rows import PREFILL_CHUNK, PaddedRows, PagedRows, Prefill
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.sampling import Sampler
@@ -107,7 +109,9 @@ class BatchStats:
     sequences: int = 0
     prefills: int = 0
     folded_prefills: int = 0
-    """Prefills that rode along a decode step rather than taking a pass of their own."""
+    """Prefills whose last piece rode along a decode step rather than taking a pass of its own."""
+    split_prefills: int = 0
+    """Prefills cut into pieces over several passes (a long prompt, or many at once)."""
     forward_passes: int = 0
     generated_tokens: int = 0
     largest_batch: int = 0
@@ -124,7 +128,7 @@ class BatchLoad:
     waiting: int
     """Sequences submitted and not yet in the batch."""
     rows: int
-    """Sequences in the running batch."""
+    """Sequences in the running batch, or on their way in (prefilling)."""
     cached_tokens: int
     """Positions the running rows hold in the KV cache (prompt and output)."""
 
@@ -151,6 +155,15 @@ class _Sequence:
         self.logprobs.append(logprob)
         if self.on_logprob is not None:
             self.on_logprob(logprob)
+
+
+@dataclass(eq=False)
+class _Prefilling:
+    """Sequences admitted together whose prompts are being prefilled, a piece a pass."""
+
+    sequences: list[_Sequence]
+    prefill: Prefill
+    pieces: int = 0
 
 
 @dataclass
@@ -190,13 +203,16 @@ class ContinuousBatcher:
         max_positions: int | None = None,
         pages: int | None = None,
         prefill_area: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model
         that offers one on a GPU, else a padded cache; True asks for slots
         anywhere (on CPU, as tests do, they run eagerly). ``max_positions`` (by default the
         model's context) caps a sequence's length in slots, ``pages``
-        fixes their cache's size and ``prefill_area`` their prefill passes'."""
+        fixes their cache's size and ``prefill_area`` their prefill passes'.
+        ``prefill_chunk`` is how many prompt tokens one pass of the padded
+        layout prefills beside the running rows' decode step."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -220,7 +236,10 @@ class ContinuousBatcher:
             )
         else:
             self._rows = PaddedRows(model, tokenizer)
+        self.prefill_chunk = prefill_chunk
         self._sequences: list[_Sequence] = []
+        # Admitted, oldest first, not yet rows: their prompts go in piece by piece.
+        self._prefilling: list[_Prefilling] = []
         # Taken from the queue, waiting for room in the cache; oldest first.
         self._held: list[_Sequence] = []
         # torch's CPU thread count is per thread: carry the caller's setting over.
@@ -317,7 +336,7 @@ class ContinuousBatcher:
         sequences = self._sequences
         return BatchLoad(
             waiting=self._waiting.qsize() + len(self._held),
-            rows=len(sequences),
+            rows=len(sequences) + sum(len(p.sequences) for p in self._prefilling),
             cached_tokens=sum(s.prompt_tokens + len(s.text.tokens) for s in sequences),
         )
 
@@ -370,7 +389,8 @@ class ContinuousBatcher:
             # Closed, or the loop itself failed outside any one batch: nothing
             # submitted may then wait for ever, and nothing more is taken.
             self._stopping.set()
-            ended, self._sequences, self._held = self._sequences + self._held, [], []
+            ended = self._sequences + self._entering() + self._held
+            self._sequences, self._prefilling, self._held = [], [], []
             for sequence in ended:
                 _settle(sequence.future, exception=BatcherClosedError())
             while self._chores:
@@ -378,19 +398,27 @@ class ContinuousBatcher:
             self._refuse_waiting()
 
     def _loop(self) -> None:
-        while not (self._stopping.is_set() and not self._sequences):
+        while not (self._stopping.is_set() and not self._sequences and not self._prefilling):
             self._turn_started = time.monotonic()
-            self._run_chores(idle=not self._sequences and not self._held and self._waiting.empty())
+            self._run_chores(idle=self._idle() and not self._held and self._waiting.empty())
             # Once stopping, only the batch in flight goes on.
             arrivals = [] if self._stopping.is_set() else self._take_arrivals()
             try:
                 with torch.inference_mode():
                     self._advance(arrivals)
             except Exception as err:  # never let one bad batch kill the loop
-                for sequence in self._sequences + arrivals:
+                for sequence in self._sequences + self._entering() + arrivals:
                     _settle(sequence.future, exception=err)
-                self._sequences = []
+                self._sequences, self._prefilling = [], []
                 self._rows.clear()
+
+    def _idle(self) -> bool:
+        """Whether no sequence decodes or is on its way in."""
+        return not self._sequences and not self._prefilling
+
+    def _entering(self) -> list[_Sequence]:
+        """The sequences whose prompts are being prefilled."""
+        return [sequence for prefilling in self._prefilling for sequence in prefilling.sequences]
 
     def _refuse_waiting(self) -> None:
         """Settle everything queued for a loop that is stopping. Safe from any
@@ -433,9 +461,9 @@ class ContinuousBatcher:
         is running or held. A sequence the rows have no room for yet is held,
         and the ones after it wait behind it, so none is passed over for
         long. One the rows could never hold is admitted alone, to be refused."""
-        room = self.max_batch_size - len(self._sequences)
+        room = self.max_batch_size - len(self._sequences) - len(self._entering())
         arrivals: list[_Sequence | None] = list(self._held)
-        if not self._sequences and not arrivals:
+        if self._idle() and not arrivals:
             self._turn_started = None  # waiting for work is not being stuck
             arrivals.append(self._waiting.get())
             self._turn_started = time.monotonic()
@@ -449,7 +477,7 @@ class ContinuousBatcher:
         self.stats.cancelled += sum(1 for s in arrivals if s is not None) - len(live)
         self._held = live  # taken from the queue: if the loop fails now, they are settled
         fits = self._rows.fitting([_positions(s) for s in live[:room]])
-        if live and not self._sequences:
+        if live and self._idle():
             fits = max(fits, 1)
         self._held = live[fits:]
         return live[:fits]
@@ -457,24 +485,28 @@ class ContinuousBatcher:
     def _advance(self, arrivals: list[_Sequence]) -> None:
         """One iteration: admit, sample a token per row, retire ended rows, decode.
 
-        Arrivals join a running batch inside its decode step where the rows
-        allow it (``folds_prefills``); otherwise, and into an empty batch,
-        they are prefilled first, in a pass of their own.
+        Where the rows fold prefills (``folds_prefills``), arrivals are
+        prefilled a piece per pass, beside the running rows' decode step
+        (:meth:`_pieces`), and join the rows with their last piece; otherwise
+        they are prefilled first, in passes of their own.
         """
-        fold = bool(arrivals and self._sequences) and self._rows.folds_prefills
-        if arrivals and not fold:
+        if arrivals and self._rows.folds_prefills:
+            assert isinstance(self._rows, PaddedRows)
+            prefill = self._rows.prefill([s.prompt_ids for s in arrivals])
+            self._prefilling.append(_Prefilling(arrivals, prefill))
+        elif arrivals:
             self._admit_apart(arrivals)
-        if not self._sequences:
+        self._drop_cancelled_prefills()
+        if self._idle():
             return
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
-        keep, next_tokens, pushed = self._sample_rows()
+        keep, next_tokens, pushed = self._sample_rows() if self._sequences else ([], [], [])
         if not keep:
             self._sequences = []
             self._rows.clear()
-            if fold:  # nothing left to ride along
-                self._admit_apart(arrivals)
-            return
-        if len(keep) < len(self._sequences):
+            if not self._prefilling:
+                return
+        elif len(keep) < len(self._sequences):
             self._sequences = [self._sequences[row] for row in keep]
             self._rows.keep(keep)
         # The kept rows' next masks, computed while the step below runs.
@@ -482,15 +514,56 @@ class ContinuousBatcher:
         runs_ahead = self._rows.step_runs_ahead()
         if not runs_ahead:
             _stream_text(pushed)
-        if fold:
-            lengths = self._rows.decode(next_tokens, [s.prompt_ids for s in arrivals])
-            self._joined(arrivals, lengths)
-            self.stats.folded_prefills += 1
+        pieces = self._pieces()
+        if pieces:
+            assert isinstance(self._rows, PaddedRows)
+            self._rows.decode(next_tokens, [(p.prefill, columns) for p, columns in pieces])
+            self._join_prefilled([p for p, _ in pieces], folded=bool(next_tokens))
         else:
             self._rows.decode(next_tokens)
         self.stats.forward_passes += 1
         if runs_ahead:
             _stream_text(pushed)
+
+    def _pieces(self) -> list[tuple[_Prefilling, int]]:
+        """How many columns of each prefill under way this pass runs: the
+        oldest first, ``prefill_chunk`` prompt tokens in all (a column costs
+        a token per distinct prompt), and at least a column of the oldest,
+        so every prefill moves on. A prompt longer than that is cut into
+        pieces, so a running row's next token waits for one piece of it at
+        most; shorter ones go in whole, several in one pass."""
+        budget, pieces = self.prefill_chunk, []
+        for prefilling in self._prefilling:
+            prefill = prefilling.prefill
+            columns = min(prefill.left, budget // prefill.rows)
+            if not pieces:
+                columns = max(columns, 1)
+            if columns == 0:
+                break
+            pieces.append((prefilling, columns))
+            budget -= columns * prefill.rows
+        return pieces
+
+    def _join_prefilled(self, ran: list[_Prefilling], folded: bool) -> None:
+        """After a pass: the prefills of ``ran`` that had their last piece
+        join the rows, in the order the rows took them."""
+        for prefilling in ran:
+            prefilling.pieces += 1
+            lengths = prefilling.prefill.lengths
+            if lengths is None:
+                continue
+            self._prefilling.remove(prefilling)
+            self._joined(prefilling.sequences, lengths)
+            self.stats.folded_prefills += folded
+            self.stats.split_prefills += prefilling.pieces > 1
+
+    def _drop_cancelled_prefills(self) -> None:
+        """Stop prefilling for sequences whose callers are all gone; one
+        cancelled among others is dropped once it is a row."""
+        for prefilling in list(self._prefilling):
+            if all(s.future.done() for s in prefilling.sequences):
+                self._prefilling.remove(prefilling)
+                self.stats.cancelled += sum(s.future.cancelled() for s in prefilling.sequences)
 
     def _sample_rows(self) -> tuple[list[int], list[int], list[_Sequence]]:
         """Each row's next token, and the rows that go on: their indices,

@@ -31,6 +31,7 @@ import torch
 from jinja2 import TemplateError
 
 from helpers.engine import gguf_checkpoint
+from helpers.engine.batch_rows import PREFILL_CHUNK
 from helpers.engine.batcher import (
     BatchLoad,
     BatchStats,
@@ -246,11 +247,14 @@ class Engine:
         max_batch_size: int = 16,
         slots: bool | None = None,
         kv_plan: KVPlan | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
-        ``slots`` picks the batch's layout, as :class:`ContinuousBatcher` says;
-        ``kv_plan`` fixes a paged cache's size and its prefill passes' (a GPU
-        replica's share of memory), which may also shorten the context."""
+        ``slots`` picks the batch's layout and ``prefill_chunk`` how much of
+        the prompts waiting a pass of the padded one prefills, as
+        :class:`ContinuousBatcher` says; ``kv_plan`` fixes a paged cache's
+        size and its prefill passes' (a GPU replica's share of memory), which
+        may also shorten the context."""
         self.model_id = model_id
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -272,6 +276,7 @@ class Engine:
             max_positions=self.context_length,
             pages=None if kv_plan is None else kv_plan.pages,
             prefill_area=None if kv_plan is None else kv_plan.prefill_area,
+            prefill_chunk=prefill_chunk,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None

@@ -322,14 +322,14 @@ def test_a_padded_merge_that_fails_midway_leaves_the_running_rows_as_they_were(
         rows.admit([short], [len(short) + 8])
         kept = [(layer.keys.clone(), layer.values.clone()) for layer in rows.cache.layers]
         mask = rows.mask.clone()
-        calls, pad = itertools.count(), batch_rows._pad_kv
+        calls, stacked = itertools.count(), batch_rows._stacked
 
-        def fails_at_the_third_layer(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-            if next(calls) == 8:  # two calls per tensor, keys and values per layer
+        def fails_at_the_third_layer(*args: Any) -> torch.Tensor:
+            if next(calls) == 5:  # one call for keys and one for values per layer
                 raise RuntimeError("out of memory")
-            return pad(tensor, columns)
+            return stacked(*args)
 
-        monkeypatch.setattr(batch_rows, "_pad_kv", fails_at_the_third_layer)
+        monkeypatch.setattr(batch_rows, "_stacked", fails_at_the_third_layer)
         with pytest.raises(RuntimeError, match="out of memory"):
             rows.admit([long], [len(long) + 8])
     assert torch.equal(rows.mask, mask)

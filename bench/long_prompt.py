@@ -1,0 +1,122 @@
+"""What a long prompt arriving costs the streams decoding beside it, on CPU:
+the gaps between their pieces of text while it goes in and after it has
+joined their batch, and its own time to first token. Prompts go in pieces of
+``PREFILL_CHUNK`` tokens a pass; the baseline, in the same run, is the whole
+prompt in one pass, as before pieces.
+
+    python -m bench.long_prompt        (--help for the knobs)
+
+The replicas' Engine alone, on the embedded model: no Ray, no HTTP. Prints
+each run, and records them in ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+from bench.results_file import provenance, record_section
+from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine.batch_rows import PREFILL_CHUNK
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+
+STREAMS = 4
+STREAM_TOKENS = 1000
+"""More than the streams decode before the long prompt is done; they are then cancelled."""
+STARTED_AFTER = 10
+"""Pieces each stream has sent before the long prompt is submitted."""
+SENTENCE = "Ray Serve scales replicas up and down with the traffic they get. "
+
+
+def run(engine: Engine, prompt: tuple[int, ...]) -> dict[str, float]:
+    """Streams decode; the long prompt arrives; they are stopped once its 16 tokens are out."""
+    stamps: list[list[float]] = [[] for _ in range(STREAMS)]
+    sampling = Sampling(STREAM_TOKENS, temperature=0.0, top_p=1.0, ignore_eos=True)
+    streams = [
+        engine.submit(
+            GenerationRequest(f"Count from {i} to a thousand:", sampling),
+            on_text=lambda _, mine=stamps[i]: mine.append(time.perf_counter()),
+        )
+        for i in range(STREAMS)
+    ]
+    while min(map(len, stamps)) < STARTED_AFTER:
+        ended = [stream for stream in streams if stream.done()]
+        if ended:
+            raise RuntimeError(f"a stream ended before the long prompt came: {ended[0].result()}")
+        time.sleep(0.01)
+    first: list[float] = []
+    submitted = time.perf_counter()
+    long = engine.submit(
+        GenerationRequest(prompt, Sampling(16, 0.0, 1.0, ignore_eos=True)),
+        on_text=lambda _: first.append(time.perf_counter()),
+    )
+    long.result(timeout=1200)
+    done = time.perf_counter()
+    if not all(stream.cancel() for stream in streams):
+        raise RuntimeError("a stream ended before the long prompt: raise STREAM_TOKENS")
+    going_in, beside = [], []
+    for mine in stamps:
+        for earlier, later in itertools.pairwise(mine):
+            if submitted <= later <= first[0]:
+                going_in.append(later - earlier)
+            elif first[0] < earlier and later <= done:
+                beside.append(later - earlier)
+    return {
+        "first_token_s": first[0] - submitted,
+        "longest_gap_s": max(going_in),
+        "median_gap_s": statistics.median(going_in),
+        "median_gap_after_s": statistics.median(beside),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2000, 6000])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="turns of each way")
+    args = parser.parse_args()
+    loaded = Engine.load(
+        EMBEDDED_MODEL_ID, ServeConfig.from_env().model_cache_dir, cpu_threads=args.threads
+    )
+    # Prepacked, as a replica is once warm: that starts after a first request.
+    loaded.generate([GenerationRequest("Hi", Sampling(4, 0.0, 1.0))])
+    loaded.tuned.result()
+    loaded.close()
+    sentence = loaded.tokenizer(SENTENCE)["input_ids"]
+    rows = [
+        "| prompt tokens | prefill | round | streams' longest gap ms | median gap ms "
+        "| median gap after it joined ms | its first token s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tokens in args.tokens:
+        prompt = tuple(itertools.islice(itertools.cycle(sentence), tokens))
+        ways = {f"pieces of {PREFILL_CHUNK}": PREFILL_CHUNK, "one pass": tokens}
+        for round_ in range(1, args.rounds + 1):
+            for prefill, chunk in ways.items():
+                engine = Engine(
+                    loaded.model, loaded.tokenizer, model_id=EMBEDDED_MODEL_ID, prefill_chunk=chunk
+                )
+                got = run(engine, prompt)
+                engine.close()
+                rows.append(
+                    f"| {tokens} | {prefill} | {round_} | {got['longest_gap_s'] * 1000:.0f} "
+                    f"| {got['median_gap_s'] * 1000:.0f} "
+                    f"| {got['median_gap_after_s'] * 1000:.0f} | {got['first_token_s']:.1f} |"
+                )
+                print(rows[-1], flush=True)
+    record_section(
+        "A long prompt on CPU",
+        [
+            f"{provenance()}. {STREAMS} greedy streams decode; a prompt of the given length "
+            f"arrives after their first {STARTED_AFTER} pieces and asks for 16 tokens. Gaps "
+            "between the streams' pieces of text while it goes in (submitted to its first "
+            "token) and after it joined their batch (to its last).\n",
+            *rows,
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Prompts go into the padded layout's batch a piece per pass (``Prefill``),
+each piece riding the running rows' decode step: a long prompt never holds
+those rows for more than one piece, and every row's text is what one
+prefill pass would give."""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from helpers.config import EMBEDDED_MODEL_ID
+from helpers.engine.batch_rows import PaddedRows
+from helpers.engine.decoder import Segment
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+
+from .conftest import padded_only
+
+CHUNK = 16
+"""Prompt tokens a pass of the engine under test prefills: small, so the
+prompts here take several pieces."""
+SHORT = "The capital of France is"
+LONG = "Ray Serve scales replicas up and down with the traffic they get. " * 6
+
+
+def greedy(prompt: str, max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
+
+
+@pytest.fixture
+def chunked(engine: Engine) -> Iterator[Engine]:
+    """The padded engine's model behind a batcher that prefills ``CHUNK``
+    tokens a pass."""
+    cut = Engine(engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, prefill_chunk=CHUNK)
+    yield cut
+    cut.close()
+
+
+@contextlib.contextmanager
+def passes(model: Any) -> Iterator[list[tuple[int, int]]]:
+    """For each forward pass ``model`` runs inside the block: the rows it
+    decoded and the prompt tokens it prefilled (segments that keep one
+    logit a row are prefills; a decode step keeps them all)."""
+    seen: list[tuple[int, int]] = []
+    forward = model.forward_segments
+
+    def recorded(segments: list[Segment]) -> list[torch.Tensor]:
+        decoded = sum(len(s.input_ids) for s in segments if s.logits_to_keep == 0)
+        prefilled = sum(s.input_ids.numel() for s in segments if s.logits_to_keep == 1)
+        seen.append((decoded, prefilled))
+        return forward(segments)
+
+    model.forward_segments = recorded
+    try:
+        yield seen
+    finally:
+        del model.forward_segments
+
+
+@padded_only
+def test_a_prefill_in_pieces_leaves_the_rows_one_pass_would(engine: Engine) -> None:
+    """Two prompts of different lengths (so one is left-padded), in pieces of
+    one, three and five columns and the rest: the same logits, mask and
+    positions as one pass, and the same greedy tokens after."""
+    ids = [engine.tokenizer(text)["input_ids"] for text in (SHORT, LONG)]
+    whole, cut = (PaddedRows(engine.model, engine.tokenizer) for _ in range(2))
+    with torch.inference_mode():
+        whole.admit(ids, [len(i) + 8 for i in ids])
+        prefill = cut.prefill(ids)
+        for columns in (1, 3, 5, prefill.left - 9):
+            assert prefill.lengths is None
+            cut.decode([], [(prefill, columns)])
+        assert prefill.lengths == [len(i) for i in ids]
+        assert torch.equal(cut.mask, whole.mask) and torch.equal(cut.positions, whole.positions)
+        torch.testing.assert_close(cut.logits, whole.logits, rtol=1e-4, atol=1e-4)
+        for _ in range(8):
+            step = [rows.logits.argmax(-1).tolist() for rows in (whole, cut)]
+            assert step[0] == step[1]
+            whole.decode(step[0])
+            cut.decode(step[1])
+
+
+@padded_only
+def test_a_long_prompt_goes_in_a_piece_per_step_and_both_complete_as_alone(
+    engine: Engine, chunked: Engine
+) -> None:
+    """The running row decodes a token in every pass the long prompt takes,
+    no pass prefills more than the chunk, and both texts are what the
+    default engine (one pass for this prompt) gives each alone."""
+    alone = [engine.generate([greedy(p, 24)])[0].text for p in (SHORT, LONG)]
+    prompt_tokens = len(engine.tokenizer(LONG)["input_ids"])
+    split = chunked.stats.split_prefills
+    box: list = []
+
+    def on_text(piece: str) -> None:
+        if not box:
+            box.append(chunked.submit(greedy(LONG, 24)))
+
+    with passes(chunked.model) as seen:
+        first = chunked.submit(greedy(SHORT, 24), on_text)
+        texts = [first.result(timeout=120).text, box[0].result(timeout=120).text]
+    assert texts == alone
+    assert max(prefilled for _, prefilled in seen) <= CHUNK
+    riding = [decoded for decoded, prefilled in seen if decoded and prefilled]
+    assert len(riding) >= prompt_tokens // CHUNK, "the long prompt rode the running row's steps"
+    assert chunked.stats.split_prefills == split + 1
+
+
+@padded_only
+def test_a_request_cancelled_while_its_prompt_goes_in_is_dropped_before_it_is_all_in(
+    chunked: Engine,
+) -> None:
+    """Counted as a row while it goes in, so the batch's room and the
+    replica's gauges see it; once its caller is gone no more of it is run."""
+    before = chunked.stats
+    cancelled, sequences = before.cancelled, before.sequences
+    pieces: list[str] = []
+    doomed: list = []
+    loads: list = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            doomed.append(chunked.submit(greedy(LONG, 8)))
+        if len(pieces) == 4:
+            loads.append(chunked._batcher.batch_load())
+            assert doomed[0].cancel()
+
+    with passes(chunked.model) as seen:
+        survivor = chunked.submit(greedy(SHORT, 24), on_text)
+        assert survivor.result(timeout=120).completion_tokens == 24
+    assert loads[0].rows == 2 and loads[0].waiting == 0
+    assert chunked.stats.cancelled == cancelled + 1
+    assert chunked.stats.sequences == sequences + 1, "only the survivor joined the rows"
+    prompt_tokens = len(chunked.tokenizer(LONG)["input_ids"])
+    assert sum(prefilled for _, prefilled in seen) < prompt_tokens
+
+
+@padded_only
+def test_a_pass_that_fails_while_a_prompt_goes_in_fails_it_too_and_the_loop_goes_on(
+    chunked: Engine,
+) -> None:
+    model = chunked.model
+    forward, calls = model.forward_segments, []
+
+    def fails_in_the_second_piece(segments: list[Segment]) -> list[torch.Tensor]:
+        calls.append(sum(1 for s in segments if s.logits_to_keep == 1))
+        if calls.count(1) == 2 and len(segments) == 2:
+            raise RuntimeError("a failing pass")
+        return forward(segments)
+
+    box: list = []
+
+    def on_text(piece: str) -> None:
+        if not box:
+            box.append(chunked.submit(greedy(LONG, 8)))
+
+    model.forward_segments = fails_in_the_second_piece
+    try:
+        running = chunked.submit(greedy(SHORT, 24), on_text)
+        assert str(running.exception(timeout=120)) == "a failing pass"
+        assert str(box[0].exception(timeout=120)) == "a failing pass"
+    finally:
+        del model.forward_segments
+    assert chunked._batcher.batch_load().rows == 0
+    assert chunked.generate([greedy(SHORT, 4)])[0].completion_tokens == 4
