@@ -263,6 +263,17 @@ VARIABLES: tuple[Variable, ...] = (
         "max_batch_size",
     ),
     Variable(
+        "PREFILL_CHUNK_TOKENS",
+        "256",
+        "Most prompt tokens a CPU model replica prefills in one forward pass beside the "
+        "sequences it decodes: a longer prompt, or many at once, goes in over several passes, "
+        "so running streams wait for one piece of it rather than all of it. Smaller: steadier "
+        "streams; larger: fewer passes. Ignored on GPUs and for models transformers serves.",
+        "integer in [16, 8192]",
+        _number(int, 16, 8192),
+        "prefill_chunk_tokens",
+    ),
+    Variable(
         "MAX_PROMPTS",
         "16",
         "Most prompts accepted in one /generate request.",
@@ -403,6 +414,7 @@ class ServeConfig:
     target_ongoing_requests: float
     idle_timeout_s: float
     max_batch_size: int
+    prefill_chunk_tokens: int
     max_prompts: int
     prompt_format: str
     dtype: str

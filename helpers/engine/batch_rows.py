@@ -332,6 +332,7 @@ class Prefill:
     def piece(self, columns: int) -> Segment:
         """The next ``columns`` as a segment over the cache so far; each row's
         last logits are kept, which only the last piece's are read of."""
+        assert 0 < columns <= self.left
         end = self.done + columns
         return Segment(
             self.ids[:, self.done : end],

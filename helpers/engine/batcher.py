@@ -332,7 +332,7 @@ class ContinuousBatcher:
 
     def batch_load(self) -> BatchLoad:
         """A snapshot read from another thread: the decode thread replaces
-        its list of sequences rather than changing it in place."""
+        its lists of sequences rather than changing them in place."""
         sequences = self._sequences
         return BatchLoad(
             waiting=self._waiting.qsize() + len(self._held),
@@ -400,7 +400,8 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         while not (self._stopping.is_set() and not self._sequences and not self._prefilling):
             self._turn_started = time.monotonic()
-            self._run_chores(idle=self._idle() and not self._held and self._waiting.empty())
+            if self._sequences or not self._prefilling:  # a batch starting: first tokens first
+                self._run_chores(idle=self._idle() and not self._held and self._waiting.empty())
             # Once stopping, only the batch in flight goes on.
             arrivals = [] if self._stopping.is_set() else self._take_arrivals()
             try:
@@ -493,7 +494,7 @@ class ContinuousBatcher:
         if arrivals and self._rows.folds_prefills:
             assert isinstance(self._rows, PaddedRows)
             prefill = self._rows.prefill([s.prompt_ids for s in arrivals])
-            self._prefilling.append(_Prefilling(arrivals, prefill))
+            self._prefilling = [*self._prefilling, _Prefilling(arrivals, prefill)]  # see batch_load
         elif arrivals:
             self._admit_apart(arrivals)
         self._drop_cancelled_prefills()
@@ -524,45 +525,53 @@ class ContinuousBatcher:
         self.stats.forward_passes += 1
         if runs_ahead:
             _stream_text(pushed)
+        if not next_tokens and self._sequences:
+            # A batch that starts with this pass takes its first step at once,
+            # as after a prefill pass of its own: no chore comes between.
+            self._advance([])
 
     def _pieces(self) -> list[tuple[_Prefilling, int]]:
         """How many columns of each prefill under way this pass runs: the
         oldest first, ``prefill_chunk`` prompt tokens in all (a column costs
-        a token per distinct prompt), and at least a column of the oldest,
-        so every prefill moves on. A prompt longer than that is cut into
-        pieces, so a running row's next token waits for one piece of it at
-        most; shorter ones go in whole, several in one pass."""
+        a token per distinct prompt). The oldest gets a column at least, even
+        where its rows alone are past the budget, so every prefill moves on.
+        A prompt longer than that is cut into pieces, so a running row's next
+        token waits for one piece of it at most; shorter ones go in whole,
+        several in one pass."""
         budget, pieces = self.prefill_chunk, []
         for prefilling in self._prefilling:
             prefill = prefilling.prefill
             columns = min(prefill.left, budget // prefill.rows)
-            if not pieces:
-                columns = max(columns, 1)
-            if columns == 0:
+            if pieces and columns < 1:
                 break
-            pieces.append((prefilling, columns))
-            budget -= columns * prefill.rows
+            pieces.append((prefilling, max(columns, 1)))
+            budget -= max(columns, 1) * prefill.rows
+            if budget <= 0:
+                break
         return pieces
 
     def _join_prefilled(self, ran: list[_Prefilling], folded: bool) -> None:
         """After a pass: the prefills of ``ran`` that had their last piece
         join the rows, in the order the rows took them."""
+        finished = []
         for prefilling in ran:
             prefilling.pieces += 1
             lengths = prefilling.prefill.lengths
-            if lengths is None:
-                continue
-            self._prefilling.remove(prefilling)
-            self._joined(prefilling.sequences, lengths)
-            self.stats.folded_prefills += folded
-            self.stats.split_prefills += prefilling.pieces > 1
+            if lengths is not None:
+                finished.append(prefilling)
+                self._joined(prefilling.sequences, lengths)
+                self.stats.folded_prefills += folded
+                self.stats.split_prefills += prefilling.pieces > 1
+        # Replaced, not changed in place, and after they joined: see batch_load.
+        self._prefilling = [p for p in self._prefilling if p not in finished]
 
     def _drop_cancelled_prefills(self) -> None:
         """Stop prefilling for sequences whose callers are all gone; one
         cancelled among others is dropped once it is a row."""
-        for prefilling in list(self._prefilling):
-            if all(s.future.done() for s in prefilling.sequences):
-                self._prefilling.remove(prefilling)
+        gone = [p for p in self._prefilling if all(s.future.done() for s in p.sequences)]
+        if gone:
+            self._prefilling = [p for p in self._prefilling if p not in gone]
+            for prefilling in gone:
                 self.stats.cancelled += sum(s.future.cancelled() for s in prefilling.sequences)
 
     def _sample_rows(self) -> tuple[list[int], list[int], list[_Sequence]]:

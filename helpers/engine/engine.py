@@ -297,6 +297,7 @@ class Engine:
         slots: bool | None = None,
         tokenizer: Any | None = None,
         gpu_memory_fraction: float = 0.9,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, ``DTYPE`` and CPU threads) and run
         one warm-up pass, timing each step into ``load_times``. A ``tokenizer``
@@ -318,7 +319,9 @@ class Engine:
         On a GPU the kit's decoder keeps its paged cache within
         ``gpu_memory_fraction`` of the device (``GPU_MEMORY_FRACTION``;
         :mod:`helpers.engine.kv_budget`), weights included; a model that
-        transformers serves is held to it by torch's allocator.
+        transformers serves is held to it by torch's allocator. On CPU the kit's
+        decoder prefills at most ``prefill_chunk`` prompt tokens a pass
+        (``PREFILL_CHUNK_TOKENS``) beside the sequences it decodes.
         """
         laps = _Laps()
         if cpu_threads is not None:
@@ -357,6 +360,7 @@ class Engine:
             model_id=model_id,
             max_batch_size=max_batch_size,
             slots=slots,
+            prefill_chunk=prefill_chunk,
             kv_plan=gpu_kv_plan(
                 model, gpu_memory_fraction, _context_length(model.config), max_batch_size
             )

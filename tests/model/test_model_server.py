@@ -18,9 +18,16 @@ from helpers.serve.model_server import LLMServer
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LLMServer]:
-    server = LLMServer(ServeConfig.from_env({"LLM_METRICS": "off", "SPARE_WORKER": "off"}))
+    settings = {"LLM_METRICS": "off", "SPARE_WORKER": "off", "PREFILL_CHUNK_TOKENS": "64"}
+    server = LLMServer(ServeConfig.from_env(settings))
     yield server
     server.engine.close()
+
+
+def test_the_replicas_engine_prefills_what_prefill_chunk_tokens_says_a_pass(
+    server: LLMServer,
+) -> None:
+    assert server.engine._batcher.prefill_chunk == 64
 
 
 def test_a_stream_closed_as_soon_as_it_is_accepted_leaves_nothing_decoding(

@@ -165,3 +165,18 @@ def test_a_pass_that_fails_while_a_prompt_goes_in_fails_it_too_and_the_loop_goes
         del model.forward_segments
     assert chunked._batcher.batch_load().rows == 0
     assert chunked.generate([greedy(SHORT, 4)])[0].completion_tokens == 4
+
+
+@padded_only
+def test_a_batch_that_starts_gets_its_first_token_before_any_chore(chunked: Engine) -> None:
+    """Chores wait for a starting batch's first step (prepacking must not
+    delay a cold start's first token): none runs between the pieces of a
+    prompt that goes into an empty batch, nor between its last piece and
+    its first token."""
+    events: list[str] = []
+    chores = chunked.between_steps([lambda: events.append("chore")] * 3)
+    request = chunked.submit(greedy(LONG, 4), on_text=lambda _: events.append("text"))
+    assert request.result(timeout=120).completion_tokens == 4
+    chores.result(timeout=60)
+    assert events[0] == "text", events
+    assert chunked.stats.split_prefills >= 1
