@@ -19,6 +19,7 @@ import pytest
 import ray
 import requests
 
+from helpers.config import APP_NAME
 from helpers.notebook.client import LLMClient
 from helpers.notebook.multinode import (
     HEAD_IP,
@@ -66,6 +67,21 @@ def ask(client: LLMClient) -> str:
     return client.generate("Name a colour.", max_new_tokens=8, temperature=0.0).text
 
 
+def every_proxy_routes_the_app(client: LLMClient) -> bool:
+    """Whether twenty new connections in a row reach a Serve proxy that routes
+    the app. Every node here runs a proxy on 127.0.0.1:8000 (one machine;
+    Ray binds it with SO_REUSEPORT), and the kernel spreads new connections
+    among them: a proxy that has just started on a new worker answers 404
+    until the controller has sent it the app's routes."""
+    try:
+        return all(
+            APP_NAME in requests.get(f"{client.base_url}/-/routes", timeout=5).json().values()
+            for _ in range(20)
+        )
+    except (requests.RequestException, ValueError, AttributeError):
+        return False
+
+
 def test_multinode_model_replica_moves_to_a_new_worker_when_its_worker_dies(
     cluster: LocalCluster, served: subprocess.Popen[str]
 ) -> None:
@@ -97,5 +113,10 @@ def test_multinode_model_replica_moves_to_a_new_worker_when_its_worker_dies(
 
     assert replica_nodes(MODEL_DEPLOYMENT) == [second.ip]
     assert client.running_model_replicas() == 1
+    wait_for(
+        lambda: every_proxy_routes_the_app(client),
+        START_TIMEOUT_S,
+        "the new worker's Serve proxy to route the app",
+    )
     assert ask(client).strip()
     assert requests.get(f"{client.base_url}/healthz", timeout=10).ok
