@@ -249,6 +249,8 @@ class ContinuousBatcher:
         self._chores: collections.deque[_Chore] = collections.deque()  # decode thread only
         self._stopping = threading.Event()
         self._turn_started: float | None = None  # see stalled_s
+        # Woken from idle, until the batch's first tokens are sampled: chores wait.
+        self._starting = False
         # Held while a group is submitted, and while the loop takes arrivals.
         self._arriving = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
@@ -333,10 +335,13 @@ class ContinuousBatcher:
     def batch_load(self) -> BatchLoad:
         """A snapshot read from another thread: the decode thread replaces
         its lists of sequences rather than changing them in place."""
+        # The prefills first: a group that joins the rows is added to the
+        # sequences before it leaves them, so it is never missed.
+        prefilling = self._prefilling
         sequences = self._sequences
         return BatchLoad(
             waiting=self._waiting.qsize() + len(self._held),
-            rows=len(sequences) + sum(len(p.sequences) for p in self._prefilling),
+            rows=len(sequences) + sum(len(p.sequences) for p in prefilling),
             cached_tokens=sum(s.prompt_tokens + len(s.text.tokens) for s in sequences),
         )
 
@@ -400,7 +405,9 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         while not (self._stopping.is_set() and not self._sequences and not self._prefilling):
             self._turn_started = time.monotonic()
-            if self._sequences or not self._prefilling:  # a batch starting: first tokens first
+            if self._idle():  # nothing starting, whatever emptied the batch
+                self._starting = False
+            if not self._starting:
                 self._run_chores(idle=self._idle() and not self._held and self._waiting.empty())
             # Once stopping, only the batch in flight goes on.
             arrivals = [] if self._stopping.is_set() else self._take_arrivals()
@@ -467,6 +474,7 @@ class ContinuousBatcher:
         if self._idle() and not arrivals:
             self._turn_started = None  # waiting for work is not being stuck
             arrivals.append(self._waiting.get())
+            self._starting = True
             self._turn_started = time.monotonic()
         with self._arriving:
             while len(arrivals) < room:
@@ -501,7 +509,10 @@ class ContinuousBatcher:
         if self._idle():
             return
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._sequences))
-        keep, next_tokens, pushed = self._sample_rows() if self._sequences else ([], [], [])
+        keep, next_tokens, pushed = [], [], []
+        if self._sequences:
+            keep, next_tokens, pushed = self._sample_rows()
+            self._starting = False  # its first tokens are out: chores may go on
         if not keep:
             self._sequences = []
             self._rows.clear()
@@ -525,10 +536,6 @@ class ContinuousBatcher:
         self.stats.forward_passes += 1
         if runs_ahead:
             _stream_text(pushed)
-        if not next_tokens and self._sequences:
-            # A batch that starts with this pass takes its first step at once,
-            # as after a prefill pass of its own: no chore comes between.
-            self._advance([])
 
     def _pieces(self) -> list[tuple[_Prefilling, int]]:
         """How many columns of each prefill under way this pass runs: the

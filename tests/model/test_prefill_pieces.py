@@ -4,6 +4,7 @@ those rows for more than one piece, and every row's text is what one
 prefill pass would give."""
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,8 @@ LONG = "Ray Serve scales replicas up and down with the traffic they get. " * 6
 
 
 def greedy(prompt: str, max_new_tokens: int) -> GenerationRequest:
-    return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
+    sampling = Sampling(max_new_tokens, temperature=0.0, top_p=1.0, ignore_eos=True)
+    return GenerationRequest(prompt, sampling)
 
 
 @pytest.fixture
@@ -174,9 +176,49 @@ def test_a_batch_that_starts_gets_its_first_token_before_any_chore(chunked: Engi
     prompt that goes into an empty batch, nor between its last piece and
     its first token."""
     events: list[str] = []
+    deadline = time.monotonic() + 60
+    while chunked._batcher.stalled_s() != 0.0:  # asleep, waiting for work
+        assert time.monotonic() < deadline, "the decode loop never went idle"
+        time.sleep(0.01)
     chores = chunked.between_steps([lambda: events.append("chore")] * 3)
     request = chunked.submit(greedy(LONG, 4), on_text=lambda _: events.append("text"))
     assert request.result(timeout=120).completion_tokens == 4
     chores.result(timeout=60)
     assert events[0] == "text", events
     assert chunked.stats.split_prefills >= 1
+
+
+@padded_only
+def test_once_the_first_tokens_are_out_chores_run_between_pieces_again(chunked: Engine) -> None:
+    """Chores wait for a starting batch's first tokens only: a steady load of
+    long one-token prompts (a classifier, a judge) leaves no row decoding
+    while the next prompt goes in, and must not hold back prepacking or an
+    echoed prompt's scoring for as long as it lasts."""
+    events: list[str] = []
+    deadline = time.monotonic() + 60
+    while chunked._batcher.stalled_s() != 0.0:  # asleep, waiting for work
+        assert time.monotonic() < deadline, "the decode loop never went idle"
+        time.sleep(0.01)
+    chores = chunked.between_steps([lambda: events.append("chore")] * 3)
+    second: list = []
+    model = chunked.model
+    forward = model.forward_segments
+
+    def submit_the_second_in_the_first_pass(segments: list[Segment]) -> list[torch.Tensor]:
+        if not second:  # on the decode thread: taken as a group of its own next turn
+            second.append(
+                chunked.submit(
+                    greedy(LONG + "Again.", 1), on_text=lambda _: events.append("second")
+                )
+            )
+        return forward(segments)
+
+    model.forward_segments = submit_the_second_in_the_first_pass
+    try:
+        first = chunked.submit(greedy(LONG, 1), on_text=lambda _: events.append("first"))
+        first.result(timeout=120)
+        second[0].result(timeout=120)
+    finally:
+        del model.forward_segments
+    chores.result(timeout=60)
+    assert events.index("first") < events.index("chore") < events.index("second"), events
