@@ -39,6 +39,15 @@ def chunked(engine: Engine) -> Iterator[Engine]:
     cut.close()
 
 
+def wait_until_asleep(engine: Engine) -> None:
+    """Until the decode loop waits for work: chores queued then run only once
+    a request has woken it."""
+    deadline = time.monotonic() + 60
+    while engine._batcher.stalled_s() != 0.0:
+        assert time.monotonic() < deadline, "the decode loop never went idle"
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def passes(model: Any) -> Iterator[list[tuple[int, int]]]:
     """For each forward pass ``model`` runs inside the block: the rows it
@@ -176,10 +185,7 @@ def test_a_batch_that_starts_gets_its_first_token_before_any_chore(chunked: Engi
     prompt that goes into an empty batch, nor between its last piece and
     its first token."""
     events: list[str] = []
-    deadline = time.monotonic() + 60
-    while chunked._batcher.stalled_s() != 0.0:  # asleep, waiting for work
-        assert time.monotonic() < deadline, "the decode loop never went idle"
-        time.sleep(0.01)
+    wait_until_asleep(chunked)
     chores = chunked.between_steps([lambda: events.append("chore")] * 3)
     request = chunked.submit(greedy(LONG, 4), on_text=lambda _: events.append("text"))
     assert request.result(timeout=120).completion_tokens == 4
@@ -195,10 +201,7 @@ def test_once_the_first_tokens_are_out_chores_run_between_pieces_again(chunked: 
     while the next prompt goes in, and must not hold back prepacking or an
     echoed prompt's scoring for as long as it lasts."""
     events: list[str] = []
-    deadline = time.monotonic() + 60
-    while chunked._batcher.stalled_s() != 0.0:  # asleep, waiting for work
-        assert time.monotonic() < deadline, "the decode loop never went idle"
-        time.sleep(0.01)
+    wait_until_asleep(chunked)
     chores = chunked.between_steps([lambda: events.append("chore")] * 3)
     second: list = []
     model = chunked.model
