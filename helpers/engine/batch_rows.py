@@ -178,7 +178,7 @@ class PaddedRows:
         only to :class:`PagedRows`, which holds room for it. Should it raise,
         the running rows are as they were (both layouts promise it)."""
         prefill = self.prefill(prompts)
-        self._run([], [(prefill, prefill.left)])
+        self.decode([], [(prefill, prefill.left)])
         assert prefill.lengths is not None  # its one piece was its last
         return prefill.lengths
 
@@ -250,15 +250,10 @@ class PaddedRows:
             layer.values = layer.values[index, :, start:]
 
     def decode(self, tokens: list[int], pieces: Sequence[tuple[Prefill, int]] = ()) -> None:
-        """One token for every row; with ``pieces`` (where ``folds_prefills``)
-        the same pass also runs each prefill's next ``columns``, and a prefill
-        whose last piece this was joins the rows after the others, its
-        ``lengths`` set."""
-        self._run(tokens, pieces)
-
-    def _run(self, tokens: list[int], pieces: Sequence[tuple[Prefill, int]]) -> None:
-        """One forward pass: a decode step for the running rows (``tokens``,
-        none while no row runs) and ``pieces`` of prefills, one segment each."""
+        """One forward pass: a token for every running row (``tokens``, none
+        while no row runs) and, with ``pieces`` (where ``folds_prefills``),
+        each prefill's next ``columns``, a segment each. A prefill whose last
+        piece this was joins the rows after the others, its ``lengths`` set."""
         segments = [prefill.piece(columns) for prefill, columns in pieces]
         if tokens:
             self.mask = F.pad(self.mask, (0, 1), value=1)

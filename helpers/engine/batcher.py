@@ -549,10 +549,12 @@ class ContinuousBatcher:
         for prefilling in self._prefilling:
             prefill = prefilling.prefill
             columns = min(prefill.left, budget // prefill.rows)
-            if pieces and columns < 1:
-                break
-            pieces.append((prefilling, max(columns, 1)))
-            budget -= max(columns, 1) * prefill.rows
+            if columns < 1:
+                if pieces:
+                    break
+                columns = 1  # the oldest, past the budget on its own
+            pieces.append((prefilling, columns))
+            budget -= columns * prefill.rows
             if budget <= 0:
                 break
         return pieces
