@@ -1,8 +1,9 @@
 """What a long prompt arriving costs the streams decoding beside it, on CPU:
 the gaps between their pieces of text while it goes in and after it has
-joined their batch, and its own time to first token. Prompts go in pieces of
-``PREFILL_CHUNK`` tokens a pass; the baseline, in the same run, is the whole
-prompt in one pass, as before pieces.
+joined their batch, its own time to first token, and that of a short
+question sent just after it. Prompts go in pieces of ``PREFILL_CHUNK``
+tokens a pass, and a short one goes in beside a long one's next piece; the
+baseline, in the same run, is the whole prompt in one pass, as before pieces.
 
     python -m bench.long_prompt        (--help for the knobs)
 
@@ -27,11 +28,15 @@ STREAM_TOKENS = 1000
 """More than the streams decode before the long prompt is done; they are then cancelled."""
 STARTED_AFTER = 10
 """Pieces each stream has sent before the long prompt is submitted."""
+QUESTION = "What is the capital of France?"
+QUESTION_AFTER_S = 1.0
+"""Seconds after the long prompt the short question is sent."""
 SENTENCE = "Ray Serve scales replicas up and down with the traffic they get. "
 
 
 def run(engine: Engine, prompt: tuple[int, ...]) -> dict[str, float]:
-    """Streams decode; the long prompt arrives; they are stopped once its 16 tokens are out."""
+    """Streams decode; the long prompt arrives, and a short question just
+    after it; the streams are stopped once both have their 16 tokens."""
     stamps: list[list[float]] = [[] for _ in range(STREAMS)]
     sampling = Sampling(STREAM_TOKENS, temperature=0.0, top_p=1.0, ignore_eos=True)
     streams = [
@@ -47,12 +52,20 @@ def run(engine: Engine, prompt: tuple[int, ...]) -> dict[str, float]:
             raise RuntimeError(f"a stream ended before the long prompt came: {ended[0].result()}")
         time.sleep(0.01)
     first: list[float] = []
+    answered: list[float] = []
+    asked_for = Sampling(16, 0.0, 1.0, ignore_eos=True)
     submitted = time.perf_counter()
     long = engine.submit(
-        GenerationRequest(prompt, Sampling(16, 0.0, 1.0, ignore_eos=True)),
-        on_text=lambda _: first.append(time.perf_counter()),
+        GenerationRequest(prompt, asked_for), on_text=lambda _: first.append(time.perf_counter())
+    )
+    time.sleep(QUESTION_AFTER_S)
+    asked = time.perf_counter()
+    question = engine.submit(
+        GenerationRequest(QUESTION, asked_for),
+        on_text=lambda _: answered.append(time.perf_counter()),
     )
     long.result(timeout=1200)
+    question.result(timeout=1200)
     done = time.perf_counter()
     if not all(stream.cancel() for stream in streams):
         raise RuntimeError("a stream ended before the long prompt: raise STREAM_TOKENS")
@@ -65,6 +78,7 @@ def run(engine: Engine, prompt: tuple[int, ...]) -> dict[str, float]:
                 beside.append(later - earlier)
     return {
         "first_token_s": first[0] - submitted,
+        "question_first_token_s": answered[0] - asked,
         "longest_gap_s": max(going_in),
         "median_gap_s": statistics.median(going_in),
         "median_gap_after_s": statistics.median(beside),
@@ -87,8 +101,8 @@ def main() -> None:
     sentence = loaded.tokenizer(SENTENCE)["input_ids"]
     rows = [
         "| prompt tokens | prefill | round | streams' longest gap ms | median gap ms "
-        "| median gap after it joined ms | its first token s |",
-        "|---|---|---|---|---|---|---|",
+        "| median gap after it joined ms | its first token s | the question's first token s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for tokens in args.tokens:
         prompt = tuple(itertools.islice(itertools.cycle(sentence), tokens))
@@ -103,14 +117,16 @@ def main() -> None:
                 rows.append(
                     f"| {tokens} | {prefill} | {round_} | {got['longest_gap_s'] * 1000:.0f} "
                     f"| {got['median_gap_s'] * 1000:.0f} "
-                    f"| {got['median_gap_after_s'] * 1000:.0f} | {got['first_token_s']:.1f} |"
+                    f"| {got['median_gap_after_s'] * 1000:.0f} | {got['first_token_s']:.1f} "
+                    f"| {got['question_first_token_s']:.1f} |"
                 )
                 print(rows[-1], flush=True)
     record_section(
         "A long prompt on CPU",
         [
             f"{provenance()}. {STREAMS} greedy streams decode; a prompt of the given length "
-            f"arrives after their first {STARTED_AFTER} pieces and asks for 16 tokens. Gaps "
+            f"arrives after their first {STARTED_AFTER} pieces and asks for 16 tokens, and "
+            f"{QUESTION_AFTER_S:g} s later a short question asks for 16 more. Gaps "
             "between the streams' pieces of text while it goes in (submitted to its first "
             "token) and after it joined their batch (to its last).\n",
             *rows,

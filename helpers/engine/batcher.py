@@ -242,6 +242,8 @@ class ContinuousBatcher:
         self._prefilling: list[_Prefilling] = []
         # Taken from the queue, waiting for room in the cache; oldest first.
         self._held: list[_Sequence] = []
+        # Being prefilled in passes of their own (_admit_apart), not yet rows.
+        self._admitting: list[_Sequence] = []
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
         self._waiting: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
@@ -335,13 +337,14 @@ class ContinuousBatcher:
     def batch_load(self) -> BatchLoad:
         """A snapshot read from another thread: the decode thread replaces
         its lists of sequences rather than changing them in place."""
-        # The prefills first: a group that joins the rows is added to the
-        # sequences before it leaves them, so it is never missed.
-        prefilling = self._prefilling
+        # The ones going in first: a group that joins the rows is added to
+        # the sequences before it leaves them, so it is never missed.
+        admitting, prefilling = self._admitting, self._prefilling
         sequences = self._sequences
+        going_in = len(admitting) + sum(len(p.sequences) for p in prefilling)
         return BatchLoad(
             waiting=self._waiting.qsize() + len(self._held),
-            rows=len(sequences) + sum(len(p.sequences) for p in prefilling),
+            rows=len(sequences) + going_in,
             cached_tokens=sum(s.prompt_tokens + len(s.text.tokens) for s in sequences),
         )
 
@@ -538,26 +541,26 @@ class ContinuousBatcher:
             _stream_text(pushed)
 
     def _pieces(self) -> list[tuple[_Prefilling, int]]:
-        """How many columns of each prefill under way this pass runs: the
-        oldest first, ``prefill_chunk`` prompt tokens in all (a column costs
-        a token per distinct prompt). The oldest gets a column at least, even
-        where its rows alone are past the budget, so every prefill moves on.
-        A prompt longer than that is cut into pieces, so a running row's next
-        token waits for one piece of it at most; shorter ones go in whole,
-        several in one pass."""
-        budget, pieces = self.prefill_chunk, []
-        for prefilling in self._prefilling:
-            prefill = prefilling.prefill
-            columns = min(prefill.left, budget // prefill.rows)
-            if columns < 1:
-                if pieces:
-                    break
-                columns = 1  # the oldest, past the budget on its own
-            pieces.append((prefilling, columns))
-            budget -= columns * prefill.rows
-            if budget <= 0:
-                break
-        return pieces
+        """How many columns of each prefill under way this pass runs, in the
+        queue's order: ``prefill_chunk`` prompt tokens in all (a column costs
+        a token per distinct prompt), so a running row's next token waits for
+        one piece of a long prompt at most.
+
+        Two lanes, each served oldest first: prefills whose rest fits in one
+        pass, and longer ones. While both have work the short lane spends
+        half the budget at most and the long lane the rest, so a short prompt
+        behind a long one is in after a pass or two rather than after all of
+        it, while the long one goes on at half pace or more. Each lane's
+        oldest moves on by a column at least, even where its rows alone are
+        past its share, so no prefill waits for ever.
+        """
+        budget = self.prefill_chunk
+        long = [p for p in self._prefilling if p.prefill.rows * p.prefill.left > budget]
+        short = [p for p in self._prefilling if p not in long]
+        given = _lane_pieces(short, budget - budget // 2 if long else budget)
+        spent = sum(p.prefill.rows * columns for p, columns in given.items())
+        given |= _lane_pieces(long, budget - spent)
+        return [(p, given[p]) for p in self._prefilling if p in given]
 
     def _join_prefilled(self, ran: list[_Prefilling], folded: bool) -> None:
         """After a pass: the prefills of ``ran`` that had their last piece
@@ -645,7 +648,10 @@ class ContinuousBatcher:
     def _admit_apart(self, arrivals: list[_Sequence]) -> None:
         """Prefill ``arrivals`` in passes of their own. Should that fail (a GPU
         out of memory on a long prompt), only they fail: the rows promise to
-        leave the running ones as they were, so those decode on."""
+        leave the running ones as they were, so those decode on. Meanwhile
+        they count as rows (:meth:`batch_load`): a long prompt's passes take a
+        while, and a replica busy with them is not idle."""
+        self._admitting = arrivals
         try:
             self._admit(arrivals)
         except Exception as err:
@@ -655,6 +661,8 @@ class ContinuousBatcher:
                 torch.cuda.empty_cache()
             for sequence in arrivals:
                 _settle(sequence.future, exception=err)
+        finally:
+            self._admitting = []  # after they joined the rows: see batch_load
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """Prefill ``sequences`` together (in one pass, or a few where the
@@ -691,6 +699,22 @@ class ContinuousBatcher:
         value, top = sampler.logprobs(logits, token)
         text = self.tokenizer.decode
         return TokenLogprob(text([token]), value, tuple((text([t]), v) for t, v in top))
+
+
+def _lane_pieces(lane: list[_Prefilling], budget: int) -> dict[_Prefilling, int]:
+    """Columns for the prefills of ``lane``, oldest first, within ``budget``
+    prompt tokens; the oldest gets a column at least."""
+    given: dict[_Prefilling, int] = {}
+    for prefilling in lane:
+        rows = prefilling.prefill.rows
+        columns = min(prefilling.prefill.left, budget // rows)
+        if columns < 1:
+            if given:
+                break
+            columns = 1
+        given[prefilling] = columns
+        budget -= columns * rows
+    return given
 
 
 def _stream_text(sequences: list[_Sequence]) -> None:

@@ -159,6 +159,32 @@ def test_the_rows_a_reader_took_stay_as_they_were_when_others_join(engine: Engin
     assert taken == rows
 
 
+@pytest.mark.parametrize("engine", ["slots"], indirect=True)
+def test_a_prompt_prefilled_in_a_pass_of_its_own_counts_as_a_row_meanwhile(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where prefills take passes of their own (slots, transformers' models),
+    a long prompt's passes take a while: the replica's load report must count
+    it, or the autoscaler sees an idle replica that is busy."""
+    rows = engine._batcher._rows
+    admit, inside, release = rows.admit, threading.Event(), threading.Event()
+
+    def held_admit(*args: object) -> list[int]:
+        inside.set()
+        assert release.wait(60)
+        return admit(*args)
+
+    monkeypatch.setattr(rows, "admit", held_admit)
+    request = engine.submit(greedy(PROMPTS[0], 4))
+    try:
+        assert inside.wait(60)
+        load = engine.batch_load()
+    finally:
+        release.set()
+    assert request.result(timeout=60).completion_tokens == 4
+    assert (load.rows, load.waiting) == (1, 0)
+
+
 def test_a_request_joining_a_running_batch_decodes_as_if_alone(
     engine: Engine, request: pytest.FixtureRequest
 ) -> None:

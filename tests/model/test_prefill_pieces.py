@@ -225,3 +225,31 @@ def test_once_the_first_tokens_are_out_chores_run_between_pieces_again(chunked: 
         del model.forward_segments
     chores.result(timeout=60)
     assert events.index("first") < events.index("chore") < events.index("second"), events
+
+
+@padded_only
+def test_a_short_prompt_behind_a_long_one_gets_its_first_token_before_it(
+    engine: Engine, chunked: Engine
+) -> None:
+    """A short prompt submitted while a long one goes in does not wait for
+    all of it: it goes in beside the long one's next piece, and both texts
+    are what each gives alone."""
+    alone = [engine.generate([greedy(p, 8)])[0].text for p in (LONG, SHORT)]
+    order: list[str] = []
+    behind: list = []
+    model = chunked.model
+    forward = model.forward_segments
+
+    def submit_the_short_in_the_first_pass(segments: list[Segment]) -> list[torch.Tensor]:
+        if not behind:  # on the decode thread: taken as a group of its own next turn
+            behind.append(chunked.submit(greedy(SHORT, 8), on_text=lambda _: order.append("short")))
+        return forward(segments)
+
+    model.forward_segments = submit_the_short_in_the_first_pass
+    try:
+        first = chunked.submit(greedy(LONG, 8), on_text=lambda _: order.append("long"))
+        texts = [first.result(timeout=120).text, behind[0].result(timeout=120).text]
+    finally:
+        del model.forward_segments
+    assert texts == alone
+    assert order.index("short") < order.index("long"), order
