@@ -2,8 +2,9 @@
 the gaps between their pieces of text while it goes in and after it has
 joined their batch, its own time to first token, and that of a short
 question sent just after it. Prompts go in pieces of ``PREFILL_CHUNK``
-tokens a pass, and a short one goes in beside a long one's next piece; the
-baseline, in the same run, is the whole prompt in one pass, as before pieces.
+tokens a pass, and a short one goes in beside a long one's pieces (lanes).
+Two baselines take turns with it in the same run: pieces first come, first
+served, as before lanes, and the whole prompt in one pass, as before pieces.
 
     python -m bench.long_prompt        (--help for the knobs)
 
@@ -106,11 +107,19 @@ def main() -> None:
     ]
     for tokens in args.tokens:
         prompt = tuple(itertools.islice(itertools.cycle(sentence), tokens))
-        ways = {f"pieces of {PREFILL_CHUNK}": PREFILL_CHUNK, "one pass": tokens}
+        ways = {  # the prompt tokens a pass prefills; past how many a prompt is long
+            f"pieces of {PREFILL_CHUNK}, lanes": (PREFILL_CHUNK, None),
+            f"pieces of {PREFILL_CHUNK}, oldest first": (PREFILL_CHUNK, 0),
+            "one pass": (tokens, 0),
+        }
         for round_ in range(1, args.rounds + 1):
-            for prefill, chunk in ways.items():
+            for prefill, (chunk, long_prompt) in ways.items():
                 engine = Engine(
-                    loaded.model, loaded.tokenizer, model_id=EMBEDDED_MODEL_ID, prefill_chunk=chunk
+                    loaded.model,
+                    loaded.tokenizer,
+                    model_id=EMBEDDED_MODEL_ID,
+                    prefill_chunk=chunk,
+                    long_prompt_tokens=long_prompt,
                 )
                 got = run(engine, prompt)
                 engine.close()

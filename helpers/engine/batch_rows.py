@@ -320,9 +320,14 @@ class Prefill:
         return self.ids.shape[0]
 
     @property
+    def width(self) -> int:
+        """Columns in all: its longest prompt's tokens."""
+        return self.ids.shape[1]
+
+    @property
     def left(self) -> int:
         """Columns not yet prefilled."""
-        return self.ids.shape[1] - self.done
+        return self.width - self.done
 
     def piece(self, columns: int) -> Segment:
         """The next ``columns`` as a segment over the cache so far; each row's

@@ -9,10 +9,11 @@ step for the rest, in which the sequences that arrived meanwhile are
 prefilled too, a piece of at most ``prefill_chunk`` prompt tokens a step
 (one pass for both, their KV cache merged into the running batch after
 their last piece): a long prompt then holds the running rows for one piece
-at a time, not for all of it. Arrivals get prefill passes of their own
-first where the layout cannot fold them into a decode step: the paged
-layout, whose steps have fixed shapes, and any model that is not the kit's
-decoder (transformers' models).
+at a time, not for all of it, and a short one sent behind it goes in beside
+its pieces (:mod:`helpers.engine.prefill_lanes`). Arrivals get prefill
+passes of their own first where the layout cannot fold them into a decode
+step: the paged layout, whose steps have fixed shapes, and any model that is
+not the kit's decoder (transformers' models).
 
 The batch's tensors are kept by :mod:`helpers.engine.batch_rows`. ``PaddedRows``
 (CPU, and transformers' models anywhere) left-pads rows to a common length,
@@ -42,6 +43,7 @@ import torch
 from helpers.engine.batch_rows import PREFILL_CHUNK, PaddedRows, PagedRows, Prefill
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
+from helpers.engine.prefill_lanes import LONG_PROMPT_PASSES, plan_pass
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import (
@@ -204,6 +206,7 @@ class ContinuousBatcher:
         pages: int | None = None,
         prefill_area: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        long_prompt_tokens: int | None = None,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model
@@ -212,7 +215,11 @@ class ContinuousBatcher:
         model's context) caps a sequence's length in slots, ``pages``
         fixes their cache's size and ``prefill_area`` their prefill passes'.
         ``prefill_chunk`` is how many prompt tokens one pass of the padded
-        layout prefills beside the running rows' decode step."""
+        layout prefills beside the running rows' decode step, and a prompt
+        of more than ``long_prompt_tokens`` (by default ``LONG_PROMPT_PASSES``
+        passes' worth) lets shorter ones go in beside it
+        (:mod:`helpers.engine.prefill_lanes`); 0 serves prefills first come,
+        first served."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -237,12 +244,16 @@ class ContinuousBatcher:
         else:
             self._rows = PaddedRows(model, tokenizer)
         self.prefill_chunk = prefill_chunk
+        self.long_prompt_tokens = (
+            LONG_PROMPT_PASSES * prefill_chunk if long_prompt_tokens is None else long_prompt_tokens
+        )
         self._sequences: list[_Sequence] = []
         # Admitted, oldest first, not yet rows: their prompts go in piece by piece.
         self._prefilling: list[_Prefilling] = []
         # Taken from the queue, waiting for room in the cache; oldest first.
         self._held: list[_Sequence] = []
-        # Being prefilled in passes of their own (_admit_apart), not yet rows.
+        # Being prefilled in passes of their own (_admit_apart: layouts that
+        # do not fold prefills into decode steps), not yet rows.
         self._admitting: list[_Sequence] = []
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
@@ -335,10 +346,11 @@ class ContinuousBatcher:
             )
 
     def batch_load(self) -> BatchLoad:
-        """A snapshot read from another thread: the decode thread replaces
-        its lists of sequences rather than changing them in place."""
+        """The load, read from another thread without a lock: the decode
+        thread replaces its lists of sequences rather than changing them in
+        place. A group joining the rows may be counted twice, never missed."""
         # The ones going in first: a group that joins the rows is added to
-        # the sequences before it leaves them, so it is never missed.
+        # the sequences before it leaves them.
         admitting, prefilling = self._admitting, self._prefilling
         sequences = self._sequences
         going_in = len(admitting) + sum(len(p.sequences) for p in prefilling)
@@ -541,26 +553,11 @@ class ContinuousBatcher:
             _stream_text(pushed)
 
     def _pieces(self) -> list[tuple[_Prefilling, int]]:
-        """How many columns of each prefill under way this pass runs, in the
-        queue's order: ``prefill_chunk`` prompt tokens in all (a column costs
-        a token per distinct prompt), so a running row's next token waits for
-        one piece of a long prompt at most.
-
-        Two lanes, each served oldest first: prefills whose rest fits in one
-        pass, and longer ones. While both have work the short lane spends
-        half the budget at most and the long lane the rest, so a short prompt
-        behind a long one is in after a pass or two rather than after all of
-        it, while the long one goes on at half pace or more. Each lane's
-        oldest moves on by a column at least, even where its rows alone are
-        past its share, so no prefill waits for ever.
-        """
-        budget = self.prefill_chunk
-        long = [p for p in self._prefilling if p.prefill.rows * p.prefill.left > budget]
-        short = [p for p in self._prefilling if p not in long]
-        given = _lane_pieces(short, budget - budget // 2 if long else budget)
-        spent = sum(p.prefill.rows * columns for p, columns in given.items())
-        given |= _lane_pieces(long, budget - spent)
-        return [(p, given[p]) for p in self._prefilling if p in given]
+        """The prefills under way that the next pass runs, and how many
+        columns of each (:func:`plan_pass`), in the queue's order."""
+        prefills = [p.prefill for p in self._prefilling]
+        columns = plan_pass(prefills, self.prefill_chunk, self.long_prompt_tokens)
+        return [(p, c) for p, c in zip(self._prefilling, columns, strict=True) if c]
 
     def _join_prefilled(self, ran: list[_Prefilling], folded: bool) -> None:
         """After a pass: the prefills of ``ran`` that had their last piece
@@ -662,7 +659,7 @@ class ContinuousBatcher:
             for sequence in arrivals:
                 _settle(sequence.future, exception=err)
         finally:
-            self._admitting = []  # after they joined the rows: see batch_load
+            self._admitting = []  # after _joined, where they joined: see batch_load
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         """Prefill ``sequences`` together (in one pass, or a few where the
@@ -699,22 +696,6 @@ class ContinuousBatcher:
         value, top = sampler.logprobs(logits, token)
         text = self.tokenizer.decode
         return TokenLogprob(text([token]), value, tuple((text([t]), v) for t, v in top))
-
-
-def _lane_pieces(lane: list[_Prefilling], budget: int) -> dict[_Prefilling, int]:
-    """Columns for the prefills of ``lane``, oldest first, within ``budget``
-    prompt tokens; the oldest gets a column at least."""
-    given: dict[_Prefilling, int] = {}
-    for prefilling in lane:
-        rows = prefilling.prefill.rows
-        columns = min(prefilling.prefill.left, budget // rows)
-        if columns < 1:
-            if given:
-                break
-            columns = 1
-        given[prefilling] = columns
-        budget -= columns * rows
-    return given
 
 
 def _stream_text(sequences: list[_Sequence]) -> None:

@@ -248,10 +248,12 @@ class Engine:
         slots: bool | None = None,
         kv_plan: KVPlan | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        long_prompt_tokens: int | None = None,
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
-        ``slots`` picks the batch's layout and ``prefill_chunk`` how much of
-        the prompts waiting a pass of the padded one prefills, as
+        ``slots`` picks the batch's layout, ``prefill_chunk`` how much of
+        the prompts waiting a pass of the padded one prefills and
+        ``long_prompt_tokens`` which of them let shorter ones pass, as
         :class:`ContinuousBatcher` says; ``kv_plan`` fixes a paged cache's
         size and its prefill passes' (a GPU replica's share of memory), which
         may also shorten the context."""
@@ -277,6 +279,7 @@ class Engine:
             pages=None if kv_plan is None else kv_plan.pages,
             prefill_area=None if kv_plan is None else kv_plan.prefill_area,
             prefill_chunk=prefill_chunk,
+            long_prompt_tokens=long_prompt_tokens,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None

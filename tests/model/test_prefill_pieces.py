@@ -235,6 +235,7 @@ def test_a_short_prompt_behind_a_long_one_gets_its_first_token_before_it(
     all of it: it goes in beside the long one's next piece, and both texts
     are what each gives alone."""
     alone = [engine.generate([greedy(p, 8)])[0].text for p in (LONG, SHORT)]
+    assert len(engine.tokenizer(LONG)["input_ids"]) > chunked._batcher.long_prompt_tokens
     order: list[str] = []
     behind: list = []
     model = chunked.model
