@@ -269,8 +269,8 @@ VARIABLES: tuple[Variable, ...] = (
         "sequences it decodes (prompts admitted together take a token each at least): a "
         "longer prompt, or many at once, goes in over several passes, so running streams wait "
         "for one piece of it rather than all of it, and a prompt of up to four passes' tokens "
-        "sent behind a longer one goes in beside its pieces. Smaller: steadier streams; "
-        "larger: fewer passes. Ignored on GPUs and for models transformers serves.",
+        "goes in beside a longer one's pieces rather than after them. Smaller: steadier "
+        "streams; larger: fewer passes. Ignored on GPUs and for models transformers serves.",
         "integer in [16, 8192]",
         _number(int, 16, 8192),
         "prefill_chunk_tokens",

@@ -43,7 +43,7 @@ import torch
 from helpers.engine.batch_rows import PREFILL_CHUNK, PaddedRows, PagedRows, Prefill
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
-from helpers.engine.prefill_lanes import LONG_PROMPT_PASSES, plan_pass
+from helpers.engine.prefill_lanes import plan_pass
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
 from helpers.protocol import (
@@ -216,10 +216,9 @@ class ContinuousBatcher:
         fixes their cache's size and ``prefill_area`` their prefill passes'.
         ``prefill_chunk`` is how many prompt tokens one pass of the padded
         layout prefills beside the running rows' decode step, and a prompt
-        of more than ``long_prompt_tokens`` (by default ``LONG_PROMPT_PASSES``
-        passes' worth) lets shorter ones go in beside it
-        (:mod:`helpers.engine.prefill_lanes`); 0 serves prefills first come,
-        first served."""
+        of more than ``long_prompt_tokens`` (by default four passes' worth)
+        lets shorter ones go in beside it (:func:`plan_pass`); 0 serves
+        prefills first come, first served."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -244,9 +243,7 @@ class ContinuousBatcher:
         else:
             self._rows = PaddedRows(model, tokenizer)
         self.prefill_chunk = prefill_chunk
-        self.long_prompt_tokens = (
-            LONG_PROMPT_PASSES * prefill_chunk if long_prompt_tokens is None else long_prompt_tokens
-        )
+        self.long_prompt_tokens = long_prompt_tokens
         self._sequences: list[_Sequence] = []
         # Admitted, oldest first, not yet rows: their prompts go in piece by piece.
         self._prefilling: list[_Prefilling] = []

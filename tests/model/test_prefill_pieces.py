@@ -15,6 +15,7 @@ from helpers.config import EMBEDDED_MODEL_ID
 from helpers.engine.batch_rows import PaddedRows
 from helpers.engine.decoder import Segment
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.prefill_lanes import LONG_PROMPT_PASSES
 
 from .conftest import padded_only
 
@@ -235,7 +236,7 @@ def test_a_short_prompt_behind_a_long_one_gets_its_first_token_before_it(
     all of it: it goes in beside the long one's next piece, and both texts
     are what each gives alone."""
     alone = [engine.generate([greedy(p, 8)])[0].text for p in (LONG, SHORT)]
-    assert len(engine.tokenizer(LONG)["input_ids"]) > chunked._batcher.long_prompt_tokens
+    assert len(engine.tokenizer(LONG)["input_ids"]) > LONG_PROMPT_PASSES * CHUNK, "a long one"
     order: list[str] = []
     behind: list = []
     model = chunked.model

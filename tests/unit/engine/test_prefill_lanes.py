@@ -2,6 +2,7 @@
 (``helpers.engine.prefill_lanes.plan_pass``): named cases, random queues held
 to its rules, and queues run pass by pass with prompts arriving."""
 
+import itertools
 import math
 import random
 from types import SimpleNamespace
@@ -18,8 +19,7 @@ def planned(
     as (rows, columns left) or (rows, columns left, columns in all), oldest
     first; long past four passes by default."""
     queue = [SimpleNamespace(rows=p[0], left=p[1], width=p[-1]) for p in prefills]
-    threshold = LONG_PROMPT_PASSES * chunk if long_prompt is None else long_prompt
-    return [(i, c) for i, c in enumerate(plan_pass(queue, chunk, threshold)) if c]
+    return [(i, c) for i, c in enumerate(plan_pass(queue, chunk, long_prompt)) if c]
 
 
 def test_a_question_behind_a_document_goes_in_beside_its_next_piece() -> None:
@@ -64,7 +64,8 @@ def test_each_lanes_oldest_moves_on_where_a_short_group_takes_more_than_its_half
 def test_every_plan_keeps_to_the_rules(seed: int) -> None:
     rng = random.Random(seed)
     chunk = rng.choice([16, 256, rng.randint(16, 8192)])
-    long_prompt = rng.choice([0, 4 * chunk, rng.randint(1, 4000)])
+    long_prompt = rng.choice([0, None, rng.randint(1, 4000)])
+    threshold = LONG_PROMPT_PASSES * chunk if long_prompt is None else long_prompt
     prefills = []
     for _ in range(rng.randint(1, 6)):
         width = rng.randint(1, rng.choice([40, 8000]))
@@ -73,7 +74,7 @@ def test_every_plan_keeps_to_the_rules(seed: int) -> None:
     assert pieces, "a pass with prefills waiting runs some"
     for index, columns in pieces.items():
         assert 1 <= columns <= prefills[index][1]
-    long = [i for i, (_, _, width) in enumerate(prefills) if width > long_prompt]
+    long = [i for i, (_, _, width) in enumerate(prefills) if width > threshold]
     short = [i for i in range(len(prefills)) if i not in long]
     share = chunk - chunk // 2 if long else chunk
     for lane in (short, long):
@@ -104,9 +105,7 @@ def run_passes(
             arrived += 1
         if not queue:
             continue
-        for prefill, columns in zip(
-            queue, plan_pass(queue, chunk, LONG_PROMPT_PASSES * chunk), strict=True
-        ):
+        for prefill, columns in zip(queue, plan_pass(queue, chunk), strict=True):
             prefill.left -= columns
             if not prefill.left:
                 finished[prefill.name] = (prefill.at, number)
@@ -128,6 +127,23 @@ def test_a_second_document_waits_for_the_first_and_questions_pass_both() -> None
     assert finished[2] == (5, 6), "two questions of 90 tokens: 180, past half a pass"
     assert finished[0] == (0, math.ceil((3000 + 180) / 256) - 1)
     assert finished[1] == (1, math.ceil((6000 + 180) / 256) - 1)
+
+
+def test_documents_go_in_one_after_another_at_half_pace_under_a_question_every_pass() -> None:
+    """Questions never stop coming: each document is still in within the
+    passes that it and the documents before it need at half a pass each."""
+    documents = {0: 3000, 3: 2000, 10: 1500}
+    arrivals = {number: [(1, 40)] for number in range(150)}
+    for number, tokens in documents.items():
+        arrivals[number] = [(1, tokens), *arrivals[number]]
+    finished = run_passes(256, arrivals, 150)
+    arrived = [left for number in sorted(arrivals) for _, left in arrivals[number]]
+    names = [name for name, left in enumerate(arrived) if left > 40]  # numbered by arrival
+    ends = [finished[name][1] for name in names]
+    assert ends == sorted(ends), "one after another"
+    for name, ahead in zip(names, itertools.accumulate(documents.values()), strict=True):
+        assert finished[name][1] < math.ceil(ahead / 128)
+    assert all(at == done for name, (at, done) in finished.items() if name not in names)
 
 
 @pytest.mark.parametrize("seed", range(50))
