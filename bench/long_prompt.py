@@ -2,9 +2,11 @@
 the gaps between their pieces of text while it goes in and after it has
 joined their batch, its own time to first token, and that of a short
 question sent just after it. Prompts go in pieces of ``PREFILL_CHUNK``
-tokens a pass, and a short one goes in beside a long one's pieces (lanes).
-Two baselines take turns with it in the same run: pieces first come, first
-served, as before lanes, and the whole prompt in one pass, as before pieces.
+tokens a pass, a short one goes in beside a long one's pieces (lanes), and
+rows of very different lengths decode in groups of their own. Three
+baselines take turns with it in the same run: one padded group, as before
+groups; pieces first come, first served, as before lanes; and the whole
+prompt in one pass, as before pieces.
 
     python -m bench.long_prompt        (--help for the knobs)
 
@@ -21,7 +23,7 @@ import time
 
 from bench.results_file import provenance, record_section
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine.batch_rows import PREFILL_CHUNK
+from helpers.engine.batch_rows import PREFILL_CHUNK, ROW_GROUPS
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
 
 STREAMS = 4
@@ -107,19 +109,21 @@ def main() -> None:
     ]
     for tokens in args.tokens:
         prompt = tuple(itertools.islice(itertools.cycle(sentence), tokens))
-        ways = {  # the prompt tokens a pass prefills; past how many a prompt is long
-            f"pieces of {PREFILL_CHUNK}, lanes": (PREFILL_CHUNK, None),
-            f"pieces of {PREFILL_CHUNK}, oldest first": (PREFILL_CHUNK, 0),
-            "one pass": (tokens, 0),
+        ways = {  # prompt tokens a pass prefills, past how many a prompt is long, row groups
+            f"pieces of {PREFILL_CHUNK}, lanes, row groups": (PREFILL_CHUNK, None, ROW_GROUPS),
+            f"pieces of {PREFILL_CHUNK}, lanes, one group": (PREFILL_CHUNK, None, 1),
+            f"pieces of {PREFILL_CHUNK}, oldest first, one group": (PREFILL_CHUNK, 0, 1),
+            "one pass, one group": (tokens, 0, 1),
         }
         for round_ in range(1, args.rounds + 1):
-            for prefill, (chunk, long_prompt) in ways.items():
+            for prefill, (chunk, long_prompt, groups) in ways.items():
                 engine = Engine(
                     loaded.model,
                     loaded.tokenizer,
                     model_id=EMBEDDED_MODEL_ID,
                     prefill_chunk=chunk,
                     long_prompt_tokens=long_prompt,
+                    row_groups=groups,
                 )
                 got = run(engine, prompt)
                 engine.close()

@@ -48,6 +48,13 @@ PREFILL_AREA = PREFILL_TOKENS**2
 holds, all its rows together, where no memory budget asks for fewer
 (:func:`helpers.engine.kv_budget.prefill_area`): each is a score in every
 head, and the attention that takes a mask and grouped heads keeps them all."""
+ROW_GROUPS = 4
+"""Most groups of rows :class:`PaddedRows` keeps apart, each padded to its
+own length, where the model takes several segments in one pass."""
+PADDING_SHARE = 0.5
+"""Most padding new rows may add to a group they join, as a share of the
+columns the group and they hold apart; past it they start a group of their
+own (while there is room for one)."""
 PREFILL_CHUNK = 256
 """Most prompt tokens one pass of :class:`PaddedRows` prefills beside its
 running rows' decode step, where no setting asks otherwise: a longer prompt
@@ -137,7 +144,8 @@ def power_of_two_at_least(needed: int, smallest: int) -> int:
 
 
 class PaddedRows:
-    """A growing, left-padded KV cache; each row's mask hides its padding.
+    """A growing, left-padded KV cache, kept as groups of rows
+    (:class:`RowGroup`); each row's mask hides its padding.
 
     With the kit's Llama, new prompts can also ride along decode steps
     (``folds_prefills``): one pass decodes the running rows and prefills a
@@ -146,6 +154,13 @@ class PaddedRows:
     a decode step, since both are bound by reading the weights; folded, it
     costs little more than its own tokens' arithmetic, and the running rows
     wait for one piece at most.
+
+    Why groups: padded to one length, every row reads and copies as many
+    columns as the longest row each step, so one long prompt in the batch
+    slowed every stream several times over, and joining it rewrote every
+    row's cache. The same model takes each group as a segment of one pass
+    (:meth:`SegmentDecoder.forward_segments`), so rows of very different
+    lengths are kept apart, up to ``groups`` groups (decision 0037).
     """
 
     max_positions = None
@@ -153,15 +168,20 @@ class PaddedRows:
     prefill_passes = 1
     """Forward passes the last ``admit`` ran: always one here."""
 
-    def __init__(self, model: Decoder, tokenizer: Any) -> None:
+    def __init__(self, model: Decoder, tokenizer: Any, groups: int = ROW_GROUPS) -> None:
         self.model = model
         self.pad = tokenizer.pad_token_id or 0
         self.folds_prefills = isinstance(model, SegmentDecoder)
+        self.max_groups = groups if self.folds_prefills else 1
         self.clear()
 
     def clear(self) -> None:
-        self.cache: Any = None
-        self.mask = self.positions = self.logits = torch.empty(0)
+        self.groups: list[RowGroup] = []
+        self.logits = torch.empty(0)
+
+    @property
+    def rows(self) -> int:
+        return sum(group.rows for group in self.groups)
 
     def fitting(self, positions: list[int]) -> int:
         """All of them: the cache grows a column a step, with no room held ahead."""
@@ -173,12 +193,13 @@ class PaddedRows:
         return False
 
     def admit(self, prompts: list[list[int]], positions: list[int]) -> list[int]:
-        """Prefill ``prompts`` (token ids) as new rows, in one pass; returns
-        their lengths in tokens. ``positions``, what each may reach, matters
-        only to :class:`PagedRows`, which holds room for it. Should it raise,
-        the running rows are as they were (both layouts promise it)."""
+        """Prefill ``prompts`` (token ids) as new rows after the running ones,
+        in one pass; returns their lengths in tokens. ``positions``, what each
+        may reach, matters only to :class:`PagedRows`, which holds room for
+        it. Should it raise, the running rows are as they were (both layouts
+        promise it)."""
         prefill = self.prefill(prompts)
-        self.decode([], [(prefill, prefill.left)])
+        self.decode([], [(prefill, prefill.left)], anywhere=False)
         assert prefill.lengths is not None  # its one piece was its last
         return prefill.lengths
 
@@ -194,81 +215,65 @@ class PaddedRows:
         ids, mask = encode(prompts, self.pad, self.model.device)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    def _add_rows(
-        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
-    ) -> list[int]:
-        """Append prefilled rows after the running ones; returns their lengths."""
+    def _add_rows(self, new: RowGroup, logits: torch.Tensor, anywhere: bool) -> int:
+        """Put prefilled rows in a group (:meth:`_group_for`); returns the
+        index of the first of them among all the rows."""
         last = logits[:, -1, :].float()
-        if self.cache is None:
-            self.cache, self.mask, self.positions, self.logits = (
-                cache,
-                mask,
-                positions[:, -1:] + 1,
-                last,
-            )
+        index = group_for(self.groups, new, self.max_groups, anywhere)
+        if index == len(self.groups):
+            self.groups.append(new)
         else:
-            self._merge(cache, mask, positions[:, -1:] + 1, last)
-        return mask.sum(-1).tolist()
-
-    def _merge(
-        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
-    ) -> None:
-        """Append rows, left-padding whichever side is shorter.
-
-        Layer by layer, so only one layer's copy is held twice at a time. A
-        copy that fails (out of memory) cuts the layers done back to the
-        running rows, so :meth:`admit` fails the new rows alone."""
-        rows = self.mask.shape[0]
-        length = max(self.mask.shape[1], mask.shape[1])
-        mine, theirs = length - self.mask.shape[1], length - mask.shape[1]
-        # The small tensors first, kept aside until every layer is merged.
-        merged_mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(mask, (theirs, 0))])
-        merged_positions = torch.cat([self.positions, positions])
-        merged_logits = torch.cat([self.logits, logits])
-        try:
-            for layer, new in zip(self.cache.layers, cache.layers, strict=True):
-                layer.keys = _stacked(layer.keys, new.keys, length)
-                layer.values = _stacked(layer.values, new.values, length)
-        except Exception:
-            for layer in self.cache.layers:
-                if layer.keys.shape[0] > rows:
-                    layer.keys = layer.keys[:rows, :, mine:]
-                if layer.values.shape[0] > rows:
-                    layer.values = layer.values[:rows, :, mine:]
-            raise
-        self.mask, self.positions, self.logits = merged_mask, merged_positions, merged_logits
+            self.groups[index].merge(new)
+        at = sum(group.rows for group in self.groups[: index + 1]) - new.rows
+        joined = [self.logits[:at], last, self.logits[at:]] if self.logits.numel() else [last]
+        self.logits = torch.cat(joined)
+        return at
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows``, then drop padding columns no remaining row needs."""
-        index = torch.tensor(rows, device=self.mask.device)
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+        """Keep only ``rows`` (in order), then drop padding columns no
+        remaining row of a group needs; groups left empty go."""
+        kept, start = [], 0
+        for group in self.groups:
+            mine = [row - start for row in rows if start <= row < start + group.rows]
+            start += group.rows
+            if mine:
+                group.keep(mine)
+                kept.append(group)
+        self.groups = kept
 
-    def decode(self, tokens: list[int], pieces: Sequence[tuple[Prefill, int]] = ()) -> None:
+    def decode(
+        self,
+        tokens: list[int],
+        pieces: Sequence[tuple[Prefill, int]] = (),
+        anywhere: bool = True,
+    ) -> None:
         """One forward pass: a token for every running row (``tokens``, none
-        while no row runs) and, with ``pieces`` (where ``folds_prefills``),
-        each prefill's next ``columns``, a segment each. A prefill whose last
-        piece this was joins the rows after the others, its ``lengths`` set."""
+        while no row runs, or while :meth:`admit` prefills apart) and, with
+        ``pieces`` (where ``folds_prefills``), each prefill's next
+        ``columns``, a segment each. A prefill whose last piece this was
+        joins the rows, its ``lengths`` and ``row`` set, in the order of
+        ``pieces``; ``anywhere`` lets it join a group before the last."""
         segments = [prefill.piece(columns) for prefill, columns in pieces]
+        steps = []
         if tokens:
-            self.mask = F.pad(self.mask, (0, 1), value=1)
-            step_ids = torch.tensor(tokens, device=self.model.device)[:, None]
-            segments.insert(0, Segment(step_ids, self.cache, self.positions, self.mask))
-        outputs = self._forward(segments)
+            start = 0
+            for group in self.groups:
+                steps.append(group.step(tokens[start : start + group.rows]))
+                start += group.rows
+        outputs = self._forward(steps + segments)
         if tokens:
-            self.positions = self.positions + 1
-            self.logits = outputs.pop(0)[:, -1, :].float()
-        for (prefill, columns), logits in zip(pieces, outputs, strict=True):
+            for group in self.groups:
+                group.positions = group.positions + 1
+            self.logits = torch.cat([out[:, -1, :] for out in outputs[: len(steps)]]).float()
+        for (prefill, columns), logits in zip(pieces, outputs[len(steps) :], strict=True):
             prefill.done += columns
             if not prefill.left:
-                prefill.lengths = self._add_rows(
-                    *_copied(prefill.order, prefill.cache, prefill.mask, prefill.positions, logits)
+                cache, mask, positions, logits = _copied(
+                    prefill.order, prefill.cache, prefill.mask, prefill.positions, logits
                 )
+                new = RowGroup(cache, mask, positions[:, -1:] + 1)
+                prefill.lengths = mask.sum(-1).tolist()
+                prefill.row = self._add_rows(new, logits, anywhere)
 
     def _forward(self, segments: list[Segment]) -> list[torch.Tensor]:
         """Each segment's logits: one segment is a plain call, which every
@@ -285,6 +290,93 @@ class PaddedRows:
             logits_to_keep=segment.logits_to_keep,
         )
         return [output.logits]
+
+
+def group_for(groups: list[RowGroup], new: RowGroup, most: int, anywhere: bool) -> int:
+    """The index of the group that the rows of ``new`` join, ``len(groups)``
+    for a group of their own: the group they pad least, where they add at
+    most ``PADDING_SHARE`` of padding; else a group of their own while there
+    are fewer than ``most``; else the group they pad least. Only the last
+    group may take them unless ``anywhere``, so that they come after every
+    running row."""
+    candidates = range(len(groups)) if anywhere else range(len(groups))[-1:]
+    added = {i: groups[i].padding_with(new) for i in candidates}
+    least = min(added, key=added.__getitem__, default=len(groups))
+    if least < len(groups) and added[least] <= PADDING_SHARE * (
+        groups[least].columns + new.columns
+    ):
+        return least
+    return len(groups) if len(groups) < most else least
+
+
+class RowGroup:
+    """Rows of :class:`PaddedRows` left-padded to one length, with a KV
+    cache of their own: each row's mask hides its padding and its position
+    ids count its real tokens."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache, self.mask = cache, mask
+        self.positions = positions
+        """Each row's next position, ``[rows, 1]``."""
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def columns(self) -> int:
+        """Cache columns its rows hold, padding included."""
+        return self.mask.numel()
+
+    def padding_with(self, new: RowGroup) -> int:
+        """Padding columns the rows of ``new`` would add, joining this group."""
+        return (self.rows + new.rows) * max(self.mask.shape[1], new.mask.shape[1]) - (
+            self.columns + new.columns
+        )
+
+    def step(self, tokens: list[int]) -> Segment:
+        """A decode step's segment for these rows, their masks a column longer."""
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        ids = torch.tensor(tokens, device=self.mask.device)[:, None]
+        return Segment(ids, self.cache, self.positions, self.mask)
+
+    def merge(self, new: RowGroup) -> None:
+        """Append the rows of ``new``, left-padding whichever side is shorter.
+
+        Layer by layer, so only one layer's copy is held twice at a time. A
+        copy that fails (out of memory) cuts the layers done back to these
+        rows, so :meth:`PaddedRows.admit` fails the new rows alone."""
+        rows = self.rows
+        length = max(self.mask.shape[1], new.mask.shape[1])
+        mine, theirs = length - self.mask.shape[1], length - new.mask.shape[1]
+        # The small tensors first, kept aside until every layer is merged.
+        merged_mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(new.mask, (theirs, 0))])
+        merged_positions = torch.cat([self.positions, new.positions])
+        try:
+            for layer, more in zip(self.cache.layers, new.cache.layers, strict=True):
+                layer.keys = _stacked(layer.keys, more.keys, length)
+                layer.values = _stacked(layer.values, more.values, length)
+        except Exception:
+            for layer in self.cache.layers:
+                if layer.keys.shape[0] > rows:
+                    layer.keys = layer.keys[:rows, :, mine:]
+                if layer.values.shape[0] > rows:
+                    layer.values = layer.values[:rows, :, mine:]
+            raise
+        self.mask, self.positions = merged_mask, merged_positions
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``, then drop padding columns none of them needs."""
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
 
 
 class Prefill:
@@ -313,6 +405,8 @@ class Prefill:
         """Columns prefilled so far."""
         self.lengths: list[int] | None = None
         """Each prompt's length in tokens, once it has joined the rows."""
+        self.row = 0
+        """Where it joined: the index of its first row among all the rows."""
 
     @property
     def rows(self) -> int:

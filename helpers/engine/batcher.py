@@ -16,9 +16,10 @@ step: the paged layout, whose steps have fixed shapes, and any model that is
 not the kit's decoder (transformers' models).
 
 The batch's tensors are kept by :mod:`helpers.engine.batch_rows`. ``PaddedRows``
-(CPU, and transformers' models anywhere) left-pads rows to a common length,
-each row's attention mask hiding its padding and its position ids counting
-its real tokens only. ``PagedRows`` (the kit's decoder on a GPU, or anywhere
+(CPU, and transformers' models anywhere) left-pads rows of about one length
+together, in groups, each row's attention mask hiding its padding and its
+position ids counting its real tokens only; a row's place among the rows
+is where its sequence stands in the batch. ``PagedRows`` (the kit's decoder on a GPU, or anywhere
 when asked) gives each sequence a slot of a paged cache and the pages it
 holds. Either way a sequence decodes the same whichever rows it shares the
 batch with.
@@ -40,7 +41,13 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import PREFILL_CHUNK, PaddedRows, PagedRows, Prefill
+from helpers.engine.batch_rows import (
+    PREFILL_CHUNK,
+    ROW_GROUPS,
+    PaddedRows,
+    PagedRows,
+    Prefill,
+)
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
 from helpers.engine.prefill_lanes import plan_pass
@@ -207,6 +214,7 @@ class ContinuousBatcher:
         prefill_area: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         long_prompt_tokens: int | None = None,
+        row_groups: int = ROW_GROUPS,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model
@@ -218,7 +226,9 @@ class ContinuousBatcher:
         layout prefills beside the running rows' decode step, and a prompt
         of more than ``long_prompt_tokens`` (by default four passes' worth)
         lets shorter ones go in beside it (:func:`plan_pass`); 0 serves
-        prefills first come, first served."""
+        prefills first come, first served. ``row_groups`` is how many groups
+        of rows of different lengths the padded layout keeps apart; 1 pads
+        them all to one length."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -241,7 +251,7 @@ class ContinuousBatcher:
                 prefill_area=prefill_area,
             )
         else:
-            self._rows = PaddedRows(model, tokenizer)
+            self._rows = PaddedRows(model, tokenizer, row_groups)
         self.prefill_chunk = prefill_chunk
         self.long_prompt_tokens = long_prompt_tokens
         self._sequences: list[_Sequence] = []
@@ -558,14 +568,14 @@ class ContinuousBatcher:
 
     def _join_prefilled(self, ran: list[_Prefilling], folded: bool) -> None:
         """After a pass: the prefills of ``ran`` that had their last piece
-        join the rows, in the order the rows took them."""
+        join the rows where the rows put them, in the order they took them."""
         finished = []
         for prefilling in ran:
             prefilling.pieces += 1
             lengths = prefilling.prefill.lengths
             if lengths is not None:
                 finished.append(prefilling)
-                self._joined(prefilling.sequences, lengths)
+                self._joined(prefilling.sequences, lengths, prefilling.prefill.row)
                 self.stats.folded_prefills += folded
                 self.stats.split_prefills += prefilling.pieces > 1
         # Replaced, not changed in place, and after they joined: see batch_load.
@@ -665,11 +675,16 @@ class ContinuousBatcher:
         self._joined(sequences, self._rows.admit(prompts, positions))
         self.stats.forward_passes += self._rows.prefill_passes
 
-    def _joined(self, sequences: list[_Sequence], lengths: list[int]) -> None:
-        """Record ``sequences`` as the batch's newest rows, prefilled to ``lengths``."""
+    def _joined(
+        self, sequences: list[_Sequence], lengths: list[int], at: int | None = None
+    ) -> None:
+        """Record ``sequences`` as the batch's rows from index ``at`` on (by
+        default after the others), prefilled to ``lengths``."""
         for sequence, length in zip(sequences, lengths, strict=True):
             sequence.prompt_tokens = length
-        self._sequences = self._sequences + sequences  # replaced: see batch_load
+        rows = self._sequences
+        at = len(rows) if at is None else at
+        self._sequences = rows[:at] + sequences + rows[at:]  # replaced: see batch_load
         self.stats.prefills += 1
         self.stats.shared_prefills += len(sequences) - len({tuple(s.prompt_ids) for s in sequences})
         self.stats.sequences += len(sequences)

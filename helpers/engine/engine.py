@@ -31,7 +31,7 @@ import torch
 from jinja2 import TemplateError
 
 from helpers.engine import gguf_checkpoint
-from helpers.engine.batch_rows import PREFILL_CHUNK
+from helpers.engine.batch_rows import PREFILL_CHUNK, ROW_GROUPS
 from helpers.engine.batcher import (
     BatchLoad,
     BatchStats,
@@ -249,11 +249,13 @@ class Engine:
         kv_plan: KVPlan | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         long_prompt_tokens: int | None = None,
+        row_groups: int = ROW_GROUPS,
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
         ``slots`` picks the batch's layout, ``prefill_chunk`` how much of
         the prompts waiting a pass of the padded one prefills and
-        ``long_prompt_tokens`` which of them let shorter ones pass, as
+        ``long_prompt_tokens`` which of them let shorter ones pass, and
+        ``row_groups`` how many groups of rows it keeps apart, as
         :class:`ContinuousBatcher` says; ``kv_plan`` fixes a paged cache's
         size and its prefill passes' (a GPU replica's share of memory), which
         may also shorten the context."""
@@ -280,6 +282,7 @@ class Engine:
             prefill_area=None if kv_plan is None else kv_plan.prefill_area,
             prefill_chunk=prefill_chunk,
             long_prompt_tokens=long_prompt_tokens,
+            row_groups=row_groups,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None

@@ -316,12 +316,13 @@ def test_a_padded_merge_that_fails_midway_leaves_the_running_rows_as_they_were(
     """The layers copied before a failure are cut back to the running rows and
     their columns, so the batch decodes on as if the newcomer never came."""
     padded, _ = engines
-    rows = PaddedRows(padded.model, padded.tokenizer)
+    rows = PaddedRows(padded.model, padded.tokenizer, groups=1)  # the newcomer merges
     short, long = (padded.tokenizer(text)["input_ids"] for text in (PROMPTS[0], PROMPTS[1] * 3))
     with torch.inference_mode():
         rows.admit([short], [len(short) + 8])
-        kept = [(layer.keys.clone(), layer.values.clone()) for layer in rows.cache.layers]
-        mask = rows.mask.clone()
+        (group,) = rows.groups
+        kept = [(layer.keys.clone(), layer.values.clone()) for layer in group.cache.layers]
+        mask = group.mask.clone()
         calls, stacked = itertools.count(), batch_rows._stacked
 
         def fails_at_the_third_layer(*args: Any) -> torch.Tensor:
@@ -332,6 +333,6 @@ def test_a_padded_merge_that_fails_midway_leaves_the_running_rows_as_they_were(
         monkeypatch.setattr(batch_rows, "_stacked", fails_at_the_third_layer)
         with pytest.raises(RuntimeError, match="out of memory"):
             rows.admit([long], [len(long) + 8])
-    assert torch.equal(rows.mask, mask)
-    for layer, (keys, values) in zip(rows.cache.layers, kept, strict=True):
+    assert rows.groups == [group] and torch.equal(group.mask, mask)
+    for layer, (keys, values) in zip(group.cache.layers, kept, strict=True):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)

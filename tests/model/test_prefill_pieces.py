@@ -5,7 +5,7 @@ prefill pass would give."""
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -84,7 +84,9 @@ def test_a_prefill_in_pieces_leaves_the_rows_one_pass_would(engine: Engine) -> N
             assert prefill.lengths is None
             cut.decode([], [(prefill, columns)])
         assert prefill.lengths == [len(i) for i in ids]
-        assert torch.equal(cut.mask, whole.mask) and torch.equal(cut.positions, whole.positions)
+        (mine,), (theirs,) = cut.groups, whole.groups
+        assert torch.equal(mine.mask, theirs.mask)
+        assert torch.equal(mine.positions, theirs.positions)
         torch.testing.assert_close(cut.logits, whole.logits, rtol=1e-4, atol=1e-4)
         for _ in range(8):
             step = [rows.logits.argmax(-1).tolist() for rows in (whole, cut)]
@@ -255,3 +257,46 @@ def test_a_short_prompt_behind_a_long_one_gets_its_first_token_before_it(
         del model.forward_segments
     assert texts == alone
     assert order.index("short") < order.index("long"), order
+
+
+@padded_only
+def test_rows_of_very_different_lengths_go_in_groups_and_decode_as_alone(
+    engine: Engine, chunked: Engine
+) -> None:
+    """A long prompt joins a short running row in a group of its own; a
+    question sent once it is in joins the short row's group, before the
+    long row; every text is what each gives alone."""
+    prompts = {SHORT: 24, LONG: 8, "Write a haiku about Ray Serve.": 12}
+    alone = [engine.generate([greedy(p, n)])[0].text for p, n in prompts.items()]
+    rows = chunked._batcher._rows
+    add, joins = rows._add_rows, []
+
+    def recorded_add(*args: Any) -> int:  # on the decode thread
+        at = add(*args)
+        joins.append((at, len(args[0].mask), rows.rows, len(rows.groups)))
+        return at
+
+    box: list = []
+
+    def submit_after(stream: int) -> Callable[[str], None]:
+        """Once stream ``stream`` has text, the next prompt is submitted."""
+
+        def on_text(piece: str) -> None:
+            if len(box) == stream < len(prompts) - 1:
+                prompt = list(prompts)[stream + 1]
+                next_one = greedy(prompt, prompts[prompt])
+                box.append(chunked.submit(next_one, on_text=submit_after(stream + 1)))
+
+        return on_text
+
+    rows._add_rows = recorded_add
+    try:
+        first = chunked.submit(greedy(SHORT, 24), on_text=submit_after(0))
+        texts = [first.result(timeout=120).text]
+        texts += [box[0].result(timeout=120).text, box[1].result(timeout=120).text]
+    finally:
+        del rows._add_rows
+    assert texts == alone
+    (_, _, _, one), (_, _, _, two), (at, joined, total, groups) = joins
+    assert (one, two, groups) == (1, 2, 2), "the long row apart, the question with the short"
+    assert at + joined < total, "the question went in before the long row"
