@@ -5,7 +5,8 @@ sequences run; the classes here hold their tensors, one row per sequence, in
 the batcher's row order, and run the model over them:
 
 - :class:`PaddedRows`, on CPU and for transformers' models: the cache grows
-  by one column per step and rows are left-padded to a common length. No
+  by one column per step and rows are left-padded to a common length within
+  groups of rows of about one length (:class:`RowGroup`). No
   memory is reserved ahead and no arithmetic is spent on columns nobody
   reads, which is what matters where the arithmetic is the cost.
 - :class:`PagedRows`, for the kit's own Llama on a GPU: each sequence owns
@@ -216,17 +217,19 @@ class PaddedRows:
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _add_rows(self, new: RowGroup, logits: torch.Tensor, anywhere: bool) -> int:
-        """Put prefilled rows in a group (:meth:`_group_for`); returns the
-        index of the first of them among all the rows."""
-        last = logits[:, -1, :].float()
+        """Put prefilled rows in a group (:func:`group_for`); returns the
+        index of the first of them among all the rows. Should it raise, the
+        rows are as they were."""
+        assert len(self.logits) == self.rows, "each row's logits, read before any row left"
         index = group_for(self.groups, new, self.max_groups, anywhere)
+        at = sum(group.rows for group in self.groups[: index + 1])
+        last = logits[:, -1, :].float()
+        joined = torch.cat([self.logits[:at], last, self.logits[at:]]) if self.rows else last
         if index == len(self.groups):
             self.groups.append(new)
         else:
             self.groups[index].merge(new)
-        at = sum(group.rows for group in self.groups[: index + 1]) - new.rows
-        joined = [self.logits[:at], last, self.logits[at:]] if self.logits.numel() else [last]
-        self.logits = torch.cat(joined)
+        self.logits = joined
         return at
 
     def keep(self, rows: list[int]) -> None:
@@ -256,6 +259,7 @@ class PaddedRows:
         segments = [prefill.piece(columns) for prefill, columns in pieces]
         steps = []
         if tokens:
+            assert len(tokens) == self.rows, "a token for every row"
             start = 0
             for group in self.groups:
                 steps.append(group.step(tokens[start : start + group.rows]))
@@ -294,19 +298,20 @@ class PaddedRows:
 
 def group_for(groups: list[RowGroup], new: RowGroup, most: int, anywhere: bool) -> int:
     """The index of the group that the rows of ``new`` join, ``len(groups)``
-    for a group of their own: the group they pad least, where they add at
-    most ``PADDING_SHARE`` of padding; else a group of their own while there
-    are fewer than ``most``; else the group they pad least. Only the last
-    group may take them unless ``anywhere``, so that they come after every
-    running row."""
+    for a group of their own. Of the groups where they add at most
+    ``PADDING_SHARE`` of padding, the one they pad least; with none, a group
+    of their own while there are fewer than ``most``; else the group they
+    pad least. Only the last group may take them unless ``anywhere``, so
+    that they come after every running row."""
     candidates = range(len(groups)) if anywhere else range(len(groups))[-1:]
     added = {i: groups[i].padding_with(new) for i in candidates}
-    least = min(added, key=added.__getitem__, default=len(groups))
-    if least < len(groups) and added[least] <= PADDING_SHARE * (
-        groups[least].columns + new.columns
-    ):
-        return least
-    return len(groups) if len(groups) < most else least
+    share = {i: PADDING_SHARE * (groups[i].columns + new.columns) for i in candidates}
+    fits = [i for i in candidates if added[i] <= share[i]]
+    if fits:
+        return min(fits, key=added.__getitem__)
+    if len(groups) < most:
+        return len(groups)
+    return min(added, key=added.__getitem__)
 
 
 class RowGroup:

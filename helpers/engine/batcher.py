@@ -355,9 +355,9 @@ class ContinuousBatcher:
     def batch_load(self) -> BatchLoad:
         """The load, read from another thread without a lock: the decode
         thread replaces its lists of sequences rather than changing them in
-        place. A group joining the rows may be counted twice, never missed."""
-        # The ones going in first: a group that joins the rows is added to
-        # the sequences before it leaves them.
+        place. Sequences joining the rows may be counted twice, never missed."""
+        # The ones going in first: sequences that join the rows are added to
+        # the rows before they leave the ones going in.
         admitting, prefilling = self._admitting, self._prefilling
         sequences = self._sequences
         going_in = len(admitting) + sum(len(p.sequences) for p in prefilling)

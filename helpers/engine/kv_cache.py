@@ -49,8 +49,8 @@ class LayerCache:
 
 class KVCache:
     """Keys and values that grow by one column per step, rows left-padded to a
-    common length: what the batcher's CPU path keeps (no memory reserved
-    ahead, no work spent on columns nobody reads)."""
+    common length: what each group of the batcher's CPU rows keeps (no memory
+    reserved ahead, no work spent on columns nobody reads)."""
 
     def __init__(self, layers: int) -> None:
         self.layers = [LayerCache() for _ in range(layers)]
