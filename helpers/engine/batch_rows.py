@@ -170,6 +170,8 @@ class PaddedRows:
     """Forward passes the last ``admit`` ran: always one here."""
 
     def __init__(self, model: Decoder, tokenizer: Any, groups: int = ROW_GROUPS) -> None:
+        if groups < 1:
+            raise ValueError(f"groups must be at least 1, not {groups}")
         self.model = model
         self.pad = tokenizer.pad_token_id or 0
         self.folds_prefills = isinstance(model, SegmentDecoder)
@@ -200,7 +202,7 @@ class PaddedRows:
         it. Should it raise, the running rows are as they were (both layouts
         promise it)."""
         prefill = self.prefill(prompts)
-        self.decode([], [(prefill, prefill.left)], anywhere=False)
+        self.decode([], [(prefill, prefill.left)], may_insert=False)
         assert prefill.lengths is not None  # its one piece was its last
         return prefill.lengths
 
@@ -216,12 +218,15 @@ class PaddedRows:
         ids, mask = encode(prompts, self.pad, self.model.device)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    def _add_rows(self, new: RowGroup, logits: torch.Tensor, anywhere: bool) -> int:
+    def _add_rows(self, new: RowGroup, logits: torch.Tensor, may_insert: bool) -> int:
         """Put prefilled rows in a group (:func:`group_for`); returns the
         index of the first of them among all the rows. Should it raise, the
         rows are as they were."""
         assert len(self.logits) == self.rows, "each row's logits, read before any row left"
-        index = group_for(self.groups, new, self.max_groups, anywhere)
+        index = group_for(self.groups, new, self.max_groups, may_insert)
+        if index < len(self.groups) and not self.groups[index].takes(new):
+            index = self._merge_neighbours(index, new)
+        # Past the rows of the group they join; past all of them for a new one.
         at = sum(group.rows for group in self.groups[: index + 1])
         last = logits[:, -1, :].float()
         joined = torch.cat([self.logits[:at], last, self.logits[at:]]) if self.rows else last
@@ -232,9 +237,26 @@ class PaddedRows:
         self.logits = joined
         return at
 
+    def _merge_neighbours(self, index: int, new: RowGroup) -> int:
+        """With every group taken and none that ``new`` fits: merge the two
+        neighbouring groups that pad each other least, where that adds less
+        padding than ``new`` would add to group ``index``, so that ``new``
+        gets a group of its own; returns the group ``new`` joins. Neighbours
+        only: the rows keep their order."""
+        added = {
+            i: self.groups[i].padding_with(self.groups[i + 1]) for i in range(len(self.groups) - 1)
+        }
+        pair = min(added, key=added.__getitem__, default=None)
+        if pair is None or added[pair] >= self.groups[index].padding_with(new):
+            return index
+        self.groups[pair].merge(self.groups[pair + 1])
+        del self.groups[pair + 1]
+        return len(self.groups)
+
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in order), then drop padding columns no
+        """Keep only ``rows`` (ascending), then drop padding columns no
         remaining row of a group needs; groups left empty go."""
+        assert rows == sorted(rows), "rows keep their order"
         kept, start = [], 0
         for group in self.groups:
             mine = [row - start for row in rows if start <= row < start + group.rows]
@@ -248,14 +270,14 @@ class PaddedRows:
         self,
         tokens: list[int],
         pieces: Sequence[tuple[Prefill, int]] = (),
-        anywhere: bool = True,
+        may_insert: bool = True,
     ) -> None:
         """One forward pass: a token for every running row (``tokens``, none
         while no row runs, or while :meth:`admit` prefills apart) and, with
         ``pieces`` (where ``folds_prefills``), each prefill's next
         ``columns``, a segment each. A prefill whose last piece this was
         joins the rows, its ``lengths`` and ``row`` set, in the order of
-        ``pieces``; ``anywhere`` lets it join a group before the last."""
+        ``pieces``; ``may_insert`` lets it join a group before the last."""
         segments = [prefill.piece(columns) for prefill, columns in pieces]
         steps = []
         if tokens:
@@ -276,8 +298,8 @@ class PaddedRows:
                     prefill.order, prefill.cache, prefill.mask, prefill.positions, logits
                 )
                 new = RowGroup(cache, mask, positions[:, -1:] + 1)
+                prefill.row = self._add_rows(new, logits, may_insert)
                 prefill.lengths = mask.sum(-1).tolist()
-                prefill.row = self._add_rows(new, logits, anywhere)
 
     def _forward(self, segments: list[Segment]) -> list[torch.Tensor]:
         """Each segment's logits: one segment is a plain call, which every
@@ -296,17 +318,16 @@ class PaddedRows:
         return [output.logits]
 
 
-def group_for(groups: list[RowGroup], new: RowGroup, most: int, anywhere: bool) -> int:
+def group_for(groups: list[RowGroup], new: RowGroup, most: int, may_insert: bool) -> int:
     """The index of the group that the rows of ``new`` join, ``len(groups)``
     for a group of their own. Of the groups where they add at most
     ``PADDING_SHARE`` of padding, the one they pad least; with none, a group
     of their own while there are fewer than ``most``; else the group they
-    pad least. Only the last group may take them unless ``anywhere``, so
+    pad least. Only the last group may take them unless ``may_insert``, so
     that they come after every running row."""
-    candidates = range(len(groups)) if anywhere else range(len(groups))[-1:]
+    candidates = range(len(groups)) if may_insert else range(len(groups))[-1:]
     added = {i: groups[i].padding_with(new) for i in candidates}
-    share = {i: PADDING_SHARE * (groups[i].columns + new.columns) for i in candidates}
-    fits = [i for i in candidates if added[i] <= share[i]]
+    fits = [i for i in candidates if groups[i].takes(new)]
     if fits:
         return min(fits, key=added.__getitem__)
     if len(groups) < most:
@@ -332,6 +353,11 @@ class RowGroup:
     def columns(self) -> int:
         """Cache columns its rows hold, padding included."""
         return self.mask.numel()
+
+    def takes(self, new: RowGroup) -> bool:
+        """Whether the rows of ``new`` would add at most ``PADDING_SHARE`` of
+        padding, joining this group."""
+        return self.padding_with(new) <= PADDING_SHARE * (self.columns + new.columns)
 
     def padding_with(self, new: RowGroup) -> int:
         """Padding columns the rows of ``new`` would add, joining this group."""
@@ -410,7 +436,7 @@ class Prefill:
         """Columns prefilled so far."""
         self.lengths: list[int] | None = None
         """Each prompt's length in tokens, once it has joined the rows."""
-        self.row = 0
+        self.row: int | None = None
         """Where it joined: the index of its first row among all the rows."""
 
     @property

@@ -3,6 +3,7 @@ with rows of about their length, or in a group of their own."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from helpers.engine.batch_rows import ROW_GROUPS, PaddedRows, RowGroup, group_for
@@ -13,40 +14,48 @@ def group(rows: int, width: int) -> RowGroup:
 
 
 def test_the_first_rows_start_the_first_group() -> None:
-    assert group_for([], group(1, 50), ROW_GROUPS, anywhere=True) == 0
+    assert group_for([], group(1, 50), ROW_GROUPS, may_insert=True) == 0
 
 
-def test_rows_of_about_the_groups_length_join_it() -> None:
-    assert group_for([group(4, 300)], group(1, 50), ROW_GROUPS, anywhere=True) == 0
+def test_a_short_row_joins_a_group_of_several_longer_ones() -> None:
+    """250 padding columns, within half of the 1,250 the five rows hold apart."""
+    assert group_for([group(4, 300)], group(1, 50), ROW_GROUPS, may_insert=True) == 0
+
+
+def test_padding_of_exactly_the_share_still_joins() -> None:
+    """Joining adds 40 columns: half of the 80 held apart (60 and 20)."""
+    assert group(1, 60).padding_with(group(1, 20)) == 40
+    assert group_for([group(1, 60)], group(1, 20), ROW_GROUPS, may_insert=True) == 0
+    assert group_for([group(1, 61)], group(1, 20), ROW_GROUPS, may_insert=True) == 1
 
 
 def test_a_long_prompt_beside_short_rows_starts_a_group_of_its_own() -> None:
-    assert group_for([group(4, 300)], group(1, 6000), ROW_GROUPS, anywhere=True) == 1
+    assert group_for([group(4, 300)], group(1, 6000), ROW_GROUPS, may_insert=True) == 1
 
 
 def test_a_question_joins_the_short_rows_not_the_document_after_them() -> None:
     groups = [group(4, 300), group(1, 6000)]
-    assert group_for(groups, group(1, 40), ROW_GROUPS, anywhere=True) == 0
+    assert group_for(groups, group(1, 40), ROW_GROUPS, may_insert=True) == 0
 
 
 def test_every_group_is_held_to_the_share_not_only_the_least_padded() -> None:
     """Joining the short group adds 30 padding columns, past half of 50;
     joining the long one adds 35, within half of 115."""
-    assert group_for([group(1, 10), group(1, 75)], group(1, 40), ROW_GROUPS, anywhere=True) == 1
+    assert group_for([group(1, 10), group(1, 75)], group(1, 40), ROW_GROUPS, may_insert=True) == 1
 
 
 def test_rows_that_must_come_last_join_only_the_last_group_or_start_one() -> None:
     groups = [group(4, 300), group(1, 6000)]
-    assert group_for(groups, group(1, 40), ROW_GROUPS, anywhere=False) == 2
-    assert group_for(groups, group(1, 5900), ROW_GROUPS, anywhere=False) == 1
+    assert group_for(groups, group(1, 40), ROW_GROUPS, may_insert=False) == 2
+    assert group_for(groups, group(1, 5900), ROW_GROUPS, may_insert=False) == 1
 
 
 def test_with_no_room_for_another_group_they_join_the_one_they_pad_least() -> None:
     groups = [group(1, 800), group(1, 6000), group(1, 3000), group(1, 1500)]
-    assert group_for(groups, group(1, 10), 5, anywhere=True) == 4, "room for a fifth"
-    assert group_for(groups, group(1, 10), 4, anywhere=True) == 0
-    assert group_for(groups, group(1, 10), 4, anywhere=False) == 3
-    assert group_for([group(4, 300)], group(1, 6000), 1, anywhere=True) == 0
+    assert group_for(groups, group(1, 10), 5, may_insert=True) == 4, "room for a fifth"
+    assert group_for(groups, group(1, 10), 4, may_insert=True) == 0
+    assert group_for(groups, group(1, 10), 4, may_insert=False) == 3
+    assert group_for([group(4, 300)], group(1, 6000), 1, may_insert=True) == 0
 
 
 def test_padding_counts_both_sides() -> None:
@@ -65,9 +74,23 @@ def cached_group(lengths: list[int], first: float) -> RowGroup:
     return RowGroup(SimpleNamespace(layers=[layer]), mask, mask.sum(-1, keepdim=True))
 
 
-def test_rows_that_leave_leave_their_groups_and_an_emptied_group_goes() -> None:
+def padded_rows(*groups: RowGroup) -> PaddedRows:
+    """Rows in ``groups``, as the kit's decoder keeps them (no model runs here)."""
     rows = PaddedRows(SimpleNamespace(), SimpleNamespace(pad_token_id=0))
-    rows.groups = [cached_group([3, 9], 0), cached_group([40], 2), cached_group([5, 2], 3)]
+    rows.max_groups = ROW_GROUPS  # a model that takes segments; this stand-in takes none
+    rows.groups = list(groups)
+    rows.logits = torch.arange(float(rows.rows))[:, None]  # each row's logits: its index
+    return rows
+
+
+def new_rows(lengths: list[int], first: float) -> tuple[RowGroup, torch.Tensor]:
+    """Prefilled rows, and their logits: ``first`` on, one a row."""
+    logits = torch.arange(first, first + len(lengths))[:, None, None]
+    return cached_group(lengths, first), logits
+
+
+def test_rows_that_leave_leave_their_groups_and_an_emptied_group_goes() -> None:
+    rows = padded_rows(cached_group([3, 9], 0), cached_group([40], 2), cached_group([5, 2], 3))
     rows.keep([0, 3])
     first, last = rows.groups
     assert rows.rows == 2 and len(rows.groups) == 2
@@ -75,3 +98,50 @@ def test_rows_that_leave_leave_their_groups_and_an_emptied_group_goes() -> None:
     assert first.cache.layers[0].keys.shape == (1, 2, 3, 4)
     assert bool((first.cache.layers[0].keys == 0).all())
     assert last.mask.tolist() == [[1] * 5] and bool((last.cache.layers[0].values == 3).all())
+    assert last.positions.tolist() == [[5]]
+
+
+def test_rows_that_join_a_group_before_the_last_go_in_among_the_rows() -> None:
+    """Their logits too, where the batcher puts their sequences; a second
+    prefill of the same pass is placed after the first went in."""
+    rows = padded_rows(cached_group([20, 18], 0), cached_group([600], 2))
+    question, logits = new_rows([16], 10)
+    assert rows._add_rows(question, logits, may_insert=True) == 2
+    answer, logits = new_rows([590], 20)
+    assert rows._add_rows(answer, logits, may_insert=True) == 4
+    assert [group.rows for group in rows.groups] == [3, 2]
+    assert rows.logits[:, 0].tolist() == [0, 1, 10, 2, 20]
+
+
+def test_rows_that_must_come_last_start_a_group_rather_than_go_in_among_the_rows() -> None:
+    rows = padded_rows(cached_group([20, 18], 0), cached_group([600], 2))
+    question, logits = new_rows([16], 10)
+    assert rows._add_rows(question, logits, may_insert=False) == 3
+    assert rows.logits[:, 0].tolist() == [0, 1, 2, 10]
+
+
+def test_with_every_group_taken_the_neighbours_closest_in_length_merge_for_a_document() -> None:
+    """Chats of 20, 600, 30 and 700 tokens took the four groups; a document
+    of 6,000 would pad any of them by thousands of columns, so the 600 and
+    the 30 (570 columns of padding) become one group and it gets its own."""
+    rows = padded_rows(*(cached_group([n], i) for i, n in enumerate([20, 600, 30, 700])))
+    document, logits = new_rows([6000], 10)
+    assert rows._add_rows(document, logits, may_insert=True) == 4
+    assert [group.mask.shape for group in rows.groups] == [(1, 20), (2, 600), (1, 700), (1, 6000)]
+    merged = rows.groups[1].cache.layers[0].keys
+    assert merged[0, 0, 0, 0] == 1 and merged[1, 0, -1, 0] == 2, "the rows keep their order"
+    assert rows.logits[:, 0].tolist() == [0, 1, 2, 3, 10]
+
+
+def test_with_every_group_taken_rows_that_pad_one_less_than_any_merge_join_it() -> None:
+    """1,000 tokens fit no group (700 columns of padding with the 300, past
+    half of 1,300), but merging any two neighbours would pad more."""
+    rows = padded_rows(*(cached_group([n], i) for i, n in enumerate([100, 6000, 300, 7000])))
+    chat, logits = new_rows([1000], 10)
+    assert rows._add_rows(chat, logits, may_insert=True) == 3
+    assert [group.rows for group in rows.groups] == [1, 1, 2, 1]
+
+
+def test_no_groups_at_all_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="groups must be at least 1, not 0"):
+        PaddedRows(SimpleNamespace(), SimpleNamespace(pad_token_id=0), groups=0)
