@@ -7,22 +7,22 @@ requests wait while few decode. Here one thread owns the model and loops:
 sample one token for every row, drop the rows that ended, and run one decode
 step for the rest, in which the sequences that arrived meanwhile are
 prefilled too, a piece of at most ``prefill_chunk`` prompt tokens a step
-(one pass for both, their KV cache merged into the running batch after
-their last piece): a long prompt then holds the running rows for one piece
-at a time, not for all of it, and a short one sent behind it goes in beside
-its pieces (:mod:`helpers.engine.prefill_lanes`). Arrivals get prefill
-passes of their own first where the layout cannot fold them into a decode
-step: the paged layout, whose steps have fixed shapes, and any model that is
-not the kit's decoder (transformers' models).
+(one pass for both; their KV cache joins the running batch after their last
+piece): a long prompt then holds the running rows for one piece at a time,
+not for all of it, and a short one sent behind it goes in beside its pieces
+(:mod:`helpers.engine.prefill_lanes`). Arrivals get prefill passes of their
+own first where the layout cannot fold them into a decode step: the paged
+layout, whose steps have fixed shapes, and any model that is not the kit's
+decoder (transformers' models).
 
-The batch's tensors are kept by :mod:`helpers.engine.batch_rows`. ``PaddedRows``
-(CPU, and transformers' models anywhere) left-pads rows of about one length
-together, in groups, each row's attention mask hiding its padding and its
-position ids counting its real tokens only; a row's place among the rows
-is where its sequence stands in the batch. ``PagedRows`` (the kit's decoder on a GPU, or anywhere
-when asked) gives each sequence a slot of a paged cache and the pages it
-holds. Either way a sequence decodes the same whichever rows it shares the
-batch with.
+The batch's tensors are kept by :mod:`helpers.engine.batch_rows`.
+``PaddedRows`` (CPU, and transformers' models anywhere) left-pads rows of
+about one length together, in groups, each row's attention mask hiding its
+padding and its position ids counting its real tokens only; a row's place
+among the rows is where its sequence stands in the batch. ``PagedRows``
+(the kit's decoder on a GPU, or anywhere when asked) gives each sequence a
+slot of a paged cache and the pages it holds. Either way a sequence decodes
+the same whichever rows it shares the batch with.
 """
 
 from __future__ import annotations

@@ -164,8 +164,8 @@ def test_a_prompt_prefilled_in_a_pass_of_its_own_counts_as_a_row_meanwhile(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where prefills take passes of their own (slots, transformers' models),
-    a long prompt's passes take a while: the replica's load report must count
-    it, or the autoscaler sees an idle replica that is busy."""
+    a long prompt's passes take a while: the replica's batch gauges
+    (``llm_batch_rows``) must count it, or they show a busy replica idle."""
     rows = engine._batcher._rows
     admit, inside, release = rows.admit, threading.Event(), threading.Event()
 
