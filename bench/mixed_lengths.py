@@ -1,0 +1,108 @@
+"""Output tokens/s and the gaps between tokens under a staggered load of
+mixed prompt lengths, on CPU: the padded layout's rows in groups of about
+one length (decision 0037) against one padded group, taking turns in one
+process. The common case, where groups must cost nothing.
+
+    python -m bench.mixed_lengths        (--help for the knobs)
+
+The replicas' Engine alone, on the embedded model: no Ray, no HTTP. Prints
+each run, and records them in ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import statistics
+import time
+
+from bench.results_file import provenance, record_section
+from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine.batch_rows import ROW_GROUPS
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+
+LENGTHS = (20, 40, 80, 150, 300, 600)
+"""Prompt lengths in tokens, drawn for each request: chat turns to short documents."""
+SENTENCE = "Ray Serve scales replicas up and down with the traffic they get. "
+
+
+def run(engine: Engine, prompts: list[tuple[int, ...]], every_s: float, tokens: int) -> dict:
+    """Submit ``prompts`` one every ``every_s`` seconds; the output tok/s over
+    the whole run, the gaps between each stream's pieces of text, the texts."""
+    stamps: list[list[float]] = [[] for _ in prompts]
+    sampling = Sampling(tokens, temperature=0.0, top_p=1.0, ignore_eos=True)
+    started, futures = time.perf_counter(), []
+    for prompt, mine in zip(prompts, stamps, strict=True):
+        futures.append(
+            engine.submit(
+                GenerationRequest(prompt, sampling),
+                on_text=lambda _, mine=mine: mine.append(time.perf_counter()),
+            )
+        )
+        time.sleep(every_s)
+    completions = [future.result(timeout=1200) for future in futures]
+    seconds = time.perf_counter() - started
+    gaps = [later - earlier for mine in stamps for earlier, later in itertools.pairwise(mine)]
+    return {
+        "tok_s": sum(c.completion_tokens for c in completions) / seconds,
+        "median_gap_s": statistics.median(gaps),
+        "longest_gap_s": max(gaps),
+        "texts": [c.text for c in completions],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--every", type=float, default=0.3, help="seconds between requests")
+    parser.add_argument("--tokens", type=int, default=48, help="greedy tokens each")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each way")
+    parser.add_argument("--seed", type=int, default=0, help="draws the prompt lengths")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    loaded = Engine.load(
+        EMBEDDED_MODEL_ID, ServeConfig.from_env().model_cache_dir, cpu_threads=args.threads
+    )
+    # Prepacked, as a replica is once warm: that starts after a first request.
+    loaded.generate([GenerationRequest("Hi", Sampling(4, 0.0, 1.0))])
+    loaded.tuned.result()
+    loaded.close()
+    sentence = loaded.tokenizer(SENTENCE)["input_ids"]
+    draw = random.Random(args.seed)
+    lengths = [draw.choice(LENGTHS) for _ in range(args.requests)]
+    prompts = [tuple(itertools.islice(itertools.cycle(sentence), n)) for n in lengths]
+    ways = {f"{ROW_GROUPS} row groups": ROW_GROUPS, "one padded group": 1}
+    rows = [
+        "| rows | round | output tok/s | median gap ms | longest gap ms |",
+        "|---|---|---|---|---|",
+    ]
+    texts = {}
+    for round_ in range(1, args.rounds + 1):
+        for way, groups in ways.items():
+            engine = Engine(
+                loaded.model, loaded.tokenizer, model_id=EMBEDDED_MODEL_ID, row_groups=groups
+            )
+            got = run(engine, prompts, args.every, args.tokens)
+            engine.close()
+            texts.setdefault(way, got["texts"])
+            rows.append(
+                f"| {way} | {round_} | {got['tok_s']:.1f} | {got['median_gap_s'] * 1000:.0f} "
+                f"| {got['longest_gap_s'] * 1000:.0f} |"
+            )
+            print(rows[-1], flush=True)
+    same = "the same" if len({tuple(t) for t in texts.values()}) == 1 else "NOT the same"
+    print(f"Texts: {same} either way.")
+    record_section(
+        "Mixed prompt lengths on CPU",
+        [
+            f"{provenance()}. {args.requests} greedy requests of {args.tokens} tokens, one "
+            f"every {args.every:g} s, prompts of {', '.join(map(str, LENGTHS))} tokens drawn "
+            f"with seed {args.seed}; the two ways take turns. Texts: {same} either way.\n",
+            *rows,
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
