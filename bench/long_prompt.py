@@ -22,7 +22,8 @@ import statistics
 import time
 
 from bench.results_file import provenance, record_section
-from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from bench.warm_model import prompt_of, warm_model
+from helpers.config import EMBEDDED_MODEL_ID
 from helpers.engine.batch_rows import PREFILL_CHUNK, ROW_GROUPS
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
 
@@ -34,7 +35,6 @@ STARTED_AFTER = 10
 QUESTION = "What is the capital of France?"
 QUESTION_AFTER_S = 1.0
 """Seconds after the long prompt the short question is sent."""
-SENTENCE = "Ray Serve scales replicas up and down with the traffic they get. "
 
 
 def run(engine: Engine, prompt: tuple[int, ...]) -> dict[str, float]:
@@ -94,21 +94,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="turns of each way")
     args = parser.parse_args()
-    loaded = Engine.load(
-        EMBEDDED_MODEL_ID, ServeConfig.from_env().model_cache_dir, cpu_threads=args.threads
-    )
-    # Prepacked, as a replica is once warm: that starts after a first request.
-    loaded.generate([GenerationRequest("Hi", Sampling(4, 0.0, 1.0))])
-    loaded.tuned.result()
-    loaded.close()
-    sentence = loaded.tokenizer(SENTENCE)["input_ids"]
+    loaded = warm_model(args.threads)
     rows = [
         "| prompt tokens | prefill | round | streams' longest gap ms | median gap ms "
         "| median gap after it joined ms | its first token s | the question's first token s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for tokens in args.tokens:
-        prompt = tuple(itertools.islice(itertools.cycle(sentence), tokens))
+        prompt = prompt_of(loaded, tokens)
         ways = {  # prompt tokens a pass prefills, past how many a prompt is long, row groups
             f"pieces of {PREFILL_CHUNK}, lanes, row groups": (PREFILL_CHUNK, None, ROW_GROUPS),
             f"pieces of {PREFILL_CHUNK}, lanes, one group": (PREFILL_CHUNK, None, 1),

@@ -18,13 +18,13 @@ import statistics
 import time
 
 from bench.results_file import provenance, record_section
-from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from bench.warm_model import prompt_of, warm_model
+from helpers.config import EMBEDDED_MODEL_ID
 from helpers.engine.batch_rows import ROW_GROUPS
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
 
 LENGTHS = (20, 40, 80, 150, 300, 600)
 """Prompt lengths in tokens, drawn for each request: chat turns to short documents."""
-SENTENCE = "Ray Serve scales replicas up and down with the traffic they get. "
 
 
 def run(engine: Engine, prompts: list[tuple[int, ...]], every_s: float, tokens: int) -> dict:
@@ -61,17 +61,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="draws the prompt lengths")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    loaded = Engine.load(
-        EMBEDDED_MODEL_ID, ServeConfig.from_env().model_cache_dir, cpu_threads=args.threads
-    )
-    # Prepacked, as a replica is once warm: that starts after a first request.
-    loaded.generate([GenerationRequest("Hi", Sampling(4, 0.0, 1.0))])
-    loaded.tuned.result()
-    loaded.close()
-    sentence = loaded.tokenizer(SENTENCE)["input_ids"]
+    loaded = warm_model(args.threads)
     draw = random.Random(args.seed)
     lengths = [draw.choice(LENGTHS) for _ in range(args.requests)]
-    prompts = [tuple(itertools.islice(itertools.cycle(sentence), n)) for n in lengths]
+    prompts = [prompt_of(loaded, n) for n in lengths]
     ways = {f"{ROW_GROUPS} row groups": ROW_GROUPS, "one padded group": 1}
     rows = [
         "| rows | round | output tok/s | median gap ms | longest gap ms |",

@@ -1,0 +1,31 @@
+"""The embedded model as a warm replica holds it, for benches that build
+engines of their own around it, and prompts of a given length in tokens."""
+
+from __future__ import annotations
+
+import itertools
+
+from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+
+SENTENCE = "Ray Serve scales replicas up and down with the traffic they get. "
+
+
+def warm_model(threads: int) -> Engine:
+    """The embedded model loaded and prepacked, as a replica is once warm
+    (prepacking starts after a first request); its engine closed, so that
+    ``Engine(loaded.model, loaded.tokenizer, ...)`` builds the ways compared."""
+    loaded = Engine.load(
+        EMBEDDED_MODEL_ID, ServeConfig.from_env().model_cache_dir, cpu_threads=threads
+    )
+    loaded.generate([GenerationRequest("Hi", Sampling(4, 0.0, 1.0))])
+    assert loaded.tuned is not None
+    loaded.tuned.result()
+    loaded.close()
+    return loaded
+
+
+def prompt_of(loaded: Engine, tokens: int) -> tuple[int, ...]:
+    """Token ids of ``SENTENCE`` repeated, cut to ``tokens``."""
+    sentence = loaded.tokenizer(SENTENCE)["input_ids"]
+    return tuple(itertools.islice(itertools.cycle(sentence), tokens))
