@@ -53,9 +53,10 @@ ROW_GROUPS = 4
 """Most groups of rows :class:`PaddedRows` keeps apart, each padded to its
 own length, where the model takes several segments in one pass."""
 PADDING_SHARE = 0.5
-"""Most padding new rows may add to a group they join, as a share of the
-columns the group and they hold apart; past it they start a group of their
-own (while there is room for one)."""
+"""Most padding new rows may add to rows they are padded with, as a share
+of the columns both hold apart: past it they start a group of their own
+(while there is room for one), and a prompt admitted with others a prefill
+of its own (:func:`similar_lengths`)."""
 PREFILL_CHUNK = 256
 """Most prompt tokens one pass of :class:`PaddedRows` prefills beside its
 running rows' decode step, where no setting asks otherwise: a longer prompt
@@ -137,6 +138,42 @@ def prefill_pieces(length: int, area: int = PREFILL_AREA) -> list[tuple[int, int
     return pieces
 
 
+def added_padding(held: tuple[int, int], new: tuple[int, int]) -> int:
+    """Padding columns that rows ``new`` add, joining rows ``held`` (each
+    ``(rows, columns)``, left-padded to one length): both sides padded to
+    the longer."""
+    (rows, width), (new_rows, new_width) = held, new
+    return (rows + new_rows) * max(width, new_width) - rows * width - new_rows * new_width
+
+
+def pads_little(held: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Whether rows ``new`` add at most ``PADDING_SHARE`` of padding, joining
+    rows ``held`` (:func:`added_padding`)."""
+    held_apart = held[0] * held[1] + new[0] * new[1]
+    return added_padding(held, new) <= PADDING_SHARE * held_apart
+
+
+def similar_lengths(lengths: Sequence[int]) -> list[list[int]]:
+    """The indices of prompts admitted together, in groups of about one
+    length, each to be left-padded as one prefill; shortest first.
+
+    Why: admitted as one prefill, prompts are padded to the longest, so a
+    question that comes in the same step as a document (a burst queued
+    during a cold start) would cost a document's columns to prefill, wait
+    for all of it, and decode among its padding. A prompt joins the group
+    before it where it pads it little (:func:`pads_little`, the rule a
+    finished prefill joins a running group by); identical prompts always
+    share a group, so a request's ``n`` choices still share one prefill."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted, so the last group's last prompt is its longest.
+        if groups and pads_little((len(groups[-1]), lengths[groups[-1][-1]]), (1, lengths[index])):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def power_of_two_at_least(needed: int, smallest: int) -> int:
     size = smallest
     while size < needed:
@@ -205,6 +242,16 @@ class PaddedRows:
         self.decode([], [(prefill, prefill.left)], may_insert=False)
         assert prefill.lengths is not None  # its one piece was its last
         return prefill.lengths
+
+    def prefills(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefill]]:
+        """``prompts`` admitted together, made ready to be prefilled in groups
+        of about one length (:func:`similar_lengths`): each group's indices
+        among them and its :class:`Prefill`. With one row group, one prefill
+        for all of them, as every row ends up padded to one length anyway."""
+        groups = similar_lengths(list(map(len, prompts)))
+        if self.max_groups == 1:
+            groups = [list(range(len(prompts)))]
+        return [(group, self.prefill([prompts[i] for i in group])) for group in groups]
 
     def prefill(self, prompts: list[list[int]]) -> Prefill:
         """``prompts`` (token ids) made ready to be prefilled piece by piece
@@ -350,20 +397,17 @@ class RowGroup:
         return self.mask.shape[0]
 
     @property
-    def columns(self) -> int:
-        """Cache columns its rows hold, padding included."""
-        return self.mask.numel()
+    def shape(self) -> tuple[int, int]:
+        """Its rows, and the cache columns each holds, padding included."""
+        return self.mask.shape[0], self.mask.shape[1]
 
     def takes(self, new: RowGroup) -> bool:
-        """Whether the rows of ``new`` would add at most ``PADDING_SHARE`` of
-        padding, joining this group."""
-        return self.padding_with(new) <= PADDING_SHARE * (self.columns + new.columns)
+        """Whether the rows of ``new`` would pad this group little (:func:`pads_little`)."""
+        return pads_little(self.shape, new.shape)
 
     def padding_with(self, new: RowGroup) -> int:
         """Padding columns the rows of ``new`` would add, joining this group."""
-        return (self.rows + new.rows) * max(self.mask.shape[1], new.mask.shape[1]) - (
-            self.columns + new.columns
-        )
+        return added_padding(self.shape, new.shape)
 
     def step(self, tokens: list[int]) -> Segment:
         """A decode step's segment for these rows, their masks a column longer."""

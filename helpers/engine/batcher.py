@@ -168,7 +168,8 @@ class _Sequence:
 
 @dataclass(eq=False)
 class _Prefilling:
-    """Sequences admitted together whose prompts are being prefilled, a piece a pass."""
+    """Sequences admitted together, of about one length, whose prompts are
+    being prefilled, a piece a pass."""
 
     sequences: list[_Sequence]
     prefill: Prefill
@@ -523,8 +524,9 @@ class ContinuousBatcher:
         """
         if arrivals and self._rows.folds_prefills:
             assert isinstance(self._rows, PaddedRows)
-            prefill = self._rows.prefill([s.prompt_ids for s in arrivals])
-            self._prefilling = [*self._prefilling, _Prefilling(arrivals, prefill)]  # see batch_load
+            prefills = self._rows.prefills([s.prompt_ids for s in arrivals])
+            entering = [_Prefilling([arrivals[i] for i in group], p) for group, p in prefills]
+            self._prefilling = [*self._prefilling, *entering]  # replaced: see batch_load
         elif arrivals:
             self._admit_apart(arrivals)
         self._drop_cancelled_prefills()

@@ -300,3 +300,28 @@ def test_rows_of_very_different_lengths_go_in_groups_and_decode_as_alone(
     (_, _, _, one), (_, _, _, two), (at, joined, total, groups) = joins
     assert (one, two, groups) == (1, 2, 2), "the long row apart, the question with the short"
     assert at + joined < total, "the question went in before the long row"
+
+
+@padded_only
+def test_a_question_admitted_with_a_long_prompt_goes_in_apart_and_gets_its_first_token_first(
+    engine: Engine, chunked: Engine
+) -> None:
+    """Admitted in one step (a burst queued during a cold start), they are
+    not padded to one length: the question is a prefill of its own, in the
+    short lane, and its text comes passes before the long prompt's; both
+    texts are what each gives alone."""
+    prompts = (LONG, SHORT)
+    alone = [engine.generate([greedy(p, 8)])[0].text for p in prompts]
+    prefills = chunked.stats.prefills
+    first_text: dict[str, int] = {}
+    with passes(chunked.model) as seen:
+
+        def on_text(prompt: str) -> Callable[[str], None]:
+            return lambda _: first_text.setdefault(prompt, len(seen))
+
+        with chunked.together():
+            futures = [chunked.submit(greedy(p, 8), on_text(p)) for p in prompts]
+        texts = [future.result(timeout=120).text for future in futures]
+    assert texts == alone
+    assert chunked.stats.prefills == prefills + 2, "a prefill each"
+    assert first_text[SHORT] < first_text[LONG], first_text

@@ -1,12 +1,23 @@
 """Where the padded layout puts rows that join it (``batch_rows.group_for``):
-with rows of about their length, or in a group of their own."""
+with rows of about their length, or in a group of their own; and how it
+splits prompts admitted together into prefills of about one length
+(``similar_lengths``), by the same rule."""
 
+import random
+from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers.engine.batch_rows import ROW_GROUPS, PaddedRows, RowGroup, group_for
+from helpers.engine.batch_rows import (
+    ROW_GROUPS,
+    PaddedRows,
+    RowGroup,
+    group_for,
+    pads_little,
+    similar_lengths,
+)
 
 
 def group(rows: int, width: int) -> RowGroup:
@@ -145,3 +156,57 @@ def test_with_every_group_taken_rows_that_pad_one_less_than_any_merge_join_it() 
 def test_no_groups_at_all_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="groups must be at least 1, not 0"):
         PaddedRows(SimpleNamespace(), SimpleNamespace(pad_token_id=0), groups=0)
+
+
+def test_a_question_admitted_with_a_document_gets_a_prefill_of_its_own_and_goes_first() -> None:
+    assert similar_lengths([6000, 20]) == [[1], [0]]
+
+
+def test_prompts_of_about_one_length_share_a_prefill_shortest_first() -> None:
+    """Equal lengths (a request's ``n`` choices) pad nothing, so they are
+    never apart; the order among them is the order they came in."""
+    assert similar_lengths([300, 20, 25, 300, 280]) == [[1, 2], [4, 0, 3]]
+    assert similar_lengths([40, 40, 40]) == [[0, 1, 2]]
+    assert similar_lengths([]) == []
+
+
+def test_a_prompt_padding_others_by_exactly_the_share_still_joins_them() -> None:
+    """As for a row joining a running group: 40 padding columns, half of the
+    80 held apart (20 and 60)."""
+    assert similar_lengths([20, 60]) == [[0, 1]]
+    assert similar_lengths([20, 61]) == [[0], [1]]
+
+
+def test_many_short_prompts_are_not_padded_to_a_longer_one() -> None:
+    """Ten 100-token prompts and one of 200: 1,000 padding columns, past
+    half of the 1,200 held apart, where one 100-token prompt would take it."""
+    assert similar_lengths([200] + [100] * 10) == [list(range(1, 11)), [0]]
+    assert similar_lengths([200, 100]) == [[1, 0]]
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_random_admissions_are_split_by_the_share_each_prompt_once(seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 64), rng.randint(1, 8000)]) for _ in range(40)]
+    groups = similar_lengths(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert all(lengths[a] <= lengths[b] for a, b in pairwise(group)), "shortest first"
+        for joined in range(1, len(group)):
+            held = (joined, lengths[group[joined - 1]])
+            assert pads_little(held, (1, lengths[group[joined]])), "each joined by the rule"
+    for before, after in pairwise(groups):
+        held = (len(before), lengths[before[-1]])
+        assert not pads_little(held, (1, lengths[after[0]])), "apart only past the share"
+
+
+def test_with_one_row_group_prompts_admitted_together_share_one_prefill() -> None:
+    """Every row ends up padded to one length then; the old layout, whole."""
+    model = SimpleNamespace(device="cpu", new_cache=list)
+    rows = PaddedRows(model, SimpleNamespace(pad_token_id=0))
+    assert rows.max_groups == 1, "a model that takes no segments keeps one group"
+    ((indices, prefill),) = rows.prefills([[5] * 600, [6] * 20])
+    assert indices == [0, 1] and prefill.rows == 2 and prefill.width == 600
+    rows.max_groups = ROW_GROUPS
+    apart = rows.prefills([[5] * 600, [6] * 20])
+    assert [(i, p.width) for i, p in apart] == [([1], 20), ([0], 600)]
