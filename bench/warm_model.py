@@ -25,7 +25,10 @@ def warm_model(threads: int) -> Engine:
     return loaded
 
 
-def prompt_of(loaded: Engine, tokens: int) -> tuple[int, ...]:
-    """Token ids of ``SENTENCE`` repeated, cut to ``tokens``."""
+def prompt_of(loaded: Engine, tokens: int, label: str = "") -> tuple[int, ...]:
+    """Token ids of ``label`` then ``SENTENCE`` repeated, cut to ``tokens``.
+    Distinct labels make distinct prompts, which the engine cannot share
+    one prefill between."""
     sentence = loaded.tokenizer(SENTENCE)["input_ids"]
-    return tuple(itertools.islice(itertools.cycle(sentence), tokens))
+    ids = itertools.chain(loaded.tokenizer(label)["input_ids"], itertools.cycle(sentence))
+    return tuple(itertools.islice(ids, tokens))

@@ -29,6 +29,7 @@ stale, since the batcher always decodes next.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -53,10 +54,10 @@ ROW_GROUPS = 4
 """Most groups of rows :class:`PaddedRows` keeps apart, each padded to its
 own length, where the model takes several segments in one pass."""
 PADDING_SHARE = 0.5
-"""Most padding new rows may add to rows they are padded with, as a share
-of the columns both hold apart: past it they start a group of their own
-(while there is room for one), and a prompt admitted with others a prefill
-of its own (:func:`similar_lengths`)."""
+"""Most padding new rows may add to a group they join, as a share of the
+columns the group and they hold apart: past it they start a group of their
+own (while there is room for one). Prompts admitted together are grouped
+by the same share (:func:`length_groups`)."""
 PREFILL_CHUNK = 256
 """Most prompt tokens one pass of :class:`PaddedRows` prefills beside its
 running rows' decode step, where no setting asks otherwise: a longer prompt
@@ -146,31 +147,37 @@ def added_padding(held: tuple[int, int], new: tuple[int, int]) -> int:
     return (rows + new_rows) * max(width, new_width) - rows * width - new_rows * new_width
 
 
-def pads_little(held: tuple[int, int], new: tuple[int, int]) -> bool:
-    """Whether rows ``new`` add at most ``PADDING_SHARE`` of padding, joining
-    rows ``held`` (:func:`added_padding`)."""
-    held_apart = held[0] * held[1] + new[0] * new[1]
-    return added_padding(held, new) <= PADDING_SHARE * held_apart
-
-
-def similar_lengths(lengths: Sequence[int]) -> list[list[int]]:
-    """The indices of prompts admitted together, in groups of about one
-    length, each to be left-padded as one prefill; shortest first.
+def length_groups(lengths: Sequence[int], most: int) -> list[list[int]]:
+    """The indices of prompts admitted together, in at most ``most`` groups
+    of about one length, each to be left-padded as one prefill; shortest
+    first.
 
     Why: admitted as one prefill, prompts are padded to the longest, so a
     question that comes in the same step as a document (a burst queued
     during a cold start) would cost a document's columns to prefill, wait
     for all of it, and decode among its padding. A prompt joins the group
-    before it where it pads it little (:func:`pads_little`, the rule a
-    finished prefill joins a running group by); identical prompts always
-    share a group, so a request's ``n`` choices still share one prefill."""
+    before it while the group's padding stays within ``PADDING_SHARE`` of
+    its prompts' own tokens, the share a finished prefill may add to a
+    running group (for two prompts the two rules agree). Identical prompts
+    add none, so a request's ``n`` choices still share one prefill. Past
+    ``most`` groups, the neighbours that pad each other least merge, as
+    running groups do: more prefills than the rows keep groups would be
+    merged as they joined, a cache copy each."""
     groups: list[list[int]] = []
+    tokens = 0  # the last group's prompts' own tokens
     for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        # Sorted, so the last group's last prompt is its longest.
-        if groups and pads_little((len(groups[-1]), lengths[groups[-1][-1]]), (1, lengths[index])):
+        length = lengths[index]  # sorted, so the longest of the last group if it joins
+        if groups and (len(groups[-1]) + 1) * length <= (1 + PADDING_SHARE) * (tokens + length):
             groups[-1].append(index)
+            tokens += length
         else:
             groups.append([index])
+            tokens = length
+    while len(groups) > most:
+        shapes = [(len(group), lengths[group[-1]]) for group in groups]
+        added = [added_padding(a, b) for a, b in itertools.pairwise(shapes)]
+        pair = added.index(min(added))
+        groups[pair : pair + 2] = [groups[pair] + groups[pair + 1]]
     return groups
 
 
@@ -245,12 +252,10 @@ class PaddedRows:
 
     def prefills(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefill]]:
         """``prompts`` admitted together, made ready to be prefilled in groups
-        of about one length (:func:`similar_lengths`): each group's indices
-        among them and its :class:`Prefill`. With one row group, one prefill
-        for all of them, as every row ends up padded to one length anyway."""
-        groups = similar_lengths(list(map(len, prompts)))
-        if self.max_groups == 1:
-            groups = [list(range(len(prompts)))]
+        of about one length, no more groups than the rows keep
+        (:func:`length_groups`): each group's indices among them and its
+        :class:`Prefill`. With one row group, one prefill for all of them."""
+        groups = length_groups(list(map(len, prompts)), self.max_groups)
         return [(group, self.prefill([prompts[i] for i in group])) for group in groups]
 
     def prefill(self, prompts: list[list[int]]) -> Prefill:
@@ -402,8 +407,10 @@ class RowGroup:
         return self.mask.shape[0], self.mask.shape[1]
 
     def takes(self, new: RowGroup) -> bool:
-        """Whether the rows of ``new`` would pad this group little (:func:`pads_little`)."""
-        return pads_little(self.shape, new.shape)
+        """Whether the rows of ``new`` would add at most ``PADDING_SHARE`` of
+        padding, joining this group."""
+        held_apart = self.mask.numel() + new.mask.numel()
+        return self.padding_with(new) <= PADDING_SHARE * held_apart
 
     def padding_with(self, new: RowGroup) -> int:
         """Padding columns the rows of ``new`` would add, joining this group."""

@@ -117,6 +117,8 @@ class BatchStats:
 
     sequences: int = 0
     prefills: int = 0
+    """Prefills that joined the rows: one per group of prompts admitted
+    together, split by length in the padded layout (``length_groups``)."""
     folded_prefills: int = 0
     """Prefills whose last piece rode along a decode step rather than taking a pass of its own."""
     split_prefills: int = 0
@@ -168,8 +170,8 @@ class _Sequence:
 
 @dataclass(eq=False)
 class _Prefilling:
-    """Sequences admitted together, of about one length, whose prompts are
-    being prefilled, a piece a pass."""
+    """Sequences admitted in one step and prefilled together (grouped by
+    length: :func:`~helpers.engine.batch_rows.length_groups`), a piece a pass."""
 
     sequences: list[_Sequence]
     prefill: Prefill

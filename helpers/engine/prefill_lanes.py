@@ -6,7 +6,7 @@ and a pass prefills ``budget`` tokens, so a running row's next token waits
 for one piece of a long prompt at most. Prefills go in two lanes, each
 oldest first: short prompts, of ``long_prompt_tokens`` or fewer, and long
 ones (a prefill is as long as its longest prompt; prompts admitted in one
-step go in as prefills of about one length, shortest first). While
+step are split by length first, shortest first). While
 both lanes have work the short lane spends half the budget at most and the
 long lane the rest: a question sent behind a pasted document goes in within
 a few passes rather than after all of it, and the document goes on with the

@@ -325,3 +325,41 @@ def test_a_question_admitted_with_a_long_prompt_goes_in_apart_and_gets_its_first
     assert texts == alone
     assert chunked.stats.prefills == prefills + 2, "a prefill each"
     assert first_text[SHORT] < first_text[LONG], first_text
+
+
+@padded_only
+def test_prefills_of_one_step_that_end_in_one_pass_join_where_the_rows_put_them(
+    engine: Engine, chunked: Engine
+) -> None:
+    """Beside a running row, a one-token prompt and an eight-token one
+    admitted in one step are two prefills, both in by the same pass: the
+    first starts a group of its own, the second joins the running row's
+    group, before the first. Every text is what each gives alone."""
+    prompts = {SHORT: 24, "Hi": 8, "Write a haiku about Ray Serve.": 8}
+    alone = [engine.generate([greedy(p, n)])[0].text for p, n in prompts.items()]
+    rows = chunked._batcher._rows
+    add, joins = rows._add_rows, []
+    box: list = []
+
+    def submit_both(piece: str) -> None:  # on the decode thread
+        if not box:
+            with chunked.together():
+                box.extend(chunked.submit(greedy(p, n)) for p, n in list(prompts.items())[1:])
+
+    with passes(chunked.model) as seen:
+
+        def recorded_add(*args: Any) -> int:
+            at = add(*args)
+            joins.append((len(seen), at))
+            return at
+
+        rows._add_rows = recorded_add
+        try:
+            first = chunked.submit(greedy(SHORT, 24), on_text=submit_both)
+            texts = [first.result(timeout=120).text] + [f.result(timeout=120).text for f in box]
+        finally:
+            del rows._add_rows
+    assert texts == alone
+    (_, running), (one, hi), (other, haiku) = joins
+    assert one == other, "both prefills ended in the same pass"
+    assert (running, hi, haiku) == (0, 1, 1), "the haiku went in before the one-token prompt"

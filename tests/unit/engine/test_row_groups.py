@@ -1,7 +1,7 @@
 """Where the padded layout puts rows that join it (``batch_rows.group_for``):
 with rows of about their length, or in a group of their own; and how it
 splits prompts admitted together into prefills of about one length
-(``similar_lengths``), by the same rule."""
+(``length_groups``), by the same share."""
 
 import random
 from itertools import pairwise
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from helpers.engine.batch_rows import (
+    PADDING_SHARE,
     ROW_GROUPS,
     PaddedRows,
     RowGroup,
     group_for,
-    pads_little,
-    similar_lengths,
+    length_groups,
 )
 
 
@@ -159,45 +159,70 @@ def test_no_groups_at_all_is_refused_by_name() -> None:
 
 
 def test_a_question_admitted_with_a_document_gets_a_prefill_of_its_own_and_goes_first() -> None:
-    assert similar_lengths([6000, 20]) == [[1], [0]]
+    assert length_groups([6000, 20], ROW_GROUPS) == [[1], [0]]
 
 
 def test_prompts_of_about_one_length_share_a_prefill_shortest_first() -> None:
     """Equal lengths (a request's ``n`` choices) pad nothing, so they are
     never apart; the order among them is the order they came in."""
-    assert similar_lengths([300, 20, 25, 300, 280]) == [[1, 2], [4, 0, 3]]
-    assert similar_lengths([40, 40, 40]) == [[0, 1, 2]]
-    assert similar_lengths([]) == []
+    assert length_groups([300, 20, 25, 300, 280], ROW_GROUPS) == [[1, 2], [4, 0, 3]]
+    assert length_groups([40, 40, 40], ROW_GROUPS) == [[0, 1, 2]]
+    assert length_groups([], ROW_GROUPS) == []
 
 
-def test_a_prompt_padding_others_by_exactly_the_share_still_joins_them() -> None:
+def test_padding_of_exactly_the_share_of_the_tokens_still_joins() -> None:
     """As for a row joining a running group: 40 padding columns, half of the
-    80 held apart (20 and 60)."""
-    assert similar_lengths([20, 60]) == [[0, 1]]
-    assert similar_lengths([20, 61]) == [[0], [1]]
+    80 tokens (20 and 60)."""
+    assert length_groups([20, 60], ROW_GROUPS) == [[0, 1]]
+    assert length_groups([20, 61], ROW_GROUPS) == [[0], [1]]
 
 
 def test_many_short_prompts_are_not_padded_to_a_longer_one() -> None:
     """Ten 100-token prompts and one of 200: 1,000 padding columns, past
-    half of the 1,200 held apart, where one 100-token prompt would take it."""
-    assert similar_lengths([200] + [100] * 10) == [list(range(1, 11)), [0]]
-    assert similar_lengths([200, 100]) == [[1, 0]]
+    half of their 1,200 tokens, where one 100-token prompt would take it."""
+    assert length_groups([200] + [100] * 10, ROW_GROUPS) == [list(range(1, 11)), [0]]
+    assert length_groups([200, 100], ROW_GROUPS) == [[1, 0]]
+
+
+def test_a_smooth_spread_of_lengths_is_not_padded_to_its_longest() -> None:
+    """Each prompt close to the one before may still not drift a group's
+    padding past the share: the group as a whole is held to it (500, 800
+    and 1,300 pad by 1,300 columns, exactly half of their tokens)."""
+    lengths = [10, 30, 60, 100, 180, 300, 500, 800, 1300, 2000]
+    groups = length_groups(lengths, len(lengths))
+    assert groups == [[0, 1], [2, 3], [4, 5], [6, 7, 8], [9]]
+
+
+def test_past_the_most_groups_the_neighbours_that_pad_each_other_least_merge() -> None:
+    """Merging the first two adds 40 columns (two rows of 10 to 30), the
+    next pairs 70 and 300: the 10s join the 30s."""
+    assert length_groups([10, 10, 30, 100, 400], 4) == [[0, 1], [2], [3], [4]]
+    assert length_groups([10, 10, 30, 100, 400], 3) == [[0, 1, 2], [3], [4]]
+    assert length_groups([6000, 20, 300], 1) == [[1, 2, 0]], "one group: one prefill for all"
+
+
+def padding_share(lengths: list[int], group: list[int]) -> float:
+    """A group's padding, as a share of its prompts' own tokens."""
+    tokens = sum(lengths[i] for i in group)
+    return (len(group) * max(lengths[i] for i in group) - tokens) / tokens
 
 
 @pytest.mark.parametrize("seed", range(100))
 def test_random_admissions_are_split_by_the_share_each_prompt_once(seed: int) -> None:
+    """With room for every group: each within the share, and each next
+    group's shortest prompt would have taken its group past it."""
     rng = random.Random(seed)
     lengths = [rng.choice([rng.randint(1, 64), rng.randint(1, 8000)]) for _ in range(40)]
-    groups = similar_lengths(lengths)
+    groups = length_groups(lengths, len(lengths))
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for group in groups:
         assert all(lengths[a] <= lengths[b] for a, b in pairwise(group)), "shortest first"
-        for joined in range(1, len(group)):
-            held = (joined, lengths[group[joined - 1]])
-            assert pads_little(held, (1, lengths[group[joined]])), "each joined by the rule"
+        assert padding_share(lengths, group) <= PADDING_SHARE
     for before, after in pairwise(groups):
-        held = (len(before), lengths[before[-1]])
-        assert not pads_little(held, (1, lengths[after[0]])), "apart only past the share"
+        assert padding_share(lengths, [*before, after[0]]) > PADDING_SHARE
+    capped = length_groups(lengths, ROW_GROUPS)
+    assert len(capped) == min(ROW_GROUPS, len(groups))
+    assert [i for g in capped for i in g] == [i for g in groups for i in g], "merged, not moved"
 
 
 def test_with_one_row_group_prompts_admitted_together_share_one_prefill() -> None:
@@ -206,7 +231,7 @@ def test_with_one_row_group_prompts_admitted_together_share_one_prefill() -> Non
     rows = PaddedRows(model, SimpleNamespace(pad_token_id=0))
     assert rows.max_groups == 1, "a model that takes no segments keeps one group"
     ((indices, prefill),) = rows.prefills([[5] * 600, [6] * 20])
-    assert indices == [0, 1] and prefill.rows == 2 and prefill.width == 600
-    rows.max_groups = ROW_GROUPS
+    assert indices == [1, 0] and prefill.rows == 2 and prefill.width == 600
+    rows.max_groups = ROW_GROUPS  # as for the kit's decoder, which this stand-in is not
     apart = rows.prefills([[5] * 600, [6] * 20])
     assert [(i, p.width) for i, p in apart] == [([1], 20), ([0], 600)]
