@@ -149,7 +149,9 @@ def test_slots_decode_the_padded_text_at_256_sequences(
     assert longest + 8 <= paged.context_length, "every sequence fits the model's context"
     expected = [completion.text for completion in padded.generate(requests)]
     assert [completion.text for completion in paged.generate(requests)] == expected
-    assert paged.stats.largest_batch == padded.stats.largest_batch == 256
+    # The padded layout, the reference, takes them in groups of about one
+    # length (decision 0038), so its shortest may end before its longest join.
+    assert paged.stats.largest_batch == 256
     assert paged._batcher._rows.cache.pages > FIRST_PAGES
 
 
