@@ -102,6 +102,21 @@ def _ongoing_limit_of(values: dict[str, Any]) -> int:
     return values["max_ongoing_requests"] or 2 * values["max_batch_size"]
 
 
+PREFILL_TOKENS_PER_THREAD = 128
+"""``PREFILL_CHUNK_TOKENS=auto``'s tokens a pass per CPU thread of the replica:
+a piece's arithmetic is shared by the threads, so the pause it causes the
+running streams grows as they shrink (decision 0039)."""
+AUTO_PREFILL_CHUNK_MOST = 256
+"""The most ``PREFILL_CHUNK_TOKENS=auto`` gives, what two threads get: larger
+pieces on more threads are not measured on the kit's 2-CPU machines."""
+
+
+def _prefill_chunk(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None
+    return _number(int, 16, 8192)(raw)
+
+
 def _memory_fraction(raw: str) -> float | None:
     if raw.strip().lower() == "auto":
         return None
@@ -264,15 +279,17 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "PREFILL_CHUNK_TOKENS",
-        "256",
+        "auto",
         "Most prompt tokens a CPU model replica prefills in one forward pass beside the "
         "sequences it decodes (prompts admitted together take a token each at least): a "
         "longer prompt, or many at once, goes in over several passes, so running streams wait "
         "for one piece of it rather than all of it, and a prompt of up to four passes' tokens "
         "goes in beside a longer one's pieces rather than after them. Smaller: steadier "
-        "streams; larger: fewer passes. Ignored on GPUs and for models transformers serves.",
-        "integer in [16, 8192]",
-        _number(int, 16, 8192),
+        "streams; larger: fewer passes. auto: 128 per CPU thread of the replica, at most 256 "
+        "(128 on the default one-CPU replicas). Ignored on GPUs and for models transformers "
+        "serves.",
+        "auto, or an integer in [16, 8192]",
+        _prefill_chunk,
         "prefill_chunk_tokens",
     ),
     Variable(
@@ -416,7 +433,7 @@ class ServeConfig:
     target_ongoing_requests: float
     idle_timeout_s: float
     max_batch_size: int
-    prefill_chunk_tokens: int
+    prefill_chunk_tokens: int | None
     max_prompts: int
     prompt_format: str
     dtype: str
@@ -497,6 +514,13 @@ class ServeConfig:
         if self.gpu_memory_fraction is not None:
             return self.gpu_memory_fraction
         return 0.9 * min(1.0, self.num_gpus_per_replica or 1.0)
+
+    @property
+    def prefill_chunk(self) -> int:
+        """``PREFILL_CHUNK_TOKENS``, with auto worked out from the replica's threads."""
+        if self.prefill_chunk_tokens is not None:
+            return self.prefill_chunk_tokens
+        return min(AUTO_PREFILL_CHUNK_MOST, PREFILL_TOKENS_PER_THREAD * self.torch_threads)
 
     @property
     def torch_threads(self) -> int:

@@ -190,7 +190,7 @@ class LLMServer:
             want_gpu=config.num_gpus_per_replica > 0,
             cpu_threads=config.torch_threads,
             max_batch_size=config.max_batch_size,
-            prefill_chunk=config.prefill_chunk_tokens,
+            prefill_chunk=config.prefill_chunk,
             gpu_memory_fraction=config.gpu_memory_share,
             dtype=config.dtype,
             cpu_weights=config.cpu_weights,

@@ -167,6 +167,7 @@ OVERRIDES = [
     ("MAX_BATCH_SIZE", "256", "max_batch_size", 256),
     ("PREFILL_CHUNK_TOKENS", "16", "prefill_chunk_tokens", 16),
     ("PREFILL_CHUNK_TOKENS", "8192", "prefill_chunk_tokens", 8192),
+    ("PREFILL_CHUNK_TOKENS", " Auto ", "prefill_chunk_tokens", None),
     ("MAX_PROMPTS", "1", "max_prompts", 1),
     ("PROMPT_FORMAT", "CHAT", "prompt_format", "chat"),
     ("PROMPT_FORMAT", " raw ", "prompt_format", "raw"),
@@ -295,6 +296,21 @@ def test_torch_threads(cpus: str, threads: int) -> None:
 )
 def test_a_replicas_gpu_memory_share_follows_its_gpu_share(environ: dict, share: float) -> None:
     assert ServeConfig.from_env(environ).gpu_memory_share == pytest.approx(share)
+
+
+@pytest.mark.parametrize(
+    ("environ", "chunk"),
+    [
+        pytest.param({}, 128, id="one-cpu"),
+        pytest.param({"NUM_CPUS_PER_REPLICA": "0.5"}, 128, id="half-a-cpu"),
+        pytest.param({"NUM_CPUS_PER_REPLICA": "2"}, 256, id="two-cpus"),
+        pytest.param({"NUM_CPUS_PER_REPLICA": "8"}, 256, id="eight-cpus"),
+        pytest.param({"NUM_CPUS_PER_REPLICA": "8", "PREFILL_CHUNK_TOKENS": "64"}, 64, id="set"),
+    ],
+)
+def test_a_replicas_prefill_chunk_follows_its_threads(environ: dict, chunk: int) -> None:
+    """auto: a pass's piece takes about as long on one thread as on two."""
+    assert ServeConfig.from_env(environ).prefill_chunk == chunk
 
 
 NON_DEFAULT_ENV = {
