@@ -1,7 +1,7 @@
 """Output tokens/s, first text and the gaps between texts under a load
 of mixed prompt lengths, on CPU: the padded layout's rows in groups of about
 one length (decision 0037) against one padded group, taking turns in one
-process. Staggered, the common case, where groups must cost nothing; with
+process. Staggered, the common case; with
 ``--burst``, every request admitted in one step, as a queue is after a cold
 start, where prompts admitted together go in as prefills of about one
 length rather than one padded to the longest.

@@ -27,8 +27,8 @@ def warm_model(threads: int) -> Engine:
 
 def prompt_of(loaded: Engine, tokens: int, label: str = "") -> tuple[int, ...]:
     """Token ids of ``label`` then ``SENTENCE`` repeated, cut to ``tokens``.
-    Distinct labels make distinct prompts, which the engine cannot share
-    one prefill between."""
+    Distinct labels make distinct prompts (of more tokens than the label),
+    which the engine cannot share one prefill between."""
     sentence = loaded.tokenizer(SENTENCE)["input_ids"]
     ids = itertools.chain(loaded.tokenizer(label)["input_ids"], itertools.cycle(sentence))
     return tuple(itertools.islice(ids, tokens))

@@ -57,7 +57,7 @@ PADDING_SHARE = 0.5
 """Most padding new rows may add to a group they join, as a share of the
 columns the group and they hold apart: past it they start a group of their
 own (while there is room for one). Prompts admitted together are grouped
-by the same share (:func:`length_groups`)."""
+by the same value, held to each whole group (:func:`length_groups`)."""
 PREFILL_CHUNK = 256
 """Most prompt tokens one pass of :class:`PaddedRows` prefills beside its
 running rows' decode step, where no setting asks otherwise: a longer prompt
@@ -148,9 +148,10 @@ def added_padding(held: tuple[int, int], new: tuple[int, int]) -> int:
 
 
 def length_groups(lengths: Sequence[int], most: int) -> list[list[int]]:
-    """The indices of prompts admitted together, in at most ``most`` groups
-    of about one length, each to be left-padded as one prefill; shortest
-    first.
+    """The indices of prompts admitted together, in at most ``most`` (1 or
+    more) groups of about one length, each to be left-padded as one prefill
+    of :class:`PaddedRows`; shortest first. (The paged layout's passes group
+    by their size instead: :func:`prefill_groups`.)
 
     Why: admitted as one prefill, prompts are padded to the longest, so a
     question that comes in the same step as a document (a burst queued
@@ -161,8 +162,8 @@ def length_groups(lengths: Sequence[int], most: int) -> list[list[int]]:
     running group (for two prompts the two rules agree). Identical prompts
     add none, so a request's ``n`` choices still share one prefill. Past
     ``most`` groups, the neighbours that pad each other least merge, as
-    running groups do: more prefills than the rows keep groups would be
-    merged as they joined, a cache copy each."""
+    running groups do: more than ``most`` prefills would only be merged
+    again as they joined the rows, a cache copy each."""
     groups: list[list[int]] = []
     tokens = 0  # the last group's prompts' own tokens
     for index in sorted(range(len(lengths)), key=lengths.__getitem__):
@@ -250,7 +251,7 @@ class PaddedRows:
         assert prefill.lengths is not None  # its one piece was its last
         return prefill.lengths
 
-    def prefills(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefill]]:
+    def prefills_by_length(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefill]]:
         """``prompts`` admitted together, made ready to be prefilled in groups
         of about one length, no more groups than the rows keep
         (:func:`length_groups`): each group's indices among them and its

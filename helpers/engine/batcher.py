@@ -118,7 +118,8 @@ class BatchStats:
     sequences: int = 0
     prefills: int = 0
     """Prefills that joined the rows: one per group of prompts admitted
-    together, split by length in the padded layout (``length_groups``)."""
+    together, split by length where prompts go in a piece per decode step
+    (the kit's decoder in the padded layout: ``length_groups``)."""
     folded_prefills: int = 0
     """Prefills whose last piece rode along a decode step rather than taking a pass of its own."""
     split_prefills: int = 0
@@ -526,7 +527,7 @@ class ContinuousBatcher:
         """
         if arrivals and self._rows.folds_prefills:
             assert isinstance(self._rows, PaddedRows)
-            prefills = self._rows.prefills([s.prompt_ids for s in arrivals])
+            prefills = self._rows.prefills_by_length([s.prompt_ids for s in arrivals])
             entering = [_Prefilling([arrivals[i] for i in group], p) for group, p in prefills]
             self._prefilling = [*self._prefilling, *entering]  # replaced: see batch_load
         elif arrivals:

@@ -230,8 +230,8 @@ def test_with_one_row_group_prompts_admitted_together_share_one_prefill() -> Non
     model = SimpleNamespace(device="cpu", new_cache=list)
     rows = PaddedRows(model, SimpleNamespace(pad_token_id=0))
     assert rows.max_groups == 1, "a model that takes no segments keeps one group"
-    ((indices, prefill),) = rows.prefills([[5] * 600, [6] * 20])
+    ((indices, prefill),) = rows.prefills_by_length([[5] * 600, [6] * 20])
     assert indices == [1, 0] and prefill.rows == 2 and prefill.width == 600
     rows.max_groups = ROW_GROUPS  # as for the kit's decoder, which this stand-in is not
-    apart = rows.prefills([[5] * 600, [6] * 20])
+    apart = rows.prefills_by_length([[5] * 600, [6] * 20])
     assert [(i, p.width) for i, p in apart] == [([1], 20), ([0], 600)]
