@@ -66,18 +66,18 @@ from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 
-from helpers.engine import batch_rows  # noqa: E402
-from helpers.engine.batch_rows import (  # noqa: E402
+from helpers.engine import paged_rows  # noqa: E402
+from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
+from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
+from helpers.engine.kv_cache import PagedCache, pages_for  # noqa: E402
+from helpers.engine.layer_ops import LayerOps  # noqa: E402
+from helpers.engine.paged_rows import (  # noqa: E402
     PREFILL_TOKENS,
     SMALLEST_WIDTH,
     DecodeGraph,
     DecodeStep,
     power_of_two_at_least,
 )
-from helpers.engine.engine import Engine, GenerationRequest, Sampling  # noqa: E402
-from helpers.engine.kv_budget import ACTIVATION_SHARE  # noqa: E402
-from helpers.engine.kv_cache import PagedCache, pages_for  # noqa: E402
-from helpers.engine.layer_ops import LayerOps  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -516,7 +516,7 @@ def captured_shapes(engine: Engine) -> int:
 
 def long_prompt_run(engine: Engine, words: int) -> tuple[float, int, float]:
     """One prompt of ``words`` tokens on an idle engine, in the passes
-    :func:`~helpers.engine.batch_rows.prefill_pieces` cuts it into: seconds
+    :func:`~helpers.engine.paged_rows.prefill_pieces` cuts it into: seconds
     to its first (and only) token, the forward passes that took, and the GiB
     they took beyond what was allocated before (on CPU, 0)."""
     on_gpu = engine.device.type == "cuda"
@@ -709,7 +709,7 @@ def main() -> None:
         # Long prompts: each sequence spans many pages (and where the cache has
         # no fixed size, on CPU, it grows past its first pages for them), and
         # is prefilled a piece at a time.
-        with mock.patch.object(batch_rows, "PREFILL_TOKENS", CHECK_PIECE_TOKENS):
+        with mock.patch.object(paged_rows, "PREFILL_TOKENS", CHECK_PIECE_TOKENS):
             grown = same_text(slots, padded, count=long_checked, tokens=32, words=LONG_PROMPT_WORDS)
         say(
             f"the same with long prompts ({LONG_PROMPT_WORDS} words, prefilled in pieces of "

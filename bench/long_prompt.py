@@ -24,8 +24,8 @@ import time
 from bench.results_file import provenance, record_section
 from bench.warm_model import prompt_of, warm_model
 from helpers.config import EMBEDDED_MODEL_ID
-from helpers.engine.batch_rows import PREFILL_CHUNK, ROW_GROUPS
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.padded_rows import PREFILL_CHUNK, ROW_GROUPS
 
 STREAMS = 4
 STREAM_TOKENS = 1000

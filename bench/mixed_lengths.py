@@ -24,8 +24,8 @@ import time
 from bench.results_file import provenance, record_section
 from bench.warm_model import prompt_of, warm_model
 from helpers.config import EMBEDDED_MODEL_ID
-from helpers.engine.batch_rows import ROW_GROUPS
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.padded_rows import ROW_GROUPS
 
 LENGTHS = (20, 40, 80, 150, 300, 600)
 """Prompt lengths in tokens, each in turn, shuffled: chat turns to short documents."""

@@ -41,15 +41,10 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import (
-    PREFILL_CHUNK,
-    ROW_GROUPS,
-    PaddedRows,
-    PagedRows,
-    Prefill,
-)
 from helpers.engine.decoder import Decoder, SlotDecoder
 from helpers.engine.grammar import CompiledGrammar, Grammars, MaskWorker
+from helpers.engine.padded_rows import PREFILL_CHUNK, ROW_GROUPS, PaddedRows, Prefill
+from helpers.engine.paged_rows import PagedRows
 from helpers.engine.prefill_lanes import plan_pass
 from helpers.engine.sampling import Sampler
 from helpers.engine.text_stream import TextStream
@@ -172,7 +167,7 @@ class _Sequence:
 @dataclass(eq=False)
 class _Prefilling:
     """Sequences admitted in one step and prefilled together (grouped by
-    length: :func:`~helpers.engine.batch_rows.length_groups`), a piece a pass."""
+    length: :func:`~helpers.engine.padded_rows.length_groups`), a piece a pass."""
 
     sequences: list[_Sequence]
     prefill: Prefill

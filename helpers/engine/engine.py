@@ -31,7 +31,6 @@ import torch
 from jinja2 import TemplateError
 
 from helpers.engine import gguf_checkpoint
-from helpers.engine.batch_rows import PREFILL_CHUNK, ROW_GROUPS
 from helpers.engine.batcher import (
     BatchLoad,
     BatchStats,
@@ -55,6 +54,7 @@ from helpers.engine.kv_budget import KVPlan, gpu_kv_plan
 from helpers.engine.layer_ops import LayerOps
 from helpers.engine.llama_config import UnsupportedCheckpoint, llama_config
 from helpers.engine.llama_loading import load_llama
+from helpers.engine.padded_rows import PREFILL_CHUNK, ROW_GROUPS
 from helpers.engine.tokenizer import Tokenizer
 from helpers.protocol import (
     Completion,

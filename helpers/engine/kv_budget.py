@@ -5,7 +5,7 @@ GPU, but it does not divide the GPU's memory between them; each replica has to
 keep to its share itself. Once its weights are loaded, a replica works out how
 many pages of keys and values fit within ``GPU_MEMORY_FRACTION`` of the device
 and allocates them all at once; its sequences share them
-(:class:`~helpers.engine.batch_rows.PagedRows`), each holding pages for its
+(:class:`~helpers.engine.paged_rows.PagedRows`), each holding pages for its
 own length, and a sequence waits for pages to free rather than push past
 them. A sequence may be as long as the model's context, or as the pages
 hold, whichever is shorter.
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from helpers.engine.batch_rows import PREFILL_AREA
 from helpers.engine.kv_cache import PAGE_SIZE, pages_for
+from helpers.engine.paged_rows import PREFILL_AREA
 
 FEWEST_POSITIONS = 256
 """Below this, a budget is refused at load rather than served badly."""

@@ -31,7 +31,7 @@ turn is short, a pasted document long."""
 
 
 class PrefillShape(Protocol):
-    """A prefill as the plan sees it (:class:`helpers.engine.batch_rows.Prefill`)."""
+    """A prefill as the plan sees it (:class:`helpers.engine.padded_rows.Prefill`)."""
 
     @property
     def rows(self) -> int:

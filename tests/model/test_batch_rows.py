@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from helpers.config import EMBEDDED_MODEL_ID, ServeConfig
-from helpers.engine import batch_rows
-from helpers.engine.batch_rows import FIRST_PAGES, PaddedRows, PagedRows
+from helpers.engine import padded_rows, paged_rows
 from helpers.engine.engine import Engine, GenerationRequest, PromptTooLongError, Sampling
 from helpers.engine.kv_budget import KVPlan
 from helpers.engine.kv_cache import PAGE_SIZE, pages_for
+from helpers.engine.padded_rows import PaddedRows
+from helpers.engine.paged_rows import FIRST_PAGES, PagedRows
 from tests.triton_interpreter import counted
 
 PROMPTS = [
@@ -207,7 +208,7 @@ def test_a_large_admission_is_prefilled_in_passes(
     whole, cut = (PagedRows(model, tokenizer, 4, False, slotted.context_length) for _ in range(2))
     with torch.inference_mode():
         whole.admit(prompts, room)
-        monkeypatch.setattr(batch_rows, "PREFILL_TOKENS", max(map(len, prompts)))
+        monkeypatch.setattr(paged_rows, "PREFILL_TOKENS", max(map(len, prompts)))
         with rows_per_pass(model) as calls:
             cut.admit(prompts, room)
         assert calls == [1, 1, 1] and cut.prefill_passes == 3
@@ -323,14 +324,14 @@ def test_a_padded_merge_that_fails_midway_leaves_the_running_rows_as_they_were(
         (group,) = rows.groups
         kept = [(layer.keys.clone(), layer.values.clone()) for layer in group.cache.layers]
         mask = group.mask.clone()
-        calls, stacked = itertools.count(), batch_rows._stacked
+        calls, stacked = itertools.count(), padded_rows._stacked
 
         def fails_at_the_third_layer(*args: Any) -> torch.Tensor:
             if next(calls) == 5:  # one call for keys and one for values per layer
                 raise RuntimeError("out of memory")
             return stacked(*args)
 
-        monkeypatch.setattr(batch_rows, "_stacked", fails_at_the_third_layer)
+        monkeypatch.setattr(padded_rows, "_stacked", fails_at_the_third_layer)
         with pytest.raises(RuntimeError, match="out of memory"):
             rows.admit([long], [len(long) + 8])
     assert rows.groups == [group] and torch.equal(group.mask, mask)

@@ -18,11 +18,11 @@ from jinja2 import Template, UndefinedError
 from safetensors.torch import load_file, save_file
 
 from helpers.config import ServeConfig
-from helpers.engine import batch_rows
-from helpers.engine.batch_rows import FIRST_PAGES
+from helpers.engine import paged_rows
 from helpers.engine.engine import SCORING_CHUNK, Engine, GenerationRequest, Sampling
 from helpers.engine.llama_config import llama_config
 from helpers.engine.llama_loading import load_llama, merge_projections
+from helpers.engine.paged_rows import FIRST_PAGES
 from helpers.protocol import FieldError, Message
 from tests.family_checkpoints import FAMILIES, build_checkpoint
 from tests.triton_interpreter import STEPS as FUSED_STEPS
@@ -174,7 +174,7 @@ def test_a_prompt_past_the_prefill_budget_decodes_the_padded_text_from_pieces(
     assert length + 8 <= paged.context_length, "the sequence fits the model's context"
     area = 48 * 48
     paged._batcher._rows.prefill_area = area
-    pieces = batch_rows.prefill_pieces(length, area)
+    pieces = paged_rows.prefill_pieces(length, area)
     assert len(pieces) > 3 and pieces[0][1] > pieces[-2][1] - pieces[-2][0], "they shrink"
     expected = [completion.text for completion in padded.generate(requests)]
     assert [completion.text for completion in paged.generate(requests)] == expected

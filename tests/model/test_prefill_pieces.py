@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers.config import EMBEDDED_MODEL_ID
-from helpers.engine.batch_rows import PaddedRows
 from helpers.engine.decoder import Segment
 from helpers.engine.engine import Engine, GenerationRequest, Sampling
+from helpers.engine.padded_rows import PaddedRows
 from helpers.engine.prefill_lanes import LONG_PROMPT_PASSES
 
 from .conftest import padded_only

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.engine.batch_rows import PREFILL_AREA, one_pass_holds, prefill_pieces
 from helpers.engine.kv_budget import (
     ACTIVATION_SHARE,
     SCORE_BYTES,
@@ -19,6 +18,7 @@ from helpers.engine.kv_budget import (
     prefill_area,
 )
 from helpers.engine.kv_cache import PAGE_SIZE, pages_for
+from helpers.engine.paged_rows import PREFILL_AREA, one_pass_holds, prefill_pieces
 
 GIB = 2**30
 QWEN25_05B = SimpleNamespace(num_hidden_layers=24, num_key_value_heads=2, head_dim=64)

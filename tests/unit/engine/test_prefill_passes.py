@@ -8,14 +8,14 @@ import random
 
 import pytest
 
-from helpers.engine.batch_rows import (
+from helpers.engine.kv_cache import PAGE_SIZE, pages_for
+from helpers.engine.paged_rows import (
     PREFILL_AREA,
     PREFILL_TOKENS,
     attended,
     prefill_groups,
     prefill_pieces,
 )
-from helpers.engine.kv_cache import PAGE_SIZE, pages_for
 
 
 @pytest.mark.parametrize("length", [PREFILL_TOKENS + 1, 32768, 40960, 131072])

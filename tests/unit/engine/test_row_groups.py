@@ -1,4 +1,4 @@
-"""Where the padded layout puts rows that join it (``batch_rows.group_for``):
+"""Where the padded layout puts rows that join it (``padded_rows.group_for``):
 with rows of about their length, or in a group of their own; and how it
 splits prompts admitted together into prefills of about one length
 (``length_groups``), by the same share."""
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.engine.batch_rows import (
+from helpers.engine.padded_rows import (
     PADDING_SHARE,
     ROW_GROUPS,
     PaddedRows,
