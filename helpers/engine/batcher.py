@@ -118,7 +118,9 @@ class BatchStats:
     folded_prefills: int = 0
     """Prefills whose last piece rode along a decode step rather than taking a pass of its own."""
     split_prefills: int = 0
-    """Prefills cut into pieces over several passes (a long prompt, or many at once)."""
+    """Prefills that rode more than one decode step, a piece each (a long
+    prompt, or many at once); prefills in passes of their own (the paged
+    layout, transformers' models) are counted in ``forward_passes`` only."""
     forward_passes: int = 0
     generated_tokens: int = 0
     largest_batch: int = 0
@@ -258,8 +260,9 @@ class ContinuousBatcher:
         self._prefilling: list[_Prefilling] = []
         # Taken from the queue, waiting for room in the cache; oldest first.
         self._held: list[_Sequence] = []
-        # Being prefilled in passes of their own (_admit_apart: layouts that
-        # do not fold prefills into decode steps), not yet rows.
+        # Admitted this turn, not yet prefilling or rows: until _advance makes
+        # them prefills, or while their passes of their own run (_admit_apart:
+        # layouts that do not fold prefills into decode steps).
         self._admitting: list[_Sequence] = []
         # torch's CPU thread count is per thread: carry the caller's setting over.
         self._threads = torch.get_num_threads()
@@ -354,14 +357,16 @@ class ContinuousBatcher:
     def batch_load(self) -> BatchLoad:
         """The load, read from another thread without a lock: the decode
         thread replaces its lists of sequences rather than changing them in
-        place. Sequences joining the rows may be counted twice, never missed."""
-        # The ones going in first: sequences that join the rows are added to
-        # the rows before they leave the ones going in.
+        place. A sequence moving on may be counted twice, never missed."""
+        # Read in the order sequences move (held, admitting, prefilling,
+        # rows): the decode thread adds each to its next list before it
+        # leaves the one before.
+        waiting = self._waiting.qsize() + len(self._held)
         admitting, prefilling = self._admitting, self._prefilling
         sequences = self._sequences
         going_in = len(admitting) + sum(len(p.sequences) for p in prefilling)
         return BatchLoad(
-            waiting=self._waiting.qsize() + len(self._held),
+            waiting=waiting,
             rows=len(sequences) + going_in,
             cached_tokens=sum(s.prompt_tokens + len(s.text.tokens) for s in sequences),
         )
@@ -438,7 +443,7 @@ class ContinuousBatcher:
             except Exception as err:  # never let one bad batch kill the loop
                 for sequence in self._sequences + self._entering() + arrivals:
                     _settle(sequence.future, exception=err)
-                self._sequences, self._prefilling = [], []
+                self._sequences, self._prefilling, self._admitting = [], [], []
                 self._rows.clear()
 
     def _idle(self) -> bool:
@@ -509,6 +514,7 @@ class ContinuousBatcher:
         fits = self._rows.fitting([_positions(s) for s in live[:room]])
         if live and self._idle():
             fits = max(fits, 1)
+        self._admitting = live[:fits]  # before they leave the held: see batch_load
         self._held = live[fits:]
         return live[:fits]
 
@@ -525,6 +531,7 @@ class ContinuousBatcher:
             prefills = self._rows.prefills_by_length([s.prompt_ids for s in arrivals])
             entering = [_Prefilling([arrivals[i] for i in group], p) for group, p in prefills]
             self._prefilling = [*self._prefilling, *entering]  # replaced: see batch_load
+            self._admitting = []
         elif arrivals:
             self._admit_apart(arrivals)
         self._drop_cancelled_prefills()
@@ -653,9 +660,9 @@ class ContinuousBatcher:
         """Prefill ``arrivals`` in passes of their own. Should that fail (a GPU
         out of memory on a long prompt), only they fail: the rows promise to
         leave the running ones as they were, so those decode on. Meanwhile
-        they count as rows (:meth:`batch_load`): a long prompt's passes take a
-        while, and a replica busy with them is not idle."""
-        self._admitting = arrivals
+        they count as rows (:meth:`batch_load`), as they have since they were
+        taken: a long prompt's passes take a while, and a replica busy with
+        them is not idle."""
         try:
             self._admit(arrivals)
         except Exception as err:

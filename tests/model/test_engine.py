@@ -185,6 +185,26 @@ def test_a_prompt_prefilled_in_a_pass_of_its_own_counts_as_a_row_meanwhile(
     assert (load.rows, load.waiting) == (1, 0)
 
 
+@padded_only
+def test_prompts_taken_from_the_queue_count_as_rows_before_they_are_prefills(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between leaving the queue and becoming prefills (while the padded
+    layout splits them by length and builds their tensors) arrivals are
+    neither waiting nor prefilling: the gauges must count them all the same,
+    or a replica that has just taken work reads as idle."""
+    rows = engine._batcher._rows
+    split, seen = rows.prefills_by_length, []
+
+    def watched(prompts: list[list[int]]) -> object:
+        seen.append(engine.batch_load())  # on the decode thread, mid-admission
+        return split(prompts)
+
+    monkeypatch.setattr(rows, "prefills_by_length", watched)
+    assert engine.submit(greedy(PROMPTS[0], 4)).result(timeout=60).completion_tokens == 4
+    assert [(load.rows, load.waiting) for load in seen] == [(1, 0)]
+
+
 def test_a_request_joining_a_running_batch_decodes_as_if_alone(
     engine: Engine, request: pytest.FixtureRequest
 ) -> None:
