@@ -466,9 +466,9 @@ class Engine:
             )
 
     def together(self) -> AbstractContextManager[object]:
-        """Requests submitted inside this block are admitted in one step, so
-        a request's ``n`` choices share one prefill
-        (:meth:`ContinuousBatcher.together`)."""
+        """Requests submitted inside this block are admitted in one step
+        where the batch has room for them all, so a request's ``n`` choices
+        share one prefill (:meth:`ContinuousBatcher.together`)."""
         return self._batcher.together()
 
     def check_token_ids(self, request: GenerationRequest) -> None:

@@ -26,8 +26,10 @@ own (while there is room for one). Prompts admitted together are grouped
 by the same value, held to each whole group (:func:`length_groups`)."""
 PREFILL_CHUNK = 256
 """Most prompt tokens one pass of :class:`PaddedRows` prefills beside its
-running rows' decode step, where no setting asks otherwise: a longer prompt
-goes in over several passes (:class:`Prefill`)."""
+running rows' decode step (the batcher's budget for :class:`Prefill` pieces)
+where an Engine is built without one, as benches and tests do: a serving
+replica passes ``PREFILL_CHUNK_TOKENS``, which by default follows its
+threads (:attr:`helpers.config.ServeConfig.prefill_chunk`)."""
 
 
 def added_padding(held: tuple[int, int], new: tuple[int, int]) -> int:

@@ -189,7 +189,9 @@ class ReplicaMetrics:
         self.waiting = metrics.Gauge(
             "llm_sequences_waiting", "Prompts submitted to the engine, not yet in the batch."
         )
-        self.rows = metrics.Gauge("llm_batch_rows", "Sequences in the running batch.")
+        self.rows = metrics.Gauge(
+            "llm_batch_rows", "Sequences in the running batch or being prefilled into it."
+        )
         self.cached_tokens = metrics.Gauge(
             "llm_kv_cache_tokens", "Positions the running batch holds in its KV cache."
         )
