@@ -293,6 +293,18 @@ VARIABLES: tuple[Variable, ...] = (
         "prefill_chunk_tokens",
     ),
     Variable(
+        "PREFIX_CACHE_MB",
+        "256",
+        "Megabytes of keys and values a CPU model replica keeps from sequences that ended, so "
+        "that a prompt that starts the way one of them did (a chat's next turn, which repeats "
+        "the conversation so far, or a shared system prompt) is prefilled from where the two "
+        "part rather than from its first token. The least recently used go first. 0 turns it "
+        "off. Ignored on GPUs and for models transformers serves.",
+        "integer in [0, 65536]",
+        _number(int, 0, 65536),
+        "prefix_cache_mb",
+    ),
+    Variable(
         "MAX_PROMPTS",
         "16",
         "Most prompts accepted in one /generate request.",
@@ -434,6 +446,7 @@ class ServeConfig:
     idle_timeout_s: float
     max_batch_size: int
     prefill_chunk_tokens: int | None
+    prefix_cache_mb: int
     max_prompts: int
     prompt_format: str
     dtype: str

@@ -128,6 +128,9 @@ class BatchStats:
     shared_prefills: int = 0
     """Rows that copied the prefill of an identical prompt admitted with them
     (a request's ``n`` choices) instead of computing their own."""
+    reused_prompt_tokens: int = 0
+    """Prompt tokens whose keys and values came from an ended row's cache
+    (:mod:`helpers.engine.prefix_cache`), counted once per sequence."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ class ContinuousBatcher:
         prefill_chunk: int = PREFILL_CHUNK,
         long_prompt_tokens: int | None = None,
         row_groups: int = ROW_GROUPS,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         """``slots`` picks the batch's layout (:mod:`helpers.engine.batch_rows`): by
         default slots of a paged cache replayed as CUDA graphs for a model
@@ -229,7 +233,9 @@ class ContinuousBatcher:
         lets shorter ones go in beside it (:func:`plan_pass`); 0 serves
         prefills first come, first served. ``row_groups`` is how many groups
         of rows of different lengths the padded layout keeps apart; 1 pads
-        them all to one length."""
+        them all to one length. ``prefix_cache_bytes`` is how much of its
+        ended rows' cache the padded layout keeps for prompts that start the
+        same way (:mod:`helpers.engine.prefix_cache`); 0 keeps none."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -252,7 +258,7 @@ class ContinuousBatcher:
                 prefill_area=prefill_area,
             )
         else:
-            self._rows = PaddedRows(model, tokenizer, row_groups)
+            self._rows = PaddedRows(model, tokenizer, row_groups, prefix_cache_bytes)
         self.prefill_chunk = prefill_chunk
         self.long_prompt_tokens = long_prompt_tokens
         self._sequences: list[_Sequence] = []
@@ -530,6 +536,8 @@ class ContinuousBatcher:
             assert isinstance(self._rows, PaddedRows)
             prefills = self._rows.prefills_by_length([s.prompt_ids for s in arrivals])
             entering = [_Prefilling([arrivals[i] for i in group], p) for group, p in prefills]
+            reused = sum(len(p.sequences) * p.prefill.start for p in entering)
+            self.stats.reused_prompt_tokens += reused
             self._prefilling = [*self._prefilling, *entering]  # replaced: see batch_load
             self._admitting = []
         elif arrivals:
@@ -601,11 +609,13 @@ class ContinuousBatcher:
         """Each row's next token, and the rows that go on: their indices,
         their tokens, and those whose new text is left to stream. A row that
         ended (its end token, its limit, its caller gone, its own failure)
-        is settled here and left out."""
+        is settled here and left out; what the padded layout held for one
+        that finished is kept for prompts that start the same way."""
         logits = self._rows.logits
         self._masks.wait()
         keep, next_tokens = [], []
         pushed: list[_Sequence] = []  # kept rows whose new token's text is not decoded yet
+        finished: list[tuple[int, list[int]]] = []  # rows, and the tokens they were fed
         # Greedy rows take their argmax from one batched call: one transfer
         # from the device per step rather than one per row.
         greedy = logits.argmax(-1).tolist()
@@ -617,6 +627,7 @@ class ContinuousBatcher:
                 token, ended = self._next_token(sequence, logits[row], greedy[row])
                 if ended or len(sequence.text.tokens) >= sequence.request.sampling.max_new_tokens:
                     self._finish(sequence, "stop" if ended else "length")
+                    finished.append((row, sequence.prompt_ids + sequence.text.tokens))
                     continue
             except Exception as err:  # this row's own (its controls, its stream): it alone ends
                 _settle(sequence.future, exception=err)
@@ -625,6 +636,8 @@ class ContinuousBatcher:
             next_tokens.append(token)
             if not sequence.text.stop:
                 pushed.append(sequence)
+        if finished and isinstance(self._rows, PaddedRows):
+            self._rows.remember(finished)
         return keep, next_tokens, pushed
 
     def _next_token(

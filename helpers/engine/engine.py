@@ -250,12 +250,14 @@ class Engine:
         prefill_chunk: int = PREFILL_CHUNK,
         long_prompt_tokens: int | None = None,
         row_groups: int = ROW_GROUPS,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         """Wrap a model already in memory (what :meth:`load` reads from disk).
         ``slots`` picks the batch's layout, ``prefill_chunk`` how much of
         the prompts waiting a pass of the padded one prefills and
         ``long_prompt_tokens`` which of them let shorter ones pass, and
-        ``row_groups`` how many groups of rows it keeps apart, as
+        ``row_groups`` how many groups of rows it keeps apart and
+        ``prefix_cache_bytes`` how much of its ended rows' cache it keeps, as
         :class:`ContinuousBatcher` says; ``kv_plan`` fixes a paged cache's
         size and its prefill passes' (a GPU replica's share of memory), which
         may also shorten the context."""
@@ -283,6 +285,7 @@ class Engine:
             prefill_chunk=prefill_chunk,
             long_prompt_tokens=long_prompt_tokens,
             row_groups=row_groups,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
         self.load_times: LoadTimes | None = None
         self.tuned: Future[None] | None = None
@@ -304,6 +307,7 @@ class Engine:
         tokenizer: Any | None = None,
         gpu_memory_fraction: float = 0.9,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache_bytes: int = 0,
     ) -> Engine:
         """Load ``MODEL_ID`` (picking device, ``DTYPE`` and CPU threads) and run
         one warm-up pass, timing each step into ``load_times``. A ``tokenizer``
@@ -327,7 +331,8 @@ class Engine:
         :mod:`helpers.engine.kv_budget`), weights included; a model that
         transformers serves is held to it by torch's allocator. On CPU the kit's
         decoder prefills at most ``prefill_chunk`` prompt tokens a pass
-        (``PREFILL_CHUNK_TOKENS``) beside the sequences it decodes.
+        (``PREFILL_CHUNK_TOKENS``) beside the sequences it decodes, and keeps
+        ``prefix_cache_bytes`` of its ended rows' cache (``PREFIX_CACHE_MB``).
         """
         laps = _Laps()
         if cpu_threads is not None:
@@ -367,6 +372,7 @@ class Engine:
             max_batch_size=max_batch_size,
             slots=slots,
             prefill_chunk=prefill_chunk,
+            prefix_cache_bytes=prefix_cache_bytes,
             kv_plan=gpu_kv_plan(
                 model, gpu_memory_fraction, _context_length(model.config), max_batch_size
             )

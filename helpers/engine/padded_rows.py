@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from helpers.engine.batch_rows import distinct, encode
 from helpers.engine.decoder import Decoder, Segment, SegmentDecoder
+from helpers.engine.prefix_cache import Prefix, PrefixCache
 
 ROW_GROUPS = 4
 """Most groups of rows :class:`PaddedRows` keeps apart, each padded to its
@@ -93,6 +94,10 @@ class PaddedRows:
     row's cache. The same model takes each group as a segment of one pass
     (:meth:`SegmentDecoder.forward_segments`), so rows of very different
     lengths are kept apart, up to ``groups`` groups (decision 0037).
+
+    With the kit's Llama and a ``prefix_budget`` in bytes, what ended rows
+    held is kept (:meth:`remember`), and a prompt that starts as one of them
+    did goes in from where the two part (:mod:`helpers.engine.prefix_cache`).
     """
 
     max_positions = None
@@ -100,13 +105,18 @@ class PaddedRows:
     prefill_passes = 1
     """Forward passes the last ``admit`` ran: always one here."""
 
-    def __init__(self, model: Decoder, tokenizer: Any, groups: int = ROW_GROUPS) -> None:
+    def __init__(
+        self, model: Decoder, tokenizer: Any, groups: int = ROW_GROUPS, prefix_budget: int = 0
+    ) -> None:
         if groups < 1:
             raise ValueError(f"groups must be at least 1, not {groups}")
         self.model = model
         self.pad = tokenizer.pad_token_id or 0
         self.folds_prefills = isinstance(model, SegmentDecoder)
         self.max_groups = groups if self.folds_prefills else 1
+        self.prefixes = (
+            PrefixCache(prefix_budget) if self.folds_prefills and prefix_budget > 0 else None
+        )
         self.clear()
 
     def clear(self) -> None:
@@ -141,16 +151,77 @@ class PaddedRows:
         """``prompts`` admitted together, made ready to be prefilled in groups
         of about one length, no more groups than the rows keep
         (:func:`length_groups`): each group's indices among them and its
-        :class:`Prefill`. With one row group, one prefill for all of them."""
-        groups = length_groups(list(map(len, prompts)), self.max_groups)
-        return [(group, self.prefill([prompts[i] for i in group])) for group in groups]
+        :class:`Prefill`, fewest columns to prefill first. With one row group,
+        one prefill for all of them. A prompt that starts as an ended row did
+        is a prefill of its own (with its copies, a request's ``n`` choices),
+        from where the two part."""
+        reused = self._reused(prompts)
+        fresh = [index for index in range(len(prompts)) if index not in reused]
+        groups = length_groups([len(prompts[i]) for i in fresh], self.max_groups)
+        made = [([fresh[i] for i in group], None) for group in groups]
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for index in reused:
+            by_prompt.setdefault(tuple(prompts[index]), []).append(index)
+        made += [(group, reused[group[0]]) for group in by_prompt.values()]
+        prefills = [
+            (group, self.prefill([prompts[i] for i in group], prefix)) for group, prefix in made
+        ]
+        return sorted(prefills, key=lambda made: made[1].left)
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
+    def _reused(self, prompts: list[list[int]]) -> dict[int, Prefix]:
+        """The prompts that start as an ended row did, by index: what of
+        them is computed already."""
+        if self.prefixes is None:
+            return {}
+        found: dict[tuple[int, ...], Prefix | None] = {}
+        for prompt in prompts:
+            if tuple(prompt) not in found:
+                found[tuple(prompt)] = self.prefixes.longest(prompt)
+        return {
+            index: prefix
+            for index, prompt in enumerate(prompts)
+            if (prefix := found[tuple(prompt)]) is not None
+        }
+
+    def prefill(self, prompts: list[list[int]], prefix: Prefix | None = None) -> Prefill:
         """``prompts`` (token ids) made ready to be prefilled piece by piece
-        (:meth:`decode`), in a cache of their own until the last piece."""
+        (:meth:`decode`), in a cache of their own until the last piece; with
+        a ``prefix`` (copies of one prompt only), from its end."""
         unique, order = distinct(prompts)
         ids, mask, places = self._encode(unique)
-        return Prefill(ids, mask, places, order, self.model.new_cache())
+        cache = self.model.new_cache()
+        if prefix is None:
+            return Prefill(ids, mask, places, order, cache)
+        assert len(unique) == 1, "a prefix is one prompt's"
+        for layer, (keys, values) in zip(cache.layers, prefix.layers, strict=True):
+            layer.keys, layer.values = keys, values
+        return Prefill(ids, mask, places, order, cache, start=prefix.tokens)
+
+    def remember(self, rows: list[tuple[int, list[int]]]) -> None:
+        """Keep what each ended row, given with the tokens it was fed (its
+        prompt, then its output), holds in its cache: the columns its mask
+        counts, which are the last of its group's."""
+        if self.prefixes is None:
+            return
+        for row, tokens in rows:
+            group, index = self._group_of(row)
+            held = int(group.mask[index].sum())
+            layers = [
+                (
+                    layer.keys[index : index + 1, :, -held:].clone(),
+                    layer.values[index : index + 1, :, -held:].clone(),
+                )
+                for layer in group.cache.layers
+            ]
+            self.prefixes.remember(tokens[:held], layers)
+
+    def _group_of(self, row: int) -> tuple[RowGroup, int]:
+        """The group holding ``row``, and its index there."""
+        for group in self.groups:
+            if row < group.rows:
+                return group, row
+            row -= group.rows
+        raise IndexError(f"no row {row} among {self.rows}")
 
     def _encode(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """Token ids, mask and position ids of new rows."""
@@ -366,12 +437,16 @@ class Prefill:
         positions: torch.Tensor,
         order: list[int],
         cache: Any,
+        start: int = 0,
     ) -> None:
+        """``start``: columns ``cache`` holds already (a prefix kept from an
+        ended row)."""
         self.ids, self.mask, self.positions = ids, mask, positions
         self.order = order  # each prompt's distinct row (see distinct)
         self.cache = cache
-        self.done = 0
-        """Columns prefilled so far."""
+        self.start = start
+        self.done = start
+        """Columns in the cache so far."""
         self.lengths: list[int] | None = None
         """Each prompt's length in tokens, once it has joined the rows."""
         self.row: int | None = None
@@ -384,13 +459,14 @@ class Prefill:
 
     @property
     def width(self) -> int:
-        """Columns in all: its longest prompt's tokens."""
-        return self.ids.shape[1]
+        """Columns it prefills in all: its longest prompt's tokens, less
+        those it started with."""
+        return self.ids.shape[1] - self.start
 
     @property
     def left(self) -> int:
         """Columns not yet prefilled."""
-        return self.width - self.done
+        return self.ids.shape[1] - self.done
 
     def piece(self, columns: int) -> Segment:
         """The next ``columns`` as a segment over the cache so far; each row's

@@ -191,6 +191,7 @@ class LLMServer:
             cpu_threads=config.torch_threads,
             max_batch_size=config.max_batch_size,
             prefill_chunk=config.prefill_chunk,
+            prefix_cache_bytes=config.prefix_cache_mb << 20,
             gpu_memory_fraction=config.gpu_memory_share,
             dtype=config.dtype,
             cpu_weights=config.cpu_weights,

@@ -18,7 +18,12 @@ from helpers.serve.model_server import LLMServer
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LLMServer]:
-    settings = {"LLM_METRICS": "off", "SPARE_WORKER": "off", "PREFILL_CHUNK_TOKENS": "64"}
+    settings = {
+        "LLM_METRICS": "off",
+        "SPARE_WORKER": "off",
+        "PREFILL_CHUNK_TOKENS": "64",
+        "PREFIX_CACHE_MB": "3",
+    }
     server = LLMServer(ServeConfig.from_env(settings))
     yield server
     server.engine.close()
@@ -28,6 +33,13 @@ def test_the_replicas_engine_prefills_what_prefill_chunk_tokens_says_a_pass(
     server: LLMServer,
 ) -> None:
     assert server.engine._batcher.prefill_chunk == 64
+
+
+def test_the_replicas_engine_keeps_what_prefix_cache_mb_says_of_ended_rows(
+    server: LLMServer,
+) -> None:
+    prefixes = server.engine._batcher._rows.prefixes
+    assert prefixes is not None and prefixes.budget == 3 * 2**20
 
 
 def test_a_stream_closed_as_soon_as_it_is_accepted_leaves_nothing_decoding(

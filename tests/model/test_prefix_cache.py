@@ -1,0 +1,94 @@
+"""On the real model, prompts that start as ended sequences did are prefilled
+from where the two part (``helpers.engine.prefix_cache``), and every text is
+the one the same engine gives without keeping anything."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from helpers.config import EMBEDDED_MODEL_ID
+from helpers.engine.engine import Engine, GenerationRequest, Sampling
+
+from .conftest import padded_only
+
+pytestmark = padded_only
+
+SYSTEM = "You answer questions about Ray Serve in one or two plain sentences. " * 4
+QUESTIONS = ["What is a replica?", "What does scale to zero mean?", "Why batch requests?"]
+
+
+def greedy(prompt: str, max_new_tokens: int = 16) -> GenerationRequest:
+    return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
+
+
+def asked(engine: Engine, question: str, history: tuple[tuple[str, str], ...] = ()) -> str:
+    """The chat prompt for ``question`` after ``history`` (questions and replies)."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    for said, reply in history:
+        messages += [{"role": "user", "content": said}, {"role": "assistant", "content": reply}]
+    return engine.render_chat([*messages, {"role": "user", "content": question}])
+
+
+@pytest.fixture
+def keeping(engine: Engine) -> Iterator[Engine]:
+    """The padded engine's model behind a batcher that keeps ended rows' cache."""
+    kept = Engine(
+        engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, prefix_cache_bytes=64 << 20
+    )
+    yield kept
+    kept.close()
+
+
+def texts(engine: Engine, prompts: list[str]) -> list[str]:
+    """Each prompt's greedy text, all submitted in one step."""
+    with engine.together():
+        futures = [engine.submit(greedy(prompt)) for prompt in prompts]
+    return [future.result(timeout=120).text for future in futures]
+
+
+def test_a_chats_next_turn_starts_from_the_turn_before_and_says_the_same(
+    engine: Engine, keeping: Engine
+) -> None:
+    first = asked(keeping, QUESTIONS[0])
+    reply = keeping.generate([greedy(first)])[0].text
+    second = asked(keeping, QUESTIONS[1], ((QUESTIONS[0], reply),))
+    assert keeping.generate([greedy(second)])[0].text == engine.generate([greedy(second)])[0].text
+    assert keeping.stats.reused_prompt_tokens >= keeping.count_tokens(first)
+
+
+def test_prompts_sharing_a_system_prompt_reuse_it_in_one_step_beside_a_fresh_one(
+    engine: Engine, keeping: Engine
+) -> None:
+    """Two prompts that reuse a kept system prompt and one that reuses
+    nothing, admitted in the same step: each a prefill of its own or a group,
+    and each text as without the cache."""
+    keeping.generate([greedy(asked(keeping, QUESTIONS[0]))])
+    reused_before, prefills_before = keeping.stats.reused_prompt_tokens, keeping.stats.prefills
+    prompts = [asked(keeping, q) for q in QUESTIONS[1:]] + ["The capital of France is"]
+    assert texts(keeping, prompts) == texts(engine, prompts)
+    system_tokens = keeping.count_tokens(asked(keeping, ""))  # the question's own tokens aside
+    assert keeping.stats.reused_prompt_tokens - reused_before >= 2 * (system_tokens - 8)
+    assert keeping.stats.prefills - prefills_before == 3
+
+
+def test_a_repeated_prompt_and_its_copies_share_one_prefill_of_its_last_token(
+    engine: Engine, keeping: Engine
+) -> None:
+    """The same prompt again, asked for twice in one step (a request's ``n``
+    choices): all but its last token come from the kept row, once for both."""
+    prompt = asked(keeping, QUESTIONS[2])
+    keeping.generate([greedy(prompt)])
+    stats = keeping.stats
+    reused_before, shared_before = stats.reused_prompt_tokens, stats.shared_prefills
+    assert texts(keeping, [prompt, prompt]) == texts(engine, [prompt, prompt])
+    assert stats.reused_prompt_tokens - reused_before == 2 * (keeping.count_tokens(prompt) - 1)
+    assert stats.shared_prefills - shared_before == 1
+
+
+def test_an_engine_that_keeps_nothing_reuses_nothing(engine: Engine) -> None:
+    prompt = asked(engine, QUESTIONS[0])
+    before = engine.stats.reused_prompt_tokens
+    engine.generate([greedy(prompt)])
+    engine.generate([greedy(prompt)])
+    assert engine._batcher._rows.prefixes is None
+    assert engine.stats.reused_prompt_tokens == before
