@@ -149,6 +149,9 @@ class Completion:
     """Every completion token's, in order, when the request asked for them."""
     timing: Timing | None = field(default=None, compare=False)
     """When the engine decoded it; two completions with equal text are equal."""
+    cached_tokens: int = field(default=0, compare=False)
+    """Of its prompt tokens, those whose keys and values came from the prefix
+    cache rather than being computed (OpenAI's ``cached_tokens``)."""
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,18 @@ def model_card(model_id: str, created: int, engine: dict[str, Any] | None) -> di
     }
 
 
-def usage(completions: Sequence[Completion], choices: int = 1) -> dict[str, int]:
+def usage(completions: Sequence[Completion], choices: int = 1) -> dict[str, Any]:
     """Tokens counted as OpenAI counts them: each prompt once, however many
-    ``choices`` it has (they come together, a prompt's choices side by side)."""
+    ``choices`` it has (they come together, a prompt's choices side by side),
+    and of its tokens those the prefix cache held (``cached_tokens``)."""
     prompt = sum(c.prompt_tokens for c in completions[::choices])
+    cached = sum(c.cached_tokens for c in completions[::choices])
     completion = sum(c.completion_tokens for c in completions)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

@@ -155,6 +155,7 @@ class _Sequence:
     on_text: TextCallback | None
     on_logprob: LogprobCallback | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -536,8 +537,10 @@ class ContinuousBatcher:
             assert isinstance(self._rows, PaddedRows)
             prefills = self._rows.prefills_by_length([s.prompt_ids for s in arrivals])
             entering = [_Prefilling([arrivals[i] for i in group], p) for group, p in prefills]
-            reused = sum(len(p.sequences) * p.prefill.start for p in entering)
-            self.stats.reused_prompt_tokens += reused
+            for prefilling in entering:
+                for sequence in prefilling.sequences:
+                    sequence.cached_tokens = prefilling.prefill.start
+                    self.stats.reused_prompt_tokens += sequence.cached_tokens
             self._prefilling = [*self._prefilling, *entering]  # replaced: see batch_load
             self._admitting = []
         elif arrivals:
@@ -721,6 +724,7 @@ class ContinuousBatcher:
             if sequence.request.sampling.logprobs is None
             else tuple(sequence.logprobs),
             timing=Timing(first_token_s=first - start, total_s=time.monotonic() - start),
+            cached_tokens=sequence.cached_tokens,
         )
         _settle(sequence.future, result=completion)
 

@@ -165,6 +165,11 @@ class ReplicaMetrics:
             "Prompt tokens read (prefilled), a prompt's once whatever its n, when its "
             "first choice ends.",
         )
+        self.prompt_tokens_cached = metrics.Counter(
+            "llm_prompt_tokens_cached",
+            "Of the prompt tokens read, those the prefix cache held (PREFIX_CACHE_MB), "
+            "counted as llm_prompt_tokens is.",
+        )
         self.completion_tokens = metrics.Counter(
             "llm_completion_tokens", "Tokens generated, over every completion that ended."
         )
@@ -249,6 +254,8 @@ class ReplicaMetrics:
         choice of it counted them) and, when the engine decoded it, its timing."""
         if prompt and completion.prompt_tokens:  # Ray refuses an inc of 0
             self.prompt_tokens.inc(completion.prompt_tokens)
+        if prompt and completion.cached_tokens:
+            self.prompt_tokens_cached.inc(completion.cached_tokens)
         if completion.completion_tokens:
             self.completion_tokens.inc(completion.completion_tokens)
         timing = completion.timing

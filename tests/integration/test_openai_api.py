@@ -145,6 +145,27 @@ def test_the_metrics_count_exactly_what_was_sent_and_the_cold_start(
         assert grown(before_any_request, "ray_llm_cold_start_seconds_count", 1, phase=phase) == 1
 
 
+def test_a_chats_next_turn_reports_the_prompt_tokens_the_prefix_cache_held(
+    client: openai.OpenAI, model: str
+) -> None:
+    """This module's one replica meets the second turn with the first's
+    cache: the client reads it as OpenAI's ``cached_tokens``, and the
+    replica's counter grows by as much."""
+    before = settled_scrape()
+    system = {"role": "system", "content": f"Answer in one short sentence. {uuid.uuid4()} " * 8}
+    turn = [system, *COLOURS]
+    first = client.chat.completions.create(model=model, messages=turn, max_tokens=8, temperature=0)
+    turn += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Name three more."},
+    ]
+    second = client.chat.completions.create(model=model, messages=turn, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    assert grown(before, "ray_llm_prompt_tokens_cached_total", cached) == cached
+
+
 def test_every_response_carries_its_request_id_and_so_does_the_replica_log(
     deployed_app: ServeConfig,
 ) -> None:

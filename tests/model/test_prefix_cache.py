@@ -77,11 +77,16 @@ def test_a_repeated_prompt_and_its_copies_share_one_prefill_of_its_last_token(
     """The same prompt again, asked for twice in one step (a request's ``n``
     choices): all but its last token come from the kept row, once for both."""
     prompt = asked(keeping, QUESTIONS[2])
-    keeping.generate([greedy(prompt)])
+    assert keeping.generate([greedy(prompt)])[0].cached_tokens == 0
     stats = keeping.stats
     reused_before, shared_before = stats.reused_prompt_tokens, stats.shared_prefills
-    assert texts(keeping, [prompt, prompt]) == texts(engine, [prompt, prompt])
-    assert stats.reused_prompt_tokens - reused_before == 2 * (keeping.count_tokens(prompt) - 1)
+    with keeping.together():
+        futures = [keeping.submit(greedy(prompt)) for _ in range(2)]
+    done = [future.result(timeout=120) for future in futures]
+    assert [c.text for c in done] == texts(engine, [prompt, prompt])
+    all_but_last = keeping.count_tokens(prompt) - 1
+    assert [c.cached_tokens for c in done] == [all_but_last] * 2
+    assert stats.reused_prompt_tokens - reused_before == 2 * all_but_last
     assert stats.shared_prefills - shared_before == 1
 
 

@@ -140,7 +140,12 @@ def test_a_chat_response_has_openais_shape() -> None:
             "finish_reason": "length",
         }
     ]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_a_streamed_chat_opens_with_the_role_and_ends_with_usage() -> None:
@@ -254,11 +259,24 @@ def test_max_tokens_0_is_only_for_echo() -> None:
 
 
 def test_usage_counts_each_prompt_once_however_many_choices() -> None:
-    """Two prompts of 5 and 3 tokens, two choices each, side by side."""
-    done = [Completion("a", 5, 2, "stop"), Completion("b", 5, 4, "length")]
-    done += [Completion("c", 3, 1, "stop"), Completion("d", 3, 3, "length")]
+    """Two prompts of 5 and 3 tokens, two choices each, side by side; of
+    them 4 and 2 came from the prefix cache."""
+    done = [
+        Completion(text, prompt, out, reason, cached_tokens=cached)
+        for text, prompt, out, reason, cached in [
+            ("a", 5, 2, "stop", 4),
+            ("b", 5, 4, "length", 4),
+            ("c", 3, 1, "stop", 2),
+            ("d", 3, 3, "length", 2),
+        ]
+    ]
     body = OpenAIFormat(MODEL, chat=False, choices=2).response(done)
-    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 10, "total_tokens": 18}
+    assert body["usage"] == {
+        "prompt_tokens": 8,
+        "completion_tokens": 10,
+        "total_tokens": 18,
+        "prompt_tokens_details": {"cached_tokens": 6},
+    }
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     chat = OpenAIFormat(MODEL, chat=True, choices=3)
     assert [c["choices"][0]["index"] for c in chat.opening()] == [0, 1, 2]

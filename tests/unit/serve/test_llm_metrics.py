@@ -163,8 +163,11 @@ def test_every_outcome_is_listed_where_a_reader_looks() -> None:
     assert all(outcome in description for outcome in llm_metrics.OUTCOMES), description
 
 
-def completion(prompt_tokens: int, completion_tokens: int) -> Completion:
-    return Completion("x", prompt_tokens, completion_tokens, "length", timing=Timing(0.1, 0.5))
+def completion(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Completion:
+    timing = Timing(0.1, 0.5)
+    return Completion(
+        "x", prompt_tokens, completion_tokens, "length", timing=timing, cached_tokens=cached_tokens
+    )
 
 
 async def drain(stream: AsyncIterator) -> None:
@@ -178,15 +181,17 @@ def test_a_prompt_with_n_choices_counts_its_tokens_once() -> None:
     order: the prompt counts with whichever ends first."""
     prompts = [Prompt("a", choice=i) for i in range(3)] + [Prompt("b", choice=i) for i in range(3)]
     tokens = {0: 10, 1: 10, 2: 10, 3: 4, 4: 4, 5: 4}
+    cached = {0: 9, 1: 9, 2: 9, 3: 0, 4: 0, 5: 0}  # the first prompt's from the prefix cache
 
     async def deltas() -> AsyncIterator[list[TextDelta]]:
         yield []
         for index in (1, 0, 5, 2, 3, 4):
-            yield [TextDelta(index, "", completion(tokens[index], 2))]
+            yield [TextDelta(index, "", completion(tokens[index], 2, cached[index]))]
 
     recorded = kept(ReplicaMetrics())
     asyncio.run(drain(recorded.watched(deltas(), prompts)))
     assert recorded.prompt_tokens.total == 14
+    assert recorded.prompt_tokens_cached.total == 9
     assert recorded.completion_tokens.total == 12
     assert len(recorded.first_token.calls) == 6
     assert len(recorded.latency.calls) == 1
