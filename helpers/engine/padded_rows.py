@@ -148,13 +148,15 @@ class PaddedRows:
         return prefill.lengths
 
     def prefills_by_length(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefill]]:
-        """``prompts`` admitted together, made ready to be prefilled in groups
-        of about one length, no more groups than the rows keep
-        (:func:`length_groups`): each group's indices among them and its
-        :class:`Prefill`, fewest columns to prefill first. With one row group,
-        one prefill for all of them. A prompt that starts as an ended row did
-        is a prefill of its own (with its copies, a request's ``n`` choices),
-        from where the two part."""
+        """``prompts`` admitted together, made ready to be prefilled: each
+        group's indices among them and its :class:`Prefill`, fewest columns
+        to prefill first. Those that reuse nothing go in groups of about one
+        length, no more groups than the rows keep (:func:`length_groups`;
+        with one row group, one prefill for all of them). A prompt that
+        starts as an ended row did is a prefill of its own (with its copies,
+        a request's ``n`` choices), from where the two part, so a burst of
+        questions after one system prompt is a prefill per question, each
+        joining the rows by itself."""
         reused = self._reused(prompts)
         fresh = [index for index in range(len(prompts)) if index not in reused]
         groups = length_groups([len(prompts[i]) for i in fresh], self.max_groups)
@@ -206,11 +208,9 @@ class PaddedRows:
         for row, tokens in rows:
             group, index = self._group_of(row)
             held = int(group.mask[index].sum())
+            mine = slice(index, index + 1)
             layers = [
-                (
-                    layer.keys[index : index + 1, :, -held:].clone(),
-                    layer.values[index : index + 1, :, -held:].clone(),
-                )
+                (layer.keys[mine, :, -held:], layer.values[mine, :, -held:])
                 for layer in group.cache.layers
             ]
             self.prefixes.remember(tokens[:held], layers)

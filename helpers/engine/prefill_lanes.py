@@ -40,7 +40,8 @@ class PrefillShape(Protocol):
 
     @property
     def width(self) -> int:
-        """Columns in all: its longest prompt's tokens."""
+        """Columns to prefill in all: its longest prompt's tokens, less those a
+        kept prefix already holds (``Prefill.start``)."""
         ...
 
     @property

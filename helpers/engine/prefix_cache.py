@@ -14,7 +14,9 @@ held is what a new prompt with the same first tokens would compute.
 What is kept, and for how long: each ended sequence's tokens (its prompt and
 the output its cache holds) with their keys and values, within a budget in
 bytes, the least recently used going first. An entry that is the start of
-a newer one is dropped for it: a chat's turn 3 holds turn 2's tokens.
+a newer one is dropped for it: a chat's turn 3 holds turn 2's tokens. A
+prefill that found an entry holds its tensors until it is done, evicted or
+not, so the memory in use can pass the budget by what pending prefills hold.
 """
 
 from __future__ import annotations
@@ -84,26 +86,32 @@ class PrefixCache:
         return Prefix(shared, [(k[:, :, :shared], v[:, :, :shared]) for k, v in layers])
 
     def remember(self, tokens: Sequence[int], layers: list[LayerKV]) -> None:
-        """Keep ``layers`` (each layer's keys and values for one row, no other
-        tensor's views: they are held as they are) as the cache of ``tokens``.
-        Kept sequences it starts with are dropped; one it is the start of
-        already holds it, and is only marked as used."""
+        """Keep a copy of ``layers`` (each layer's keys and values for one row;
+        views of a live cache, which goes on changing) as the cache of
+        ``tokens``. Kept sequences it starts with are dropped; one it is the
+        start of already holds it, and is only marked as used. Whether it is
+        kept is settled before anything is copied or dropped: the decode
+        thread calls this for every ended row, and a sequence too large for
+        the whole budget must not cost a chat the turn already kept."""
         ids = torch.tensor(tokens, dtype=torch.long)
-        if len(ids) < MIN_REUSED_TOKENS:
-            return
-        for key, entry in list(self._entries.items()):
-            shorter, longer = sorted((entry.tokens, ids), key=len)
-            if _common_start(shorter, longer[: len(shorter)]) == len(shorter):
-                if shorter is ids:
-                    self._entries.move_to_end(key)
-                    return
-                self._drop(key)
         size = sum(keys.nbytes + values.nbytes for keys, values in layers)
-        if size > self.budget:
+        if len(ids) < MIN_REUSED_TOKENS or size > self.budget:
             return
+        starts = []
+        for key, entry in self._entries.items():
+            both = min(len(entry.tokens), len(ids))
+            if _common_start(entry.tokens[:both], ids[:both]) < both:
+                continue
+            if len(entry.tokens) >= len(ids):
+                self._entries.move_to_end(key)
+                return
+            starts.append(key)
+        for key in starts:
+            self._drop(key)
         while self.size + size > self.budget:
             self._drop(next(iter(self._entries)))
-        self._entries[self._next_key] = _Entry(ids, layers, size)
+        copies = [(keys.clone(), values.clone()) for keys, values in layers]
+        self._entries[self._next_key] = _Entry(ids, copies, size)
         self._next_key += 1
         self.size += size
 

@@ -2,6 +2,7 @@
 from where the two part (``helpers.engine.prefix_cache``), and every text is
 the one the same engine gives without keeping anything."""
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,8 +18,9 @@ SYSTEM = "You answer questions about Ray Serve in one or two plain sentences. " 
 QUESTIONS = ["What is a replica?", "What does scale to zero mean?", "Why batch requests?"]
 
 
-def greedy(prompt: str, max_new_tokens: int = 16) -> GenerationRequest:
-    return GenerationRequest(prompt, Sampling(max_new_tokens, temperature=0.0, top_p=1.0))
+def greedy(prompt: str, max_new_tokens: int = 16, ignore_eos: bool = False) -> GenerationRequest:
+    sampling = Sampling(max_new_tokens, temperature=0.0, top_p=1.0, ignore_eos=ignore_eos)
+    return GenerationRequest(prompt, sampling)
 
 
 def asked(engine: Engine, question: str, history: tuple[tuple[str, str], ...] = ()) -> str:
@@ -90,10 +92,49 @@ def test_a_repeated_prompt_and_its_copies_share_one_prefill_of_its_last_token(
     assert stats.shared_prefills - shared_before == 1
 
 
-def test_an_engine_that_keeps_nothing_reuses_nothing(engine: Engine) -> None:
-    prompt = asked(engine, QUESTIONS[0])
-    before = engine.stats.reused_prompt_tokens
-    engine.generate([greedy(prompt)])
-    engine.generate([greedy(prompt)])
-    assert engine._batcher._rows.prefixes is None
-    assert engine.stats.reused_prompt_tokens == before
+def test_a_reused_prompts_rest_goes_in_pieces_beside_a_decoding_row(engine: Engine) -> None:
+    """What follows the kept prefix takes several pieces (a prefill that
+    starts past zero and moves on pass by pass), each riding the decode step
+    of a row that was running before it came: both texts as without the
+    cache."""
+    cut = Engine(
+        engine.model,
+        engine.tokenizer,
+        model_id=EMBEDDED_MODEL_ID,
+        prefill_chunk=8,
+        prefix_cache_bytes=64 << 20,
+    )
+    try:
+        first = asked(cut, QUESTIONS[0])
+        reply = cut.generate([greedy(first)])[0].text
+        follow_up = "And how do replicas start, stop and share one machine's CPUs with each other?"
+        second = asked(cut, follow_up, ((QUESTIONS[0], reply),))
+        running = greedy("The capital of France is", max_new_tokens=64, ignore_eos=True)
+        stats = cut.stats
+        decoding = cut.submit(running)
+        deadline = time.monotonic() + 60
+        while stats.generated_tokens == 0:
+            assert time.monotonic() < deadline, "the running row never decoded"
+            time.sleep(0.005)
+        split_before = stats.split_prefills
+        reusing = cut.submit(greedy(second)).result(timeout=120)
+        assert not decoding.done(), "the running row ended before the reused prompt went in"
+        assert stats.split_prefills == split_before + 1
+        assert reusing.cached_tokens >= cut.count_tokens(first)
+        assert reusing.text == engine.generate([greedy(second)])[0].text
+        assert decoding.result(timeout=120).text == engine.generate([running])[0].text
+    finally:
+        cut.close()
+
+
+def test_an_engine_with_no_budget_reuses_nothing(engine: Engine) -> None:
+    none_kept = Engine(
+        engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, prefix_cache_bytes=0
+    )
+    try:
+        prompt = asked(none_kept, QUESTIONS[0])
+        done = [none_kept.generate([greedy(prompt)])[0] for _ in range(2)]
+        assert [c.cached_tokens for c in done] == [0, 0]
+        assert none_kept.stats.reused_prompt_tokens == 0
+    finally:
+        none_kept.close()

@@ -109,11 +109,27 @@ def test_past_the_budget_the_least_recently_used_go_first() -> None:
 
 
 def test_a_sequence_larger_than_the_whole_budget_is_not_kept_and_evicts_nothing() -> None:
+    """Not even the turn it continues: a chat past the budget keeps reusing it."""
     cache = PrefixCache(budget=150 * TOKEN_BYTES)
     kept(cache, tokens_from(0, 100))
-    kept(cache, tokens_from(1000, 151))
-    assert cache.longest(tokens_from(0, 100)) is not None
-    assert cache.longest(tokens_from(1000, 151)) is None
+    kept(cache, tokens_from(1000, 40))
+    kept(cache, tokens_from(0, 151))
+    assert cache.size == 140 * TOKEN_BYTES
+    prefix = cache.longest(tokens_from(0, 151))
+    assert prefix is not None and prefix.tokens == 100
+    assert cache.longest(tokens_from(1000, 40)) is not None
+
+
+def test_what_is_kept_is_a_copy_of_a_cache_that_goes_on_changing(cache: PrefixCache) -> None:
+    tokens = tokens_from(0, 60)
+    live = layers_for(tokens + [999] * 4)
+    cache.remember(tokens, [(keys[:, :, :60], values[:, :, :60]) for keys, values in live])
+    for keys, values in live:
+        keys.zero_(), values.zero_()
+    prefix = cache.longest(tokens)
+    assert prefix is not None
+    assert prefix.layers[1][0][0, 0, :, 0].tolist() == [float(t + 1) for t in range(59)]
+    assert cache.size == 60 * TOKEN_BYTES
 
 
 def test_the_prefix_found_is_the_longest_common_start_among_random_kept_sequences() -> None:
