@@ -305,6 +305,17 @@ VARIABLES: tuple[Variable, ...] = (
         "prefix_cache_mb",
     ),
     Variable(
+        "PREFIX_ROUTING",
+        "on",
+        "Send each request to the model replica that last took a prompt starting the same "
+        "way, whose prefix cache may hold it, unless that replica runs several requests more than "
+        "the least busy one. off: Serve's default, the less busy of two replicas at random. "
+        "Only where replicas keep a prefix cache (PREFIX_CACHE_MB above 0, on CPUs).",
+        "on or off",
+        _choice("on", "off"),
+        "prefix_routing",
+    ),
+    Variable(
         "MAX_PROMPTS",
         "16",
         "Most prompts accepted in one /generate request.",
@@ -447,6 +458,7 @@ class ServeConfig:
     max_batch_size: int
     prefill_chunk_tokens: int | None
     prefix_cache_mb: int
+    prefix_routing: str
     max_prompts: int
     prompt_format: str
     dtype: str

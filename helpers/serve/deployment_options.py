@@ -23,8 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.serve.config import RequestRouterConfig
+
 from helpers.config import ServeConfig
 from helpers.serve import spare_worker
+from helpers.serve.prefix_routing import PrefixAffinityRouter
 
 INGRESS_ONGOING_REQUESTS = 1000
 """The fewest requests the ingress takes at once; each costs it little."""
@@ -112,6 +115,8 @@ def model_deployment_options(config: ServeConfig, spare_key: str | None = None) 
     to ``REQUEST_TIMEOUT_S`` for the requests it holds, so none is cut short.
     With a ``spare_key`` (``SPARE_WORKER=on``), the replicas' runtime env
     prepares and matches spare processes (:mod:`helpers.serve.spare_worker`).
+    Replicas that keep a prefix cache get requests by what their prompts
+    start with (:func:`request_router`).
     """
     actor_options: dict[str, Any] = {
         "num_cpus": config.num_cpus_per_replica,
@@ -130,7 +135,19 @@ def model_deployment_options(config: ServeConfig, spare_key: str | None = None) 
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         "logging_config": JSON_LOGS,
         "ray_actor_options": actor_options,
+        "request_router_config": request_router(config),
     }
+
+
+def request_router(config: ServeConfig) -> RequestRouterConfig:
+    """Prefix affinity (:mod:`helpers.serve.prefix_routing`, ``PREFIX_ROUTING``)
+    where the replicas keep what ended sequences computed: CPU replicas with
+    ``PREFIX_CACHE_MB`` above 0. Elsewhere nothing is kept to find again,
+    and Serve's default, the less busy of two replicas, is the better rule."""
+    keeps_prefixes = config.prefix_cache_mb > 0 and not config.num_gpus_per_replica
+    if config.prefix_routing == "on" and keeps_prefixes:
+        return RequestRouterConfig(request_router_class=PrefixAffinityRouter)
+    return RequestRouterConfig()
 
 
 def ingress_options(config: ServeConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "NUM_CPUS_PER_REPLICA": ["two", "0", "0.05", "257", "nan", "inf"],
     "LLM_METRICS": ["", "yes", "true"],
     "SPARE_WORKER": ["", "1", "spare"],
+    "PREFIX_ROUTING": ["", "yes", "affinity"],
     "RESOURCES_PER_REPLICA": [
         "llm_node",
         "[1]",
@@ -158,6 +159,7 @@ OVERRIDES = [
     ("RESOURCES_PER_REPLICA", "", "resources_per_replica", {}),
     ("LLM_METRICS", "OFF", "llm_metrics", "off"),
     ("SPARE_WORKER", "Off", "spare_worker", "off"),
+    ("PREFIX_ROUTING", "OFF", "prefix_routing", "off"),
     ("RESOURCES_PER_REPLICA", '{"llm_node": 1}', "resources_per_replica", {"llm_node": 1.0}),
     ("RESOURCES_PER_REPLICA", '{"b": 0.5, "a": 2}', "resources_per_replica", {"a": 2.0, "b": 0.5}),
     ("MIN_REPLICAS", "1", "min_replicas", 1),
@@ -332,6 +334,7 @@ NON_DEFAULT_ENV = {
     "MAX_BATCH_SIZE": "8",
     "PREFILL_CHUNK_TOKENS": "128",
     "PREFIX_CACHE_MB": "64",
+    "PREFIX_ROUTING": "off",
     "MAX_PROMPTS": "4",
     "PROMPT_FORMAT": "raw",
     "DTYPE": "float32",

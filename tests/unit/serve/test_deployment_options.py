@@ -176,3 +176,23 @@ def test_the_ingress_holds_all_the_model_can_and_a_burst_past_it_is_refused(
     assert options["max_queued_requests"] > 0, "a full ingress would keep requests without end"
     # An upload and then a model call may each take REQUEST_TIMEOUT_S.
     assert options["graceful_shutdown_timeout_s"] > 2 * config.request_timeout_s
+
+
+PREFIX_ROUTER = "helpers.serve.prefix_routing.PrefixAffinityRouter"
+"""Where Serve imports the router from, in the ingress's process."""
+
+
+@pytest.mark.parametrize(
+    ("environ", "by_prefix"),
+    [
+        ({}, True),
+        ({"PREFIX_CACHE_MB": "0"}, False),
+        ({"PREFIX_ROUTING": "off"}, False),
+        ({"NUM_GPUS_PER_REPLICA": "0.5"}, False),
+    ],
+)
+def test_replicas_that_keep_a_prefix_cache_get_requests_by_prefix(
+    environ: dict[str, str], by_prefix: bool
+) -> None:
+    router = model_deployment_options(ServeConfig.from_env(environ))["request_router_config"]
+    assert (router.request_router_class == PREFIX_ROUTER) is by_prefix
