@@ -38,6 +38,9 @@ class Reply:
     """Seconds until the first piece of text arrived, for a streamed reply."""
     completion_tokens: int | None = None
     """Tokens generated, as the server counted them, for a streamed reply."""
+    cached_tokens: int | None = None
+    """Of a streamed chat reply's prompt tokens, those its replica had
+    computed already (its prefix cache: a chat's earlier turns)."""
 
 
 class ApiError(RuntimeError):
@@ -144,7 +147,7 @@ class LLMClient:
         text_of: Callable[[dict[str, Any]], str | None],
     ) -> Reply:
         started = time.perf_counter()
-        first_text_s, pieces, tokens = None, [], None
+        first_text_s, pieces, tokens, cached = None, [], None, None
         with requests.post(
             f"{self.base_url}{path}",
             json=body,
@@ -157,6 +160,7 @@ class LLMClient:
                 if "error" in event:  # the server failed after the stream began
                     raise ApiError(error_status(event["error"]), event)
                 tokens = _completion_tokens(event, tokens)
+                cached = _cached_tokens(event, cached)
                 text = text_of(event)
                 if text:
                     if first_text_s is None:
@@ -164,7 +168,7 @@ class LLMClient:
                     pieces.append(text)
                     on_text(text)
         latency = time.perf_counter() - started
-        return Reply(prompt, "".join(pieces), latency, knobs, first_text_s, tokens)
+        return Reply(prompt, "".join(pieces), latency, knobs, first_text_s, tokens, cached)
 
     def wait_until_up(self, timeout_s: float = 300) -> None:
         """Block until /healthz answers (the app deployed and the proxy routing)."""
@@ -212,6 +216,14 @@ def _completion_tokens(event: dict[str, Any], so_far: int | None) -> int | None:
     """The server's count of generated tokens, where ``event`` carries it:
     /generate's last event of a prompt, or a chat stream's usage chunk."""
     count = (event.get("usage") or event).get("completion_tokens")
+    return count if isinstance(count, int) else so_far
+
+
+def _cached_tokens(event: dict[str, Any], so_far: int | None) -> int | None:
+    """The prompt tokens the replica had computed already, where ``event``
+    is a chat stream's usage chunk."""
+    details = (event.get("usage") or {}).get("prompt_tokens_details") or {}
+    count = details.get("cached_tokens")
     return count if isinstance(count, int) else so_far
 
 

@@ -235,7 +235,8 @@ class PromptBox:
             show(reply.text)
         first = f", first text after {reply.first_text_s:.2f} s" if reply.first_text_s else ""
         tokens = "" if reply.completion_tokens is None else f", {reply.completion_tokens} tokens"
-        self.status.value = f"[{reply.latency_s:.2f} s{first}{tokens}]"
+        cached = f", {reply.cached_tokens} prompt tokens cached" if reply.cached_tokens else ""
+        self.status.value = f"[{reply.latency_s:.2f} s{first}{tokens}{cached}]"
         return reply
 
     def _earlier_turns(self) -> list[tuple[str, str]]:

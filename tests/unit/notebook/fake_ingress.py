@@ -228,7 +228,12 @@ def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                 self._event(json.dumps(MIDWAY_ERRORS[prompt]))
             else:
                 self._event(json.dumps(chunk({}, "length")))
-                usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+                usage = {
+                    "prompt_tokens": 3,
+                    "completion_tokens": 5,
+                    "total_tokens": 8,
+                    "prompt_tokens_details": {"cached_tokens": 2},
+                }
                 self._event(json.dumps({**header, "choices": [], "usage": usage}))
                 self._event("[DONE]")
             self._end_stream()

@@ -344,6 +344,7 @@ def test_stream_chat_returns_the_assistant_text(server: FakeServer) -> None:
     assert on_text.pieces == STREAM_PIECES
     assert reply.text == "".join(STREAM_PIECES)
     assert reply.completion_tokens == 5  # from the usage chunk
+    assert reply.cached_tokens == 2  # so is this
     assert reply.prompt == "tell"
     assert reply.generation_kwargs == {"top_p": 0.5}
     assert reply.first_text_s is not None

@@ -10,6 +10,7 @@ LLMClient's signatures, which a test checks.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import threading
@@ -313,6 +314,14 @@ def test_a_reply_without_a_token_count_shows_none() -> None:
     box = PromptBox(PromptSession(ScriptedClient(scripted_reply("text", None))))
     box.send_button.click()
     assert box.status.value == "[0.25 s, first text after 0.05 s]"
+
+
+def test_a_chat_reply_says_how_many_prompt_tokens_its_replica_had_cached() -> None:
+    reply = dataclasses.replace(scripted_reply("text", 4), cached_tokens=40)
+    box = PromptBox(PromptSession(ScriptedClient(reply)))
+    box.send_button.click()
+    shown = "[0.25 s, first text after 0.05 s, 4 tokens, 40 prompt tokens cached]"
+    assert box.status.value == shown
 
 
 def test_reply_shows_the_text_while_it_streams(client: LLMClient, server: FakeServer) -> None:
