@@ -19,6 +19,7 @@ messages start with the turn before's, so its pieces do too.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -28,6 +29,8 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from helpers.protocol import Message, Prompt
+
+logger = logging.getLogger(__name__)
 
 BLOCK_CHARS = 64
 """Characters a block of a text prompt holds (token ids count as text)."""
@@ -42,11 +45,16 @@ lengthens what the cache keeps)."""
 
 MOST_KEYS = 512
 """Pieces of a prompt looked at: enough to tell conversations apart, and
-hashing stops there however long the prompt."""
+cutting and hashing stop there however long the prompt."""
 
 REMEMBERED_KEYS = 65_536
-"""Keys the table remembers, the least recently routed going first: a few
-megabytes in the ingress."""
+"""Keys the table remembers, the least recently routed going first: about
+15 MB in the ingress when full."""
+
+ROUTED_METHOD = "stream"
+"""The model deployment's method whose calls leave something in a replica's
+cache; ``tokenize`` and ``detokenize`` calls are routed as Serve routes
+any, and leave the table as it was."""
 
 IMBALANCE = 4
 """Requests by which the replica a prompt's start points to may outnumber
@@ -57,14 +65,17 @@ conversation (decision 0041)."""
 
 
 def prompt_pieces(prompt: Prompt) -> list[str]:
-    """``prompt`` in pieces that a conversation which goes on only adds to:
-    a chat's tools (chat templates put them first), then each message; a
-    text or its token ids in blocks, the last partial block left out."""
+    """``prompt`` in at most ``MOST_KEYS`` pieces, where a conversation that
+    goes on keeps the pieces it had: a chat's tools (chat templates put them
+    first), then each message; a text, or its token ids, in blocks, the last
+    of which may be short, and so differs from a longer text's."""
     if prompt.messages:
-        return [repr(prompt.tools) if prompt.tools else "", *map(_message_piece, prompt.messages)]
-    text = "".join(f"{token}," for token in prompt.token_ids) if prompt.token_ids else prompt.text
-    whole = len(text) // BLOCK_CHARS * BLOCK_CHARS
-    return [text[start : start + BLOCK_CHARS] for start in range(0, whole, BLOCK_CHARS)]
+        tools = repr(prompt.tools) if prompt.tools else ""
+        return [tools, *map(_message_piece, prompt.messages[: MOST_KEYS - 1])]
+    ids = prompt.token_ids[: MOST_KEYS * BLOCK_CHARS]  # each id takes two characters at least
+    text = "".join(f"{token}," for token in ids) if ids else prompt.text
+    end = min(len(text), MOST_KEYS * BLOCK_CHARS)
+    return [text[start : start + BLOCK_CHARS] for start in range(0, end, BLOCK_CHARS)]
 
 
 def _message_piece(message: Message) -> str:
@@ -96,12 +107,13 @@ def prefix_keys(pieces: Sequence[str]) -> list[Key]:
 
 
 def request_keys(request: PendingRequest | None) -> list[Key]:
-    """The keys of the first prompt a model call carries (``stream`` takes a
-    list of them, ``tokenize`` one); none for a call without a prompt."""
-    for arg in request.args if request is not None else ():
-        prompts = arg if isinstance(arg, list) else [arg]
-        if prompts and isinstance(prompts[0], Prompt):
-            return prefix_keys(prompt_pieces(prompts[0]))
+    """The keys of the first of the prompts a ``stream`` call carries; none
+    for any other call."""
+    if request is None or request.metadata.call_method != ROUTED_METHOD:
+        return []
+    prompts = request.args[0] if request.args else None
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], Prompt):
+        return prefix_keys(prompt_pieces(prompts[0]))
     return []
 
 
@@ -145,19 +157,21 @@ class PrefixOwners:
 
 def prefers_owner(owner_load: int | None, loads: Sequence[int | None], imbalance: int) -> bool:
     """Whether a prompt goes to the replica its start points to, given that
-    replica's ongoing requests and every candidate's (None: not known yet,
-    which counts as no reason to look elsewhere)."""
-    known = [load for load in loads if load is not None]
-    return owner_load is None or not known or owner_load - min(known) <= imbalance
+    replica's ongoing requests and every candidate's. None, a load not heard
+    of lately, counts as 0: every request sent, and every one that ends,
+    refreshes its replica's load, so a replica unheard of has had nothing
+    from this router for a while (or has just started)."""
+    least = min((load or 0 for load in loads), default=0)
+    return (owner_load or 0) - least <= imbalance
 
 
 class PrefixAffinityRouter(RequestRouter):
     """Serve's request router for the model deployment (``PREFIX_CACHE_MB``
     above 0 on CPU replicas): the replica a prompt's start points to first,
     then two others at random, the less busy of which Serve picks. A prompt
-    no replica has seen, or whose replica is ``imbalance`` requests busier
-    than another, goes to the less busy of two at random, as with Serve's
-    default router."""
+    no replica has seen, or whose replica runs more than ``imbalance``
+    requests beyond the least busy, goes to the less busy of two at random,
+    as with Serve's default router."""
 
     def initialize_state(self, imbalance: int = IMBALANCE, capacity: int = REMEMBERED_KEYS) -> None:
         self._imbalance = imbalance
@@ -168,16 +182,35 @@ class PrefixAffinityRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        by_id = {replica.replica_id: replica for replica in candidate_replicas}
-        owner = self._owners.owner(request_keys(pending_request), by_id)
-        if owner is not None:
-            loads = self.replica_queue_len_cache
-            if prefers_owner(loads.get(owner), [loads.get(r) for r in by_id], self._imbalance):
-                others = [replica for replica in candidate_replicas if replica.replica_id != owner]
-                return [[by_id[owner]], random.sample(others, min(2, len(others)))]
-        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        if pending_request is not None:  # all full: wait a little before trying again
+            pending_request.routing_context.should_backoff = True
+        try:
+            owner = self._owner(candidate_replicas, pending_request)
+        except Exception:  # a hint only: it must never keep a request from a replica
+            logger.exception("Prefix routing failed; routing this request at random")
+            owner = None
+        if owner is None:
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        others = [replica for replica in candidate_replicas if replica is not owner]
+        return [[owner], random.sample(others, min(2, len(others)))]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
-        self._owners.routed(request_keys(pending_request), replica_id)
+        try:
+            self._owners.routed(request_keys(pending_request), replica_id)
+        except Exception:  # the request is on its way; only the hint is lost
+            logger.exception("Prefix routing could not record where a request went")
+
+    def _owner(
+        self, candidates: list[RunningReplica], request: PendingRequest | None
+    ) -> RunningReplica | None:
+        """The replica the request's start draws it to, unless it is too busy."""
+        by_id = {replica.replica_id: replica for replica in candidates}
+        owner = self._owners.owner(request_keys(request), by_id)
+        if owner is None:
+            return None
+        loads = self.replica_queue_len_cache
+        if not prefers_owner(loads.get(owner), [loads.get(r) for r in by_id], self._imbalance):
+            return None
+        return by_id[owner]

@@ -44,7 +44,11 @@ def chat(*said: str) -> Prompt:
 
 def call(*prompts: Prompt) -> Any:
     """A model call as the router sees it: ``stream(prompts, sampling, streamed)``."""
-    return SimpleNamespace(args=[list(prompts), object(), True])
+    return SimpleNamespace(
+        args=[list(prompts), object(), True],
+        metadata=SimpleNamespace(call_method="stream"),
+        routing_context=SimpleNamespace(should_backoff=False),
+    )
 
 
 def keys_of(prompt: Prompt) -> list[Key]:
@@ -70,26 +74,33 @@ def test_texts_share_keys_up_to_the_block_where_they_part() -> None:
     assert [key.chars for key in a] == [BLOCK_CHARS * n for n in range(1, 6)]
 
 
-def test_only_whole_blocks_of_a_text_count_and_no_more_keys_than_the_most() -> None:
-    assert keys_of(Prompt(text="x" * (BLOCK_CHARS - 1))) == []
-    assert len(keys_of(Prompt(text="x" * (2 * BLOCK_CHARS + 5)))) == 2
+def test_a_texts_last_block_may_be_short_and_there_are_no_more_keys_than_the_most() -> None:
+    assert [k.chars for k in keys_of(Prompt(text="x" * (2 * BLOCK_CHARS + 5)))] == [
+        BLOCK_CHARS,
+        2 * BLOCK_CHARS,
+        2 * BLOCK_CHARS + 5,
+    ]
     assert len(keys_of(Prompt(text="x" * ((MOST_KEYS + 3) * BLOCK_CHARS)))) == MOST_KEYS
+    assert len(keys_of(Prompt(token_ids=tuple(range(50_000))))) == MOST_KEYS
+    assert len(keys_of(chat(*["q"] * (MOST_KEYS + 5)))) == MOST_KEYS
 
 
 @pytest.mark.parametrize(
-    ("shorter", "longer"),
+    ("shorter", "longer", "kept"),
     [
-        (Prompt(text="t" * 300), Prompt(text="t" * 300 + "more" * 40)),
-        (Prompt(token_ids=tuple(range(100))), Prompt(token_ids=tuple(range(150)))),
-        (chat("q" * 20), chat("q" * 20, "a", "q2")),
+        (Prompt(text="t" * 300), Prompt(text="t" * 300 + "more" * 40), 4),
+        (Prompt(token_ids=tuple(range(100))), Prompt(token_ids=tuple(range(150))), 4),
+        (chat("q" * 20), chat("q" * 20, "a", "q2"), 3),
     ],
     ids=["text", "token ids", "messages"],
 )
-def test_every_kind_of_prompt_only_gains_pieces_as_it_grows(
-    shorter: Prompt, longer: Prompt
+def test_a_prompt_that_grows_keeps_its_pieces_but_a_short_last_block(
+    shorter: Prompt, longer: Prompt, kept: int
 ) -> None:
+    """A chat keeps every piece; a text keeps its whole blocks."""
     before, after = prompt_pieces(shorter), prompt_pieces(longer)
-    assert after[: len(before)] == before and len(after) > len(before)
+    assert after[:kept] == before[:kept] and len(after) > len(before)
+    assert len(before) == kept or after[kept] != before[kept]
 
 
 def test_the_tools_a_chat_offers_come_before_its_messages() -> None:
@@ -98,11 +109,15 @@ def test_the_tools_a_chat_offers_come_before_its_messages() -> None:
     assert keys_of(offered)[0] != keys_of(chat("q"))[0]
 
 
-def test_the_keys_of_a_call_are_its_first_prompts_and_a_call_without_one_has_none() -> None:
+def test_the_keys_of_a_stream_call_are_its_first_prompts_and_other_calls_have_none() -> None:
+    """``tokenize`` leaves nothing in a replica's cache, so it draws nothing."""
     prompt = Prompt(text="t" * 400)
     assert request_keys(call(prompt, Prompt(text="u" * 400))) == keys_of(prompt)
-    assert request_keys(SimpleNamespace(args=[prompt, True])) == keys_of(prompt)
-    assert request_keys(SimpleNamespace(args=[[1, 2]])) == []
+    tokenize = SimpleNamespace(
+        args=[prompt, True], metadata=SimpleNamespace(call_method="tokenize")
+    )
+    assert request_keys(tokenize) == []
+    assert request_keys(SimpleNamespace(args=[[1, 2]], metadata=call().metadata)) == []
     assert request_keys(None) == []
 
 
@@ -141,6 +156,10 @@ def test_a_short_shared_start_draws_a_prompt_only_where_an_earlier_prompt_ended(
     owners.routed(keys_of(Prompt(messages=(long_system, Message("user", "Hi")))), b)
     sharing = Prompt(messages=(long_system, Message("user", "What is Ray?")))
     assert owners.owner(keys_of(sharing), {a, b}) == b
+    header = "Answer in one sentence, plainly, without lists or code blocks. Q:"
+    owners.routed(keys_of(Prompt(text=header + " What is Ray?")), a)
+    assert owners.owner(keys_of(Prompt(text=header + " What is a replica?")), {a, b}) is None
+    assert owners.owner(keys_of(Prompt(text=header + " What is Ray?")), {a, b}) == a
 
 
 def test_past_its_capacity_the_least_recently_routed_keys_go_first() -> None:
@@ -159,11 +178,12 @@ def test_past_its_capacity_the_least_recently_routed_keys_go_first() -> None:
 @pytest.mark.parametrize(
     ("owner_load", "loads", "goes_to_owner"),
     [
-        (None, [0, 0], True),
-        (3, [None, None], True),
+        (None, [None, 0], True),
+        (IMBALANCE, [IMBALANCE, None], True),
         (IMBALANCE, [IMBALANCE, 0], True),
         (IMBALANCE + 1, [IMBALANCE + 1, 0], False),
-        (IMBALANCE + 1, [IMBALANCE + 1, 1, None], True),
+        (IMBALANCE + 1, [IMBALANCE + 1, 1, 3], True),
+        (IMBALANCE + 1, [IMBALANCE + 1, 1, None], False),  # not heard of lately: idle
         (9, [9, 7], True),
     ],
 )
@@ -217,12 +237,36 @@ def test_a_busy_replica_loses_the_prompts_that_point_to_it(router: PrefixAffinit
     assert asyncio.run(router.choose_replicas(replicas, prompt))[0] == [taken]
 
 
-def test_a_prompt_too_short_to_share_a_block_goes_to_two_at_random(
+def test_a_prompt_sharing_only_a_short_start_goes_to_two_at_random(
     router: PrefixAffinityRouter,
 ) -> None:
     replicas = [SimpleNamespace(replica_id=replica(name)) for name in "abc"]
-    short = call(Prompt(text="Hi"))
-    routed(router, replicas, short)
-    ranks = [asyncio.run(router.choose_replicas(replicas, short)) for _ in range(30)]
+    routed(router, replicas, call(Prompt(text="Hi, what is Ray?")))
+    other = call(Prompt(text="Hi, what is Serve?"))
+    ranks = [asyncio.run(router.choose_replicas(replicas, other)) for _ in range(30)]
     assert all(len(r) == 1 and len(r[0]) == 2 for r in ranks)
     assert len({id(r[0][0]) for r in ranks}) > 1
+
+
+def test_a_request_that_finds_every_replica_full_waits_before_its_next_try(
+    router: PrefixAffinityRouter,
+) -> None:
+    """Serve retries at once, without end, unless the router asks it to back off."""
+    request = call(chat("What is a replica?"))
+    asyncio.run(router.choose_replicas([SimpleNamespace(replica_id=replica("a"))], request))
+    assert request.routing_context.should_backoff is True
+
+
+def test_a_failure_of_the_router_itself_routes_at_random_and_loses_no_request(
+    router: PrefixAffinityRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a bug in the table")
+
+    replicas = [SimpleNamespace(replica_id=replica(name)) for name in "ab"]
+    monkeypatch.setattr(router._owners, "owner", broken)
+    monkeypatch.setattr(router._owners, "routed", broken)
+    request = call(chat("What is a replica?"))
+    ranks = asyncio.run(router.choose_replicas(replicas, request))
+    assert len(ranks) == 1 and len(ranks[0]) == 2
+    router.on_request_routed(request, replicas[0].replica_id, None)
