@@ -30,6 +30,7 @@ import openai
 from bench.local_cluster import pinned_config
 from bench.results_file import provenance, record_section
 from bench.servers import Server, servers, taking_turns, warm_up
+from bench.ttft import percentile
 
 SYSTEM = (
     "You are the support assistant of conversation {chat}. Answer questions about Ray Serve "
@@ -111,7 +112,7 @@ class Pass:
         found = sum(t.found_last for t in self.later_turns)
         return (
             f"| {self.routing:<3} | {statistics.median(firsts):>6.2f} | "
-            f"{firsts[int(0.9 * (len(firsts) - 1))]:>6.2f} | {max(firsts):>6.2f} | "
+            f"{percentile(firsts, 0.9):>6.2f} | {max(firsts):>6.2f} | "
             f"{found}/{len(self.later_turns)} | {cached / prompt:>6.1%} | {self.seconds:>6.1f} |"
         )
 

@@ -2,8 +2,10 @@
 from where the two part (``helpers.engine.prefix_cache``), and every text is
 the one the same engine gives without keeping anything."""
 
+import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -31,14 +33,24 @@ def asked(engine: Engine, question: str, history: tuple[tuple[str, str], ...] = 
     return engine.render_chat([*messages, {"role": "user", "content": question}])
 
 
+KEPT_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def around(engine: Engine, **options: Any) -> Iterator[Engine]:
+    """The padded engine's model behind a batcher of its own, with ``options``."""
+    made = Engine(engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, **options)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 @pytest.fixture
 def keeping(engine: Engine) -> Iterator[Engine]:
     """The padded engine's model behind a batcher that keeps ended rows' cache."""
-    kept = Engine(
-        engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, prefix_cache_bytes=64 << 20
-    )
-    yield kept
-    kept.close()
+    with around(engine, prefix_cache_bytes=KEPT_BYTES) as kept:
+        yield kept
 
 
 def texts(engine: Engine, prompts: list[str]) -> list[str]:
@@ -97,14 +109,7 @@ def test_a_reused_prompts_rest_goes_in_pieces_beside_a_decoding_row(engine: Engi
     starts past zero and moves on pass by pass), each riding the decode step
     of a row that was running before it came: both texts as without the
     cache."""
-    cut = Engine(
-        engine.model,
-        engine.tokenizer,
-        model_id=EMBEDDED_MODEL_ID,
-        prefill_chunk=8,
-        prefix_cache_bytes=64 << 20,
-    )
-    try:
+    with around(engine, prefill_chunk=8, prefix_cache_bytes=KEPT_BYTES) as cut:
         first = asked(cut, QUESTIONS[0])
         reply = cut.generate([greedy(first)])[0].text
         follow_up = "And how do replicas start, stop and share one machine's CPUs with each other?"
@@ -123,18 +128,11 @@ def test_a_reused_prompts_rest_goes_in_pieces_beside_a_decoding_row(engine: Engi
         assert reusing.cached_tokens >= cut.count_tokens(first)
         assert reusing.text == engine.generate([greedy(second)])[0].text
         assert decoding.result(timeout=120).text == engine.generate([running])[0].text
-    finally:
-        cut.close()
 
 
 def test_an_engine_with_no_budget_reuses_nothing(engine: Engine) -> None:
-    none_kept = Engine(
-        engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, prefix_cache_bytes=0
-    )
-    try:
+    with around(engine, prefix_cache_bytes=0) as none_kept:
         prompt = asked(none_kept, QUESTIONS[0])
         done = [none_kept.generate([greedy(prompt)])[0] for _ in range(2)]
         assert [c.cached_tokens for c in done] == [0, 0]
         assert none_kept.stats.reused_prompt_tokens == 0
-    finally:
-        none_kept.close()
