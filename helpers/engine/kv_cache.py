@@ -12,12 +12,13 @@ decode kernel reason about pages without needing a model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from helpers.engine.llama_config import LlamaConfig
+from helpers.engine.page_index import PageIndex
 
 
 class LayerCache:
@@ -187,6 +188,13 @@ class PagedCache:
     last column: a padding token is placed at ``scratch_position``, whose
     write lands there. Whatever it holds is read only under the mask.
 
+    A full page may sit in several rows at once: ``kept``
+    (:class:`helpers.engine.page_index.PageIndex`) knows the pages whose
+    tokens are written, and a prompt that starts with those tokens gets
+    them in its row rather than new ones (:meth:`assign`). ``holders``
+    counts the rows a page is in; at none it goes back to the free list, or
+    stays idle in ``kept`` until a new sequence needs it.
+
     Before each forward pass the caller names its rows, their tokens'
     positions and the columns attention reads (:meth:`select`).
     """
@@ -214,6 +222,8 @@ class PagedCache:
         self.table = torch.zeros(slots, columns + 1, dtype=torch.long, device=device)
         self.free = list(range(1, pages + 1))
         self.owned: dict[int, list[int]] = {}  # slot -> its pages, in order
+        self.holders: dict[int, int] = {}  # page -> how many slots hold it
+        self.kept = PageIndex(PAGE_SIZE)
 
     def _new_pool(self, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (pages + 1, *self.page_shape)
@@ -243,28 +253,77 @@ class PagedCache:
         self.read_pages = self.table[rows, : width // PAGE_SIZE]
         self.width = width
 
-    def assign(self, slots: list[int], positions: list[int]) -> None:
-        """Give each slot zeroed pages for that many positions. Zeroed, as the
-        mask gives a column weight zero, but zero times a NaN left by the
-        last owner is NaN."""
+    @property
+    def available(self) -> int:
+        """Pages a new sequence can have: the free ones, and the idle ones
+        kept for prompts that start as their sequences did."""
+        return len(self.free) + self.kept.idle
+
+    def assign(
+        self, slots: list[int], positions: list[int], starts: dict[int, list[int]] | None = None
+    ) -> None:
+        """Give each slot pages for that many positions: first the kept pages
+        ``starts`` names for it, if any (shared, not written), then zeroed
+        ones. Zeroed, as the mask gives a column weight zero, but zero times
+        a NaN left by the last owner is NaN."""
+        starts = starts or {}
+        for pages in starts.values():  # held before any is taken back for the rest
+            self._hold(pages)
         table = torch.zeros(len(slots), self.table.shape[1], dtype=torch.long)
         taken: list[int] = []
         for row, (slot, count) in enumerate(zip(slots, positions, strict=True)):
-            needed = pages_for(count)
-            if needed > len(self.free):
-                raise ValueError(f"{count} positions need {needed} pages; {len(self.free)} free")
-            self.owned[slot], self.free = self.free[:needed], self.free[needed:]
-            table[row, :needed] = torch.tensor(self.owned[slot])
-            taken += self.owned[slot]
+            shared = starts.get(slot, [])
+            needed = pages_for(count) - len(shared)
+            if needed > self.available:
+                for unassigned in slots[row:]:
+                    self._release(starts.get(unassigned, []))
+                raise ValueError(f"{count} positions need {needed} pages; {self.available} free")
+            self.owned[slot] = [*shared, *self._take(needed)]
+            table[row, : len(self.owned[slot])] = torch.tensor(self.owned[slot])
+            taken += self.owned[slot][len(shared) :]
         self.table[torch.tensor(slots, device=self.device)] = table.to(self.device)
         pages = torch.tensor(taken, device=self.device)
         for layer in self.layers:
             layer.keys[pages] = 0
             layer.values[pages] = 0
 
+    def remember(self, slot: int, tokens: Sequence[int]) -> None:
+        """Index ``slot``'s full pages as holding ``tokens``, every one of
+        which it has written: a later prompt that starts the same way reads
+        them (:meth:`assign`'s ``starts``)."""
+        self.kept.add(tokens, self.owned[slot])
+
+    def _take(self, count: int) -> list[int]:
+        """``count`` pages no slot holds: free ones first, then idle kept ones,
+        least recently used first, which are unindexed."""
+        while len(self.free) < count:
+            self.free += self.kept.take()
+        taken, self.free = self.free[:count], self.free[count:]
+        self._hold(taken)
+        return taken
+
+    def _hold(self, pages: list[int]) -> None:
+        for page in pages:
+            self.holders[page] = self.holders.get(page, 0) + 1
+            self.kept.held(page)
+
+    def _release(self, pages: list[int]) -> None:
+        """A slot's pages given up, its last first: a kept page no slot holds
+        any more is idle, and a sequence's later pages, which fewer prompts
+        share, are the first taken back."""
+        for page in reversed(pages):
+            self.holders[page] -= 1
+            if self.holders[page] == 0:
+                del self.holders[page]
+                if page in self.kept:
+                    self.kept.released(page)
+                else:
+                    self.free.append(page)
+
     def keep(self, slots: list[int]) -> None:
         """Keep these slots' sequences, renumbered 0, 1, ... in this order, and
-        return every other slot's pages; the table's other rows point at
+        give up every other slot's pages (to the free list, or idle in
+        ``kept`` where they are indexed); the table's other rows point at
         scratch again.
 
         Why renumber: a decode step runs over the table's first rows, as many
@@ -274,17 +333,20 @@ class PagedCache:
         busy = max(self.owned, default=-1) + 1
         kept = set(slots)
         for slot in [slot for slot in self.owned if slot not in kept]:
-            self.free += self.owned.pop(slot)
+            self._release(self.owned.pop(slot))
         self.owned = {row: self.owned[slot] for row, slot in enumerate(slots)}
         if slots != list(range(len(slots))):
             self.table[: len(slots)] = self.table[torch.tensor(slots, device=self.device)]
         self.table[len(slots) : busy] = 0
 
     def copy(self, source: int, target: int, positions: int) -> None:
-        """Copy the first ``positions`` positions of one slot's pages to another's."""
+        """Copy the first ``positions`` positions of one slot's pages to
+        another's, but for the pages both hold (a kept start they share)."""
         count = pages_for(positions)
-        source_pages = torch.tensor(self.owned[source][:count], device=self.device)
-        target_pages = torch.tensor(self.owned[target][:count], device=self.device)
+        both = zip(self.owned[source][:count], self.owned[target][:count], strict=True)
+        pairs = [(mine, theirs) for mine, theirs in both if mine != theirs]
+        source_pages = torch.tensor([mine for mine, _ in pairs], device=self.device)
+        target_pages = torch.tensor([theirs for _, theirs in pairs], device=self.device)
         for layer in self.layers:
             layer.keys[target_pages] = layer.keys[source_pages]
             layer.values[target_pages] = layer.values[source_pages]
