@@ -18,12 +18,15 @@ sequences run; a layout holds their tensors and runs the model over them):
 
 Both take the same calls: how many waiting sequences have room
 (``fitting``), ``admit`` prompts (one prefill pass for all of them, or a few
-for many or very long ones: ``prefill_passes``), ``keep`` some rows, ``decode`` one
-token per row (whether it returns before the step has run: ``step_runs_ahead``),
-``clear``. Where ``folds_prefills``, prompts can instead go in a piece per
-decode step (``prefill``, then ``decode(tokens, pieces)``). ``logits`` holds
-each row's last logits after ``admit`` and ``decode``; ``keep`` leaves it
-stale, since the batcher always decodes next.
+for many or very long ones: ``prefill_passes``; the positions of each
+found kept from an earlier sequence: ``cached_tokens``), ``keep`` some
+rows, ``decode`` one token per row (whether it returns before the step has
+run: ``step_runs_ahead``), ``clear``, and ``remember`` rows that ended, for
+prompts that start as they did. Where ``folds_prefills``, prompts can
+instead go in a piece per decode step (``prefill``, then ``decode(tokens,
+pieces)``). ``logits`` holds each row's last logits after ``admit`` and
+``decode``; ``keep`` leaves it stale, since the batcher always decodes
+next.
 """
 
 from __future__ import annotations

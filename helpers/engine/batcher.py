@@ -236,7 +236,9 @@ class ContinuousBatcher:
         of rows of different lengths the padded layout keeps apart; 1 pads
         them all to one length. ``prefix_cache_bytes`` is how much of its
         ended rows' cache the padded layout keeps for prompts that start the
-        same way (:mod:`helpers.engine.prefix_cache`); 0 keeps none."""
+        same way (:mod:`helpers.engine.prefix_cache`); 0 keeps none. Slots
+        keep the full pages of their sequences while no new one needs them
+        (:mod:`helpers.engine.page_index`) wherever it is above 0."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -257,6 +259,7 @@ class ContinuousBatcher:
                 max_positions=max_positions or model.config.max_position_embeddings,
                 pages=pages,
                 prefill_area=prefill_area,
+                keeps_prefixes=prefix_cache_bytes > 0,
             )
         else:
             self._rows = PaddedRows(model, tokenizer, row_groups, prefix_cache_bytes)
@@ -612,8 +615,8 @@ class ContinuousBatcher:
         """Each row's next token, and the rows that go on: their indices,
         their tokens, and those whose new text is left to stream. A row that
         ended (its end token, its limit, its caller gone, its own failure)
-        is settled here and left out; what the padded layout held for one
-        that finished is kept for prompts that start the same way."""
+        is settled here and left out; what the rows held for one that
+        finished is kept for prompts that start the same way."""
         logits = self._rows.logits
         self._masks.wait()
         keep, next_tokens = [], []
@@ -639,7 +642,7 @@ class ContinuousBatcher:
             next_tokens.append(token)
             if not sequence.text.stop:
                 pushed.append(sequence)
-        if finished and isinstance(self._rows, PaddedRows):
+        if finished:
             self._rows.remember(finished)
         return keep, next_tokens, pushed
 
@@ -697,6 +700,9 @@ class ContinuousBatcher:
         prompts, positions = [s.prompt_ids for s in sequences], list(map(_positions, sequences))
         self._joined(sequences, self._rows.admit(prompts, positions))
         self.stats.forward_passes += self._rows.prefill_passes
+        for sequence, cached in zip(sequences, self._rows.cached_tokens, strict=True):
+            sequence.cached_tokens = cached
+            self.stats.reused_prompt_tokens += cached
 
     def _joined(
         self, sequences: list[_Sequence], lengths: list[int], at: int | None = None

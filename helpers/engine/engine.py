@@ -332,7 +332,9 @@ class Engine:
         transformers serves is held to it by torch's allocator. On CPU the kit's
         decoder prefills at most ``prefill_chunk`` prompt tokens a pass
         (``PREFILL_CHUNK_TOKENS``) beside the sequences it decodes, and keeps
-        ``prefix_cache_bytes`` of its ended rows' cache (``PREFIX_CACHE_MB``).
+        ``prefix_cache_bytes`` of its ended rows' cache (``PREFIX_CACHE_MB``);
+        slots keep their full pages while no new sequence needs them, where
+        that is above 0.
         """
         laps = _Laps()
         if cpu_threads is not None:

@@ -112,6 +112,7 @@ class PaddedRows:
             raise ValueError(f"groups must be at least 1, not {groups}")
         self.model = model
         self.pad = tokenizer.pad_token_id or 0
+        self.cached_tokens: list[int] = []  # see admit
         self.folds_prefills = isinstance(model, SegmentDecoder)
         self.max_groups = groups if self.folds_prefills else 1
         self.prefixes = (
@@ -141,10 +142,12 @@ class PaddedRows:
         in one pass; returns their lengths in tokens. ``positions``, what each
         may reach, matters only to the paged layout, which holds room for it.
         Should it raise, the running rows are as they were (both layouts
-        promise it)."""
+        promise it). Nothing kept is reused here: prompts that may start as
+        an ended row did go through :meth:`prefills_by_length`."""
         prefill = self.prefill(prompts)
         self.decode([], [(prefill, prefill.left)], may_insert=False)
         assert prefill.lengths is not None  # its one piece was its last
+        self.cached_tokens = [0] * len(prompts)
         return prefill.lengths
 
     def prefills_by_length(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefill]]:

@@ -15,6 +15,7 @@ import torch
 from helpers.engine.batch_rows import distinct, encode
 from helpers.engine.decoder import SlotDecoder
 from helpers.engine.kv_cache import PAGE_SIZE, pages_for
+from helpers.engine.prefix_cache import MIN_REUSED_TOKENS
 
 SMALLEST_WIDTH = 64
 """Fewest cache columns a decode graph reads; widths double from here."""
@@ -64,16 +65,17 @@ def prefill_groups(prompts: list[list[int]], area: int = PREFILL_AREA) -> list[l
     return [*groups, group] if group else groups
 
 
-def prefill_pieces(length: int, area: int = PREFILL_AREA) -> list[tuple[int, int]]:
-    """A prompt too long for one pass cut into consecutive pieces (start and
-    end), each a pass that attends to the ones before it through the cache.
+def prefill_pieces(length: int, area: int = PREFILL_AREA, start: int = 0) -> list[tuple[int, int]]:
+    """A prompt too long for one pass, or its positions from ``start`` (what
+    kept pages do not hold), cut into consecutive pieces (start and end),
+    each a pass that attends to the ones before it through the cache.
     A piece of ``c`` tokens reading ``w`` columns holds ``c x w`` attention
     positions, so pieces shrink as the columns grow to keep that within
     ``area`` (a piece is still a page at least, and at most
     ``PREFILL_TOKENS``): a 32,768-token prompt in one pass would need
     sixteen times ``PREFILL_AREA``."""
     side = min(PREFILL_TOKENS, max(math.isqrt(area) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE))
-    pieces, start = [], 0
+    pieces = []
     while start < length:
         tokens = min(side, area // (start + side)) // PAGE_SIZE * PAGE_SIZE
         end = min(length, start + max(tokens, PAGE_SIZE))
@@ -123,14 +125,20 @@ class PagedRows:
         max_positions: int,
         pages: int | None = None,
         prefill_area: int | None = None,
+        keeps_prefixes: bool = False,
     ) -> None:
         """A sequence reaches at most ``max_positions`` positions (prompt and
         new tokens). ``pages`` fixes the cache's size and ``prefill_area`` a
         prefill pass's attention (a GPU replica's memory budget,
         :mod:`helpers.engine.kv_budget`; without, ``PREFILL_AREA``); without
         pages, the cache starts at ``FIRST_PAGES`` and doubles when the
-        sequences admitted need more."""
+        sequences admitted need more, idle kept pages taken back first.
+        ``keeps_prefixes``: full pages stay indexed by what they hold, so a
+        prompt that starts as an earlier sequence did shares them
+        (:mod:`helpers.engine.page_index`)."""
         self.model, self.slots, self.max_pages = model, slots, pages
+        self.keeps_prefixes = keeps_prefixes
+        self.cached_tokens: list[int] = []  # each prompt the last admit took: positions shared
         self.prefill_area = PREFILL_AREA if prefill_area is None else prefill_area
         self.max_positions = max_positions
         self.prefill_passes = 1  # forward passes the last admit ran
@@ -150,10 +158,11 @@ class PagedRows:
 
     def fitting(self, positions: list[int]) -> int:
         """How many of these sequences, in order, have room now, each needing
-        pages for that many positions (its prompt and most new tokens)."""
+        pages for that many positions (its prompt and most new tokens),
+        counted in full though it may share a kept start: room to spare."""
         if self.max_pages is None:  # it grows as they need
             return len(positions)
-        free, count = len(self.cache.free), 0
+        free, count = self.cache.available, 0
         for needed in map(pages_for, positions):
             if needed > free:
                 break
@@ -177,36 +186,88 @@ class PagedRows:
         """:meth:`admit`'s work, with the new rows in the slots from ``first``."""
         slots = list(range(first, first + len(prompts)))
         self._make_room(sum(map(pages_for, positions)))
-        self.cache.assign(slots, positions)
         unique, order = distinct(prompts)
         prefilled = [slots[order.index(index)] for index in range(len(unique))]
+        starts = self._kept_starts(unique)
+        # A prompt's copies (a request's n choices) share its kept start too.
+        slots_of = zip(slots, order, strict=True)
+        shared = {slot: starts[index] for slot, index in slots_of if index in starts}
+        self.cache.assign(slots, positions, shared)
         self.prefill_passes = 0
-        groups = prefill_groups(unique, self.prefill_area)
-        last = [
-            self._prefill([unique[i] for i in group], [prefilled[i] for i in group])
-            for group in groups
-        ]
+        firsts = self._prefill_distinct(unique, prefilled, starts)
         lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
-            if slot != prefilled[index]:  # a repeated prompt: copy its prefilled pages
+            if slot != prefilled[index]:  # a repeated prompt: copy the pages it prefilled
                 self.cache.copy(prefilled[index], slot, length)
+        if self.keeps_prefixes:
+            for index, slot in enumerate(prefilled):
+                self.cache.remember(slot, unique[index])
+        self.cached_tokens = [len(starts.get(index, ())) * PAGE_SIZE for index in order]
         self.next_position += lengths
-        # Row r of the passes' logits is distinct prompt passed[r]'s.
-        passed = [index for group in groups for index in group]
-        row_of = {index: row for row, index in enumerate(passed)}
-        rows = torch.tensor([row_of[index] for index in order], device=self.device)
-        new_logits = torch.cat(last)[rows]
+        new_logits = firsts[torch.tensor(order, device=self.device)]
         self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
         return lengths
+
+    def _prefill_distinct(
+        self, prompts: list[list[int]], slots: list[int], starts: dict[int, list[int]]
+    ) -> torch.Tensor:
+        """Prefill distinct ``prompts`` into their ``slots``: those that start
+        with kept pages (``starts``, by index) one by one from where the
+        pages end, the others in groups (:func:`prefill_groups`). Each
+        prompt's last logits, in ``prompts``' order."""
+        fresh = [index for index in range(len(prompts)) if index not in starts]
+        groups = [
+            [fresh[i] for i in group]
+            for group in prefill_groups([prompts[i] for i in fresh], self.prefill_area)
+        ]
+        last = [
+            self._prefill([prompts[i] for i in group], [slots[i] for i in group])
+            for group in groups
+        ]
+        for index, pages in starts.items():
+            last.append(self._prefill_from(prompts[index], len(pages) * PAGE_SIZE, slots[index]))
+            groups.append([index])
+        # Row r of the passes' logits is prompt passed[r]'s.
+        passed = [index for group in groups for index in group]
+        row_of = {index: row for row, index in enumerate(passed)}
+        rows = torch.tensor([row_of[index] for index in range(len(prompts))], device=self.device)
+        return torch.cat(last)[rows]
+
+    def _kept_starts(self, prompts: list[list[int]]) -> dict[int, list[int]]:
+        """The kept pages each prompt starts with, by index, where they hold at
+        least ``MIN_REUSED_TOKENS`` of it; never its last token, whose pass
+        gives the logits of the first new one."""
+        if not self.keeps_prefixes:
+            return {}
+        found = {
+            index: self.cache.kept.longest(prompt, (len(prompt) - 1) // PAGE_SIZE)
+            for index, prompt in enumerate(prompts)
+        }
+        return {
+            i: pages for i, pages in found.items() if len(pages) * PAGE_SIZE >= MIN_REUSED_TOKENS
+        }
+
+    def remember(self, rows: list[tuple[int, list[int]]]) -> None:
+        """Index the full pages of each ended row, given with the tokens it was
+        fed (its prompt, then its output): those before its next position,
+        which it has written."""
+        if self.keeps_prefixes:
+            for row, tokens in rows:
+                self.cache.remember(row, tokens[: self.next_position[row]])
+
+    def _prefill_from(self, prompt: list[int], start: int, slot: int) -> torch.Tensor:
+        """A prompt whose first ``start`` positions its slot holds already
+        (kept pages): the rest, in one pass or in pieces. Its last logits."""
+        *earlier, last = prefill_pieces(len(prompt), self.prefill_area, start)
+        for begin, end in earlier:
+            self._piece(prompt, begin, end, [slot])
+        return self._piece(prompt, *last, [slot])
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """``prompts`` into their ``slots``: one pass, or one per piece of a
         prompt too long for one. Returns each one's last logits."""
         if len(prompts) == 1 and not one_pass_holds(1, len(prompts[0]), self.prefill_area):
-            *earlier, last = prefill_pieces(len(prompts[0]), self.prefill_area)
-            for start, end in earlier:
-                self._piece(prompts[0], start, end, slots)
-            return self._piece(prompts[0], *last, slots)
+            return self._prefill_from(prompts[0], 0, slots[0])
         ids, mask = encode(prompts, self.pad, self.device)
         places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
         return self._pass(ids, places, slots, columns=ids.shape[1])
@@ -274,7 +335,7 @@ class PagedRows:
         """Double the cache until ``pages`` more pages are free; the graphs
         captured over the old one are dropped with it. A fixed cache
         refuses, naming the pages it has free."""
-        free = len(self.cache.free)
+        free = self.cache.available
         if pages <= free:
             return
         if self.max_pages is not None:

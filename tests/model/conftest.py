@@ -6,6 +6,8 @@ from helpers.engine.engine import Engine
 padded_only = pytest.mark.parametrize("engine", ["padded"], indirect=True)
 """For a test of what the layout cannot change (sampling, the kernels): the
 slots layout is held to the padded one by tests of its own."""
+slots_only = pytest.mark.parametrize("engine", ["slots"], indirect=True)
+"""For a test of the slots layout's own bookkeeping."""
 
 
 @pytest.fixture(scope="session", params=["padded", "slots"])

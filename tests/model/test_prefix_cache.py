@@ -38,7 +38,7 @@ KEPT_BYTES = 64 << 20
 
 @contextlib.contextmanager
 def around(engine: Engine, **options: Any) -> Iterator[Engine]:
-    """The padded engine's model behind a batcher of its own, with ``options``."""
+    """The fixture engine's model behind a batcher of its own, with ``options``."""
     made = Engine(engine.model, engine.tokenizer, model_id=EMBEDDED_MODEL_ID, **options)
     try:
         yield made
