@@ -299,7 +299,9 @@ VARIABLES: tuple[Variable, ...] = (
         "that a prompt that starts the way one of them did (a chat's next turn, which repeats "
         "the conversation so far, or a shared system prompt) is prefilled from where the two "
         "part rather than from its first token. The least recently used go first. 0 turns it "
-        "off. Ignored on GPUs and for models transformers serves.",
+        "off. A GPU replica keeps its sequences' full pages instead while no new sequence "
+        "needs them, within its KV reservation; any value above 0 turns that on. Ignored for "
+        "models transformers serves.",
         "integer in [0, 65536]",
         _number(int, 0, 65536),
         "prefix_cache_mb",
@@ -310,7 +312,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Send each request to the model replica that last took a prompt starting the same "
         "way, whose prefix cache may hold it, unless that replica runs several requests more than "
         "the least busy one. off: Serve's default, the less busy of two replicas at random. "
-        "Only where replicas keep a prefix cache (PREFIX_CACHE_MB above 0, on CPUs).",
+        "Only where replicas keep a prefix cache (PREFIX_CACHE_MB above 0).",
         "on or off",
         _choice("on", "off"),
         "prefix_routing",

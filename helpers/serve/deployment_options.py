@@ -141,11 +141,10 @@ def model_deployment_options(config: ServeConfig, spare_key: str | None = None) 
 
 def request_router(config: ServeConfig) -> RequestRouterConfig:
     """Prefix affinity (:mod:`helpers.serve.prefix_routing`, ``PREFIX_ROUTING``)
-    where the replicas keep what ended sequences computed: CPU replicas with
-    ``PREFIX_CACHE_MB`` above 0. Elsewhere nothing is kept to find again,
+    where the replicas keep what ended sequences computed: ``PREFIX_CACHE_MB``
+    above 0, on CPUs and GPUs alike. Elsewhere nothing is kept to find again,
     and Serve's default, the less busy of two replicas, is the better rule."""
-    keeps_prefixes = config.prefix_cache_mb > 0 and not config.num_gpus_per_replica
-    if config.prefix_routing == "on" and keeps_prefixes:
+    if config.prefix_routing == "on" and config.prefix_cache_mb > 0:
         return RequestRouterConfig(request_router_class=PrefixAffinityRouter)
     return RequestRouterConfig()
 

@@ -1,8 +1,8 @@
 """Which model replica takes a request: the one that last took a prompt
 starting the same way, unless it is much busier than another.
 
-Why: a CPU replica keeps what its ended sequences computed (the prefix
-cache, ``PREFIX_CACHE_MB``), but only for prompts it sees itself. Serve's
+Why: a replica keeps what its ended sequences computed (the prefix cache,
+``PREFIX_CACHE_MB``), but only for prompts it sees itself. Serve's
 default router picks the less busy of two replicas at random, so with two
 replicas a chat's next turn lands where the turn before ran only half of the
 time, and otherwise prefills its whole history again. This router remembers,

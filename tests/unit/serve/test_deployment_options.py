@@ -188,7 +188,8 @@ PREFIX_ROUTER = "helpers.serve.prefix_routing.PrefixAffinityRouter"
         ({}, True),
         ({"PREFIX_CACHE_MB": "0"}, False),
         ({"PREFIX_ROUTING": "off"}, False),
-        ({"NUM_GPUS_PER_REPLICA": "0.5"}, False),
+        ({"NUM_GPUS_PER_REPLICA": "0.5"}, True),
+        ({"NUM_GPUS_PER_REPLICA": "1", "PREFIX_CACHE_MB": "0"}, False),
     ],
 )
 def test_replicas_that_keep_a_prefix_cache_get_requests_by_prefix(
