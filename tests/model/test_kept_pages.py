@@ -12,7 +12,15 @@ from helpers.engine.kv_budget import KVPlan
 from helpers.engine.kv_cache import PAGE_SIZE
 
 from .conftest import slots_only
-from .test_prefix_cache import KEPT_BYTES, QUESTIONS, around, asked, greedy, texts
+from .test_prefix_cache import (
+    KEPT_BYTES,
+    QUESTIONS,
+    around,
+    asked,
+    chat_of_two_turns,
+    greedy,
+    texts,
+)
 
 pytestmark = slots_only
 
@@ -27,9 +35,7 @@ def keeping(engine: Engine) -> Iterator[Engine]:
 def test_a_chats_next_turn_shares_the_pages_of_the_turn_before_and_says_the_same(
     engine: Engine, keeping: Engine
 ) -> None:
-    first = asked(keeping, QUESTIONS[0])
-    reply = keeping.generate([greedy(first)])[0].text
-    second = asked(keeping, QUESTIONS[1], ((QUESTIONS[0], reply),))
+    first, second = chat_of_two_turns(keeping)
     done = keeping.generate([greedy(second)])[0]
     assert done.text == engine.generate([greedy(second)])[0].text
     assert done.cached_tokens % PAGE_SIZE == 0

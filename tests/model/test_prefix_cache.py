@@ -60,12 +60,18 @@ def texts(engine: Engine, prompts: list[str]) -> list[str]:
     return [future.result(timeout=120).text for future in futures]
 
 
+def chat_of_two_turns(engine: Engine) -> tuple[str, str]:
+    """A chat's first prompt, answered on ``engine``, and its second, which
+    repeats the first turn and its reply."""
+    first = asked(engine, QUESTIONS[0])
+    reply = engine.generate([greedy(first)])[0].text
+    return first, asked(engine, QUESTIONS[1], ((QUESTIONS[0], reply),))
+
+
 def test_a_chats_next_turn_starts_from_the_turn_before_and_says_the_same(
     engine: Engine, keeping: Engine
 ) -> None:
-    first = asked(keeping, QUESTIONS[0])
-    reply = keeping.generate([greedy(first)])[0].text
-    second = asked(keeping, QUESTIONS[1], ((QUESTIONS[0], reply),))
+    first, second = chat_of_two_turns(keeping)
     assert keeping.generate([greedy(second)])[0].text == engine.generate([greedy(second)])[0].text
     assert keeping.stats.reused_prompt_tokens >= keeping.count_tokens(first)
 
