@@ -33,6 +33,9 @@ Measured in one run:
 - one prompt of 32,768 tokens (or the context less one, where shorter), on
   a GPU: its prefill passes (a piece of the prompt each), its first token,
   and the memory its passes took beyond the weights and pages;
+- a burst of questions after one long system prompt, on a GPU, with and
+  without the paged layout's kept pages (decision 0042): each question's
+  first token and the prompt tokens found kept;
 - one layer's decode attention with the pages read in place and gathered;
 - a decode step with torch's operations between each layer's matrix products
   and with the fused kernels of :mod:`helpers.engine.fused_layer_ops` (on a
@@ -55,11 +58,13 @@ import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
+from concurrent.futures import as_completed  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -163,6 +168,9 @@ CHECK_PIECE_TOKENS = 64
 prefilled in pieces, as a prompt past 8,192 tokens is."""
 LONG_CONTEXT_WORDS = 4 * PREFILL_TOKENS
 """The long-context prompt's length on a GPU, where the context allows."""
+SHARED_PROMPT = "64x1000"
+"""Questions, and the system prompt's words before each, of the burst that
+shares one system prompt, on a GPU."""
 
 
 EOS_OF_PROMPTS = SHAPE["vocab_size"] - 1
@@ -534,6 +542,33 @@ def long_prompt_run(engine: Engine, words: int) -> tuple[float, int, float]:
     return seconds, engine.stats.forward_passes - passes, peak / 2**30
 
 
+def shared_prompt_run(
+    engine: Engine, questions: int, system_words: int, keep: bool, seed: int
+) -> tuple[list[float], int, int]:
+    """A burst of users of one app: ``questions`` prompts that start with one
+    system prompt of ``system_words`` tokens, asked once before, each with a
+    question of its own, submitted at once for one token each, so that what
+    is timed is their prefill. ``keep``: whether the slots keep their pages
+    for prompts that start the same way (:mod:`helpers.engine.page_index`),
+    on the engine's own cache, so both settings run on one KV reservation.
+    Each question's seconds to its token, the prompt tokens found kept, and
+    the forward passes."""
+    rows = engine._batcher._rows
+    assert isinstance(rows, paged_rows.PagedRows), "kept pages are the slots layout's"
+    rows.keeps_prefixes = keep
+    system = prompts(1, seed=seed, words=system_words)[0]
+    one_token = Sampling(1, temperature=0.0, top_p=1.0)
+    engine.generate([GenerationRequest(system + prompts(1, seed=seed + 1)[0], one_token)])
+    burst = [GenerationRequest(system + q, one_token) for q in prompts(questions, seed=seed + 2)]
+    passes, started = engine.stats.forward_passes, time.perf_counter()
+    with engine.together():  # one admission, as a burst that arrives in one step is
+        futures = [engine.submit(request) for request in burst]
+    seconds = [time.perf_counter() - started for _ in as_completed(futures)]
+    kept = sum(future.result().cached_tokens for future in futures)
+    rows.keeps_prefixes = False
+    return seconds, kept, engine.stats.forward_passes - passes
+
+
 def first_token_s(engine: Engine) -> float:
     """One streamed request on an idle engine: seconds to its first text."""
     arrived = threading.Event()
@@ -647,6 +682,11 @@ def main() -> None:
             f"words of the long-context prompt ({LONG_CONTEXT_WORDS} on a GPU, or the "
             "context less one token where shorter; none on CPU)"
         ),
+    )
+    parser.add_argument(
+        "--shared-prompt",
+        help=f"QUESTIONSxWORDS of the burst after one system prompt ({SHARED_PROMPT} on a "
+        "GPU, none on CPU)",
     )
     parser.add_argument(
         "--attention",
@@ -782,6 +822,22 @@ def main() -> None:
                 f"pass{'es' if passes > 1 else ''}: first token in "
                 f"{seconds:.2f} s, {gib:.2f} GiB of activations at its peak{kept}"
             )
+        shared = args.shared_prompt or (SHARED_PROMPT if args.device == "cuda" else None)
+        if shared:
+            questions, system_words = map(int, shared.split("x"))
+            # Each setting first, in turn; each run a system prompt of its own.
+            for seed, keep in enumerate((True, False, False, True)):
+                seconds, kept, passes = shared_prompt_run(
+                    slots, questions, system_words, keep, seed=10 * seed
+                )
+                say(
+                    f"kept pages {'on' if keep else 'off'}, {questions} questions of "
+                    f"{PROMPT_WORDS} tokens after one {system_words}-token system prompt, at "
+                    f"once: first tokens in {statistics.median(seconds) * 1000:.0f} ms "
+                    f"(median), {max(seconds) * 1000:.0f} ms (slowest); {kept} of "
+                    f"{questions * (system_words + PROMPT_WORDS)} prompt tokens found kept; "
+                    f"{passes} forward pass{'es' if passes != 1 else ''}"
+                )
         for shape in args.attention:
             sequences, positions = map(int, shape.split("x"))
             positions = min(positions, slots.context_length - 1)

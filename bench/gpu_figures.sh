@@ -44,7 +44,7 @@ for shape in "${shapes[@]}"; do
     timeout "$limit" "$python" -m bench.gpu_engine --shape "$shape" --loop-requests 2 "$@" \
         > "$out/$shape.txt" 2>&1
     echo "$shape: exit $? after $(( SECONDS - started )) s of the budget (limit ${limit} s)"
-    grep -E "^device|same greedy|the same with|first token|GPU memory|nano-vllm|workload again|prompt alone" \
+    grep -E "^device|same greedy|the same with|first token|GPU memory|nano-vllm|workload again|prompt alone|^kept pages" \
         "$out/$shape.txt"
     grep -E "attention alone|GPU kernels|fused and torch|^streamed|^\| (1|64|256) \|" "$out/$shape.txt"
 done

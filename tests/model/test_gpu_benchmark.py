@@ -51,6 +51,8 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
             "12",
             "--long-prompt-words",
             "300",
+            "--shared-prompt",
+            "3x40",
             "--attention",
             "2x100",
             "--step-batches",
@@ -97,6 +99,19 @@ def test_the_gpu_benchmark_runs_its_random_weight_model_on_cpu() -> None:
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+x \|$", result.stdout, re.M)
     assert [int(batch) for batch, _ in rows] == [1, 2]
     assert all(int(tok_s) > 0 for _, tok_s in rows)
+    burst = re.findall(
+        r"^kept pages (on|off), 3 questions of 32 tokens after one 40-token system prompt, "
+        r"at once: .* (\d+) of 216 prompt tokens found kept; (\d+) forward pass(es)?$",
+        result.stdout,
+        re.M,
+    )
+    # Kept: the system prompt's two full pages (32 tokens) for each question.
+    assert [(on, int(kept)) for on, kept, *_ in burst] == [
+        ("on", 3 * 32),
+        ("off", 0),
+        ("off", 0),
+        ("on", 3 * 32),
+    ]
 
 
 @pytest.mark.parametrize("shape", sorted(set(SHAPES) - {"smollm2-135m"}))
