@@ -32,36 +32,47 @@ FIRST_PAGES = 16
 sequences admitted need more."""
 
 
-def attended(rows: int, length: int) -> int:
+def attended(rows: int, length: int, columns: int | None = None) -> int:
     """Attention positions of one prefill pass of ``rows`` prompts padded to
-    ``length`` tokens: each query reads the columns of its pages."""
-    return rows * length * pages_for(length) * PAGE_SIZE
+    ``length`` new tokens: each query reads the columns of its pages, up to
+    ``columns`` (``length`` where no prompt starts with kept pages)."""
+    return rows * length * pages_for(columns or length) * PAGE_SIZE
 
 
-def one_pass_holds(rows: int, length: int, area: int) -> bool:
-    """Whether ``rows`` prompts padded to ``length`` tokens fit one prefill pass."""
-    return rows * length <= PREFILL_TOKENS and attended(rows, length) <= area
+def one_pass_holds(rows: int, length: int, area: int, columns: int | None = None) -> bool:
+    """Whether ``rows`` prompts padded to ``length`` new tokens, reading up to
+    ``columns``, fit one prefill pass."""
+    return rows * length <= PREFILL_TOKENS and attended(rows, length, columns) <= area
 
 
-def prefill_groups(prompts: list[list[int]], area: int = PREFILL_AREA) -> list[list[int]]:
+def prefill_groups(
+    prompts: list[list[int]], area: int = PREFILL_AREA, begins: list[int] | None = None
+) -> list[list[int]]:
     """``prompts``' indices in groups, one prefill pass each, whose padded
-    tokens stay within ``PREFILL_TOKENS`` and attention positions within
-    ``area`` (a prompt past either alone, to be cut into
+    new tokens (those past each prompt's ``begins``, its positions kept
+    pages hold) stay within ``PREFILL_TOKENS`` and attention positions
+    within ``area`` (a prompt past either alone, to be cut into
     :func:`prefill_pieces`). Attention over a padded prefill holds
     ``rows x heads x length x width`` scores, which for 256 prompts of a
     thousand tokens would not fit beside a GPU's pages.
 
-    Shortest first: each pass then pads its prompts to nearly their own
-    length. Taken in arrival order, prompts of 100 to 1,024 tokens would
-    each be padded to about the longest, nearly doubling the work."""
+    Fewest new tokens first: each pass then pads its prompts to nearly their
+    own length, and questions after one kept system prompt go in together.
+    Taken in arrival order, prompts of 100 to 1,024 tokens would each be
+    padded to about the longest, nearly doubling the work."""
+    begins = begins or [0] * len(prompts)
+    new = [len(prompt) - begin for prompt, begin in zip(prompts, begins, strict=True)]
     groups: list[list[int]] = []
     group: list[int] = []
-    for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-        # Sorted, so this prompt is the group's longest.
-        if group and not one_pass_holds(len(group) + 1, len(prompts[index]), area):
+    columns = 0
+    for index in sorted(range(len(prompts)), key=new.__getitem__):
+        # Sorted, so this prompt has the group's most new tokens.
+        wider = max(columns, len(prompts[index]))
+        if group and not one_pass_holds(len(group) + 1, new[index], area, wider):
             groups.append(group)
-            group = []
+            group, wider = [], len(prompts[index])
         group.append(index)
+        columns = wider
     return [*groups, group] if group else groups
 
 
@@ -194,7 +205,8 @@ class PagedRows:
         shared = {slot: starts[index] for slot, index in slots_of if index in starts}
         self.cache.assign(slots, positions, shared)
         self.prefill_passes = 0
-        firsts = self._prefill_distinct(unique, prefilled, starts)
+        begins = [len(starts.get(index, ())) * PAGE_SIZE for index in range(len(unique))]
+        firsts = self._prefill_distinct(unique, prefilled, begins)
         lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy the pages it prefilled
@@ -202,31 +214,26 @@ class PagedRows:
         if self.keeps_prefixes:
             for index, slot in enumerate(prefilled):
                 self.cache.remember(slot, unique[index])
-        self.cached_tokens = [len(starts.get(index, ())) * PAGE_SIZE for index in order]
+        self.cached_tokens = [begins[index] for index in order]
         self.next_position += lengths
         new_logits = firsts[torch.tensor(order, device=self.device)]
         self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
         return lengths
 
     def _prefill_distinct(
-        self, prompts: list[list[int]], slots: list[int], starts: dict[int, list[int]]
+        self, prompts: list[list[int]], slots: list[int], begins: list[int]
     ) -> torch.Tensor:
-        """Prefill distinct ``prompts`` into their ``slots``: those that start
-        with kept pages (``starts``, by index) one by one from where the
-        pages end, the others in groups (:func:`prefill_groups`). Each
-        prompt's last logits, in ``prompts``' order."""
-        fresh = [index for index in range(len(prompts)) if index not in starts]
-        groups = [
-            [fresh[i] for i in group]
-            for group in prefill_groups([prompts[i] for i in fresh], self.prefill_area)
-        ]
+        """Prefill distinct ``prompts`` into their ``slots`` in groups
+        (:func:`prefill_groups`), each from position ``begins`` (where the
+        kept pages it starts with end). Each prompt's last logits, in
+        ``prompts``' order."""
+        groups = prefill_groups(prompts, self.prefill_area, begins)
         last = [
-            self._prefill([prompts[i] for i in group], [slots[i] for i in group])
+            self._prefill(
+                [prompts[i] for i in group], [slots[i] for i in group], [begins[i] for i in group]
+            )
             for group in groups
         ]
-        for index, pages in starts.items():
-            last.append(self._prefill_from(prompts[index], len(pages) * PAGE_SIZE, slots[index]))
-            groups.append([index])
         # Row r of the passes' logits is prompt passed[r]'s.
         passed = [index for group in groups for index in group]
         row_of = {index: row for row, index in enumerate(passed)}
@@ -263,14 +270,22 @@ class PagedRows:
             self._piece(prompt, begin, end, [slot])
         return self._piece(prompt, *last, [slot])
 
-    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """``prompts`` into their ``slots``: one pass, or one per piece of a
+    def _prefill(
+        self, prompts: list[list[int]], slots: list[int], begins: list[int]
+    ) -> torch.Tensor:
+        """``prompts`` into their ``slots``, each from position ``begins``
+        (what kept pages hold before it): one pass, or one per piece of a
         prompt too long for one. Returns each one's last logits."""
-        if len(prompts) == 1 and not one_pass_holds(1, len(prompts[0]), self.prefill_area):
-            return self._prefill_from(prompts[0], 0, slots[0])
-        ids, mask = encode(prompts, self.pad, self.device)
-        places = (mask.cumsum(-1) - 1).masked_fill(mask == 0, self.cache.scratch_position)
-        return self._pass(ids, places, slots, columns=ids.shape[1])
+        columns = max(map(len, prompts))
+        if len(prompts) == 1 and not one_pass_holds(
+            1, columns - begins[0], self.prefill_area, columns
+        ):
+            return self._prefill_from(prompts[0], begins[0], slots[0])
+        new = [prompt[begin:] for prompt, begin in zip(prompts, begins, strict=True)]
+        ids, mask = encode(new, self.pad, self.device)
+        after = torch.tensor(begins, device=self.device)[:, None]
+        places = (mask.cumsum(-1) - 1 + after).masked_fill(mask == 0, self.cache.scratch_position)
+        return self._pass(ids, places, slots, columns=columns)
 
     def _piece(self, prompt: list[int], start: int, end: int, slots: list[int]) -> torch.Tensor:
         """Positions ``start`` to ``end`` of one prompt, after the pieces before."""

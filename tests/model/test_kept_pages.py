@@ -47,12 +47,14 @@ def test_questions_after_one_system_prompt_share_its_pages_in_one_step(
     engine: Engine, keeping: Engine
 ) -> None:
     """Two prompts that start as a finished one did and one that shares
-    nothing, admitted together: each text as without the cache."""
+    nothing, admitted together, go in one pass, each from where what it
+    shares ends: each text as without the cache."""
     keeping.generate([greedy(asked(keeping, QUESTIONS[0]))])
     prompts = [asked(keeping, q) for q in QUESTIONS[1:]] + ["The capital of France is"]
     with keeping.together():
         futures = [keeping.submit(greedy(prompt)) for prompt in prompts]
     done = [future.result(timeout=120) for future in futures]
+    assert keeping._batcher._rows.prefill_passes == 1, "each from its own start, together"
     assert [c.text for c in done] == texts(engine, prompts)
     system = keeping.count_tokens(asked(keeping, ""))
     assert [c.cached_tokens > system - 2 * PAGE_SIZE for c in done] == [True, True, False]

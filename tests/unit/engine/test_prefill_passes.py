@@ -1,5 +1,5 @@
 """How an admission is cut into prefill passes: many prompts into groups,
-shortest first, and a prompt past ``PREFILL_TOKENS`` into pieces; the
+fewest new tokens first, and a prompt past ``PREFILL_TOKENS`` into pieces; the
 arithmetic that bounds what each pass holds, for the families' longest
 contexts."""
 
@@ -72,6 +72,20 @@ def test_a_prompt_past_the_budget_is_a_group_of_its_own() -> None:
     prompts = [[1] * 10, [1] * (PREFILL_TOKENS + 5), [1] * 20]
     assert prefill_groups(prompts) == [[0, 2], [1]]
     assert prefill_groups([]) == []
+
+
+def test_prompts_that_share_kept_pages_group_by_their_new_tokens_within_the_area() -> None:
+    """64 questions after one kept system prompt of 992 tokens, and two
+    fresh prompts: the questions go in by their 40 new tokens, with the
+    short fresh one, and a pass of them still counts the columns they read."""
+    questions, fresh = [[1] * 1032] * 64, [[1] * 600, [1] * 50]
+    groups = prefill_groups(questions + fresh, begins=[992] * 64 + [0, 0])
+    assert groups == [[*range(64), 65], [64]]
+    narrow = 20 * 40 * 1040  # twenty questions' attention, not all 64
+    cut = prefill_groups(questions, narrow, [992] * 64)
+    assert [len(group) for group in cut] == [20, 20, 20, 4]
+    for group in cut:
+        assert attended(len(group), 40, 1032) <= narrow
 
 
 @pytest.mark.parametrize("area", [1_000_000, 3000**2, PREFILL_AREA // 4])
