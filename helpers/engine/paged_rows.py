@@ -41,18 +41,23 @@ def attended(rows: int, length: int, columns: int | None = None) -> int:
 
 def one_pass_holds(rows: int, length: int, area: int, columns: int | None = None) -> bool:
     """Whether ``rows`` prompts padded to ``length`` new tokens, reading up to
-    ``columns``, fit one prefill pass."""
-    return rows * length <= PREFILL_TOKENS and attended(rows, length, columns) <= area
+    ``columns``, fit one prefill pass. Each row gathers the keys and values
+    of its columns for attention, so ``rows x columns`` stays within
+    ``PREFILL_TOKENS``, as a pass of fresh prompts' tokens does: a kept
+    start saves its rows' work, but their reads still take memory."""
+    gathered = rows * (columns or length)
+    return gathered <= PREFILL_TOKENS and attended(rows, length, columns) <= area
 
 
 def prefill_groups(
     prompts: list[list[int]], area: int = PREFILL_AREA, begins: list[int] | None = None
 ) -> list[list[int]]:
-    """``prompts``' indices in groups, one prefill pass each, whose padded
-    new tokens (those past each prompt's ``begins``, its positions kept
-    pages hold) stay within ``PREFILL_TOKENS`` and attention positions
-    within ``area`` (a prompt past either alone, to be cut into
-    :func:`prefill_pieces`). Attention over a padded prefill holds
+    """``prompts``' indices in groups, one prefill pass each, whose columns
+    read (the whole of each prompt, padded to the longest) stay within
+    ``PREFILL_TOKENS`` and attention positions within ``area``, counting
+    only each prompt's new tokens as queries, those past its ``begins``
+    (the positions kept pages hold). A prompt past either alone is a group
+    of its own, to be cut into :func:`prefill_pieces`. Attention over a padded prefill holds
     ``rows x heads x length x width`` scores, which for 256 prompts of a
     thousand tokens would not fit beside a GPU's pages.
 

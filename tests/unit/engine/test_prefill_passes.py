@@ -74,18 +74,22 @@ def test_a_prompt_past_the_budget_is_a_group_of_its_own() -> None:
     assert prefill_groups([]) == []
 
 
-def test_prompts_that_share_kept_pages_group_by_their_new_tokens_within_the_area() -> None:
-    """64 questions after one kept system prompt of 992 tokens, and two
-    fresh prompts: the questions go in by their 40 new tokens, with the
-    short fresh one, and a pass of them still counts the columns they read."""
-    questions, fresh = [[1] * 1032] * 64, [[1] * 600, [1] * 50]
-    groups = prefill_groups(questions + fresh, begins=[992] * 64 + [0, 0])
-    assert groups == [[*range(64), 65], [64]]
-    narrow = 20 * 40 * 1040  # twenty questions' attention, not all 64
-    cut = prefill_groups(questions, narrow, [992] * 64)
+def test_prompts_that_share_kept_pages_group_by_their_new_tokens_within_both_bounds() -> None:
+    """Questions of 40 new tokens after a kept system prompt go in together,
+    with a short fresh prompt, as many a pass as the columns they read allow
+    (each row gathers its whole prompt's keys and values) and within the
+    area, which counts those columns too."""
+    questions = [[1] * 1032] * 64  # 992 kept
+    groups = prefill_groups([*questions, [1] * 50], begins=[992] * 64 + [0])
+    assert [len(group) for group in groups] == [7] * 9 + [2]
+    assert groups[-1] == [63, 64]
+    shorter = [[1] * 200] * 64  # 160 kept
+    narrow = 20 * 40 * 208  # twenty rows' attention, not all 64
+    cut = prefill_groups(shorter, narrow, [160] * 64)
     assert [len(group) for group in cut] == [20, 20, 20, 4]
-    for group in cut:
-        assert attended(len(group), 40, 1032) <= narrow
+    # A long kept prompt never widens a pass of short fresh ones.
+    wide = prefill_groups([[1] * 40] * 200 + [[1] * 8216], begins=[0] * 200 + [8176])
+    assert wide == [list(range(200)), [200]]
 
 
 @pytest.mark.parametrize("area", [1_000_000, 3000**2, PREFILL_AREA // 4])
