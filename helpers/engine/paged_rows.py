@@ -57,9 +57,10 @@ def prefill_groups(
     ``PREFILL_TOKENS`` and attention positions within ``area``, counting
     only each prompt's new tokens as queries, those past its ``begins``
     (the positions kept pages hold). A prompt past either alone is a group
-    of its own, to be cut into :func:`prefill_pieces`. Attention over a padded prefill holds
-    ``rows x heads x length x width`` scores, which for 256 prompts of a
-    thousand tokens would not fit beside a GPU's pages.
+    of its own, to be cut into :func:`prefill_pieces`. Attention over a
+    padded prefill holds ``rows x heads x length x width`` scores, which
+    for 256 prompts of a thousand tokens would not fit beside a GPU's
+    pages.
 
     Fewest new tokens first: each pass then pads its prompts to nearly their
     own length, and questions after one kept system prompt go in together.
@@ -69,15 +70,15 @@ def prefill_groups(
     new = [len(prompt) - begin for prompt, begin in zip(prompts, begins, strict=True)]
     groups: list[list[int]] = []
     group: list[int] = []
-    columns = 0
+    columns = 0  # the group's widest prompt
     for index in sorted(range(len(prompts)), key=new.__getitem__):
         # Sorted, so this prompt has the group's most new tokens.
         wider = max(columns, len(prompts[index]))
         if group and not one_pass_holds(len(group) + 1, new[index], area, wider):
             groups.append(group)
-            group, wider = [], len(prompts[index])
+            group, columns = [], 0
         group.append(index)
-        columns = wider
+        columns = max(columns, len(prompts[index]))
     return [*groups, group] if group else groups
 
 
@@ -211,7 +212,7 @@ class PagedRows:
         self.cache.assign(slots, positions, shared)
         self.prefill_passes = 0
         begins = [len(starts.get(index, ())) * PAGE_SIZE for index in range(len(unique))]
-        firsts = self._prefill_distinct(unique, prefilled, begins)
+        new_logits = self._prefill_distinct(unique, prefilled, begins, order)
         lengths = [len(unique[index]) for index in order]
         for slot, index, length in zip(slots, order, lengths, strict=True):
             if slot != prefilled[index]:  # a repeated prompt: copy the pages it prefilled
@@ -221,17 +222,16 @@ class PagedRows:
                 self.cache.remember(slot, unique[index])
         self.cached_tokens = [begins[index] for index in order]
         self.next_position += lengths
-        new_logits = firsts[torch.tensor(order, device=self.device)]
         self.logits = new_logits if len(self.logits) == 0 else torch.cat([self.logits, new_logits])
         return lengths
 
     def _prefill_distinct(
-        self, prompts: list[list[int]], slots: list[int], begins: list[int]
+        self, prompts: list[list[int]], slots: list[int], begins: list[int], order: list[int]
     ) -> torch.Tensor:
         """Prefill distinct ``prompts`` into their ``slots`` in groups
         (:func:`prefill_groups`), each from position ``begins`` (where the
-        kept pages it starts with end). Each prompt's last logits, in
-        ``prompts``' order."""
+        kept pages it starts with end). The last logits of each prompt
+        ``order`` names (every new row's distinct prompt), in that order."""
         groups = prefill_groups(prompts, self.prefill_area, begins)
         last = [
             self._prefill(
@@ -242,7 +242,7 @@ class PagedRows:
         # Row r of the passes' logits is prompt passed[r]'s.
         passed = [index for group in groups for index in group]
         row_of = {index: row for row, index in enumerate(passed)}
-        rows = torch.tensor([row_of[index] for index in range(len(prompts))], device=self.device)
+        rows = torch.tensor([row_of[index] for index in order], device=self.device)
         return torch.cat(last)[rows]
 
     def _kept_starts(self, prompts: list[list[int]]) -> dict[int, list[int]]:
@@ -267,14 +267,6 @@ class PagedRows:
             for row, tokens in rows:
                 self.cache.remember(row, tokens[: self.next_position[row]])
 
-    def _prefill_from(self, prompt: list[int], start: int, slot: int) -> torch.Tensor:
-        """A prompt whose first ``start`` positions its slot holds already
-        (kept pages): the rest, in one pass or in pieces. Its last logits."""
-        *earlier, last = prefill_pieces(len(prompt), self.prefill_area, start)
-        for begin, end in earlier:
-            self._piece(prompt, begin, end, [slot])
-        return self._piece(prompt, *last, [slot])
-
     def _prefill(
         self, prompts: list[list[int]], slots: list[int], begins: list[int]
     ) -> torch.Tensor:
@@ -285,7 +277,10 @@ class PagedRows:
         if len(prompts) == 1 and not one_pass_holds(
             1, columns - begins[0], self.prefill_area, columns
         ):
-            return self._prefill_from(prompts[0], begins[0], slots[0])
+            *earlier, last = prefill_pieces(columns, self.prefill_area, begins[0])
+            for start, end in earlier:
+                self._piece(prompts[0], start, end, slots)
+            return self._piece(prompts[0], *last, slots)
         new = [prompt[begin:] for prompt, begin in zip(prompts, begins, strict=True)]
         ids, mask = encode(new, self.pad, self.device)
         after = torch.tensor(begins, device=self.device)[:, None]
