@@ -35,7 +35,8 @@ Measured in one run:
   and the memory its passes took beyond the weights and pages;
 - a burst of questions after one long system prompt, on a GPU, with and
   without the paged layout's kept pages (decision 0042): each question's
-  first token and the prompt tokens found kept;
+  first token, the prompt tokens found kept, and whether the same prompts
+  get the same greedy token both ways;
 - one layer's decode attention with the pages read in place and gathered;
 - a decode step with torch's operations between each layer's matrix products
   and with the fused kernels of :mod:`helpers.engine.fused_layer_ops` (on a
@@ -544,15 +545,16 @@ def long_prompt_run(engine: Engine, words: int) -> tuple[float, int, float]:
 
 def shared_prompt_run(
     engine: Engine, questions: int, system_words: int, keep: bool, seed: int
-) -> tuple[list[float], int, int]:
+) -> tuple[list[float], int, int, list[str]]:
     """A burst of users of one app: ``questions`` prompts that start with one
     system prompt of ``system_words`` tokens, asked once before, each with a
     question of its own, submitted at once for one token each, so that what
     is timed is their prefill. ``keep``: whether the slots keep their pages
     for prompts that start the same way (:mod:`helpers.engine.page_index`),
     on the engine's own cache, so both settings run on one KV reservation.
-    Each question's seconds to its token, the prompt tokens found kept, and
-    the forward passes."""
+    Each question's seconds to its token, the prompt tokens found kept, the
+    forward passes, and each question's token as text: ``seed`` picks the
+    prompts, so runs of one seed with and without kept pages can be compared."""
     rows = engine._batcher._rows
     assert isinstance(rows, paged_rows.PagedRows), "kept pages are the slots layout's"
     rows.keeps_prefixes = keep
@@ -566,7 +568,8 @@ def shared_prompt_run(
     seconds = [time.perf_counter() - started for _ in as_completed(futures)]
     kept = sum(future.result().cached_tokens for future in futures)
     rows.keeps_prefixes = False
-    return seconds, kept, engine.stats.forward_passes - passes
+    texts = [future.result().text for future in futures]
+    return seconds, kept, engine.stats.forward_passes - passes, texts
 
 
 def first_token_s(engine: Engine) -> float:
@@ -825,10 +828,14 @@ def main() -> None:
         shared = args.shared_prompt or (SHARED_PROMPT if args.device == "cuda" else None)
         if shared:
             questions, system_words = map(int, shared.split("x"))
-            # Each setting first, in turn; each run a system prompt of its own.
-            for seed, keep in enumerate((True, False, False, True)):
-                seconds, kept, passes = shared_prompt_run(
-                    slots, questions, system_words, keep, seed=10 * seed
+            # Each setting first, in turn. A pair of runs shares its prompts,
+            # so its tokens compare; the next pair has a system prompt of its own.
+            # A run without kept pages indexes none, so the one after it finds
+            # only its own system prompt, asked once before as in the first pair.
+            texts: dict[bool, list[str]] = {}
+            for run, keep in enumerate((True, False, False, True)):
+                seconds, kept, passes, texts[keep] = shared_prompt_run(
+                    slots, questions, system_words, keep, seed=10 * (run // 2)
                 )
                 say(
                     f"kept pages {'on' if keep else 'off'}, {questions} questions of "
@@ -838,6 +845,12 @@ def main() -> None:
                     f"{questions * (system_words + PROMPT_WORDS)} prompt tokens found kept; "
                     f"{passes} forward pass{'es' if passes != 1 else ''}"
                 )
+                if run % 2:
+                    same = sum(a == b for a, b in zip(texts[True], texts[False], strict=True))
+                    say(
+                        f"kept pages on and off, the same prompts: the same greedy token for "
+                        f"{same} of {questions} questions"
+                    )
         for shape in args.attention:
             sequences, positions = map(int, shape.split("x"))
             positions = min(positions, slots.context_length - 1)
