@@ -8,7 +8,9 @@
 # Those machines have torch and transformers but not llguidance, which the
 # batcher imports, and they cannot download. Here, first:
 #   python -m pip download --no-deps --only-binary=:all: -d .whl llguidance==1.9.1
-# then run this with `.whl` carried (.gitignore keeps it out of git).
+# then run this with `.whl` carried (.gitignore keeps it out of git). That wheel
+# is cp39-abi3, manylinux_2_31: it installs on their Python 3.12 as it is, and a
+# download that names their platforms must name manylinux_2_31_x86_64 too.
 #
 #   SHAPES="qwen3-0.6b" BUDGET_S=240 PYTHON=python3 bench/gpu_figures.sh [gpu_engine options]
 #
