@@ -566,10 +566,10 @@ def shared_prompt_run(
     with engine.together():  # one admission, as a burst that arrives in one step is
         futures = [engine.submit(request) for request in burst]
     seconds = [time.perf_counter() - started for _ in as_completed(futures)]
-    kept = sum(future.result().cached_tokens for future in futures)
     rows.keeps_prefixes = False
-    texts = [future.result().text for future in futures]
-    return seconds, kept, engine.stats.forward_passes - passes, texts
+    done = [future.result() for future in futures]
+    kept = sum(completion.cached_tokens for completion in done)
+    return seconds, kept, engine.stats.forward_passes - passes, [c.text for c in done]
 
 
 def first_token_s(engine: Engine) -> float:
